@@ -1,0 +1,277 @@
+"""The ``mgaussian`` command line.
+
+Every problem with what the user gave ends in one line ``error: <file or option>: <what>`` on
+stderr and exit code 2, with no traceback and nothing written. Heavy imports live inside the
+commands so ``mgaussian --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+from . import __version__
+from .errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one ``error:`` line, exit 2."""
+
+    def error(self, message):  # noqa: D401
+        m = re.match(r"argument ([^:]+): (.*)", message)
+        if m:
+            raise InputError(m.group(1).split("/")[-1], m.group(2))
+        raise InputError(self.prog, message)
+
+
+def _num(name, *, positive=False, nonneg=False, integer=False):
+    def conv(s):
+        try:
+            v = int(s) if integer else float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+        if not integer and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+        if positive and v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+        if nonneg and v < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+        return v
+
+    conv.__name__ = name
+    return conv
+
+
+def _add_simulate(sub):
+    p = sub.add_parser(
+        "simulate",
+        help="simulate thick-slice stacks from a ground-truth volume",
+        description="Simulate thick-slice stacks (with motion and noise) from a ground-truth volume, as BENCHMARK.md defines them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("ground_truth", metavar="GT", help="ground-truth volume (.nii/.nii.gz)")
+    p.add_argument("--output-dir", required=True, help="folder for stack_XX.nii.gz, mask_XX.nii.gz, truth.json")
+    p.add_argument("--mask", help="brain mask of GT (default: GT > 0)")
+    p.add_argument("--thickness", type=_num("--thickness", positive=True), default=3.0, help="slice thickness (mm)")
+    p.add_argument("--gap", type=_num("--gap", nonneg=True), default=0.0, help="gap between slices (mm)")
+    p.add_argument("--pixel", type=_num("--pixel", positive=True), default=None, help="in-plane pixel size (mm); default: GT's finest spacing")
+    p.add_argument("--orientations", nargs="+", default=["axial", "coronal", "sagittal"],
+                   help="one stack each: axial|coronal|sagittal, NAME@RX,RY,RZ (oblique, degrees) or RX,RY,RZ")
+    p.add_argument("--profile", choices=["gaussian", "box"], default="gaussian", help="through-plane slice profile")
+    p.add_argument("--motion-rotation", type=_num("--motion-rotation", nonneg=True), default=0.0, help="max per-slice rotation (degrees)")
+    p.add_argument("--motion-translation", type=_num("--motion-translation", nonneg=True), default=0.0, help="max per-slice translation per axis (mm)")
+    p.add_argument("--noise", type=_num("--noise", nonneg=True), default=0.0, help="Rician sigma as a fraction of GT's 99th percentile in the mask")
+    p.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
+    p.set_defaults(func=cmd_simulate)
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser(
+        "evaluate",
+        help="score a reconstruction (against a ground truth, or by a held-out stack)",
+        description=(
+            "Score RECON against --reference GT inside --mask (PSNR, SSIM, NCC, NRMSE; Dice with --labels), "
+            "or by leave-one-stack-out against --heldout-stack S inside --stack-mask."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("recon", metavar="RECON", help="reconstructed volume")
+    p.add_argument("--reference", help="ground-truth volume")
+    p.add_argument("--mask", help="ground-truth brain mask")
+    p.add_argument("--labels", help="ground-truth label map for Dice (see mgaussian.metrics)")
+    p.add_argument("--heldout-stack", help="a stack the reconstruction did not use")
+    p.add_argument("--stack-mask", help="mask of the held-out stack")
+    p.add_argument("--thickness", type=_num("--thickness", positive=True), help="slice thickness of the held-out stack (mm); default: sidecar, else spacing")
+    p.add_argument("--profile", choices=["gaussian", "box"], default="gaussian", help="slice profile used to predict the held-out stack")
+    p.add_argument("--no-align", action="store_true", help="held-out: skip the rigid alignment")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _add_naive(sub):
+    p = sub.add_parser(
+        "naive-average",
+        help="baseline: stacks resampled trilinearly onto a grid and averaged",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input-stacks", nargs="+", required=True)
+    p.add_argument("--reference-grid", required=True, help="volume whose grid the output takes")
+    p.add_argument("--output-volume", required=True)
+    p.set_defaults(func=cmd_naive)
+
+
+def _add_demo(sub):
+    p = sub.add_parser(
+        "demo",
+        help="run the main job on the demo shipped inside the package",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output-dir", default="mgaussian_demo", help="where the demo writes its files")
+    p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="mgaussian",
+        description="Slice-to-volume MRI reconstruction with magnetic 3D Gaussians.",
+    )
+    parser.add_argument("--version", action="version", version=f"mgaussian {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_simulate(sub)
+    _add_evaluate(sub)
+    _add_naive(sub)
+    _add_demo(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _prepare_output_dir(d: str, inputs=()) -> str:
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise InputError("--output-dir", f"{d} exists and is not a folder")
+    for q in inputs:
+        if q and os.path.realpath(q) == os.path.realpath(d):
+            raise InputError("--output-dir", f"{d} is an input")
+    parent = os.path.dirname(os.path.abspath(d))
+    if not os.path.isdir(parent):
+        raise InputError("--output-dir", f"{d}: folder {parent} does not exist")
+    return d
+
+
+def cmd_simulate(a) -> int:
+    from .io import load_image, load_mask
+    from .simulate import parse_orientation, simulate_stacks
+
+    gt, aff, _ = load_image(a.ground_truth, what="ground truth")
+    mask = load_mask(a.mask, gt.shape, aff, os.path.basename(a.ground_truth)) if a.mask else None
+    for o in a.orientations:
+        parse_orientation(o)
+    _prepare_output_dir(a.output_dir, [a.ground_truth, a.mask])
+    simulate_stacks(
+        gt, aff, mask, a.output_dir, orientations=a.orientations, thickness=a.thickness, gap=a.gap,
+        pixel=a.pixel, profile=a.profile, motion_rotation=a.motion_rotation,
+        motion_translation=a.motion_translation, noise=a.noise, seed=a.seed,
+        inputs=[a.ground_truth, a.mask], gt_path=os.path.abspath(a.ground_truth),
+        mask_path=os.path.abspath(a.mask) if a.mask else None,
+    )
+    print(f"wrote {len(a.orientations)} stacks, masks and truth.json to {a.output_dir}")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .io import load_image, load_mask, resolve_thickness
+    from .geometry import slice_frames
+
+    ref_mode = a.reference is not None or a.mask is not None or a.labels is not None
+    held_mode = a.heldout_stack is not None or a.stack_mask is not None
+    if ref_mode and held_mode:
+        raise InputError("evaluate", "give either --reference/--mask or --heldout-stack/--stack-mask, not both")
+    if not ref_mode and not held_mode:
+        raise InputError("evaluate", "give --reference GT --mask M, or --heldout-stack S --stack-mask M")
+    recon, raff, _ = load_image(a.recon, what="reconstruction")
+    if ref_mode:
+        if a.reference is None:
+            raise InputError("--reference", "missing (needed with --mask/--labels)")
+        if a.mask is None:
+            raise InputError("--mask", "missing (needed with --reference)")
+        from .metrics import score_volume
+
+        gt, gaff, _ = load_image(a.reference, what="reference")
+        m = load_mask(a.mask, gt.shape, gaff, os.path.basename(a.reference))
+        labels = None
+        if a.labels:
+            lab, _, _ = load_image(a.labels, what="label map")
+            if lab.shape != gt.shape:
+                raise InputError(a.labels, f"label grid {lab.shape} differs from the reference's {gt.shape}")
+            labels = lab.round().astype(int)
+            if not (labels[m] > 0).any():
+                raise InputError(a.labels, "no label > 0 inside the mask")
+        res = score_volume(recon, raff, gt, gaff, m, labels)
+    else:
+        if a.heldout_stack is None:
+            raise InputError("--heldout-stack", "missing (needed with --stack-mask)")
+        if a.stack_mask is None:
+            raise InputError("--stack-mask", "missing (needed with --heldout-stack)")
+        from .heldout import heldout_score
+
+        st, saff, _ = load_image(a.heldout_stack, what="stack")
+        sm = load_mask(a.stack_mask, st.shape, saff, os.path.basename(a.heldout_stack))
+        try:
+            fr = slice_frames(saff, st.shape)
+        except ValueError as exc:
+            raise InputError(a.heldout_stack, str(exc)) from None
+        th, _ = resolve_thickness(a.heldout_stack, a.thickness, fr.slice_spacing)
+        res = heldout_score(recon, raff, st, saff, sm, th, a.profile, align=not a.no_align)
+        res.pop("transform", None)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            if isinstance(v, dict):
+                print(f"{k}: " + ", ".join(f"{kk}={vv:.4f}" for kk, vv in v.items()))
+            else:
+                print(f"{k}: {v:.4f}")
+    return 0
+
+
+def cmd_naive(a) -> int:
+    from .baselines import naive_average
+    from .io import check_output_path, load_image, save_nifti
+
+    inputs = list(a.input_stacks) + [a.reference_grid]
+    check_output_path(a.output_volume, inputs)
+    stacks = []
+    for p in a.input_stacks:
+        d, aff, _ = load_image(p, what="stack")
+        stacks.append((d, aff))
+    ref, raff, _ = load_image(a.reference_grid, what="reference grid", allow_zero=True)
+    out = naive_average(stacks, ref.shape, raff)
+    save_nifti(out, raff, a.output_volume, inputs=inputs)
+    print(f"wrote {a.output_volume}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    _prepare_output_dir(a.output_dir)
+    return run_demo(a.output_dir)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        a = parser.parse_args(argv)
+        if not getattr(a, "command", None):
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        return int(a.func(a) or 0)
+    except InputError as exc:
+        print(f"error: {exc.where}: {exc.what}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory (try a coarser --output-resolution or fewer threads)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = getattr(exc, "filename", None) or "system"
+        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, traceback only on request
+        if os.environ.get("MGAUSSIAN_DEBUG"):
+            raise
+        print(f"error: internal: {type(exc).__name__}: {exc} (set MGAUSSIAN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,562 @@
+"""Numba kernels of the ``cpu`` backend (hand-written forward and backward, all cores).
+
+Slices (see :mod:`mgaussian.render.cpu` for the pipeline):
+
+1. ``build_cells``: counting sort of the Gaussians into uniform cells; per cell the largest
+   ``trace(Sigma)`` (bounds every Gaussian's extent).
+2. ``cell_slice_lists``: per non-empty cell, the slices whose plane (and in-plane extent) the cell's
+   Gaussians can reach within the cut-off: a conservative pre-cull, O(cells x slices).
+3. ``count_pairs`` / ``fill_pairs``: exact per (Gaussian, slice) cull and projection to a 2D Gaussian
+   in the slice (centre m, conic K, amplitude alpha, in-plane threshold thr, row range), stored
+   Gaussian-major (CSR by sorted Gaussian), then indexed slice-major.
+4. ``raster_forward``: per (slice, row band), every pair adds alpha*exp(-q/2) on exactly the pixels
+   of its ellipse q <= thr, row by row, with the exponential evaluated by a multiplicative
+   recurrence (three exp() per row instead of one per pixel).
+5. ``raster_backward``: per chunk of Gaussians (race-free for Gaussian gradients), each pair gathers
+   six moments of grad*exp(-q/2) over the same pixels, then the hand-derived chain rule through the
+   projection gives gradients w.r.t. mean, Sigma (6), w, and the slice's origin and axes (per-chunk
+   buffers, summed afterwards).
+
+All internal arithmetic is float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+from numba import njit, prange
+
+_JIT = dict(cache=True, nogil=True)
+
+
+@njit(**_JIT)
+def build_cells(mu, sig, cs):
+    """Sort Gaussians into cells of size cs. Returns (order, cstart, cell_ids_nonempty, lo, dims, r2max)."""
+    n = mu.shape[0]
+    lo = np.empty(3)
+    hi = np.empty(3)
+    for k in range(3):
+        lo[k] = np.inf
+        hi[k] = -np.inf
+    for i in range(n):
+        for k in range(3):
+            v = mu[i, k]
+            if v < lo[k]:
+                lo[k] = v
+            if v > hi[k]:
+                hi[k] = v
+    dims = np.empty(3, np.int64)
+    for k in range(3):
+        if n == 0:
+            lo[k] = 0.0
+            hi[k] = 0.0
+        dims[k] = int((hi[k] - lo[k]) / cs) + 1
+    ncell = dims[0] * dims[1] * dims[2]
+    cid = np.empty(n, np.int64)
+    counts = np.zeros(ncell + 1, np.int64)
+    for i in range(n):
+        ix = min(int((mu[i, 0] - lo[0]) / cs), dims[0] - 1)
+        iy = min(int((mu[i, 1] - lo[1]) / cs), dims[1] - 1)
+        iz = min(int((mu[i, 2] - lo[2]) / cs), dims[2] - 1)
+        c = (ix * dims[1] + iy) * dims[2] + iz
+        cid[i] = c
+        counts[c + 1] += 1
+    for c in range(ncell):
+        counts[c + 1] += counts[c]
+    cstart = counts
+    fillp = cstart[:-1].copy()
+    order = np.empty(n, np.int64)
+    for i in range(n):
+        c = cid[i]
+        order[fillp[c]] = i
+        fillp[c] += 1
+    nonempty = 0
+    for c in range(ncell):
+        if cstart[c + 1] > cstart[c]:
+            nonempty += 1
+    cells = np.empty(nonempty, np.int64)
+    r2max = np.zeros(nonempty)
+    j = 0
+    for c in range(ncell):
+        if cstart[c + 1] > cstart[c]:
+            cells[j] = c
+            m = 0.0
+            for t in range(cstart[c], cstart[c + 1]):
+                i = order[t]
+                tr = sig[i, 0] + sig[i, 3] + sig[i, 5]
+                if tr > m:
+                    m = tr
+            r2max[j] = m
+            j += 1
+    return order, cstart, cells, lo, dims, r2max
+
+
+@njit(**_JIT)
+def _cell_hits_slice(cx, cy, cz, hd, r2, org, ax, psf2, ext, s, cut):
+    dx = cx - org[s, 0]
+    dy = cy - org[s, 1]
+    dz = cz - org[s, 2]
+    for k in range(3):
+        ex = ax[s, k, 0]
+        ey = ax[s, k, 1]
+        ez = ax[s, k, 2]
+        nn2 = ex * ex + ey * ey + ez * ez
+        t = ex * dx + ey * dy + ez * dz
+        reach = math.sqrt(nn2) * hd + cut * math.sqrt(nn2 * r2 + psf2[s, k])
+        if k == 2:
+            if abs(t) > reach:
+                return False
+        else:
+            if t + reach < ext[s, 2 * k] or t - reach > ext[s, 2 * k + 1]:
+                return False
+    return True
+
+
+@njit(parallel=True, **_JIT)
+def cell_slice_lists(cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut):
+    """For each non-empty cell, the slices it may touch. Returns CSR (off [nc+1], slices)."""
+    nc = cells.shape[0]
+    ns = org.shape[0]
+    hd = cs * math.sqrt(3.0) * 0.5
+    cnt = np.zeros(nc + 1, np.int64)
+    for j in prange(nc):
+        c = cells[j]
+        iz = c % dims[2]
+        iy = (c // dims[2]) % dims[1]
+        ix = c // (dims[1] * dims[2])
+        cx = lo[0] + (ix + 0.5) * cs
+        cy = lo[1] + (iy + 0.5) * cs
+        cz = lo[2] + (iz + 0.5) * cs
+        k = 0
+        for s in range(ns):
+            if _cell_hits_slice(cx, cy, cz, hd, r2max[j], org, ax, psf2, ext, s, cut):
+                k += 1
+        cnt[j + 1] = k
+    for j in range(nc):
+        cnt[j + 1] += cnt[j]
+    out = np.empty(cnt[nc], np.int32)
+    for j in prange(nc):
+        c = cells[j]
+        iz = c % dims[2]
+        iy = (c // dims[2]) % dims[1]
+        ix = c // (dims[1] * dims[2])
+        cx = lo[0] + (ix + 0.5) * cs
+        cy = lo[1] + (iy + 0.5) * cs
+        cz = lo[2] + (iz + 0.5) * cs
+        k = cnt[j]
+        for s in range(ns):
+            if _cell_hits_slice(cx, cy, cz, hd, r2max[j], org, ax, psf2, ext, s, cut):
+                out[k] = s
+                k += 1
+    return cnt, out
+
+
+@njit(**_JIT)
+def _project(mu, sig, i, org, ax, psf2, s):
+    """Slice-frame offset d (3) and covariance C (6: 00,01,02,11,12,22) of Gaussian i in slice s."""
+    dx = mu[i, 0] - org[s, 0]
+    dy = mu[i, 1] - org[s, 1]
+    dz = mu[i, 2] - org[s, 2]
+    s00 = sig[i, 0]
+    s01 = sig[i, 1]
+    s02 = sig[i, 2]
+    s11 = sig[i, 3]
+    s12 = sig[i, 4]
+    s22 = sig[i, 5]
+    a00 = ax[s, 0, 0]
+    a01 = ax[s, 0, 1]
+    a02 = ax[s, 0, 2]
+    a10 = ax[s, 1, 0]
+    a11 = ax[s, 1, 1]
+    a12 = ax[s, 1, 2]
+    a20 = ax[s, 2, 0]
+    a21 = ax[s, 2, 1]
+    a22 = ax[s, 2, 2]
+    d0 = a00 * dx + a01 * dy + a02 * dz
+    d1 = a10 * dx + a11 * dy + a12 * dz
+    d2 = a20 * dx + a21 * dy + a22 * dz
+    # T = A Sigma
+    t00 = a00 * s00 + a01 * s01 + a02 * s02
+    t01 = a00 * s01 + a01 * s11 + a02 * s12
+    t02 = a00 * s02 + a01 * s12 + a02 * s22
+    t10 = a10 * s00 + a11 * s01 + a12 * s02
+    t11 = a10 * s01 + a11 * s11 + a12 * s12
+    t12 = a10 * s02 + a11 * s12 + a12 * s22
+    t20 = a20 * s00 + a21 * s01 + a22 * s02
+    t21 = a20 * s01 + a21 * s11 + a22 * s12
+    t22 = a20 * s02 + a21 * s12 + a22 * s22
+    c00 = t00 * a00 + t01 * a01 + t02 * a02 + psf2[s, 0]
+    c01 = t00 * a10 + t01 * a11 + t02 * a12
+    c02 = t00 * a20 + t01 * a21 + t02 * a22
+    c11 = t10 * a10 + t11 * a11 + t12 * a12 + psf2[s, 1]
+    c12 = t10 * a20 + t11 * a21 + t12 * a22
+    c22 = t20 * a20 + t21 * a21 + t22 * a22 + psf2[s, 2]
+    return d0, d1, d2, c00, c01, c02, c11, c12, c22
+
+
+@njit(**_JIT)
+def _pair(mu, sig, w, i, org, ax, psf2, s, cut2, du, dv, ext):
+    """Exact cull + 2D projection. Returns (ok, m_u, m_v, K00, K01, K11, alpha, thr, a_lo, a_hi)."""
+    d0, d1, d2, c00, c01, c02, c11, c12, c22 = _project(mu, sig, i, org, ax, psf2, s)
+    bad = (False, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0, -1)
+    if not c22 > 0.0:
+        return bad
+    z2 = d2 * d2 / c22
+    if z2 > cut2:
+        return bad
+    thr = cut2 - z2
+    ia = c02 / c22
+    ib = c12 / c22
+    ca = c00 - c02 * ia
+    cb = c01 - c02 * ib
+    cc = c11 - c12 * ib
+    det = ca * cc - cb * cb
+    if not det > 0.0:
+        return bad
+    mu_ = d0 - ia * d2
+    mv_ = d1 - ib * d2
+    xh = math.sqrt(thr * ca)
+    yh = math.sqrt(thr * cc)
+    a_lo = max(int(math.ceil((mu_ - xh) / du)), int(ext[s, 4]))
+    a_hi = min(int(math.floor((mu_ + xh) / du)), int(ext[s, 5]))
+    if a_hi < a_lo:
+        return bad
+    b_lo = math.ceil((mv_ - yh) / dv)
+    b_hi = math.floor((mv_ + yh) / dv)
+    if b_hi < ext[s, 6] or b_lo > ext[s, 7]:
+        return bad
+    alpha = w[i] * math.exp(-0.5 * z2) / math.sqrt(det * c22)
+    return (True, mu_, mv_, cc / det, -cb / det, ca / det, alpha, thr, a_lo, a_hi)
+
+
+@njit(parallel=True, **_JIT)
+def count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv):
+    n = order.shape[0]
+    cnt = np.zeros(n + 1, np.int64)
+    for j in prange(cells.shape[0]):
+        c = cells[j]
+        for t in range(cstart[c], cstart[c + 1]):
+            i = order[t]
+            k = 0
+            for q in range(cl_off[j], cl_off[j + 1]):
+                r = _pair(mu, sig, w, i, org, ax, psf2, cl_sl[q], cut2, du, dv, ext)
+                if r[0]:
+                    k += 1
+            cnt[t + 1] = k
+    for t in range(n):
+        cnt[t + 1] += cnt[t]
+    return cnt
+
+
+@njit(parallel=True, **_JIT)
+def fill_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv,
+               goff, p_sl, p_dat, p_rows):
+    for j in prange(cells.shape[0]):
+        c = cells[j]
+        for t in range(cstart[c], cstart[c + 1]):
+            i = order[t]
+            p = goff[t]
+            for q in range(cl_off[j], cl_off[j + 1]):
+                s = cl_sl[q]
+                r = _pair(mu, sig, w, i, org, ax, psf2, s, cut2, du, dv, ext)
+                if r[0]:
+                    p_sl[p] = s
+                    p_dat[p, 0] = r[1]
+                    p_dat[p, 1] = r[2]
+                    p_dat[p, 2] = r[3]
+                    p_dat[p, 3] = r[4]
+                    p_dat[p, 4] = r[5]
+                    p_dat[p, 5] = r[6]
+                    p_dat[p, 6] = r[7]
+                    p_rows[p, 0] = r[8]
+                    p_rows[p, 1] = r[9]
+                    p += 1
+
+
+@njit(**_JIT)
+def slice_index(p_sl, ns):
+    """Pairs grouped by slice: (s_off [S+1], s_pairs [P])."""
+    npair = p_sl.shape[0]
+    off = np.zeros(ns + 1, np.int64)
+    for p in range(npair):
+        off[p_sl[p] + 1] += 1
+    for s in range(ns):
+        off[s + 1] += off[s]
+    fillp = off[:-1].copy()
+    idx = np.empty(npair, np.int64)
+    for p in range(npair):
+        s = p_sl[p]
+        idx[fillp[s]] = p
+        fillp[s] += 1
+    return off, idx
+
+
+@njit(**_JIT)
+def _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, dv, width, spans, has_spans):
+    """Columns [b_lo, b_hi) of row a inside the ellipse q <= thr (and the row's span); x offset."""
+    x = a * du - mu_
+    det = k00 * k11 - k01 * k01
+    disc = k11 * thr - x * x * det
+    if disc < 0.0:
+        return 0, 0, x
+    hh = math.sqrt(disc) / k11
+    yc = -k01 * x / k11
+    b_lo = int(math.ceil((mv_ + yc - hh) / dv))
+    b_hi = int(math.floor((mv_ + yc + hh) / dv)) + 1
+    lo = 0
+    hi = width
+    if has_spans:
+        lo = spans[s, a, 0]
+        hi = spans[s, a, 1]
+    if b_lo < lo:
+        b_lo = lo
+    if b_hi > hi:
+        b_hi = hi
+    return b_lo, b_hi, x
+
+
+@njit(parallel=True, **_JIT)
+def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans):
+    out = np.zeros((ns, height, width))
+    bh = (height + nband - 1) // nband
+    for u in prange(ns * nband):
+        s = u // nband
+        r0 = (u % nband) * bh
+        r1 = min(r0 + bh, height)
+        img = out[s]
+        for t in range(s_off[s], s_off[s + 1]):
+            p = s_idx[t]
+            a0 = max(p_rows[p, 0], r0)
+            a1 = min(p_rows[p, 1] + 1, r1)
+            if a1 <= a0:
+                continue
+            mu_ = p_dat[p, 0]
+            mv_ = p_dat[p, 1]
+            k00 = p_dat[p, 2]
+            k01 = p_dat[p, 3]
+            k11 = p_dat[p, 4]
+            alpha = p_dat[p, 5]
+            thr = p_dat[p, 6]
+            r2 = math.exp(-k11 * dv * dv)
+            for a in range(a0, a1):
+                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, dv, width, spans,
+                                          has_spans)
+                if b_hi <= b_lo:
+                    continue
+                y = b_lo * dv - mv_
+                e = alpha * math.exp(-0.5 * (k00 * x * x + 2.0 * k01 * x * y + k11 * y * y))
+                r = math.exp(-(k01 * x + k11 * y) * dv - 0.5 * k11 * dv * dv)
+                row = img[a]
+                for b in range(b_lo, b_hi):
+                    row[b] += e
+                    e *= r
+                    r *= r2
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def raster_backward(grad, order, goff, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du, dv,
+                    spans, has_spans, nchunk):
+    n = order.shape[0]
+    ns = org.shape[0]
+    width = grad.shape[2]
+    g_mu = np.zeros((n, 3))
+    g_sig = np.zeros((n, 6))
+    g_w = np.zeros(n)
+    g_sl = np.zeros((nchunk, ns, 12))
+    per = (n + nchunk - 1) // nchunk
+    for ch in prange(nchunk):
+        buf = g_sl[ch]
+        for t in range(ch * per, min((ch + 1) * per, n)):
+            i = order[t]
+            gm0 = 0.0
+            gm1 = 0.0
+            gm2 = 0.0
+            gs0 = 0.0
+            gs1 = 0.0
+            gs2 = 0.0
+            gs3 = 0.0
+            gs4 = 0.0
+            gs5 = 0.0
+            gww = 0.0
+            for p in range(goff[t], goff[t + 1]):
+                s = p_sl[p]
+                mu_ = p_dat[p, 0]
+                mv_ = p_dat[p, 1]
+                k00 = p_dat[p, 2]
+                k01 = p_dat[p, 3]
+                k11 = p_dat[p, 4]
+                alpha = p_dat[p, 5]
+                thr = p_dat[p, 6]
+                r2 = math.exp(-k11 * dv * dv)
+                S0 = 0.0
+                Sx = 0.0
+                Sy = 0.0
+                Sxx = 0.0
+                Sxy = 0.0
+                Syy = 0.0
+                gimg = grad[s]
+                for a in range(p_rows[p, 0], p_rows[p, 1] + 1):
+                    b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, dv, width,
+                                              spans, has_spans)
+                    if b_hi <= b_lo:
+                        continue
+                    y = b_lo * dv - mv_
+                    e = math.exp(-0.5 * (k00 * x * x + 2.0 * k01 * x * y + k11 * y * y))
+                    r = math.exp(-(k01 * x + k11 * y) * dv - 0.5 * k11 * dv * dv)
+                    R0 = 0.0
+                    R1 = 0.0
+                    R2 = 0.0
+                    grow = gimg[a]
+                    for b in range(b_lo, b_hi):
+                        ge = grow[b] * e
+                        R0 += ge
+                        R1 += ge * y
+                        R2 += ge * y * y
+                        e *= r
+                        r *= r2
+                        y += dv
+                    S0 += R0
+                    Sx += x * R0
+                    Sxx += x * x * R0
+                    Sy += R1
+                    Sxy += x * R1
+                    Syy += R2
+                if S0 == 0.0 and Sx == 0.0 and Sy == 0.0 and Sxx == 0.0 and Sxy == 0.0 and Syy == 0.0:
+                    continue
+                # --- gradients w.r.t. the 2D Gaussian (alpha, m, K)
+                g_alpha = S0
+                gk00 = -0.5 * alpha * Sxx
+                gk01 = -alpha * Sxy
+                gk11 = -0.5 * alpha * Syy
+                gmu_ = alpha * (k00 * Sx + k01 * Sy)
+                gmv_ = alpha * (k01 * Sx + k11 * Sy)
+                # --- recompute the projection
+                d0, d1, d2, c00, c01, c02, c11, c12, c22 = _project(mu, sig, i, org, ax, psf2, s)
+                ia = c02 / c22
+                ib = c12 / c22
+                ca = c00 - c02 * ia
+                cb = c01 - c02 * ib
+                cc = c11 - c12 * ib
+                det = ca * cc - cb * cb
+                # K = inv([[ca, cb], [cb, cc]]); dL/dCc = -K G K with G = [[gk00, gk01/2], [., gk11]]
+                h01 = 0.5 * gk01
+                x00 = k00 * gk00 + k01 * h01
+                x01 = k00 * h01 + k01 * gk11
+                x10 = k01 * gk00 + k11 * h01
+                x11 = k01 * h01 + k11 * gk11
+                gca = -(x00 * k00 + x01 * k01)
+                gcb = -2.0 * (x00 * k01 + x01 * k11)
+                gcc = -(x10 * k01 + x11 * k11)
+                # alpha = w exp(-z2/2) / sqrt(det * c22)
+                gl = g_alpha * alpha
+                if w[i] != 0.0:
+                    gww += g_alpha * alpha / w[i]
+                else:
+                    gww += g_alpha * math.exp(-0.5 * d2 * d2 / c22) / math.sqrt(det * c22)
+                gca += -0.5 * gl * cc / det
+                gcc += -0.5 * gl * ca / det
+                gcb += gl * cb / det
+                gc22 = -0.5 * gl / c22 + 0.5 * gl * d2 * d2 / (c22 * c22)
+                gd2 = -gl * d2 / c22
+                # m = (d0 - ia d2, d1 - ib d2)
+                gd0 = gmu_
+                gd1 = gmv_
+                gd2 += -(gmu_ * ia + gmv_ * ib)
+                gc02 = -gmu_ * d2 / c22
+                gc12 = -gmv_ * d2 / c22
+                gc22 += (gmu_ * ia + gmv_ * ib) * d2 / c22
+                # Cc(C)
+                gc00 = gca
+                gc01 = gcb
+                gc11 = gcc
+                gc02 += -2.0 * gca * ia - gcb * ib
+                gc12 += -gcb * ia - 2.0 * gcc * ib
+                gc22 += gca * ia * ia + gcb * ia * ib + gcc * ib * ib
+                # symmetric matrix gradient G of C
+                G00 = gc00
+                G11 = gc11
+                G22 = gc22
+                G01 = 0.5 * gc01
+                G02 = 0.5 * gc02
+                G12 = 0.5 * gc12
+                # C = A Sigma A^T + D: dSigma = A^T G A ; dA += 2 G A Sigma
+                A00 = ax[s, 0, 0]
+                A01 = ax[s, 0, 1]
+                A02 = ax[s, 0, 2]
+                A10 = ax[s, 1, 0]
+                A11 = ax[s, 1, 1]
+                A12 = ax[s, 1, 2]
+                A20 = ax[s, 2, 0]
+                A21 = ax[s, 2, 1]
+                A22 = ax[s, 2, 2]
+                # U = G A  (3x3)
+                u00 = G00 * A00 + G01 * A10 + G02 * A20
+                u01 = G00 * A01 + G01 * A11 + G02 * A21
+                u02 = G00 * A02 + G01 * A12 + G02 * A22
+                u10 = G01 * A00 + G11 * A10 + G12 * A20
+                u11 = G01 * A01 + G11 * A11 + G12 * A21
+                u12 = G01 * A02 + G11 * A12 + G12 * A22
+                u20 = G02 * A00 + G12 * A10 + G22 * A20
+                u21 = G02 * A01 + G12 * A11 + G22 * A21
+                u22 = G02 * A02 + G12 * A12 + G22 * A22
+                # A^T U
+                m00 = A00 * u00 + A10 * u10 + A20 * u20
+                m01 = A00 * u01 + A10 * u11 + A20 * u21
+                m02 = A00 * u02 + A10 * u12 + A20 * u22
+                m11 = A01 * u01 + A11 * u11 + A21 * u21
+                m12 = A01 * u02 + A11 * u12 + A21 * u22
+                m22 = A02 * u02 + A12 * u12 + A22 * u22
+                gs0 += m00
+                gs1 += 2.0 * m01
+                gs2 += 2.0 * m02
+                gs3 += m11
+                gs4 += 2.0 * m12
+                gs5 += m22
+                s00 = sig[i, 0]
+                s01 = sig[i, 1]
+                s02 = sig[i, 2]
+                s11 = sig[i, 3]
+                s12 = sig[i, 4]
+                s22 = sig[i, 5]
+                dx = mu[i, 0] - org[s, 0]
+                dy = mu[i, 1] - org[s, 1]
+                dz = mu[i, 2] - org[s, 2]
+                # dA = 2 U Sigma + gd (x) delta
+                buf[s, 3] += 2.0 * (u00 * s00 + u01 * s01 + u02 * s02) + gd0 * dx
+                buf[s, 4] += 2.0 * (u00 * s01 + u01 * s11 + u02 * s12) + gd0 * dy
+                buf[s, 5] += 2.0 * (u00 * s02 + u01 * s12 + u02 * s22) + gd0 * dz
+                buf[s, 6] += 2.0 * (u10 * s00 + u11 * s01 + u12 * s02) + gd1 * dx
+                buf[s, 7] += 2.0 * (u10 * s01 + u11 * s11 + u12 * s12) + gd1 * dy
+                buf[s, 8] += 2.0 * (u10 * s02 + u11 * s12 + u12 * s22) + gd1 * dz
+                buf[s, 9] += 2.0 * (u20 * s00 + u21 * s01 + u22 * s02) + gd2 * dx
+                buf[s, 10] += 2.0 * (u20 * s01 + u21 * s11 + u22 * s12) + gd2 * dy
+                buf[s, 11] += 2.0 * (u20 * s02 + u21 * s12 + u22 * s22) + gd2 * dz
+                # d = A (mu - o)
+                q0 = A00 * gd0 + A10 * gd1 + A20 * gd2
+                q1 = A01 * gd0 + A11 * gd1 + A21 * gd2
+                q2 = A02 * gd0 + A12 * gd1 + A22 * gd2
+                gm0 += q0
+                gm1 += q1
+                gm2 += q2
+                buf[s, 0] -= q0
+                buf[s, 1] -= q1
+                buf[s, 2] -= q2
+            g_mu[i, 0] = gm0
+            g_mu[i, 1] = gm1
+            g_mu[i, 2] = gm2
+            g_sig[i, 0] = gs0
+            g_sig[i, 1] = gs1
+            g_sig[i, 2] = gs2
+            g_sig[i, 3] = gs3
+            g_sig[i, 4] = gs4
+            g_sig[i, 5] = gs5
+            g_w[i] = gww
+    g_slices = np.zeros((ns, 12))
+    for ch in range(nchunk):
+        for s in range(ns):
+            for k in range(12):
+                g_slices[s, k] += g_sl[ch, s, k]
+    return g_mu, g_sig, g_w, g_slices

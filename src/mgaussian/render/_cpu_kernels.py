@@ -560,3 +560,20 @@ def raster_backward(grad, order, goff, p_sl, p_dat, p_rows, mu, sig, w, org, ax,
             for k in range(12):
                 g_slices[s, k] += g_sl[ch, s, k]
     return g_mu, g_sig, g_w, g_slices
+
+
+@njit(parallel=True, **_JIT)
+def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, has_spans):
+    """Number of (pixel, Gaussian) terms evaluated by raster_forward (for benchmarks)."""
+    npair = p_sl.shape[0]
+    tot = 0
+    for p in prange(npair):
+        s = p_sl[p]
+        k = 0
+        for a in range(p_rows[p, 0], p_rows[p, 1] + 1):
+            b_lo, b_hi, x = _row_span(a, s, p_dat[p, 0], p_dat[p, 1], p_dat[p, 2], p_dat[p, 3],
+                                      p_dat[p, 4], p_dat[p, 6], du, dv, width, spans, has_spans)
+            if b_hi > b_lo:
+                k += b_hi - b_lo
+        tot += k
+    return tot

@@ -122,6 +122,9 @@ class _RenderSlicesCPU(torch.autograd.Function):
         if stats is not None:
             stats["pairs"] = plan.n_pairs
             stats["candidates"] = plan.n_candidates
+            if stats.get("count_pixel_pairs"):
+                stats["pixel_pairs"] = int(K.count_pixel_pairs(
+                    plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, plan.p_sl, du, dv, wd, sp, has))
         ctx.saved = (plan, a_mu, a_sig, a_w, a_org, a_ax, a_psf2, du, dv, sp, has)
         ctx.dtypes = (mu.dtype, org.dtype)
         return torch.from_numpy(img).to(mu.dtype)

@@ -577,3 +577,194 @@ def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, h
                 k += b_hi - b_lo
         tot += k
     return tot
+
+
+# ----------------------------------------------------------------------------------------------
+# points: the seed's block partitioning (uniform cells anchored at the world origin)
+
+
+@njit(**_JIT)
+def cell_sort(x, cs):
+    """Counting sort of points x [n,3] into cells floor(x/cs). Returns (order, start, lo, dims)."""
+    n = x.shape[0]
+    lo = np.zeros(3, np.int64)
+    hi = np.zeros(3, np.int64)
+    for k in range(3):
+        lo[k] = 1 << 62
+        hi[k] = -(1 << 62)
+    cc = np.empty((n, 3), np.int64)
+    for i in range(n):
+        for k in range(3):
+            c = int(math.floor(x[i, k] / cs))
+            cc[i, k] = c
+            if c < lo[k]:
+                lo[k] = c
+            if c > hi[k]:
+                hi[k] = c
+    if n == 0:
+        for k in range(3):
+            lo[k] = 0
+            hi[k] = 0
+    dims = np.empty(3, np.int64)
+    for k in range(3):
+        dims[k] = hi[k] - lo[k] + 1
+    ncell = dims[0] * dims[1] * dims[2]
+    start = np.zeros(ncell + 1, np.int64)
+    cid = np.empty(n, np.int64)
+    for i in range(n):
+        c = ((cc[i, 0] - lo[0]) * dims[1] + (cc[i, 1] - lo[1])) * dims[2] + (cc[i, 2] - lo[2])
+        cid[i] = c
+        start[c + 1] += 1
+    for c in range(ncell):
+        start[c + 1] += start[c]
+    fillp = start[:-1].copy()
+    order = np.empty(n, np.int64)
+    for i in range(n):
+        order[fillp[cid[i]]] = i
+        fillp[cid[i]] += 1
+    return order, start, lo, dims, cc
+
+
+@njit(**_JIT)
+def _point_term(mu, sig, i, pts, j, psf, pj):
+    """exp(-m2/2)/sqrt(det M), z = M^-1 r, M^-1 (6) for Gaussian i at point j (M = Sigma_i + P)."""
+    m00 = sig[i, 0] + psf[pj, 0]
+    m01 = sig[i, 1] + psf[pj, 1]
+    m02 = sig[i, 2] + psf[pj, 2]
+    m11 = sig[i, 3] + psf[pj, 3]
+    m12 = sig[i, 4] + psf[pj, 4]
+    m22 = sig[i, 5] + psf[pj, 5]
+    i00 = m11 * m22 - m12 * m12
+    i01 = m02 * m12 - m01 * m22
+    i02 = m01 * m12 - m02 * m11
+    det = m00 * i00 + m01 * i01 + m02 * i02
+    inv = 1.0 / det
+    i00 *= inv
+    i01 *= inv
+    i02 *= inv
+    i11 = (m00 * m22 - m02 * m02) * inv
+    i12 = (m01 * m02 - m00 * m12) * inv
+    i22 = (m00 * m11 - m01 * m01) * inv
+    r0 = pts[j, 0] - mu[i, 0]
+    r1 = pts[j, 1] - mu[i, 1]
+    r2 = pts[j, 2] - mu[i, 2]
+    z0 = i00 * r0 + i01 * r1 + i02 * r2
+    z1 = i01 * r0 + i11 * r1 + i12 * r2
+    z2 = i02 * r0 + i12 * r1 + i22 * r2
+    m2 = r0 * z0 + r1 * z1 + r2 * z2
+    e = math.exp(-0.5 * m2) / math.sqrt(det)
+    return e, z0, z1, z2, i00, i01, i02, i11, i12, i22
+
+
+@njit(parallel=True, **_JIT)
+def points_forward(mu, sig, w, pts, psf, per_point, g_order, g_start, g_lo, g_dims, p_cells, rad):
+    npt = pts.shape[0]
+    out = np.zeros(npt)
+    for j in prange(npt):
+        pj = j * per_point
+        acc = 0.0
+        x0 = max(p_cells[j, 0] - rad, g_lo[0])
+        x1 = min(p_cells[j, 0] + rad, g_lo[0] + g_dims[0] - 1)
+        y0 = max(p_cells[j, 1] - rad, g_lo[1])
+        y1 = min(p_cells[j, 1] + rad, g_lo[1] + g_dims[1] - 1)
+        z0 = max(p_cells[j, 2] - rad, g_lo[2])
+        z1 = min(p_cells[j, 2] + rad, g_lo[2] + g_dims[2] - 1)
+        for cx in range(x0, x1 + 1):
+            for cy in range(y0, y1 + 1):
+                base = ((cx - g_lo[0]) * g_dims[1] + (cy - g_lo[1])) * g_dims[2] - g_lo[2]
+                for t in range(g_start[base + z0], g_start[base + z1 + 1]):
+                    i = g_order[t]
+                    r = _point_term(mu, sig, i, pts, j, psf, pj)
+                    acc += w[i] * r[0]
+        out[j] = acc
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, g_cells, p_order, p_start,
+                              p_lo, p_dims, rad):
+    n = mu.shape[0]
+    g_mu = np.zeros((n, 3))
+    g_sig = np.zeros((n, 6))
+    g_w = np.zeros(n)
+    for i in prange(n):
+        x0 = max(g_cells[i, 0] - rad, p_lo[0])
+        x1 = min(g_cells[i, 0] + rad, p_lo[0] + p_dims[0] - 1)
+        y0 = max(g_cells[i, 1] - rad, p_lo[1])
+        y1 = min(g_cells[i, 1] + rad, p_lo[1] + p_dims[1] - 1)
+        z0 = max(g_cells[i, 2] - rad, p_lo[2])
+        z1 = min(g_cells[i, 2] + rad, p_lo[2] + p_dims[2] - 1)
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        s4 = 0.0
+        s5 = 0.0
+        gw = 0.0
+        for cx in range(x0, x1 + 1):
+            for cy in range(y0, y1 + 1):
+                base = ((cx - p_lo[0]) * p_dims[1] + (cy - p_lo[1])) * p_dims[2] - p_lo[2]
+                for t in range(p_start[base + z0], p_start[base + z1 + 1]):
+                    j = p_order[t]
+                    pj = j * per_point
+                    e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term(mu, sig, i, pts, j,
+                                                                              psf, pj)
+                    ge = grad[j] * e
+                    gw += ge
+                    gv = ge * w[i]
+                    a0 += gv * q0
+                    a1 += gv * q1
+                    a2 += gv * q2
+                    h = 0.5 * gv
+                    s0 += h * (q0 * q0 - i00)
+                    s1 += gv * (q0 * q1 - i01)
+                    s2 += gv * (q0 * q2 - i02)
+                    s3 += h * (q1 * q1 - i11)
+                    s4 += gv * (q1 * q2 - i12)
+                    s5 += h * (q2 * q2 - i22)
+        g_mu[i, 0] = a0
+        g_mu[i, 1] = a1
+        g_mu[i, 2] = a2
+        g_sig[i, 0] = s0
+        g_sig[i, 1] = s1
+        g_sig[i, 2] = s2
+        g_sig[i, 3] = s3
+        g_sig[i, 4] = s4
+        g_sig[i, 5] = s5
+        g_w[i] = gw
+    return g_mu, g_sig, g_w
+
+
+@njit(parallel=True, **_JIT)
+def points_backward_points(grad, mu, sig, w, pts, psf, per_point, g_order, g_start, g_lo, g_dims,
+                           p_cells, rad):
+    npt = pts.shape[0]
+    g_p = np.zeros((npt, 3))
+    for j in prange(npt):
+        pj = j * per_point
+        x0 = max(p_cells[j, 0] - rad, g_lo[0])
+        x1 = min(p_cells[j, 0] + rad, g_lo[0] + g_dims[0] - 1)
+        y0 = max(p_cells[j, 1] - rad, g_lo[1])
+        y1 = min(p_cells[j, 1] + rad, g_lo[1] + g_dims[1] - 1)
+        z0 = max(p_cells[j, 2] - rad, g_lo[2])
+        z1 = min(p_cells[j, 2] + rad, g_lo[2] + g_dims[2] - 1)
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        for cx in range(x0, x1 + 1):
+            for cy in range(y0, y1 + 1):
+                base = ((cx - g_lo[0]) * g_dims[1] + (cy - g_lo[1])) * g_dims[2] - g_lo[2]
+                for t in range(g_start[base + z0], g_start[base + z1 + 1]):
+                    i = g_order[t]
+                    r = _point_term(mu, sig, i, pts, j, psf, pj)
+                    gv = grad[j] * w[i] * r[0]
+                    a0 -= gv * r[1]
+                    a1 -= gv * r[2]
+                    a2 -= gv * r[3]
+        g_p[j, 0] = a0
+        g_p[j, 1] = a1
+        g_p[j, 2] = a2
+    return g_p

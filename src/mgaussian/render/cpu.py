@@ -155,3 +155,69 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     return _RenderSlicesCPU.apply(means, sig6, w, origins, axes, psf2, tuple(shape),
                                   (float(spacing[0]), float(spacing[1])), float(cutoff), row_spans,
                                   stats)
+
+
+_BIG_RADIUS = 1 << 40
+
+
+def _psf6(psf_cov, npts):
+    if psf_cov is None:
+        return np.zeros((1, 6)), 0
+    p = _np64(psf_cov)
+    per_point = p.ndim == 3
+    p = p.reshape(-1, 3, 3)
+    if per_point and p.shape[0] != npts:
+        raise ValueError("psf_cov must be [3,3] or [P,3,3]")
+    six = np.stack([p[:, 0, 0], p[:, 0, 1], p[:, 0, 2], p[:, 1, 1], p[:, 1, 2], p[:, 2, 2]], 1)
+    return np.ascontiguousarray(six), int(per_point)
+
+
+def _check_cells(dims):
+    if int(np.prod(dims)) > 200_000_000:
+        raise ValueError("cell_size too small for the extent of the data (more than 2e8 cells)")
+
+
+class _RenderPointsCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, sig6, w, pts, psf_cov, block_radius, cell_size):
+        a_mu, a_sig, a_w, a_pts = _np64(mu), _np64(sig6), _np64(w), _np64(pts)
+        psf, per_point = _psf6(psf_cov, a_pts.shape[0])
+        rad = _BIG_RADIUS if block_radius is None else int(block_radius)
+        g_order, g_start, g_lo, g_dims, g_cells = K.cell_sort(a_mu, cell_size)
+        _check_cells(g_dims)
+        p_cells = np.floor(a_pts / cell_size).astype(np.int64) if a_pts.size else np.zeros((0, 3),
+                                                                                             np.int64)
+        out = K.points_forward(a_mu, a_sig, a_w, a_pts, psf, per_point, g_order, g_start, g_lo,
+                               g_dims, p_cells, rad)
+        ctx.saved = (a_mu, a_sig, a_w, a_pts, psf, per_point, rad, cell_size, g_order, g_start,
+                     g_lo, g_dims, g_cells, p_cells)
+        ctx.dtypes = (mu.dtype, pts.dtype)
+        return torch.from_numpy(out).to(mu.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a_mu, a_sig, a_w, a_pts, psf, per_point, rad, cs, g_order, g_start, g_lo, g_dims, g_cells,
+         p_cells) = ctx.saved
+        g = _np64(grad)
+        dt, dtp = ctx.dtypes
+        g_mu = g_sig = g_w = g_pts = None
+        if any(ctx.needs_input_grad[:3]):
+            p_order, p_start, p_lo, p_dims, _ = K.cell_sort(a_pts, cs)
+            _check_cells(p_dims)
+            gm, gs, gw = K.points_backward_gaussians(g, a_mu, a_sig, a_w, a_pts, psf, per_point,
+                                                     g_cells, p_order, p_start, p_lo, p_dims, rad)
+            g_mu, g_sig, g_w = (torch.from_numpy(x).to(dt) for x in (gm, gs, gw))
+        if ctx.needs_input_grad[3]:
+            gp = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, g_order,
+                                          g_start, g_lo, g_dims, p_cells, rad)
+            g_pts = torch.from_numpy(gp).to(dtp)
+        return g_mu, g_sig, g_w, g_pts, None, None, None
+
+
+def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
+                  points: Tensor, psf_cov: Tensor | None = None, block_radius: int | None = 5,
+                  cell_size: float = 1.0) -> Tensor:
+    """CPU f(p) with block partitioning; see :func:`mgaussian.render.render_points`."""
+    sig6 = covariance6(log_scales, quats)
+    w = weights(log_scales, intensities)
+    return _RenderPointsCPU.apply(means, sig6, w, points, psf_cov, block_radius, float(cell_size))

@@ -106,6 +106,19 @@ def _add_naive(sub):
     p.set_defaults(func=cmd_naive)
 
 
+def _add_inspect(sub):
+    p = sub.add_parser(
+        "inspect",
+        help="check input stacks and print their geometry, thickness and masks",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input-stacks", nargs="+", required=True)
+    p.add_argument("--stack-masks", nargs="+")
+    p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="one value for all stacks, or one per stack (mm)")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=cmd_inspect)
+
+
 def _add_demo(sub):
     p = sub.add_parser(
         "demo",
@@ -126,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_evaluate(sub)
     _add_naive(sub)
+    _add_inspect(sub)
     _add_demo(sub)
     return parser
 
@@ -235,6 +249,38 @@ def cmd_naive(a) -> int:
     out = naive_average(stacks, ref.shape, raff)
     save_nifti(out, raff, a.output_volume, inputs=inputs)
     print(f"wrote {a.output_volume}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    import nibabel as nib
+
+    from .io import load_stacks
+
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    rows = []
+    for s in stacks:
+        rows.append({
+            "stack": s.path,
+            "shape": list(s.data.shape),
+            "orientation": "".join(nib.aff2axcodes(s.affine)),
+            "pixel_mm": [round(v, 4) for v in s.frames.spacing],
+            "slice_spacing_mm": round(s.frames.slice_spacing, 4),
+            "thickness_mm": s.thickness,
+            "thickness_from": s.thickness_source,
+            "gap_mm": round(s.gap, 4),
+            "mask": s.mask_path,
+            "mask_fraction": round(float(s.mask.mean()), 4),
+        })
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(
+                f"{r['stack']}: {r['shape'][0]}x{r['shape'][1]} pixels x {r['shape'][2]} slices, {r['orientation']}, "
+                f"pixel {r['pixel_mm'][0]}x{r['pixel_mm'][1]} mm, thickness {r['thickness_mm']} mm ({r['thickness_from']}), "
+                f"gap {r['gap_mm']} mm, mask {r['mask_fraction'] * 100:.1f}%"
+            )
     return 0
 
 

@@ -38,7 +38,8 @@ def _interp(vol_t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 def resample_volume(volume: np.ndarray, affine: np.ndarray, target_shape, target_affine, order: int = 1) -> np.ndarray:
     """Resample ``volume`` into another voxel grid through both affines (world mm).
 
-    Trilinear (order=1) or nearest (order=0) interpolation; 0 outside the source volume.
+    Trilinear (order=1) or nearest (order=0) interpolation; 0 outside the source grid (points
+    beyond the outer voxel centres), as BENCHMARK.md's metrics specify.
     """
     vol_t = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[None, None]
     inv = torch.as_tensor(np.linalg.inv(affine), dtype=torch.float64)
@@ -60,6 +61,10 @@ def resample_volume(volume: np.ndarray, affine: np.ndarray, target_shape, target
             vals[inside] = vol_t[0, 0][v[:, 0], v[:, 1], v[:, 2]]
         else:
             vals = _interp(vol_t, g)
+            # strictly 0 outside the source grid [0, n-1] (as scipy's map_coordinates, mode
+            # "constant"), not faded over the half voxel beyond the edge
+            outside = (g.abs() > 1.0 + 1e-6).any(-1)
+            vals[outside] = 0.0
         out[i0 : i0 + len(ii)] = vals.numpy()
     return out
 

@@ -1,0 +1,197 @@
+"""Forward and gradient parity of every backend against ``reference``; dispatch and fallbacks."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import mgaussian.render as R
+from mgaussian.render import reference as ref
+
+from test_render_helpers import img_err, random_gaussians, random_poses, rel_err
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Triton's interpreter runs the gpu kernels on the CPU (small sizes only); it must be chosen
+    # before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAS_TRITON = False
+
+SHAPE, SPACING = (22, 27), (0.8, 0.7)
+PSFS = {
+    "none": None,
+    "shared": (0.41, 0.36, 1.36),
+    "per_slice": torch.tensor([[0.41, 0.36, 1.36], [0.3, 0.3, 2.0], [0.5, 0.2, 0.9]]),
+}
+
+
+def _gpu_or_skip():
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: gpu backend cannot run")
+    if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+
+
+def _render_and_grad(backend, params, poses, psf, dtype, cutoff=3.0, **kw):
+    p = [t.detach().to(dtype).requires_grad_() for t in params]
+    o, a = (t.detach().to(dtype).requires_grad_() for t in poses)
+    img = R.render_slices(*p, o, a, SHAPE, SPACING, psf, backend=backend, cutoff=cutoff, **kw)
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(img.shape, generator=gen, dtype=torch.float64).to(dtype)
+    grads = torch.autograd.grad((img * w).sum(), p + [o, a])
+    return img.detach(), grads
+
+
+def _parity(backend, psf_key, dtype=torch.float32, n=150, tol=1e-4, **kw):
+    params = random_gaussians(n, seed=3)
+    poses = random_poses(3, seed=4)
+    psf = PSFS[psf_key]
+    img_r, g_r = _render_and_grad("reference", params, poses, psf, torch.float64, **kw)
+    img_b, g_b = _render_and_grad(backend, params, poses, psf, dtype, **kw)
+    assert img_r.abs().max() > 0.1  # the case is not empty
+    assert img_err(img_b, img_r) <= tol
+    names = ["means", "log_scales", "quats", "intensities", "origins", "axes"]
+    for name, gb, gr in zip(names, g_b, g_r):
+        assert gr.norm() > 0, name
+        assert rel_err(gb, gr) <= tol, (name, rel_err(gb, gr))
+
+
+@pytest.mark.parametrize("psf_key", list(PSFS))
+def test_cpu_slices_match_reference_float32(psf_key):
+    _parity("cpu", psf_key)
+
+
+def test_cpu_slices_match_reference_float64_tight():
+    params = random_gaussians(80, seed=7)
+    poses = random_poses(3, seed=8)
+    img_r, g_r = _render_and_grad("reference", params, poses, PSFS["shared"], torch.float64)
+    img_b, g_b = _render_and_grad("cpu", params, poses, PSFS["shared"], torch.float64)
+    assert img_err(img_b, img_r) < 1e-10
+    for gb, gr in zip(g_b, g_r):
+        assert rel_err(gb, gr) < 1e-9
+
+
+def test_cpu_slices_pixel_selection_matches_reference():
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.rand(3, *SHAPE, generator=gen) > 0.25
+    _parity("cpu", "shared", pixel_mask=mask, window=(2, 20, 3, 25), cutoff=2.5)
+
+
+def test_cpu_non_orthonormal_axes_follow_slice_frame_definition():
+    params = random_gaussians(60, seed=11)
+    o, a = random_poses(3, seed=12)
+    a2 = (a.detach() + 0.05 * torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(1),
+                                         dtype=torch.float64))
+    img_r, g_r = _render_and_grad("reference", params, (o, a2), PSFS["shared"], torch.float64)
+    img_b, g_b = _render_and_grad("cpu", params, (o, a2), PSFS["shared"], torch.float64)
+    assert img_err(img_b, img_r) < 1e-10
+    assert rel_err(g_b[-1], g_r[-1]) < 1e-9
+
+
+def test_row_spans_and_mask_leave_other_pixels_zero():
+    params = random_gaussians(100, seed=1)
+    o, a = random_poses(3, seed=2)
+    full = R.render_slices(*params, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu").detach()
+    win = R.render_slices(*params, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu",
+                          window=(3, 15, 4, 20)).detach()
+    inside = torch.zeros_like(full, dtype=torch.bool)
+    inside[:, 3:15, 4:20] = True
+    assert torch.equal(win[~inside], torch.zeros_like(win[~inside]))
+    assert torch.allclose(win[inside], full[inside], rtol=0, atol=1e-12)
+    assert full[~inside].abs().max() > 0
+
+
+@pytest.mark.parametrize("psf", [None, "shared", "per_point"])
+@pytest.mark.parametrize("radius", [None, 2])
+def test_cpu_points_match_reference(psf, radius):
+    params = random_gaussians(200, lo=(0, 0, 0), hi=(8, 8, 8), seed=5, log_mean=-0.4)
+    gen = torch.Generator().manual_seed(6)
+    pts = (torch.rand(150, 3, generator=gen, dtype=torch.float64) * 8).requires_grad_()
+    if psf == "shared":
+        cov = torch.diag(torch.tensor([0.2, 0.3, 1.5], dtype=torch.float64))
+    elif psf == "per_point":
+        m = torch.randn(150, 3, 3, generator=gen, dtype=torch.float64) * 0.4
+        cov = m @ m.transpose(1, 2)
+    else:
+        cov = None
+    out = []
+    for backend, dt in (("reference", torch.float64), ("cpu", torch.float32)):
+        p = [t.detach().to(dt).requires_grad_() for t in params]
+        x = pts.detach().to(dt).requires_grad_()
+        v = R.render_points(*p, x, None if cov is None else cov.to(dt), block_radius=radius,
+                            cell_size=1.0, backend=backend)
+        w = torch.linspace(-1, 1, v.numel(), dtype=dt)
+        out.append((v.detach(), torch.autograd.grad((v * w).sum(), p + [x])))
+    (vr, gr), (vb, gb) = out
+    assert img_err(vb, vr) <= 1e-4
+    for a, b in zip(gb, gr):
+        assert rel_err(a, b) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------- gpu
+
+
+@pytest.mark.parametrize("psf_key", ["none", "per_slice"])
+def test_gpu_slices_match_reference(psf_key):
+    _gpu_or_skip()
+    _parity("gpu", psf_key, n=60)
+
+
+def test_gpu_slices_pixel_mask_match_reference():
+    _gpu_or_skip()
+    gen = torch.Generator().manual_seed(9)
+    mask = torch.rand(3, *SHAPE, generator=gen) > 0.3
+    _parity("gpu", "shared", n=60, pixel_mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_gpu_slices_match_reference_on_cuda():
+    params = [t.detach().cuda() for t in random_gaussians(3000, hi=(60, 60, 5), seed=3)]
+    o, a = (t.detach().cuda() for t in random_poses(6, seed=4))
+    img_r = R.render_slices(*[p.double() for p in params], o.double(), a.double(), (80, 80),
+                            SPACING, PSFS["shared"], backend="reference")
+    img_g = R.render_slices(*params, o, a, (80, 80), SPACING, PSFS["shared"], backend="gpu")
+    assert img_err(img_g.cpu(), img_r.cpu()) <= 1e-4
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+def test_available_and_resolve():
+    av = R.available_backends()
+    assert av[0] == "reference" and "cpu" in av
+    assert R.resolve_backend("auto") == ("gpu" if HAS_CUDA and HAS_TRITON else "cpu")
+    with pytest.raises(ValueError):
+        R.resolve_backend("tpu")
+
+
+def test_gpu_falls_back_with_warning(monkeypatch):
+    monkeypatch.setattr(R, "_has", lambda mod: mod != "triton")
+    with pytest.warns(RuntimeWarning, match="triton"):
+        assert R.resolve_backend("gpu") == "cpu"
+    assert R.resolve_backend("auto") == "cpu"
+
+
+def test_missing_numba_falls_back_to_reference(monkeypatch):
+    monkeypatch.setattr(R, "_has", lambda mod: False)
+    with pytest.warns(RuntimeWarning):
+        assert R.resolve_backend("auto") == "reference"
+    with pytest.warns(RuntimeWarning):
+        assert R.resolve_backend("cpu") == "reference"
+
+
+def test_cpu_stats_report_pairs():
+    params = random_gaussians(100, seed=1)
+    o, a = random_poses(3, seed=2)
+    stats = {"count_pixel_pairs": True}
+    R.render_slices(*params, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu", stats=stats)
+    assert 0 < stats["pairs"] <= 300 and stats["pixel_pairs"] > stats["pairs"]

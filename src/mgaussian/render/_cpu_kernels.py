@@ -768,3 +768,107 @@ def points_backward_points(grad, mu, sig, w, pts, psf, per_point, g_order, g_sta
         g_p[j, 1] = a1
         g_p[j, 2] = a2
     return g_p
+
+
+# ----------------------------------------------------------------------------------------------
+# per-Gaussian preparation: (log-scales, quaternion, intensity) -> (Sigma (6), w) and its backward
+
+
+@njit(**_JIT)
+def _rotmat(q0, q1, q2, q3):
+    nrm = math.sqrt(q0 * q0 + q1 * q1 + q2 * q2 + q3 * q3)
+    w = q0 / nrm
+    x = q1 / nrm
+    y = q2 / nrm
+    z = q3 / nrm
+    return (w, x, y, z, nrm,
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y))
+
+
+@njit(parallel=True, **_JIT)
+def gauss_prep(ls, q, c):
+    """Sigma = R diag(exp(2 s)) R^T as 6 numbers (xx,xy,xz,yy,yz,zz) and w = c exp(sum s)."""
+    n = ls.shape[0]
+    sig = np.empty((n, 6))
+    w = np.empty(n)
+    for i in prange(n):
+        r = _rotmat(q[i, 0], q[i, 1], q[i, 2], q[i, 3])
+        a = math.exp(2 * ls[i, 0])
+        b = math.exp(2 * ls[i, 1])
+        cc = math.exp(2 * ls[i, 2])
+        r00, r01, r02, r10, r11, r12, r20, r21, r22 = r[5:14]
+        sig[i, 0] = r00 * r00 * a + r01 * r01 * b + r02 * r02 * cc
+        sig[i, 1] = r00 * r10 * a + r01 * r11 * b + r02 * r12 * cc
+        sig[i, 2] = r00 * r20 * a + r01 * r21 * b + r02 * r22 * cc
+        sig[i, 3] = r10 * r10 * a + r11 * r11 * b + r12 * r12 * cc
+        sig[i, 4] = r10 * r20 * a + r11 * r21 * b + r12 * r22 * cc
+        sig[i, 5] = r20 * r20 * a + r21 * r21 * b + r22 * r22 * cc
+        w[i] = c[i] * math.exp(ls[i, 0] + ls[i, 1] + ls[i, 2])
+    return sig, w
+
+
+@njit(parallel=True, **_JIT)
+def gauss_prep_backward(ls, q, c, g_sig, g_w):
+    """Chain rule of gauss_prep: (dL/dSigma6, dL/dw) -> (dL/dlog_scales, dL/dquats, dL/dc)."""
+    n = ls.shape[0]
+    g_ls = np.empty((n, 3))
+    g_q = np.empty((n, 4))
+    g_c = np.empty(n)
+    for i in prange(n):
+        w, x, y, z, nrm, r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rotmat(
+            q[i, 0], q[i, 1], q[i, 2], q[i, 3])
+        e0 = math.exp(2 * ls[i, 0])
+        e1 = math.exp(2 * ls[i, 1])
+        e2 = math.exp(2 * ls[i, 2])
+        # symmetric matrix gradient G
+        G00 = g_sig[i, 0]
+        G01 = 0.5 * g_sig[i, 1]
+        G02 = 0.5 * g_sig[i, 2]
+        G11 = g_sig[i, 3]
+        G12 = 0.5 * g_sig[i, 4]
+        G22 = g_sig[i, 5]
+        # U = G R
+        u00 = G00 * r00 + G01 * r10 + G02 * r20
+        u01 = G00 * r01 + G01 * r11 + G02 * r21
+        u02 = G00 * r02 + G01 * r12 + G02 * r22
+        u10 = G01 * r00 + G11 * r10 + G12 * r20
+        u11 = G01 * r01 + G11 * r11 + G12 * r21
+        u12 = G01 * r02 + G11 * r12 + G12 * r22
+        u20 = G02 * r00 + G12 * r10 + G22 * r20
+        u21 = G02 * r01 + G12 * r11 + G22 * r21
+        u22 = G02 * r02 + G12 * r12 + G22 * r22
+        # dL/d(s2_k) = (R^T G R)_kk ; s2_k = exp(2 ls_k)
+        d0 = r00 * u00 + r10 * u10 + r20 * u20
+        d1 = r01 * u01 + r11 * u11 + r21 * u21
+        d2 = r02 * u02 + r12 * u12 + r22 * u22
+        wexp = math.exp(ls[i, 0] + ls[i, 1] + ls[i, 2])
+        gw = g_w[i] * c[i] * wexp
+        g_ls[i, 0] = 2 * e0 * d0 + gw
+        g_ls[i, 1] = 2 * e1 * d1 + gw
+        g_ls[i, 2] = 2 * e2 * d2 + gw
+        g_c[i] = g_w[i] * wexp
+        # dL/dR = 2 G R diag(s2)
+        a00 = 2 * u00 * e0
+        a01 = 2 * u01 * e1
+        a02 = 2 * u02 * e2
+        a10 = 2 * u10 * e0
+        a11 = 2 * u11 * e1
+        a12 = 2 * u12 * e2
+        a20 = 2 * u20 * e0
+        a21 = 2 * u21 * e1
+        a22 = 2 * u22 * e2
+        gw_ = 2 * (-z * a01 + y * a02 + z * a10 - x * a12 - y * a20 + x * a21)
+        gx_ = 2 * (y * a01 + z * a02 + y * a10 - 2 * x * a11 - w * a12 + z * a20 + w * a21
+                   - 2 * x * a22)
+        gy_ = 2 * (-2 * y * a00 + x * a01 + w * a02 + x * a10 + z * a12 - w * a20 + z * a21
+                   - 2 * y * a22)
+        gz_ = 2 * (-2 * z * a00 - w * a01 + x * a02 + w * a10 - 2 * z * a11 + y * a12 + x * a20
+                   + y * a21)
+        dot = w * gw_ + x * gx_ + y * gy_ + z * gz_
+        g_q[i, 0] = (gw_ - w * dot) / nrm
+        g_q[i, 1] = (gx_ - x * dot) / nrm
+        g_q[i, 2] = (gy_ - y * dot) / nrm
+        g_q[i, 3] = (gz_ - z * dot) / nrm
+    return g_ls, g_q, g_c

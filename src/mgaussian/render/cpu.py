@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from . import _cpu_kernels as K
-from ._common import covariance6, psf_variances, weights
 
 
 def set_threads(n: int | None = None) -> int:
@@ -25,10 +24,6 @@ def set_threads(n: int | None = None) -> int:
     n = n or numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(n)
     return n
-
-
-def _np64(t: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())
 
 
 class SlicePlan:
@@ -104,15 +99,31 @@ def _dummy_spans():
     return np.zeros((1, 1, 2), np.int32)
 
 
+def _np64(t: Tensor) -> np.ndarray:
+    a = t.detach()
+    if a.device.type != "cpu":
+        a = a.cpu()
+    return np.ascontiguousarray(a.numpy(), dtype=np.float64)
+
+
+def _to_torch(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+    npdt = {torch.float32: np.float32, torch.float64: np.float64}.get(dtype)
+    if npdt is None:
+        return torch.from_numpy(a).to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=npdt))
+
+
 class _RenderSlicesCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mu, sig6, w, org, ax, psf2, shape, spacing, cutoff, spans, stats):
+    def forward(ctx, means, log_scales, quats, intensities, origins, axes, psf2, shape, spacing,
+                cutoff, spans, stats):
         h, wd = shape
-        du, dv = float(spacing[0]), float(spacing[1])
-        a_mu, a_sig, a_w = _np64(mu), _np64(sig6), _np64(w)
-        a_org, a_ax, a_psf2 = _np64(org), _np64(ax), _np64(psf2)
+        du, dv = spacing
+        a_mu, a_ls, a_q, a_c = (_np64(t) for t in (means, log_scales, quats, intensities))
+        a_org, a_ax = _np64(origins), _np64(axes)
+        a_sig, a_w = K.gauss_prep(a_ls, a_q, a_c)
         ns = a_org.shape[0]
-        plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, a_psf2, shape, spacing, cutoff, spans)
+        plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, shape, spacing, cutoff, spans)
         has = spans is not None
         sp = spans if has else _dummy_spans()
         threads = numba.get_num_threads()
@@ -125,36 +136,48 @@ class _RenderSlicesCPU(torch.autograd.Function):
             if stats.get("count_pixel_pairs"):
                 stats["pixel_pairs"] = int(K.count_pixel_pairs(
                     plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, plan.p_sl, du, dv, wd, sp, has))
-        ctx.saved = (plan, a_mu, a_sig, a_w, a_org, a_ax, a_psf2, du, dv, sp, has)
-        ctx.dtypes = (mu.dtype, org.dtype)
-        return torch.from_numpy(img).to(mu.dtype)
+        ctx.saved = (plan, a_mu, a_ls, a_q, a_c, a_sig, a_w, a_org, a_ax, psf2, du, dv, sp, has)
+        ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype,
+                      origins.dtype, axes.dtype)
+        return _to_torch(img, means.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        plan, a_mu, a_sig, a_w, a_org, a_ax, a_psf2, du, dv, sp, has = ctx.saved
+        plan, a_mu, a_ls, a_q, a_c, a_sig, a_w, a_org, a_ax, psf2, du, dv, sp, has = ctx.saved
         g = _np64(grad)
         nchunk = max(1, min(a_mu.shape[0], 16 * numba.get_num_threads()))
         g_mu, g_sig, g_w, g_sl = K.raster_backward(g, plan.order, plan.goff, plan.p_sl, plan.p_dat,
                                                    plan.p_rows, a_mu, a_sig, a_w, a_org, a_ax,
-                                                   a_psf2, du, dv, sp, has, nchunk)
-        dt, dts = ctx.dtypes
-        g_org = torch.from_numpy(g_sl[:, 0:3].copy()).to(dts)
-        g_ax = torch.from_numpy(g_sl[:, 3:12].reshape(-1, 3, 3).copy()).to(dts)
-        return (torch.from_numpy(g_mu).to(dt), torch.from_numpy(g_sig).to(dt),
-                torch.from_numpy(g_w).to(dt), g_org, g_ax, None, None, None, None, None, None)
+                                                   psf2, du, dv, sp, has, nchunk)
+        g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, g_sig, g_w)
+        d = ctx.dtypes
+        return (_to_torch(g_mu, d[0]), _to_torch(g_ls, d[1]), _to_torch(g_q, d[2]),
+                _to_torch(g_c, d[3]), _to_torch(g_sl[:, 0:3], d[4]),
+                _to_torch(g_sl[:, 3:12].reshape(-1, 3, 3), d[5]),
+                None, None, None, None, None, None)
 
 
 def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
                   origins: Tensor, axes: Tensor, shape: tuple[int, int], spacing: tuple[float, float],
                   psf_sigma=None, cutoff: float = 3.0, row_spans=None, stats: dict | None = None
                   ) -> Tensor:
-    """CPU render of slices [S,H,W]; see :func:`mgaussian.render.render_slices`."""
-    sig6 = covariance6(log_scales, quats)
-    w = weights(log_scales, intensities)
-    psf2 = psf_variances(psf_sigma, origins.shape[0], torch.float64, "cpu")
-    return _RenderSlicesCPU.apply(means, sig6, w, origins, axes, psf2, tuple(shape),
-                                  (float(spacing[0]), float(spacing[1])), float(cutoff), row_spans,
-                                  stats)
+    """CPU render of slices [S,H,W]; see :func:`mgaussian.render.render_slices`.
+
+    ``row_spans``: None or int32 numpy [S,H,2]; ``stats``: optional dict filled with 'pairs',
+    'candidates' (and 'pixel_pairs' if it holds count_pixel_pairs=True).
+    """
+    ns = origins.shape[0]
+    if psf_sigma is None:
+        psf2 = np.zeros((ns, 3))
+    else:
+        p = psf_sigma.detach().cpu().numpy() if isinstance(psf_sigma, Tensor) else psf_sigma
+        p = np.asarray(p, dtype=np.float64)
+        psf2 = np.ascontiguousarray(np.broadcast_to(p * p, (ns, 3)))
+    return _RenderSlicesCPU.apply(means, log_scales, quats, intensities, origins, axes, psf2,
+                                  (int(shape[0]), int(shape[1])),
+                                  (float(spacing[0]), float(spacing[1])), float(cutoff),
+                                  row_spans, stats)
 
 
 _BIG_RADIUS = 1 << 40
@@ -179,8 +202,10 @@ def _check_cells(dims):
 
 class _RenderPointsCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mu, sig6, w, pts, psf_cov, block_radius, cell_size):
-        a_mu, a_sig, a_w, a_pts = _np64(mu), _np64(sig6), _np64(w), _np64(pts)
+    def forward(ctx, means, log_scales, quats, intensities, pts, psf_cov, block_radius, cell_size):
+        a_mu, a_ls, a_q, a_c = (_np64(t) for t in (means, log_scales, quats, intensities))
+        a_pts = _np64(pts)
+        a_sig, a_w = K.gauss_prep(a_ls, a_q, a_c)
         psf, per_point = _psf6(psf_cov, a_pts.shape[0])
         rad = _BIG_RADIUS if block_radius is None else int(block_radius)
         g_order, g_start, g_lo, g_dims, g_cells = K.cell_sort(a_mu, cell_size)
@@ -189,35 +214,36 @@ class _RenderPointsCPU(torch.autograd.Function):
                                                                                              np.int64)
         out = K.points_forward(a_mu, a_sig, a_w, a_pts, psf, per_point, g_order, g_start, g_lo,
                                g_dims, p_cells, rad)
-        ctx.saved = (a_mu, a_sig, a_w, a_pts, psf, per_point, rad, cell_size, g_order, g_start,
-                     g_lo, g_dims, g_cells, p_cells)
-        ctx.dtypes = (mu.dtype, pts.dtype)
-        return torch.from_numpy(out).to(mu.dtype)
+        ctx.saved = (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, rad, cell_size,
+                     g_order, g_start, g_lo, g_dims, g_cells, p_cells)
+        ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype, pts.dtype)
+        return _to_torch(out, means.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (a_mu, a_sig, a_w, a_pts, psf, per_point, rad, cs, g_order, g_start, g_lo, g_dims, g_cells,
-         p_cells) = ctx.saved
+        (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, rad, cs, g_order, g_start, g_lo,
+         g_dims, g_cells, p_cells) = ctx.saved
         g = _np64(grad)
-        dt, dtp = ctx.dtypes
-        g_mu = g_sig = g_w = g_pts = None
-        if any(ctx.needs_input_grad[:3]):
+        d = ctx.dtypes
+        g_mu = g_ls = g_q = g_c = g_pts = None
+        if any(ctx.needs_input_grad[:4]):
             p_order, p_start, p_lo, p_dims, _ = K.cell_sort(a_pts, cs)
             _check_cells(p_dims)
             gm, gs, gw = K.points_backward_gaussians(g, a_mu, a_sig, a_w, a_pts, psf, per_point,
                                                      g_cells, p_order, p_start, p_lo, p_dims, rad)
-            g_mu, g_sig, g_w = (torch.from_numpy(x).to(dt) for x in (gm, gs, gw))
-        if ctx.needs_input_grad[3]:
+            g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, gs, gw)
+            g_mu, g_ls, g_q, g_c = (_to_torch(x, t) for x, t in zip((gm, g_ls, g_q, g_c), d))
+        if ctx.needs_input_grad[4]:
             gp = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, g_order,
                                           g_start, g_lo, g_dims, p_cells, rad)
-            g_pts = torch.from_numpy(gp).to(dtp)
-        return g_mu, g_sig, g_w, g_pts, None, None, None
+            g_pts = _to_torch(gp, d[4])
+        return g_mu, g_ls, g_q, g_c, g_pts, None, None, None
 
 
 def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
                   points: Tensor, psf_cov: Tensor | None = None, block_radius: int | None = 5,
                   cell_size: float = 1.0) -> Tensor:
     """CPU f(p) with block partitioning; see :func:`mgaussian.render.render_points`."""
-    sig6 = covariance6(log_scales, quats)
-    w = weights(log_scales, intensities)
-    return _RenderPointsCPU.apply(means, sig6, w, points, psf_cov, block_radius, float(cell_size))
+    return _RenderPointsCPU.apply(means, log_scales, quats, intensities, points, psf_cov,
+                                  block_radius, float(cell_size))

@@ -231,8 +231,22 @@ def _pair(mu, sig, w, i, org, ax, psf2, s, cut2, du, dv, ext):
     return (True, mu_, mv_, cc / det, -cb / det, ca / det, alpha, thr, a_lo, a_hi)
 
 
+@njit(**_JIT)
+def _plane_test(mu, sig, i, org, ax, psf2, s, cut2):
+    """Cheap necessary condition for a pair: d_n^2 <= cut^2 C_nn (no projection)."""
+    n0 = ax[s, 2, 0]
+    n1 = ax[s, 2, 1]
+    n2 = ax[s, 2, 2]
+    d2 = n0 * (mu[i, 0] - org[s, 0]) + n1 * (mu[i, 1] - org[s, 1]) + n2 * (mu[i, 2] - org[s, 2])
+    c22 = (n0 * (n0 * sig[i, 0] + n1 * sig[i, 1] + n2 * sig[i, 2])
+           + n1 * (n0 * sig[i, 1] + n1 * sig[i, 3] + n2 * sig[i, 4])
+           + n2 * (n0 * sig[i, 2] + n1 * sig[i, 4] + n2 * sig[i, 5]) + psf2[s, 2])
+    return d2 * d2 <= cut2 * c22
+
+
 @njit(parallel=True, **_JIT)
 def count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv):
+    """Upper bound of the pairs of every (sorted) Gaussian: CSR offsets [N+1]."""
     n = order.shape[0]
     cnt = np.zeros(n + 1, np.int64)
     for j in prange(cells.shape[0]):
@@ -241,8 +255,7 @@ def count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, 
             i = order[t]
             k = 0
             for q in range(cl_off[j], cl_off[j + 1]):
-                r = _pair(mu, sig, w, i, org, ax, psf2, cl_sl[q], cut2, du, dv, ext)
-                if r[0]:
+                if _plane_test(mu, sig, i, org, ax, psf2, cl_sl[q], cut2):
                     k += 1
             cnt[t + 1] = k
     for t in range(n):
@@ -252,7 +265,8 @@ def count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, 
 
 @njit(parallel=True, **_JIT)
 def fill_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv,
-               goff, p_sl, p_dat, p_rows):
+               goff, gcnt, p_sl, p_dat, p_rows):
+    """Exact cull + projection; pairs of sorted Gaussian t at goff[t] .. goff[t] + gcnt[t]."""
     for j in prange(cells.shape[0]):
         c = cells[j]
         for t in range(cstart[c], cstart[c + 1]):
@@ -260,6 +274,8 @@ def fill_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, e
             p = goff[t]
             for q in range(cl_off[j], cl_off[j + 1]):
                 s = cl_sl[q]
+                if not _plane_test(mu, sig, i, org, ax, psf2, s, cut2):
+                    continue
                 r = _pair(mu, sig, w, i, org, ax, psf2, s, cut2, du, dv, ext)
                 if r[0]:
                     p_sl[p] = s
@@ -273,38 +289,41 @@ def fill_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, e
                     p_rows[p, 0] = r[8]
                     p_rows[p, 1] = r[9]
                     p += 1
+            gcnt[t] = p - goff[t]
 
 
 @njit(**_JIT)
-def slice_index(p_sl, ns):
-    """Pairs grouped by slice: (s_off [S+1], s_pairs [P])."""
-    npair = p_sl.shape[0]
+def slice_index(goff, gcnt, p_sl, ns):
+    """Valid pairs grouped by slice: (s_off [S+1], s_idx [pairs])."""
+    n = gcnt.shape[0]
     off = np.zeros(ns + 1, np.int64)
-    for p in range(npair):
-        off[p_sl[p] + 1] += 1
+    for t in range(n):
+        for p in range(goff[t], goff[t] + gcnt[t]):
+            off[p_sl[p] + 1] += 1
     for s in range(ns):
         off[s + 1] += off[s]
     fillp = off[:-1].copy()
-    idx = np.empty(npair, np.int64)
-    for p in range(npair):
-        s = p_sl[p]
-        idx[fillp[s]] = p
-        fillp[s] += 1
+    idx = np.empty(off[ns], np.int64)
+    for t in range(n):
+        for p in range(goff[t], goff[t] + gcnt[t]):
+            s = p_sl[p]
+            idx[fillp[s]] = p
+            fillp[s] += 1
     return off, idx
 
 
 @njit(**_JIT)
-def _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, dv, width, spans, has_spans):
+def _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans, has_spans):
     """Columns [b_lo, b_hi) of row a inside the ellipse q <= thr (and the row's span); x offset."""
     x = a * du - mu_
-    det = k00 * k11 - k01 * k01
-    disc = k11 * thr - x * x * det
+    disc = k11 * thr - x * x * (k00 * k11 - k01 * k01)
     if disc < 0.0:
         return 0, 0, x
-    hh = math.sqrt(disc) / k11
-    yc = -k01 * x / k11
-    b_lo = int(math.ceil((mv_ + yc - hh) / dv))
-    b_hi = int(math.floor((mv_ + yc + hh) / dv)) + 1
+    ik11 = 1.0 / k11
+    hh = math.sqrt(disc) * ik11
+    yc = mv_ - k01 * x * ik11
+    b_lo = int(math.ceil((yc - hh) * idv))
+    b_hi = int(math.floor((yc + hh) * idv)) + 1
     lo = 0
     hi = width
     if has_spans:
@@ -320,6 +339,7 @@ def _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, dv, width, spans, has_span
 @njit(parallel=True, **_JIT)
 def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans):
     out = np.zeros((ns, height, width))
+    idv = 1.0 / dv
     bh = (height + nband - 1) // nband
     for u in prange(ns * nband):
         s = u // nband
@@ -341,7 +361,7 @@ def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv
             thr = p_dat[p, 6]
             r2 = math.exp(-k11 * dv * dv)
             for a in range(a0, a1):
-                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, dv, width, spans,
+                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans,
                                           has_spans)
                 if b_hi <= b_lo:
                     continue
@@ -357,8 +377,8 @@ def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv
 
 
 @njit(parallel=True, **_JIT)
-def raster_backward(grad, order, goff, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du, dv,
-                    spans, has_spans, nchunk):
+def raster_backward(grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du,
+                    dv, spans, has_spans, nchunk):
     n = order.shape[0]
     ns = org.shape[0]
     width = grad.shape[2]
@@ -366,6 +386,7 @@ def raster_backward(grad, order, goff, p_sl, p_dat, p_rows, mu, sig, w, org, ax,
     g_sig = np.zeros((n, 6))
     g_w = np.zeros(n)
     g_sl = np.zeros((nchunk, ns, 12))
+    idv = 1.0 / dv
     per = (n + nchunk - 1) // nchunk
     for ch in prange(nchunk):
         buf = g_sl[ch]
@@ -381,7 +402,7 @@ def raster_backward(grad, order, goff, p_sl, p_dat, p_rows, mu, sig, w, org, ax,
             gs4 = 0.0
             gs5 = 0.0
             gww = 0.0
-            for p in range(goff[t], goff[t + 1]):
+            for p in range(goff[t], goff[t] + gcnt[t]):
                 s = p_sl[p]
                 mu_ = p_dat[p, 0]
                 mv_ = p_dat[p, 1]
@@ -399,7 +420,7 @@ def raster_backward(grad, order, goff, p_sl, p_dat, p_rows, mu, sig, w, org, ax,
                 Syy = 0.0
                 gimg = grad[s]
                 for a in range(p_rows[p, 0], p_rows[p, 1] + 1):
-                    b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, dv, width,
+                    b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width,
                                               spans, has_spans)
                     if b_hi <= b_lo:
                         continue
@@ -565,14 +586,15 @@ def raster_backward(grad, order, goff, p_sl, p_dat, p_rows, mu, sig, w, org, ax,
 @njit(parallel=True, **_JIT)
 def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, has_spans):
     """Number of (pixel, Gaussian) terms evaluated by raster_forward (for benchmarks)."""
-    npair = p_sl.shape[0]
+    npair = s_idx.shape[0]
     tot = 0
-    for p in prange(npair):
+    for u in prange(npair):
+        p = s_idx[u]
         s = p_sl[p]
         k = 0
         for a in range(p_rows[p, 0], p_rows[p, 1] + 1):
             b_lo, b_hi, x = _row_span(a, s, p_dat[p, 0], p_dat[p, 1], p_dat[p, 2], p_dat[p, 3],
-                                      p_dat[p, 4], p_dat[p, 6], du, dv, width, spans, has_spans)
+                                      p_dat[p, 4], p_dat[p, 6], du, 1.0 / dv, width, spans, has_spans)
             if b_hi > b_lo:
                 k += b_hi - b_lo
         tot += k

@@ -29,9 +29,10 @@ def set_threads(n: int | None = None) -> int:
 class SlicePlan:
     """Culled, projected (Gaussian, slice) pairs of one call; kept for the backward pass.
 
-    Attributes: ``n_pairs`` (int), ``p_sl`` [P] slice of each pair, ``p_dat`` [P,7]
-    (m_u, m_v, K00, K01, K11, alpha, thr), ``p_rows`` [P,2] first/last row, ``goff`` [N+1] CSR of
-    pairs by sorted Gaussian, ``order`` [N] sorted -> original Gaussian index.
+    Attributes: ``n_pairs`` (int), ``p_sl`` [P'] slice of each pair, ``p_dat`` [P',7]
+    (m_u, m_v, K00, K01, K11, alpha, thr), ``p_rows`` [P',2] first/last row; sorted Gaussian t owns
+    pairs goff[t] .. goff[t] + gcnt[t] (``goff`` [N+1] from an upper bound, P' >= P);
+    ``order`` [N] sorted -> original Gaussian index; ``s_off``/``s_idx``: valid pairs by slice.
     """
 
 
@@ -81,14 +82,16 @@ def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_si
     cl_off, cl_sl = K.cell_slice_lists(cells, lo, dims, cell_size, r2max, org, ax, psf2, ext, cut)
     goff = K.count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext,
                          cut * cut, du, dv)
-    npair = int(goff[-1])
-    p_sl = np.empty(npair, np.int32)
-    p_dat = np.empty((npair, 7))
-    p_rows = np.empty((npair, 2), np.int64)
+    nbound = int(goff[-1])
+    p_sl = np.empty(nbound, np.int32)
+    p_dat = np.empty((nbound, 7))
+    p_rows = np.empty((nbound, 2), np.int64)
+    gcnt = np.empty(n, np.int64)
     K.fill_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut * cut,
-                 du, dv, goff, p_sl, p_dat, p_rows)
-    s_off, s_idx = K.slice_index(p_sl, ns)
-    plan.n_pairs = npair
+                 du, dv, goff, gcnt, p_sl, p_dat, p_rows)
+    s_off, s_idx = K.slice_index(goff, gcnt, p_sl, ns)
+    plan.gcnt = gcnt
+    plan.n_pairs = int(s_off[-1])
     plan.order, plan.goff, plan.p_sl, plan.p_dat, plan.p_rows = order, goff, p_sl, p_dat, p_rows
     plan.s_off, plan.s_idx = s_off, s_idx
     plan.n_candidates = int(cl_off[-1])
@@ -147,7 +150,8 @@ class _RenderSlicesCPU(torch.autograd.Function):
         plan, a_mu, a_ls, a_q, a_c, a_sig, a_w, a_org, a_ax, psf2, du, dv, sp, has = ctx.saved
         g = _np64(grad)
         nchunk = max(1, min(a_mu.shape[0], 16 * numba.get_num_threads()))
-        g_mu, g_sig, g_w, g_sl = K.raster_backward(g, plan.order, plan.goff, plan.p_sl, plan.p_dat,
+        g_mu, g_sig, g_w, g_sl = K.raster_backward(g, plan.order, plan.goff, plan.gcnt, plan.p_sl,
+                                                   plan.p_dat,
                                                    plan.p_rows, a_mu, a_sig, a_w, a_org, a_ax,
                                                    psf2, du, dv, sp, has, nchunk)
         g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, g_sig, g_w)

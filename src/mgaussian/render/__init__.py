@@ -93,6 +93,17 @@ def resolve_backend(name: str = "auto") -> str:
     return name
 
 
+def _for_tensors(backend: str, t: Tensor) -> str:
+    """Resolve ``backend`` for tensors on t's device: 'auto' uses the GPU only for CUDA tensors."""
+    name = resolve_backend(backend)
+    if name == "gpu" and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if backend != "auto":
+            warnings.warn("gpu backend needs CUDA tensors; using 'cpu' for these CPU tensors",
+                          RuntimeWarning, stacklevel=3)
+        name = "cpu" if _has("numba") else "reference"
+    return name
+
+
 def _module(name: str):
     if name == "cpu":
         from . import cpu as m
@@ -134,7 +145,7 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
         Tensor [S,H,W] in means.dtype; gradients flow to all Gaussian parameters, origins and axes
         (for axes: of the slice-frame formula, equal to the world formula's along rotations).
     """
-    name = resolve_backend(backend)
+    name = _for_tensors(backend, means)
     n_slices = origins.shape[0]
     spans = resolve_row_spans(row_spans, pixel_mask, window, n_slices, tuple(shape))
     kw = {"stats": stats} if name == "cpu" else {}
@@ -168,7 +179,7 @@ def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
         backend: as in :func:`render_slices` (the gpu backend runs the reference ops on CUDA).
     Returns: [P] values, differentiable w.r.t. Gaussian parameters and points.
     """
-    name = resolve_backend(backend)
+    name = _for_tensors(backend, means)
     cs = default_cell_size(means) if cell_size is None else float(cell_size)
     return _module(name).render_points(means, log_scales, quats, intensities, points, psf_cov,
                                        block_radius, cs)

@@ -142,7 +142,8 @@ class _RenderSlicesCPU(torch.autograd.Function):
         ctx.saved = (plan, a_mu, a_ls, a_q, a_c, a_sig, a_w, a_org, a_ax, psf2, du, dv, sp, has)
         ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype,
                       origins.dtype, axes.dtype)
-        return _to_torch(img, means.dtype)
+        ctx.devices = [t.device for t in (means, log_scales, quats, intensities, origins, axes)]
+        return _to_torch(img, means.dtype).to(means.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -156,10 +157,9 @@ class _RenderSlicesCPU(torch.autograd.Function):
                                                    psf2, du, dv, sp, has, nchunk)
         g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, g_sig, g_w)
         d = ctx.dtypes
-        return (_to_torch(g_mu, d[0]), _to_torch(g_ls, d[1]), _to_torch(g_q, d[2]),
-                _to_torch(g_c, d[3]), _to_torch(g_sl[:, 0:3], d[4]),
-                _to_torch(g_sl[:, 3:12].reshape(-1, 3, 3), d[5]),
-                None, None, None, None, None, None)
+        grads = (g_mu, g_ls, g_q, g_c, g_sl[:, 0:3], g_sl[:, 3:12].reshape(-1, 3, 3))
+        out = tuple(_to_torch(g_, dt).to(dev) for g_, dt, dev in zip(grads, d, ctx.devices))
+        return out + (None, None, None, None, None, None)
 
 
 def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
@@ -221,7 +221,8 @@ class _RenderPointsCPU(torch.autograd.Function):
         ctx.saved = (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, rad, cell_size,
                      g_order, g_start, g_lo, g_dims, g_cells, p_cells)
         ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype, pts.dtype)
-        return _to_torch(out, means.dtype)
+        ctx.devices = [t.device for t in (means, log_scales, quats, intensities, pts)]
+        return _to_torch(out, means.dtype).to(means.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -237,11 +238,12 @@ class _RenderPointsCPU(torch.autograd.Function):
             gm, gs, gw = K.points_backward_gaussians(g, a_mu, a_sig, a_w, a_pts, psf, per_point,
                                                      g_cells, p_order, p_start, p_lo, p_dims, rad)
             g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, gs, gw)
-            g_mu, g_ls, g_q, g_c = (_to_torch(x, t) for x, t in zip((gm, g_ls, g_q, g_c), d))
+            g_mu, g_ls, g_q, g_c = (_to_torch(x, t).to(dev) for x, t, dev in
+                                    zip((gm, g_ls, g_q, g_c), d, ctx.devices))
         if ctx.needs_input_grad[4]:
             gp = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, g_order,
                                           g_start, g_lo, g_dims, p_cells, rad)
-            g_pts = _to_torch(gp, d[4])
+            g_pts = _to_torch(gp, d[4]).to(ctx.devices[4])
         return g_mu, g_ls, g_q, g_c, g_pts, None, None, None
 
 

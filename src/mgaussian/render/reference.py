@@ -9,9 +9,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torch.utils.checkpoint import checkpoint
+
 from ._common import covariance, psf_variances, spans_to_mask, weights
 
-_CHUNK = 1 << 21  # elements (pixels x Gaussians) per dense block
+_CHUNK = 1 << 20  # elements (pixels x Gaussians) per dense block
+
+
+def _slice_block(r_pix, dk, cinv, amp, cut2):
+    """Sum over Gaussians of one block of pixels [p,3] (slice frame)."""
+    r = r_pix[:, None, :] - dk[None]  # [p,n,3]
+    m2 = torch.einsum("pni,nij,pnj->pn", r, cinv, r)
+    return (amp * torch.exp(-0.5 * m2) * (m2 <= cut2)).sum(1)
+
+
+def _run(fn, *args):
+    """Evaluate a block; under autograd, checkpointed so memory stays bounded by one block."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
@@ -51,10 +68,7 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
         step = max(1, _CHUNK // keep.numel())
         vals = []
         for i in range(0, pix.numel(), step):
-            r = grid[pix[i:i + step]][:, None, :] - dk[None]  # [p,n,3]
-            m2 = torch.einsum("pni,nij,pnj->pn", r, cinv, r)
-            term = amp * torch.exp(-0.5 * m2) * (m2 <= cut2)
-            vals.append(term.sum(1))
+            vals.append(_run(_slice_block, grid[pix[i:i + step]], dk, cinv, amp, cut2))
         img = img.index_put((pix,), torch.cat(vals))
         images.append(img)
     return torch.stack(images).reshape(n_slices, h, w)
@@ -86,22 +100,29 @@ def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     out = []
     per = 1 if shared else 9
     step = max(1, _CHUNK // (max(n, 1) * per))
-    for i in range(0, points.shape[0], step):
-        p = points[i:i + step]
+
+    def block(p, pc, near):
         r = p[:, None, :] - means[None]  # [p,N,3]
         if shared:
             m2 = torch.einsum("pni,nij,pnj->pn", r, minv_all, r)
             amp = amp_all[None]
         else:
-            m = sig[None] + psf_cov[i:i + step, None].to(dtype)
+            m = sig[None] + pc[:, None].to(dtype)
             m2 = torch.einsum("pni,pnij,pnj->pn", r, torch.linalg.inv(m), r)
             amp = wts[None] / torch.sqrt(torch.linalg.det(m))
         term = amp * torch.exp(-0.5 * m2)
+        if near is not None:
+            term = term * near
+        return term.sum(1)
+
+    for i in range(0, points.shape[0], step):
+        p = points[i:i + step]
+        near = None
         if cg is not None:
             cp = cell_coords(p, cell_size)
             near = ((cp[:, None, :] - cg[None]).abs().amax(-1) <= block_radius)
-            term = term * near
-        out.append(term.sum(1))
+        pc = None if shared else psf_cov[i:i + step]
+        out.append(block(p, pc, near))
     if not out:
         return points.new_zeros(0)
     return torch.cat(out)

@@ -19,7 +19,7 @@ _CHUNK = 1 << 20  # elements (pixels x Gaussians) per dense block
 def _slice_block(r_pix, dk, cinv, amp, cut2):
     """Sum over Gaussians of one block of pixels [p,3] (slice frame)."""
     r = r_pix[:, None, :] - dk[None]  # [p,n,3]
-    m2 = torch.einsum("pni,nij,pnj->pn", r, cinv, r)
+    m2 = (torch.einsum("pni,nij->pnj", r, cinv) * r).sum(-1)
     return (amp * torch.exp(-0.5 * m2) * (m2 <= cut2)).sum(1)
 
 

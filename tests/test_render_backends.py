@@ -195,3 +195,33 @@ def test_cpu_stats_report_pairs():
     stats = {"count_pixel_pairs": True}
     R.render_slices(*params, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu", stats=stats)
     assert 0 < stats["pairs"] <= 300 and stats["pixel_pairs"] > stats["pairs"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "gpu"])
+def test_empty_and_degenerate_inputs(backend):
+    if backend == "gpu":
+        _gpu_or_skip()
+
+    def gaussians(n):
+        q = torch.zeros(n, 4)
+        q[:, 0] = 1
+        return [torch.zeros(n, 3).requires_grad_(), torch.zeros(n, 3).requires_grad_(),
+                q.requires_grad_(), torch.ones(n).requires_grad_()]
+
+    o = torch.zeros(2, 3, requires_grad=True)
+    a = torch.eye(3).repeat(2, 1, 1).requires_grad_()
+    img = R.render_slices(*gaussians(0), o, a, (4, 5), (1.0, 1.0), (0.4, 0.4, 1.3),
+                          backend=backend)
+    assert img.shape == (2, 4, 5) and float(img.abs().sum()) == 0
+    g = gaussians(1)
+    far = [g[0] + 100.0] + g[1:]
+    assert float(R.render_slices(*far, o, a, (4, 5), (1.0, 1.0), None,
+                                 backend=backend).abs().sum()) == 0
+    one = R.render_slices(*g, o, a, (4, 5), (1.0, 1.0), None, backend=backend)
+    assert abs(float(one[0, 0, 0]) - 1.0) < 1e-6  # peak = intensity at the mean, no PSF
+    one.sum().backward()
+    assert o.grad is not None and torch.isfinite(a.grad).all()
+    none = R.render_slices(*gaussians(3), o[:0], a[:0], (4, 5), (1.0, 1.0), None, backend=backend)
+    assert none.shape == (0, 4, 5)
+    pts = R.render_points(*gaussians(3), torch.zeros(0, 3), backend=backend)
+    assert pts.shape == (0,)

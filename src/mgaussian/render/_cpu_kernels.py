@@ -32,8 +32,9 @@ _JIT = dict(cache=True, nogil=True)
 
 
 @njit(**_JIT)
-def build_cells(mu, sig, cs):
-    """Sort Gaussians into cells of size cs. Returns (order, cstart, cell_ids_nonempty, lo, dims, r2max)."""
+def build_cells(mu, sig, cs, per_cell):
+    """Sort Gaussians into cells of size cs (cs <= 0: chosen so that a cell of the bounding box
+    holds ~per_cell Gaussians). Returns (order, cstart, nonempty cells, lo, dims, r2max, cs)."""
     n = mu.shape[0]
     lo = np.empty(3)
     hi = np.empty(3)
@@ -48,10 +49,22 @@ def build_cells(mu, sig, cs):
             if v > hi[k]:
                 hi[k] = v
     dims = np.empty(3, np.int64)
-    for k in range(3):
-        if n == 0:
+    if n == 0:
+        for k in range(3):
             lo[k] = 0.0
             hi[k] = 0.0
+    if cs <= 0.0:
+        if n > 1:
+            vol = 1.0
+            emax = 0.0
+            for k in range(3):
+                e = max(hi[k] - lo[k], 1e-3)
+                vol *= e
+                emax = max(emax, e)
+            cs = max((vol / max(n / per_cell, 1.0)) ** (1.0 / 3.0), emax / 512.0)
+        else:
+            cs = 1.0
+    for k in range(3):
         dims[k] = int((hi[k] - lo[k]) / cs) + 1
     ncell = dims[0] * dims[1] * dims[2]
     cid = np.empty(n, np.int64)
@@ -90,7 +103,7 @@ def build_cells(mu, sig, cs):
                     m = tr
             r2max[j] = m
             j += 1
-    return order, cstart, cells, lo, dims, r2max
+    return order, cstart, cells, lo, dims, r2max, cs
 
 
 @njit(**_JIT)
@@ -839,6 +852,14 @@ def gauss_prep_backward(ls, q, c, g_sig, g_w):
     g_q = np.empty((n, 4))
     g_c = np.empty(n)
     for i in prange(n):
+        if (g_w[i] == 0.0 and g_sig[i, 0] == 0.0 and g_sig[i, 1] == 0.0 and g_sig[i, 2] == 0.0
+                and g_sig[i, 3] == 0.0 and g_sig[i, 4] == 0.0 and g_sig[i, 5] == 0.0):
+            for k in range(3):
+                g_ls[i, k] = 0.0
+            for k in range(4):
+                g_q[i, k] = 0.0
+            g_c[i] = 0.0
+            continue
         w, x, y, z, nrm, r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rotmat(
             q[i, 0], q[i, 1], q[i, 2], q[i, 3])
         e0 = math.exp(2 * ls[i, 0])

@@ -69,16 +69,10 @@ def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_si
     n = mu.shape[0]
     ns = org.shape[0]
     plan = SlicePlan()
-    if cell_size is None:
-        if n > 1:
-            ext3 = np.maximum(mu.max(0) - mu.min(0), 1e-3)
-            cell_size = float(np.cbrt(ext3.prod() / max(n / 24.0, 1.0)))
-            cell_size = max(cell_size, float(ext3.max()) / 512.0)
-        else:
-            cell_size = 1.0
     ext = _extents(spans, ns, h, wd, du, dv)
     cut = float(cutoff)
-    order, cstart, cells, lo, dims, r2max = K.build_cells(mu, sig, cell_size)
+    order, cstart, cells, lo, dims, r2max, cell_size = K.build_cells(
+        mu, sig, -1.0 if cell_size is None else float(cell_size), 24.0)
     cl_off, cl_sl = K.cell_slice_lists(cells, lo, dims, cell_size, r2max, org, ax, psf2, ext, cut)
     goff = K.count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext,
                          cut * cut, du, dv)

@@ -175,7 +175,8 @@ def _pairs(means, sig, origins, axes, psf2, cut2):
     n = means.shape[0]
     ns = origins.shape[0]
     step = max(1, (1 << 25) // max(n, 1))
-    out_s, out_g = [], []
+    out_s = [torch.zeros(0, dtype=torch.long, device=means.device)]
+    out_g = [torch.zeros(0, dtype=torch.long, device=means.device)]
     with torch.no_grad():
         for a in range(0, ns, step):
             nrm = axes[a:a + step, 2]  # [s,3]

@@ -71,6 +71,8 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
             vals.append(_run(_slice_block, grid[pix[i:i + step]], dk, cinv, amp, cut2))
         img = img.index_put((pix,), torch.cat(vals))
         images.append(img)
+    if not images:
+        return means.new_zeros(0, h, w) + 0 * intensities.sum()
     return torch.stack(images).reshape(n_slices, h, w)
 
 

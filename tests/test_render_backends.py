@@ -41,13 +41,15 @@ def _gpu_or_skip():
 
 
 def _render_and_grad(backend, params, poses, psf, dtype, cutoff=3.0, **kw):
-    p = [t.detach().to(dtype).requires_grad_() for t in params]
-    o, a = (t.detach().to(dtype).requires_grad_() for t in poses)
+    # the gpu backend runs on CUDA tensors when a GPU is present, else under the interpreter
+    dev = "cuda" if backend == "gpu" and HAS_CUDA else "cpu"
+    p = [t.detach().to(dev, dtype).requires_grad_() for t in params]
+    o, a = (t.detach().to(dev, dtype).requires_grad_() for t in poses)
     img = R.render_slices(*p, o, a, SHAPE, SPACING, psf, backend=backend, cutoff=cutoff, **kw)
     gen = torch.Generator().manual_seed(5)
-    w = torch.randn(img.shape, generator=gen, dtype=torch.float64).to(dtype)
+    w = torch.randn(img.shape, generator=gen, dtype=torch.float64).to(dev, dtype)
     grads = torch.autograd.grad((img * w).sum(), p + [o, a])
-    return img.detach(), grads
+    return img.detach().cpu(), [g.cpu() for g in grads]
 
 
 def _parity(backend, psf_key, dtype=torch.float32, n=150, tol=1e-4, **kw):
@@ -152,7 +154,6 @@ def test_gpu_slices_pixel_mask_match_reference():
     _parity("gpu", "shared", n=60, pixel_mask=mask)
 
 
-@pytest.mark.gpu
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_gpu_slices_match_reference_on_cuda():
     params = [t.detach().cuda() for t in random_gaussians(3000, hi=(60, 60, 5), seed=3)]
@@ -201,27 +202,29 @@ def test_cpu_stats_report_pairs():
 def test_empty_and_degenerate_inputs(backend):
     if backend == "gpu":
         _gpu_or_skip()
+    dev = "cuda" if backend == "gpu" and HAS_CUDA else "cpu"
 
     def gaussians(n):
-        q = torch.zeros(n, 4)
+        q = torch.zeros(n, 4, device=dev)
         q[:, 0] = 1
-        return [torch.zeros(n, 3).requires_grad_(), torch.zeros(n, 3).requires_grad_(),
-                q.requires_grad_(), torch.ones(n).requires_grad_()]
+        return [torch.zeros(n, 3, device=dev).requires_grad_(),
+                torch.zeros(n, 3, device=dev).requires_grad_(), q.requires_grad_(),
+                torch.ones(n, device=dev).requires_grad_()]
 
-    o = torch.zeros(2, 3, requires_grad=True)
-    a = torch.eye(3).repeat(2, 1, 1).requires_grad_()
+    o = torch.zeros(2, 3, device=dev, requires_grad=True)
+    a = torch.eye(3, device=dev).repeat(2, 1, 1).requires_grad_()
     img = R.render_slices(*gaussians(0), o, a, (4, 5), (1.0, 1.0), (0.4, 0.4, 1.3),
                           backend=backend)
-    assert img.shape == (2, 4, 5) and float(img.abs().sum()) == 0
+    assert img.shape == (2, 4, 5) and float(img.detach().abs().sum()) == 0
     g = gaussians(1)
     far = [g[0] + 100.0] + g[1:]
     assert float(R.render_slices(*far, o, a, (4, 5), (1.0, 1.0), None,
-                                 backend=backend).abs().sum()) == 0
+                                 backend=backend).detach().abs().sum()) == 0
     one = R.render_slices(*g, o, a, (4, 5), (1.0, 1.0), None, backend=backend)
     assert abs(float(one[0, 0, 0].detach()) - 1.0) < 1e-6  # peak = intensity at the mean, no PSF
     one.sum().backward()
     assert o.grad is not None and torch.isfinite(a.grad).all()
     none = R.render_slices(*gaussians(3), o[:0], a[:0], (4, 5), (1.0, 1.0), None, backend=backend)
     assert none.shape == (0, 4, 5)
-    pts = R.render_points(*gaussians(3), torch.zeros(0, 3), backend=backend)
+    pts = R.render_points(*gaussians(3), torch.zeros(0, 3, device=dev), backend=backend)
     assert pts.shape == (0,)

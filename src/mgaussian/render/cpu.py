@@ -1,15 +1,23 @@
 """``cpu`` backend: Numba kernels with hand-written forward and backward over all cores.
 
-Pipeline of one :func:`render_slices` call (all O(pairs) or O(cells x slices), no sorting):
-PyTorch computes Sigma (6 numbers) and w = c sqrt(det Sigma) per Gaussian with autograd; the Numba
-kernels (:mod:`._cpu_kernels`) cull, project and rasterise; their backward returns dL/d(mean,
-Sigma, w, origin, axes) and PyTorch finishes the chain to log-scales and quaternions.
+Pipeline of one :func:`render_slices` call (all O(N + pairs + cells x slices), no sorting),
+entirely in Numba (:mod:`._cpu_kernels`), float64 inside whatever the input dtype:
+``gauss_prep`` (Sigma as 6 numbers and w = c sqrt(det Sigma) per Gaussian) -> ``build_cells`` ->
+``cell_slice_lists`` -> ``count_pairs``/``fill_pairs`` (cull + projection) -> ``slice_index`` ->
+``raster_forward``. The backward runs ``raster_backward`` (per Gaussian, race-free; per-slice pose
+gradients in per-chunk buffers) and ``gauss_prep_backward`` (to log-scales, quaternions,
+intensities). One autograd node per call; PyTorch only converts arrays.
+
+Per-call cost at fixed size: ~1 ms forward + ~1 ms backward for 2k Gaussians and one 64x64 slice;
+O(N) parts (~25 ms forward + ~35 ms backward for 220k Gaussians, one slice) dominate small calls, so
+batch many slices per call. Memory held for the backward: ~150 bytes per Gaussian plus ~90 bytes per
+projected (Gaussian, slice) pair (~0.3 GB for the three sb25 stacks at 0.8 mm).
+First use compiles the kernels (~15 s, cached on disk by Numba's ``cache=True``; ~0.5 s afterwards).
+Threads: Numba's pool (all cores by default, see :func:`set_threads`); Numba's default
+``workqueue`` threading layer does not allow calls from several Python threads at once.
 """
 
 from __future__ import annotations
-
-import math
-import os
 
 import numba
 import numpy as np

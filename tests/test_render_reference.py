@@ -149,3 +149,24 @@ def test_cutoff_truncation_bound_and_constant_field_loss():
     cmat = sig + torch.diag(torch.tensor(psf, dtype=torch.float64) ** 2)
     amp = c * torch.sqrt(torch.linalg.det(sig) / torch.linalg.det(cmat))
     assert float((full - cut).max()) <= math.exp(-4.5) * float(amp.sum())
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_render_volume_matches_points(flip):
+    params = random_gaussians(80, lo=(-3, -2, -1), hi=(5, 6, 4), seed=9, log_mean=-0.2)
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, :3] = torch.diag(torch.tensor([0.8, 0.9, 1.1], dtype=torch.float64))
+    if flip:  # a reflection (det < 0) and a rotation, as NIfTI affines may have
+        rot = rot_vec(torch.tensor([[0.2, -0.1, 0.3]], dtype=torch.float64))[0]
+        affine[:3, :3] = rot @ affine[:3, :3] @ torch.diag(torch.tensor([-1.0, 1, 1],
+                                                                        dtype=torch.float64))
+    affine[:3, 3] = torch.tensor([-2.0, -1.0, -0.5])
+    shape = (9, 8, 5)
+    vol = R.render_volume(*params, affine.numpy(), shape, None, backend="cpu", cutoff=30.0,
+                          slices_per_call=2)
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape],
+                                     indexing="ij"), -1).reshape(-1, 3)
+    pts = idx @ affine[:3, :3].T + affine[:3, 3]
+    ref_v = ref.render_points(*params, pts, None, block_radius=None).reshape(shape)
+    assert vol.shape == shape
+    assert img_err(vol, ref_v) < 1e-9

@@ -228,3 +228,19 @@ def test_empty_and_degenerate_inputs(backend):
     assert none.shape == (0, 4, 5)
     pts = R.render_points(*gaussians(3), torch.zeros(0, 3, device=dev), backend=backend)
     assert pts.shape == (0,)
+
+
+def test_cpu_rejects_non_finite_gaussians():
+    params = [t.detach() for t in random_gaussians(20, seed=1)]
+    o, a = (t.detach() for t in random_poses(2, seed=2))
+    bad = params[0].clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        R.render_slices(bad, *params[1:], o, a, SHAPE, SPACING, None, backend="cpu")
+    ls = params[1].clone()
+    ls[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        R.render_slices(params[0], ls, *params[2:], o, a, SHAPE, SPACING, None, backend="cpu")
+    with pytest.raises(ValueError, match="non-finite"):
+        R.render_points(*params, torch.full((2, 3), float("nan"), dtype=torch.float64),
+                        backend="cpu")

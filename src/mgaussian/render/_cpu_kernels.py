@@ -44,10 +44,15 @@ def build_cells(mu, sig, cs, per_cell):
     for i in range(n):
         for k in range(3):
             v = mu[i, k]
+            if not math.isfinite(v):
+                raise ValueError("non-finite Gaussian mean")
             if v < lo[k]:
                 lo[k] = v
             if v > hi[k]:
                 hi[k] = v
+        for k in range(6):
+            if not math.isfinite(sig[i, k]):
+                raise ValueError("non-finite Gaussian covariance (log_scales or quats)")
     dims = np.empty(3, np.int64)
     if n == 0:
         for k in range(3):
@@ -630,6 +635,8 @@ def cell_sort(x, cs):
     cc = np.empty((n, 3), np.int64)
     for i in range(n):
         for k in range(3):
+            if not math.isfinite(x[i, k]):
+                raise ValueError("non-finite coordinate (Gaussian mean or query point)")
             c = int(math.floor(x[i, k] / cs))
             cc[i, k] = c
             if c < lo[k]:

@@ -216,6 +216,8 @@ class _RenderPointsCPU(torch.autograd.Function):
         rad = _BIG_RADIUS if block_radius is None else int(block_radius)
         g_order, g_start, g_lo, g_dims, g_cells = K.cell_sort(a_mu, cell_size)
         _check_cells(g_dims)
+        if not np.isfinite(a_pts).all():
+            raise ValueError("non-finite query point")
         p_cells = np.floor(a_pts / cell_size).astype(np.int64) if a_pts.size else np.zeros((0, 3),
                                                                                              np.int64)
         out = K.points_forward(a_mu, a_sig, a_w, a_pts, psf, per_point, g_order, g_start, g_lo,

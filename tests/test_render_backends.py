@@ -128,10 +128,11 @@ def test_cpu_points_match_reference(psf, radius):
     for backend, dt in (("reference", torch.float64), ("cpu", torch.float32)):
         p = [t.detach().to(dt).requires_grad_() for t in params]
         x = pts.detach().to(dt).requires_grad_()
-        v = R.render_points(*p, x, None if cov is None else cov.to(dt), block_radius=radius,
-                            cell_size=1.0, backend=backend)
+        c = None if cov is None else cov.detach().to(dt).requires_grad_()
+        v = R.render_points(*p, x, c, block_radius=radius, cell_size=1.0, backend=backend)
         w = torch.linspace(-1, 1, v.numel(), dtype=dt)
-        out.append((v.detach(), torch.autograd.grad((v * w).sum(), p + [x])))
+        out.append((v.detach(), torch.autograd.grad((v * w).sum(), p + [x] + ([c] if c is not None
+                                                                                else []))))
     (vr, gr), (vb, gb) = out
     assert img_err(vb, vr) <= 1e-4
     for a, b in zip(gb, gr):

@@ -98,7 +98,8 @@ def test_points_and_slices_agree_values_and_pose_gradients(backend):
     pts = _world_points(oo, aa, shape, spacing)
     cov = aa.transpose(1, 2) @ torch.diag(psf ** 2) @ aa  # [S,3,3], depends on the pose
     cov_pp = cov[:, None, None].expand(-1, shape[0], shape[1], 3, 3).reshape(-1, 3, 3)
-    vals = ref.render_points(*params, pts.reshape(-1, 3), cov_pp, block_radius=None)
+    vals = R.render_points(*params, pts.reshape(-1, 3), cov_pp, block_radius=None,
+                           backend=backend)
     vals = vals.reshape(img.shape)
     gp = torch.autograd.grad((vals * vals).sum(), [omega, o] + params)
     assert img_err(img, vals) < 1e-9

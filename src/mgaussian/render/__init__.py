@@ -212,12 +212,14 @@ def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     Args:
         means, log_scales, quats, intensities: Gaussian parameters as in :func:`render_slices`.
         points [P,3]: world mm (may require grad).
-        psf_cov: None (point evaluation), [3,3] shared or [P,3,3] per point (constant, no grad).
+        psf_cov: None (point evaluation), [3,3] shared or [P,3,3] per point (symmetric); may
+            require grad (e.g. a PSF turned with a slice pose): its gradient is returned as the
+            symmetric matrix gradient.
         block_radius: neighbourhood radius in cells (seed default 5); None sums all Gaussians.
         cell_size: cell edge in mm (pass the field's grid spacing); default
             :func:`default_cell_size`.
         backend: as in :func:`render_slices` (the gpu backend runs the reference ops on CUDA).
-    Returns: [P] values, differentiable w.r.t. Gaussian parameters and points.
+    Returns: [P] values, differentiable w.r.t. Gaussian parameters, points and psf_cov.
     """
     name = _for_tensors(backend, means)
     cs = default_cell_size(means) if cell_size is None else float(cell_size)

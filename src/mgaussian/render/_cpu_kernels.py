@@ -783,8 +783,11 @@ def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, g_cells, p_
 @njit(parallel=True, **_JIT)
 def points_backward_points(grad, mu, sig, w, pts, psf, per_point, g_order, g_start, g_lo, g_dims,
                            p_cells, rad):
+    """dL/dpoints [P,3] and dL/dM [P,6] (symmetric-matrix entries xx,xy,xz,yy,yz,zz of the
+    gradient w.r.t. the point's PSF covariance)."""
     npt = pts.shape[0]
     g_p = np.zeros((npt, 3))
+    g_m = np.zeros((npt, 6))
     for j in prange(npt):
         pj = j * per_point
         x0 = max(p_cells[j, 0] - rad, g_lo[0])
@@ -796,20 +799,40 @@ def points_backward_points(grad, mu, sig, w, pts, psf, per_point, g_order, g_sta
         a0 = 0.0
         a1 = 0.0
         a2 = 0.0
+        m0 = 0.0
+        m1 = 0.0
+        m2 = 0.0
+        m3 = 0.0
+        m4 = 0.0
+        m5 = 0.0
         for cx in range(x0, x1 + 1):
             for cy in range(y0, y1 + 1):
                 base = ((cx - g_lo[0]) * g_dims[1] + (cy - g_lo[1])) * g_dims[2] - g_lo[2]
                 for t in range(g_start[base + z0], g_start[base + z1 + 1]):
                     i = g_order[t]
-                    r = _point_term(mu, sig, i, pts, j, psf, pj)
-                    gv = grad[j] * w[i] * r[0]
-                    a0 -= gv * r[1]
-                    a1 -= gv * r[2]
-                    a2 -= gv * r[3]
+                    e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term(mu, sig, i, pts, j,
+                                                                              psf, pj)
+                    gv = grad[j] * w[i] * e
+                    a0 -= gv * q0
+                    a1 -= gv * q1
+                    a2 -= gv * q2
+                    h = 0.5 * gv
+                    m0 += h * (q0 * q0 - i00)
+                    m1 += h * (q0 * q1 - i01)
+                    m2 += h * (q0 * q2 - i02)
+                    m3 += h * (q1 * q1 - i11)
+                    m4 += h * (q1 * q2 - i12)
+                    m5 += h * (q2 * q2 - i22)
         g_p[j, 0] = a0
         g_p[j, 1] = a1
         g_p[j, 2] = a2
-    return g_p
+        g_m[j, 0] = m0
+        g_m[j, 1] = m1
+        g_m[j, 2] = m2
+        g_m[j, 3] = m3
+        g_m[j, 4] = m4
+        g_m[j, 5] = m5
+    return g_p, g_m
 
 
 # ----------------------------------------------------------------------------------------------

@@ -226,6 +226,7 @@ class _RenderPointsCPU(torch.autograd.Function):
                      g_order, g_start, g_lo, g_dims, g_cells, p_cells)
         ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype, pts.dtype)
         ctx.devices = [t.device for t in (means, log_scales, quats, intensities, pts)]
+        ctx.psf_meta = (None, None) if psf_cov is None else (psf_cov.dtype, psf_cov.device)
         return _to_torch(out, means.dtype).to(means.device)
 
     @staticmethod
@@ -244,11 +245,19 @@ class _RenderPointsCPU(torch.autograd.Function):
             g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, gs, gw)
             g_mu, g_ls, g_q, g_c = (_to_torch(x, t).to(dev) for x, t, dev in
                                     zip((gm, g_ls, g_q, g_c), d, ctx.devices))
-        if ctx.needs_input_grad[4]:
-            gp = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, g_order,
-                                          g_start, g_lo, g_dims, p_cells, rad)
-            g_pts = _to_torch(gp, d[4]).to(ctx.devices[4])
-        return g_mu, g_ls, g_q, g_c, g_pts, None, None, None
+        g_psf = None
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            gp, gm = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, g_order,
+                                              g_start, g_lo, g_dims, p_cells, rad)
+            if ctx.needs_input_grad[4]:
+                g_pts = _to_torch(gp, d[4]).to(ctx.devices[4])
+            if ctx.needs_input_grad[5]:
+                idx = np.array([[0, 1, 2], [1, 3, 4], [2, 4, 5]])
+                full = gm[:, idx]  # [P,3,3] symmetric
+                if not per_point:
+                    full = full.sum(0)
+                g_psf = _to_torch(np.ascontiguousarray(full), ctx.psf_meta[0]).to(ctx.psf_meta[1])
+        return g_mu, g_ls, g_q, g_c, g_pts, g_psf, None, None
 
 
 def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,

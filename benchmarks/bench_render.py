@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from mgaussian.field import init_field_on_grid
-from mgaussian.render import (available_backends, mask_to_row_spans, render_slices,
-                              slice_psf_sigma)
+from mgaussian.render import (available_backends, mask_to_row_spans, render_points,
+                              render_slices, slice_psf_sigma)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "fetal_sb_atlas_ga25")
@@ -152,6 +152,46 @@ def bench(field, stacks, backend, reps=3, subset=None):
     return best_f, best_b
 
 
+def pixel_points(stacks):
+    """World positions [P,3] and PSF covariances [P,3,3] of the rendered pixels of all stacks."""
+    pts, covs = [], []
+    for st in stacks:
+        o, a, sp = st["origins"].double(), st["axes"].double(), st["row_spans"]
+        h, w = st["shape"]
+        du, dv = st["spacing"]
+        ar = torch.arange(h, dtype=torch.float64) * du
+        br = torch.arange(w, dtype=torch.float64) * dv
+        p = (o[:, None, None] + ar[None, :, None, None] * a[:, None, None, 0]
+             + br[None, None, :, None] * a[:, None, None, 1])
+        if sp is None:
+            sel = torch.ones(p.shape[:3], dtype=torch.bool)
+        else:
+            b = np.arange(w)
+            sel = torch.from_numpy((b >= sp[..., 0:1]) & (b < sp[..., 1:2]))
+        s2 = torch.tensor(st["psf"], dtype=torch.float64) ** 2
+        c = a.transpose(1, 2) @ torch.diag(s2) @ a  # [S,3,3]
+        pts.append(p[sel])
+        covs.append(c[:, None, None].expand(*sel.shape, 3, 3)[sel])
+    return torch.cat(pts).float(), torch.cat(covs).float()
+
+
+def bench_points(field_t, pts, covs, h, block_radius, reps=2):
+    params = [t.detach().clone().requires_grad_() for t in field_t]
+    g = torch.randn(pts.shape[0], generator=torch.Generator().manual_seed(2))
+    best_f = best_b = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        v = render_points(*params, pts, covs, block_radius=block_radius, cell_size=h,
+                          backend="cpu")
+        t1 = time.perf_counter()
+        torch.autograd.backward([v], [g])
+        t2 = time.perf_counter()
+        best_f, best_b = min(best_f, t1 - t0), min(best_b, t2 - t1)
+        for p in params:
+            p.grad = None
+    return best_f, best_b
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--backends", default="cpu,reference,gpu")
@@ -160,6 +200,9 @@ def main(argv=None):
     ap.add_argument("--ref-slices", type=int, default=3, help="slices per stack for the reference")
     ap.add_argument("--all-pixels", action="store_true", help="render every pixel, not mask spans")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--points", type=int, default=-1, metavar="R",
+                    help="also time the seed's point path (render_points, cpu, block_radius R, "
+                         "cell = spacing) on the same pixels")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
@@ -211,6 +254,16 @@ def main(argv=None):
             if args.json:
                 print(json.dumps(dict(row, **{k: v for k, v in extra.items() if v not in ("", None)})),
                       flush=True)
+        if args.points >= 0:
+            pts, covs = pixel_points(stacks)
+            fs, bs = bench_points(field_t, pts, covs, h, args.points)
+            row = {"backend": "cpu", "path": "points", "block_radius": args.points,
+                   "spacing_mm": h, "gaussians": f.num_gaussians, "pixels": int(pts.shape[0]),
+                   "forward_s": round(fs, 4), "backward_s": round(bs, 4), "pairs_per_s": None}
+            extra = {"pixel_gaussian_pairs": float("nan"), "note": f"render_points r={args.points}"}
+            rows.append((row, extra))
+            if args.json:
+                print(json.dumps(row), flush=True)
     if not args.json:
         print(f"{'backend':10s} {'h mm':>5s} {'gaussians':>9s} {'pixels':>8s} {'fwd s':>8s} "
               f"{'bwd s':>8s} {'pix-pairs':>10s} {'pairs/s':>9s}  note")

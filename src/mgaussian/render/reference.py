@@ -2,6 +2,9 @@
 
 Slow (dense pixel x candidate products per slice) but simple enough to read against the formulas in
 :mod:`mgaussian.render._common`. Works on any device and dtype; use float64 for gradcheck.
+Memory: blocks of ``_CHUNK`` pixel-Gaussian terms, checkpointed under autograd. On glibc, the many
+equal-sized temporaries can still raise the peak RSS to a few GB on large inputs (malloc's dynamic
+mmap threshold; ``MALLOC_MMAP_THRESHOLD_=65536`` keeps it at ~0.5 GB for the sb25 case).
 """
 
 from __future__ import annotations

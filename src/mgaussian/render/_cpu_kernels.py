@@ -699,7 +699,57 @@ def _point_term(mu, sig, i, pts, j, psf, pj):
 
 
 @njit(parallel=True, **_JIT)
-def points_forward(mu, sig, w, pts, psf, per_point, g_order, g_start, g_lo, g_dims, p_cells, rad):
+def shared_inverses(sig, psf):
+    """Per Gaussian (M^-1 as 6 numbers, det(M)^-1/2) for M = Sigma_i + psf[0] (shared PSF)."""
+    n = sig.shape[0]
+    out = np.empty((n, 7))
+    for i in prange(n):
+        m00 = sig[i, 0] + psf[0, 0]
+        m01 = sig[i, 1] + psf[0, 1]
+        m02 = sig[i, 2] + psf[0, 2]
+        m11 = sig[i, 3] + psf[0, 3]
+        m12 = sig[i, 4] + psf[0, 4]
+        m22 = sig[i, 5] + psf[0, 5]
+        i00 = m11 * m22 - m12 * m12
+        i01 = m02 * m12 - m01 * m22
+        i02 = m01 * m12 - m02 * m11
+        det = m00 * i00 + m01 * i01 + m02 * i02
+        inv = 1.0 / det
+        out[i, 0] = i00 * inv
+        out[i, 1] = i01 * inv
+        out[i, 2] = i02 * inv
+        out[i, 3] = (m00 * m22 - m02 * m02) * inv
+        out[i, 4] = (m01 * m02 - m00 * m12) * inv
+        out[i, 5] = (m00 * m11 - m01 * m01) * inv
+        out[i, 6] = 1.0 / math.sqrt(det)
+    return out
+
+
+@njit(**_JIT)
+def _point_term_any(mu, sig, i, pts, j, psf, pj, pre, ginv):
+    """_point_term, from the precomputed inverses ginv when the PSF is shared (pre=True)."""
+    if not pre:
+        return _point_term(mu, sig, i, pts, j, psf, pj)
+    i00 = ginv[i, 0]
+    i01 = ginv[i, 1]
+    i02 = ginv[i, 2]
+    i11 = ginv[i, 3]
+    i12 = ginv[i, 4]
+    i22 = ginv[i, 5]
+    r0 = pts[j, 0] - mu[i, 0]
+    r1 = pts[j, 1] - mu[i, 1]
+    r2 = pts[j, 2] - mu[i, 2]
+    z0 = i00 * r0 + i01 * r1 + i02 * r2
+    z1 = i01 * r0 + i11 * r1 + i12 * r2
+    z2 = i02 * r0 + i12 * r1 + i22 * r2
+    m2 = r0 * z0 + r1 * z1 + r2 * z2
+    e = math.exp(-0.5 * m2) * ginv[i, 6]
+    return e, z0, z1, z2, i00, i01, i02, i11, i12, i22
+
+
+@njit(parallel=True, **_JIT)
+def points_forward(mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims,
+                   p_cells, rad):
     npt = pts.shape[0]
     out = np.zeros(npt)
     for j in prange(npt):
@@ -716,15 +766,15 @@ def points_forward(mu, sig, w, pts, psf, per_point, g_order, g_start, g_lo, g_di
                 base = ((cx - g_lo[0]) * g_dims[1] + (cy - g_lo[1])) * g_dims[2] - g_lo[2]
                 for t in range(g_start[base + z0], g_start[base + z1 + 1]):
                     i = g_order[t]
-                    r = _point_term(mu, sig, i, pts, j, psf, pj)
+                    r = _point_term_any(mu, sig, i, pts, j, psf, pj, pre, ginv)
                     acc += w[i] * r[0]
         out[j] = acc
     return out
 
 
 @njit(parallel=True, **_JIT)
-def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, g_cells, p_order, p_start,
-                              p_lo, p_dims, rad):
+def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_cells, p_order,
+                              p_start, p_lo, p_dims, rad):
     n = mu.shape[0]
     g_mu = np.zeros((n, 3))
     g_sig = np.zeros((n, 6))
@@ -752,8 +802,8 @@ def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, g_cells, p_
                 for t in range(p_start[base + z0], p_start[base + z1 + 1]):
                     j = p_order[t]
                     pj = j * per_point
-                    e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term(mu, sig, i, pts, j,
-                                                                              psf, pj)
+                    e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term_any(
+                        mu, sig, i, pts, j, psf, pj, pre, ginv)
                     ge = grad[j] * e
                     gw += ge
                     gv = ge * w[i]
@@ -781,8 +831,8 @@ def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, g_cells, p_
 
 
 @njit(parallel=True, **_JIT)
-def points_backward_points(grad, mu, sig, w, pts, psf, per_point, g_order, g_start, g_lo, g_dims,
-                           p_cells, rad):
+def points_backward_points(grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start,
+                           g_lo, g_dims, p_cells, rad):
     """dL/dpoints [P,3] and dL/dM [P,6] (symmetric-matrix entries xx,xy,xz,yy,yz,zz of the
     gradient w.r.t. the point's PSF covariance)."""
     npt = pts.shape[0]
@@ -810,8 +860,8 @@ def points_backward_points(grad, mu, sig, w, pts, psf, per_point, g_order, g_sta
                 base = ((cx - g_lo[0]) * g_dims[1] + (cy - g_lo[1])) * g_dims[2] - g_lo[2]
                 for t in range(g_start[base + z0], g_start[base + z1 + 1]):
                     i = g_order[t]
-                    e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term(mu, sig, i, pts, j,
-                                                                              psf, pj)
+                    e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term_any(
+                        mu, sig, i, pts, j, psf, pj, pre, ginv)
                     gv = grad[j] * w[i] * e
                     a0 -= gv * q0
                     a1 -= gv * q1

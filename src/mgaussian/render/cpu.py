@@ -220,10 +220,12 @@ class _RenderPointsCPU(torch.autograd.Function):
             raise ValueError("non-finite query point")
         p_cells = np.floor(a_pts / cell_size).astype(np.int64) if a_pts.size else np.zeros((0, 3),
                                                                                              np.int64)
-        out = K.points_forward(a_mu, a_sig, a_w, a_pts, psf, per_point, g_order, g_start, g_lo,
-                               g_dims, p_cells, rad)
-        ctx.saved = (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, rad, cell_size,
-                     g_order, g_start, g_lo, g_dims, g_cells, p_cells)
+        pre = not per_point
+        ginv = K.shared_inverses(a_sig, psf) if pre else np.zeros((1, 7))
+        out = K.points_forward(a_mu, a_sig, a_w, a_pts, psf, per_point, pre, ginv, g_order, g_start,
+                               g_lo, g_dims, p_cells, rad)
+        ctx.saved = (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, pre, ginv, rad,
+                     cell_size, g_order, g_start, g_lo, g_dims, g_cells, p_cells)
         ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype, pts.dtype)
         ctx.devices = [t.device for t in (means, log_scales, quats, intensities, pts)]
         ctx.psf_meta = (None, None) if psf_cov is None else (psf_cov.dtype, psf_cov.device)
@@ -232,8 +234,8 @@ class _RenderPointsCPU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, rad, cs, g_order, g_start, g_lo,
-         g_dims, g_cells, p_cells) = ctx.saved
+        (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, pre, ginv, rad, cs, g_order,
+         g_start, g_lo, g_dims, g_cells, p_cells) = ctx.saved
         g = _np64(grad)
         d = ctx.dtypes
         g_mu = g_ls = g_q = g_c = g_pts = None
@@ -241,14 +243,15 @@ class _RenderPointsCPU(torch.autograd.Function):
             p_order, p_start, p_lo, p_dims, _ = K.cell_sort(a_pts, cs)
             _check_cells(p_dims)
             gm, gs, gw = K.points_backward_gaussians(g, a_mu, a_sig, a_w, a_pts, psf, per_point,
-                                                     g_cells, p_order, p_start, p_lo, p_dims, rad)
+                                                     pre, ginv, g_cells, p_order, p_start, p_lo,
+                                                     p_dims, rad)
             g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, gs, gw)
             g_mu, g_ls, g_q, g_c = (_to_torch(x, t).to(dev) for x, t, dev in
                                     zip((gm, g_ls, g_q, g_c), d, ctx.devices))
         g_psf = None
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            gp, gm = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, g_order,
-                                              g_start, g_lo, g_dims, p_cells, rad)
+            gp, gm = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, pre,
+                                              ginv, g_order, g_start, g_lo, g_dims, p_cells, rad)
             if ctx.needs_input_grad[4]:
                 g_pts = _to_torch(gp, d[4]).to(ctx.devices[4])
             if ctx.needs_input_grad[5]:

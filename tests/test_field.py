@@ -132,3 +132,21 @@ def test_field_render_slices_method():
     img = f.render_slices(o, torch.eye(3)[None], (12, 12), (0.8, 0.8), (0.4, 0.4, 1.4),
                           backend="cpu", cutoff=5.0)
     assert float((img - 1).abs().max()) < 0.01
+
+
+def test_init_with_oblique_affine():
+    mask, affine, centre, _ = _phantom_case()
+    th = math.radians(30)
+    rot = np.array([[math.cos(th), -math.sin(th), 0], [math.sin(th), math.cos(th), 0], [0, 0, 1]])
+    obl = affine.copy()
+    obl[:3, :3] = rot @ affine[:3, :3]
+    f0 = init_field_on_grid(mask, affine, 3.0)
+    f1 = init_field_on_grid(mask, obl, 3.0)
+    assert abs(f1.num_gaussians - f0.num_gaussians) < 0.1 * f0.num_gaussians
+    vox = np.argwhere(mask) @ obl[:3, :3].T + obl[:3, 3]
+    from scipy.spatial import cKDTree
+    d, _ = cKDTree(vox).query(f1.means.numpy())
+    assert d.max() <= 6.0 + 1.0  # dilate + nearest-voxel rounding (<= half a voxel diagonal)
+    # the grid is axis-aligned in world space
+    off = (f1.means - f1.means[0]).numpy() / 3.0
+    assert np.allclose(off, np.round(off), atol=1e-4)

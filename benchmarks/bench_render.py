@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch

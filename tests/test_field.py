@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from mgaussian.field import (GaussianField, anisotropy_penalty, grow_field, init_field_on_grid,
                              lattice_sum)
-from mgaussian.render import render_points, render_slices
+from mgaussian.render import render_points
 
 
 def _phantom_case(vox=1.0, n=36):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import mgaussian.render as R
-from mgaussian.render import reference as ref
 
 from test_render_helpers import img_err, random_gaussians, random_poses, rel_err
 

@@ -10,7 +10,7 @@ import torch
 
 import mgaussian.render as R
 from mgaussian.render import reference as ref
-from mgaussian.render._common import covariance, quat_to_rotmat
+from mgaussian.render._common import covariance
 
 from test_render_helpers import img_err, random_gaussians, random_poses, rel_err, rot_vec
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-import numba as nb
 import numpy as np
 from numba import njit, prange
 

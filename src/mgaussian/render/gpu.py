@@ -19,7 +19,6 @@ inputs' device (dense, chunked).
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

@@ -11,7 +11,10 @@ seed's point evaluation).
 Backends (one signature each): ``reference`` (PyTorch, chunked, autograd: the definition of
 correct), ``cpu`` (Numba, hand-written forward/backward, all cores), ``gpu`` (Triton kernels on
 CUDA; runs on the CPU under ``TRITON_INTERPRET=1`` for tests). ``auto`` = gpu if CUDA and Triton,
-else cpu if Numba, else reference; a missing optional dependency falls back with a warning.
+else cpu if Numba, else reference; a missing optional dependency falls back with a warning. In the
+ops, 'auto' uses gpu only for CUDA tensors (CPU tensors go to cpu), and an explicit 'gpu' with CPU
+tensors falls back to cpu with a warning (unless TRITON_INTERPRET=1). All backends are
+deterministic (no atomics on the CPU; the Triton backward sums with atomics).
 
 Truncation (documented bounds):
 

@@ -13,8 +13,9 @@ correct), ``cpu`` (Numba, hand-written forward/backward, all cores), ``gpu`` (Tr
 CUDA; runs on the CPU under ``TRITON_INTERPRET=1`` for tests). ``auto`` = gpu if CUDA and Triton,
 else cpu if Numba, else reference; a missing optional dependency falls back with a warning. In the
 ops, 'auto' uses gpu only for CUDA tensors (CPU tensors go to cpu), and an explicit 'gpu' with CPU
-tensors falls back to cpu with a warning (unless TRITON_INTERPRET=1). All backends are
-deterministic (no atomics on the CPU; the Triton backward sums with atomics).
+tensors falls back to cpu with a warning (unless TRITON_INTERPRET=1). reference and cpu are
+deterministic (the cpu kernels use no atomics); the gpu backward sums with float atomics, so its
+rounding depends on the order.
 
 Truncation (documented bounds):
 

@@ -1,0 +1,182 @@
+"""Reconstruction settings: one frozen dataclass whose defaults are the seed's (M-Gaussian),
+except where benchmarks/ records measured evidence for another value.
+
+The resolved configuration is saved beside every output volume, so a run can be repeated.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ReconConfig", "load_config_file", "config_from_dict"]
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    # output
+    output_resolution: float | None = None  # mm; default: finest in-plane spacing of the inputs
+    # Gaussian grid and progressive growth
+    spacing_factors: tuple[float, ...] = (2.0, 1.0)  # Gaussian grid spacing per level, x output resolution
+    growth: bool = True  # progressive growth (False: train the finest level only)
+    scale_factor: float = 0.6  # initial sigma / grid spacing
+    dilate_mm: float | None = None  # grid kept within this distance of the mask (default 2 x spacing)
+    # optimisation schedule: iterations per level and slices per iteration
+    iterations: tuple[int, ...] = (150, 250)
+    batch_slices: int = 24  # slices rendered per iteration (all stacks together)
+    cg_iterations: int = 0  # conjugate-gradient warm start of the intensities at each level (0: off)
+    cg_smoothness: float = 0.0  # weight of the lattice-gradient prior 1/2 sum (c_i - c_j)^2 in the warm start
+    # learning rates (Adam). The seed's are in a canonical [-1, 1] box: lr_means is in those units
+    # and is multiplied by the half-extent of the region in mm.
+    lr_means: float = 1e-3
+    lr_intensities: float = 5e-2
+    lr_scales: float = 5e-3
+    lr_quats: float = 1e-3
+    lr_nrf: float = 1e-4
+    lr_decay: float = 0.1  # learning rates decay exponentially to this fraction over each level
+    # loss
+    ssim_weight: float = 0.5
+    use_ssim: bool = True
+    smooth_l1_beta: float = 1.0
+    anisotropy_weight: float = 0.1
+    use_anisotropy: bool = True
+    anisotropy_max_ratio: float = 1.5
+    # physics
+    use_psf: bool = True  # exact analytic slice PSF (False: the seed's point evaluation)
+    inplane_fwhm_factor: float = 1.2
+    cutoff: float = 3.0  # Mahalanobis cut-off of a (pixel, Gaussian) term
+    renderer: str = "slices"  # "slices" (tile renderer) or "points" (the seed's block query)
+    block_radius: int = 5  # for renderer="points"
+    # neural residual field
+    use_nrf: bool = True
+    nrf_start: float = 0.5  # fraction of the last level's iterations after which the NRF trains
+    nrf_bands: int = 6
+    nrf_width: int = 64
+    nrf_depth: int = 4
+    nrf_scale: float = 0.1
+    # compute
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    seed: int = 0
+
+    def resolved(self, **kw) -> "ReconConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+    def validate(self, where: str = "--config") -> "ReconConfig":
+        def bad(k, what):
+            raise InputError(where, f"{k}: {what}")
+
+        if self.output_resolution is not None and not (self.output_resolution > 0 and math.isfinite(self.output_resolution)):
+            bad("output_resolution", f"must be > 0 mm, got {self.output_resolution}")
+        if self.output_resolution is not None and self.output_resolution < 0.1:
+            bad("output_resolution", f"{self.output_resolution} mm is absurdly fine (>= 0.1 mm)")
+        if not self.spacing_factors or any(not (f > 0) for f in self.spacing_factors):
+            bad("spacing_factors", "must be positive numbers")
+        if len(self.iterations) != len(self.spacing_factors):
+            bad("iterations", f"needs one count per level ({len(self.spacing_factors)}), got {len(self.iterations)}")
+        if any(int(i) < 0 for i in self.iterations):
+            bad("iterations", "must be >= 0")
+        if self.batch_slices < 1:
+            bad("batch_slices", "must be >= 1")
+        for k in ("lr_means", "lr_intensities", "lr_scales", "lr_quats", "lr_nrf"):
+            if not (getattr(self, k) >= 0):
+                bad(k, "must be >= 0")
+        if not (0 < self.lr_decay <= 1):
+            bad("lr_decay", "must be in (0, 1]")
+        if not (0 < self.scale_factor <= 3):
+            bad("scale_factor", "must be in (0, 3]")
+        if not (0 <= self.nrf_start <= 1):
+            bad("nrf_start", "must be in [0, 1]")
+        if self.cutoff < 1:
+            bad("cutoff", "must be >= 1")
+        if self.renderer not in ("slices", "points"):
+            bad("renderer", "slices or points")
+        if self.block_radius < 1:
+            bad("block_radius", "must be >= 1")
+        if self.backend not in ("auto", "reference", "cpu", "gpu"):
+            bad("backend", "auto, reference, cpu or gpu")
+        if self.device not in ("auto", "cpu", "cuda"):
+            bad("device", "auto, cpu or cuda")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", "must be >= 1")
+        return self
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ReconConfig)}
+
+
+def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None = None) -> ReconConfig:
+    """Build a config from a mapping; unknown keys and wrong types are errors."""
+    if not isinstance(d, dict):
+        raise InputError(where, "must hold a mapping of settings")
+    base = base or ReconConfig()
+    kw = {}
+    for k, v in d.items():
+        if k not in _FIELDS:
+            raise InputError(where, f"unknown setting {k!r}")
+        cur = getattr(base, k)
+        try:
+            if isinstance(cur, tuple):
+                if not isinstance(v, (list, tuple)):
+                    raise TypeError
+                v = tuple(type(cur[0])(x) if cur else x for x in v)
+            elif isinstance(cur, bool):
+                if not isinstance(v, bool):
+                    raise TypeError
+            elif isinstance(cur, int) and not isinstance(cur, bool):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError
+            elif isinstance(cur, float):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise TypeError
+                v = float(v)
+            elif cur is None and v is not None and k in ("output_resolution", "dilate_mm"):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise TypeError
+                v = float(v)
+            elif cur is None and v is not None and k == "threads":
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError
+            elif isinstance(cur, str) and not isinstance(v, str):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise InputError(where, f"setting {k!r} has the wrong type ({type(v).__name__})") from None
+        kw[k] = v
+    return dataclasses.replace(base, **kw).validate(where)
+
+
+def load_config_file(path: str) -> dict:
+    """Read a JSON (or, on Python >= 3.11, TOML) settings file into a dict."""
+    if not os.path.isfile(path):
+        raise InputError(path, "config file not found")
+    try:
+        text = open(path, "rb").read()
+    except OSError as exc:
+        raise InputError(path, f"cannot read config file: {exc.strerror}") from None
+    if path.lower().endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:  # pragma: no cover
+            raise InputError(path, "TOML configs need Python >= 3.11; use JSON") from None
+        try:
+            d = tomllib.loads(text.decode())
+        except Exception as exc:
+            raise InputError(path, f"not valid TOML: {str(exc).splitlines()[0]}") from None
+    else:
+        try:
+            d = json.loads(text.decode())
+        except Exception as exc:
+            raise InputError(path, f"not valid JSON: {str(exc).splitlines()[0]}") from None
+    if isinstance(d, dict) and "config" in d and isinstance(d["config"], dict):
+        d = d["config"]  # a saved *.config.json from an earlier run
+    return d

@@ -1,0 +1,142 @@
+"""Inputs of the training loop: normalised slices, crops, masks, frames, the output grid."""
+
+from __future__ import annotations
+
+__all__ = ["SliceSet", "prepare_slices", "output_grid", "region_mask", "naive_init"]
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..io import Stack
+from ..sampling import resample_volume
+
+
+@dataclass
+class SliceSet:
+    """The slices of one stack that see the mask, cropped to the mask's box.
+
+    obs [K,h,w] normalised intensities; mask [K,h,w] bool; origins [K,3] of the crop's pixel (0,0);
+    axes [K,3,3]; index [K] slice numbers in the stack; spacing (du, dv); thickness; scale (the
+    stack's normalisation divisor); window (a0, a1, b0, b1) of the crop in the stack's pixels.
+    """
+
+    name: str
+    obs: torch.Tensor
+    mask: torch.Tensor
+    origins: torch.Tensor
+    axes: torch.Tensor
+    index: np.ndarray
+    spacing: tuple[float, float]
+    thickness: float
+    scale: float
+    window: tuple[int, int, int, int]
+    row_spans: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.obs.shape[0])
+
+
+def _robust_scale(x: np.ndarray) -> float:
+    v = float(np.percentile(x, 99)) if x.size else 0.0
+    return v if v > 0 else float(x.max()) if x.size and x.max() > 0 else 1.0
+
+
+def prepare_slices(stacks: list[Stack], margin: int = 2, dtype=torch.float32) -> list[SliceSet]:
+    out = []
+    for st in stacks:
+        m = st.mask & (st.data != 0) if st.mask.all() else st.mask
+        ks = np.nonzero(m.any(axis=(0, 1)))[0]
+        if len(ks) == 0:
+            raise InputError(st.mask_path or st.path, "mask holds no voxel with signal")
+        scale = _robust_scale(st.data[m])
+        a = np.nonzero(m.any(axis=(1, 2)))[0]
+        b = np.nonzero(m.any(axis=(0, 2)))[0]
+        H, W = st.data.shape[:2]
+        a0, a1 = max(0, a[0] - margin), min(H, a[-1] + 1 + margin)
+        b0, b1 = max(0, b[0] - margin), min(W, b[-1] + 1 + margin)
+        fr = st.frames
+        du, dv = fr.spacing
+        obs = st.data[a0:a1, b0:b1][:, :, ks] / scale
+        msk = m[a0:a1, b0:b1][:, :, ks]
+        org = fr.origins[ks] + a0 * du * fr.axes[ks, 0] + b0 * dv * fr.axes[ks, 1]
+        out.append(SliceSet(
+            name=st.name,
+            obs=torch.as_tensor(np.ascontiguousarray(obs.transpose(2, 0, 1)), dtype=dtype),
+            mask=torch.as_tensor(np.ascontiguousarray(msk.transpose(2, 0, 1))),
+            origins=torch.as_tensor(org, dtype=dtype),
+            axes=torch.as_tensor(fr.axes[ks], dtype=dtype),
+            index=ks,
+            spacing=(float(du), float(dv)),
+            thickness=float(st.thickness),
+            scale=scale,
+            window=(int(a0), int(a1), int(b0), int(b1)),
+        ))
+    return out
+
+
+def output_grid(stacks: list[Stack], resolution: float, margin_mm: float = 2.0, reference: int = 0):
+    """Output grid at ``resolution`` over the masked anatomy, on the lattice of a reference stack.
+
+    The grid's axes are the reference stack's voxel axes (its in-plane axes and its slice normal)
+    and its lattice passes through the reference stack's voxel (0, 0, 0), as SVRTK's template
+    grid does: the volume then overlays that stack voxel for voxel (where the resolution divides
+    its spacing), and no half-voxel shift blurs a comparison with it. The box is the intersection
+    of the stacks' mask boxes (each grown by half a slice) when they overlap, else their union;
+    plus ``margin_mm``. Returns (shape, affine).
+    """
+    ref = stacks[reference]
+    A = ref.affine
+    fr = ref.frames
+    dirs = np.stack([fr.axes[0, 0], fr.axes[0, 1], A[:3, 2] / np.linalg.norm(A[:3, 2])], 1)
+    if abs(float(dirs[:, 2] @ fr.axes[0, 2])) < 0.999:  # sheared through-plane axis: use the normal
+        dirs[:, 2] = fr.axes[0, 2] * np.sign(float(dirs[:, 2] @ fr.axes[0, 2]) or 1.0)
+    aff = np.eye(4)
+    aff[:3, :3] = dirs * resolution
+    aff[:3, 3] = A[:3, 3]
+    inv = np.linalg.inv(aff)
+    los, his = [], []
+    for st in stacks:
+        idx = np.argwhere(st.mask)
+        w = idx @ st.affine[:3, :3].T + st.affine[:3, 3]
+        pad = st.thickness / 2 + max(st.frames.spacing)
+        # grow each point by pad in world space: pad/resolution voxels along every output axis
+        v = w @ inv[:3, :3].T + inv[:3, 3]
+        los.append(v.min(0) - pad / resolution)
+        his.append(v.max(0) + pad / resolution)
+    lo, hi = np.max(los, 0), np.min(his, 0)
+    if np.any(hi <= lo):
+        lo, hi = np.min(los, 0), np.max(his, 0)
+    lo = np.floor(lo - margin_mm / resolution).astype(int)
+    hi = np.ceil(hi + margin_mm / resolution).astype(int)
+    shape = tuple(int(v) for v in (hi - lo + 1))
+    if np.prod(shape) > 600**3:
+        raise InputError("--output-resolution", f"{resolution} mm gives an absurd output grid {shape}")
+    aff[:3, 3] = aff[:3, :3] @ lo + aff[:3, 3]
+    return shape, aff
+
+
+def region_mask(stacks: list[Stack], shape, affine) -> np.ndarray:
+    """Where the Gaussians live: output voxels that most of the stacks covering them call brain."""
+    acc = np.zeros(shape, np.float32)
+    cov = np.zeros(shape, np.float32)
+    for st in stacks:
+        acc += resample_volume(st.mask.astype(np.float32), st.affine, shape, affine)
+        cov += resample_volume(np.ones(st.mask.shape, np.float32), st.affine, shape, affine)
+    m = (cov > 0.5) & (acc >= 0.5 * cov)
+    if not m.any():
+        raise InputError("--stack-masks", "the stacks' masks do not overlap anywhere in space")
+    return m
+
+
+def naive_init(stacks: list[Stack], slicesets: list[SliceSet], shape, affine) -> np.ndarray:
+    """Average of the normalised stacks resampled onto the output grid (initial intensities)."""
+    acc = np.zeros(shape, np.float64)
+    cov = np.zeros(shape, np.float64)
+    for st, ss in zip(stacks, slicesets):
+        acc += resample_volume(st.data / ss.scale, st.affine, shape, affine)
+        cov += resample_volume(np.ones(st.data.shape, np.float32), st.affine, shape, affine)
+    return np.where(cov > 1e-3, acc / np.maximum(cov, 1e-3), 0.0).astype(np.float32)

@@ -1,0 +1,388 @@
+"""The M-Gaussian training loop (issue 4): Gaussians on a masked grid, progressive growth, exact
+slice PSF, smooth-L1 + SSIM + anisotropy loss, neural residual field, Adam; a pose per slice is
+carried through the renderer (fixed here; motion correction optimises it)."""
+
+from __future__ import annotations
+
+__all__ = ["ReconResult", "reconstruct", "render_volume"]
+
+import math
+import os
+import time
+from dataclasses import dataclass, field as dc_field
+
+import numpy as np
+import torch
+
+from ..field import GaussianField, anisotropy_penalty, grow_field, init_field_on_grid
+from ..geometry import apply_pose_to_frames
+from ..io import Stack
+from ..render import mask_to_row_spans, render_points, render_slices, resolve_backend, slice_psf_sigma
+from .config import ReconConfig
+from .data import SliceSet, naive_init, output_grid, prepare_slices, region_mask
+from .losses import masked_smooth_l1, masked_ssim
+from .nrf import NeuralResidualField
+from .progress import Progress
+
+
+@dataclass
+class ReconResult:
+    volume: np.ndarray  # output volume in the inputs' intensity units
+    affine: np.ndarray
+    field: GaussianField
+    nrf: NeuralResidualField | None
+    config: ReconConfig
+    region: np.ndarray  # bool mask on the output grid
+    scale: float  # output = model value x scale
+    centre: np.ndarray  # centre of the slice poses (mm)
+    poses: list[dict]  # per stack: rotvecs [K,3], translations [K,3], slice indices
+    history: list[dict] = dc_field(default_factory=list)
+    timings: dict = dc_field(default_factory=dict)
+    backend: str = "cpu"
+
+
+def _set_threads(n: int | None):
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except Exception:
+        pass
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from ..errors import InputError
+
+        raise InputError("--device", "cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, rot, trans, centre, cfg: ReconConfig, backend: str):
+    o, ax = apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], centre)
+    h, w = ss.obs.shape[1:]
+    psf = slice_psf_sigma(ss.spacing, ss.thickness, cfg.inplane_fwhm_factor) if cfg.use_psf else None
+    if cfg.renderer == "points":
+        return _render_points_path(fld, ss, sel, o, ax, psf, cfg, backend)
+    spans = ss.row_spans[sel] if ss.row_spans is not None else None
+    return render_slices(fld["means"], fld["log_scales"], fld["quats"], fld["intensities"], o, ax, (h, w), ss.spacing,
+                         psf, backend=backend, cutoff=cfg.cutoff, row_spans=spans)
+
+
+def _pixel_points(ss: SliceSet, sel, o, ax):
+    """World positions [b,h,w,3] of the pixels of the selected (moved) slices."""
+    h, w = ss.obs.shape[1:]
+    du, dv = ss.spacing
+    a = torch.arange(h, dtype=o.dtype, device=o.device) * du
+    b = torch.arange(w, dtype=o.dtype, device=o.device) * dv
+    return o[:, None, None, :] + a[None, :, None, None] * ax[:, None, None, 0] + b[None, None, :, None] * ax[:, None, None, 1]
+
+
+def _render_points_path(fld, ss, sel, o, ax, psf, cfg, backend):
+    """The seed's path: evaluate the field at the masked pixels with the block partitioning."""
+    pts = _pixel_points(ss, sel, o, ax)
+    m = ss.mask[sel]
+    out = torch.zeros(m.shape, dtype=o.dtype, device=o.device)
+    if psf is None:
+        cov = None
+    else:
+        s2 = torch.as_tensor(psf, dtype=o.dtype, device=o.device) ** 2
+        covs = ax.transpose(-1, -2) @ torch.diag_embed(s2.expand(ax.shape[0], 3)) @ ax  # [b,3,3]
+        cov = covs[:, None, None].expand(*m.shape, 3, 3)[m]
+    vals = render_points(fld["means"], fld["log_scales"], fld["quats"], fld["intensities"], pts[m], cov,
+                         block_radius=cfg.block_radius, backend=backend)
+    return out.index_put(m.nonzero(as_tuple=True), vals)
+
+
+# Gauss-Hermite nodes for the through-plane PSF of the NRF (exact for polynomials up to degree 5)
+_GH_NODES = (-math.sqrt(3.0), 0.0, math.sqrt(3.0))
+_GH_WEIGHTS = (1.0 / 6.0, 2.0 / 3.0, 1.0 / 6.0)
+
+
+def _nrf_slices(nrf: NeuralResidualField, ss: SliceSet, sel, rot, trans, centre, cfg: ReconConfig):
+    o, ax = apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], centre)
+    pts = _pixel_points(ss, sel, o, ax)
+    m = ss.mask[sel]
+    p = pts[m]
+    out = torch.zeros(m.shape, dtype=p.dtype, device=p.device)
+    if cfg.use_psf:
+        sn = ss.thickness / 2.3548200450309493
+        n = ax[:, None, None, 2].expand(*m.shape, 3)[m]
+        val = sum(wt * nrf(p + (z * sn) * n) for z, wt in zip(_GH_NODES, _GH_WEIGHTS))
+    else:
+        val = nrf(p)
+    return out.index_put(m.nonzero(as_tuple=True), val)
+
+
+def lattice_pairs(grid_index: np.ndarray, grid_shape) -> torch.Tensor:
+    """Pairs (i, j) of Gaussians that are lattice neighbours along x, y or z: [P, 2] int64."""
+    gi = np.asarray(grid_index, dtype=np.int64)
+    shp = np.asarray(grid_shape, dtype=np.int64)
+    lut = -np.ones(tuple(shp), np.int64)
+    lut[gi[:, 0], gi[:, 1], gi[:, 2]] = np.arange(len(gi))
+    pairs = []
+    for ax in range(3):
+        nb = gi.copy()
+        nb[:, ax] += 1
+        ok = nb[:, ax] < shp[ax]
+        j = np.full(len(gi), -1)
+        j[ok] = lut[nb[ok, 0], nb[ok, 1], nb[ok, 2]]
+        keep = j >= 0
+        pairs.append(np.stack([np.nonzero(keep)[0], j[keep]], 1))
+    return torch.as_tensor(np.concatenate(pairs), dtype=torch.long)
+
+
+def _laplacian_apply(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """L v for the graph Laplacian of the lattice pairs (gradient of 1/2 sum (v_i - v_j)^2)."""
+    d = v[pairs[:, 0]] - v[pairs[:, 1]]
+    out = torch.zeros_like(v)
+    out.index_add_(0, pairs[:, 0], d)
+    out.index_add_(0, pairs[:, 1], -d)
+    return out
+
+
+def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, backend: str, n_iter: int,
+                    pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6):
+    """Least-squares intensities for fixed Gaussian shapes: conjugate gradients on the normal
+    equations (A^T A + ridge) c = A^T y over all masked pixels; A c renders slices (linear in c).
+    Used to warm-start each level, so Adam starts near the data term's minimum."""
+    c = params["intensities"]
+    others = {k: v.detach() for k, v in params.items() if k != "intensities"}
+
+    def A(cv):
+        outs = []
+        for si, ss in enumerate(sets):
+            sel = torch.arange(ss.n, device=cv.device)
+            fld = dict(others, intensities=cv)
+            outs.append(_render_stack_slices(fld, ss, sel, rots[si], trans[si], centre, cfg, backend))
+        return outs
+
+    def AtA(v):
+        x = v.detach().clone().requires_grad_(True)
+        outs = A(x)
+        tot = sum(((o * ss.mask) ** 2).sum() * 0.5 for o, ss in zip(outs, sets))
+        (g,) = torch.autograd.grad(tot, x)
+        g = g + ridge * v
+        if smooth > 0 and pairs is not None:
+            g = g + smooth * _laplacian_apply(v, pairs)
+        return g
+
+    x0 = c.detach().clone().requires_grad_(True)
+    outs = A(x0)
+    resid = sum((((o - ss.obs) * ss.mask) ** 2).sum() * 0.5 for o, ss in zip(outs, sets))
+    (g,) = torch.autograd.grad(resid, x0)
+    x = c.detach().clone()
+    r = -(g + ridge * x)
+    if smooth > 0 and pairs is not None:
+        r = r - smooth * _laplacian_apply(x, pairs)
+    p = r.clone()
+    rs = (r * r).sum()
+    for _ in range(n_iter):
+        Ap = AtA(p)
+        alpha = rs / (p * Ap).sum().clamp_min(1e-30)
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs_new = (r * r).sum()
+        p = r + (rs_new / rs.clamp_min(1e-30)) * p
+        rs = rs_new
+    with torch.no_grad():
+        c.copy_(x)
+
+
+def render_volume(fld: GaussianField, nrf, shape, affine, region: np.ndarray | None, backend: str = "auto",
+                  chunk: int = 16, dilate_vox: int = 2) -> np.ndarray:
+    """Point-evaluate the model (Gaussians + NRF) on a voxel grid, slice by slice (bounded memory)."""
+    from scipy import ndimage
+
+    X, Y, Z = shape
+    A = np.asarray(affine, dtype=np.float64)
+    du, dv = float(np.linalg.norm(A[:3, 0])), float(np.linalg.norm(A[:3, 1]))
+    eu, ev = A[:3, 0] / du, A[:3, 1] / dv
+    n = np.cross(eu, ev)
+    axes = np.stack([eu, ev, n])
+    dt = fld.means.dtype
+    dev = fld.means.device
+    if region is not None:
+        reg = ndimage.binary_dilation(region, iterations=dilate_vox) if dilate_vox else region
+    else:
+        reg = np.ones(shape, bool)
+    out = np.zeros(shape, np.float32)
+    with torch.no_grad():
+        for k0 in range(0, Z, chunk):
+            k1 = min(Z, k0 + chunk)
+            ks = np.arange(k0, k1)
+            m = np.ascontiguousarray(reg[:, :, k0:k1].transpose(2, 0, 1))
+            if not m.any():
+                continue
+            org = torch.as_tensor(A[:3, 3][None] + ks[:, None] * A[:3, 2][None], dtype=dt, device=dev)
+            ax = torch.as_tensor(np.broadcast_to(axes, (len(ks), 3, 3)).copy(), dtype=dt, device=dev)
+            spans = torch.as_tensor(mask_to_row_spans(m, len(ks), (X, Y)))
+            img = render_slices(fld.means, fld.log_scales, fld.quats, fld.intensities, org, ax, (X, Y), (du, dv), None,
+                                backend=backend, row_spans=spans)
+            if nrf is not None:
+                mt = torch.as_tensor(m, device=dev)
+                a = torch.arange(X, dtype=dt, device=dev) * du
+                b = torch.arange(Y, dtype=dt, device=dev) * dv
+                pts = org[:, None, None, :] + a[None, :, None, None] * ax[:, None, None, 0] + b[None, None, :, None] * ax[:, None, None, 1]
+                img = img.clone()
+                p = pts[mt]
+                vals = torch.cat([nrf(p[i : i + 262144]) for i in range(0, len(p), 262144)]) if len(p) else p[:, 0]
+                img[mt] += vals
+            img = torch.where(torch.as_tensor(m, device=dev), img, torch.zeros((), dtype=dt, device=dev))
+            out[:, :, k0:k1] = img.permute(1, 2, 0).cpu().numpy()
+    return out
+
+
+def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool = True, history_every: int = 10) -> ReconResult:
+    """Reconstruct a volume from loaded stacks with the given configuration."""
+    t_start = time.time()
+    cfg.validate()
+    _set_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    dev = _device(cfg.device)
+    backend = resolve_backend(cfg.backend if not (cfg.backend == "auto" and dev.type == "cpu") else "auto")
+    if dev.type == "cpu" and backend == "gpu":
+        backend = resolve_backend("cpu")
+    res = cfg.output_resolution or round(float(min(min(s.frames.spacing) for s in stacks)), 4)
+    cfg = cfg.resolved(output_resolution=res)
+    timings = {}
+
+    # ---- data
+    t0 = time.time()
+    sets = prepare_slices(stacks)
+    shape, aff = output_grid(stacks, res)
+    region = region_mask(stacks, shape, aff)
+    init = naive_init(stacks, sets, shape, aff)
+    init = np.where(region, init, 0.0)
+    for ss in sets:
+        ss.row_spans = torch.as_tensor(mask_to_row_spans(ss.mask.numpy(), ss.n, tuple(ss.obs.shape[1:])))
+        ss.obs, ss.mask = ss.obs.to(dev), ss.mask.to(dev)
+        ss.origins, ss.axes = ss.origins.to(dev), ss.axes.to(dev)
+    scale = float(np.mean([ss.scale for ss in sets]))
+    idx = np.argwhere(region)
+    wlo = idx.min(0) @ aff[:3, :3].T + aff[:3, 3]
+    whi = idx.max(0) @ aff[:3, :3].T + aff[:3, 3]
+    centre = torch.as_tensor((wlo + whi) / 2, dtype=torch.float32, device=dev)
+    half_extent = float(np.max(whi - wlo) / 2)
+    rots = [torch.zeros(ss.n, 3, device=dev) for ss in sets]
+    trans = [torch.zeros(ss.n, 3, device=dev) for ss in sets]
+    timings["prepare_s"] = time.time() - t0
+    n_pix = int(sum(int(ss.mask.sum()) for ss in sets))
+    n_sl = sum(ss.n for ss in sets)
+    log(f"{len(sets)} stacks, {n_sl} slices, {n_pix} pixels in masks; output grid {shape} at {res:g} mm; "
+        f"backend {backend} on {dev.type}")
+
+    # ---- levels
+    factors = list(cfg.spacing_factors)
+    iters = [int(i) for i in cfg.iterations]
+    if not cfg.growth:
+        factors, iters = factors[-1:], [sum(iters)]
+    total = sum(iters)
+    prog = Progress(total, enabled=progress)
+    fld: GaussianField | None = None
+    nrf = None
+    nrf_opt = None
+    history = []
+    step = 0
+    # slice sampling: every slice once per "epoch", in random order
+    all_slices = [(si, k) for si, ss in enumerate(sets) for k in range(ss.n)]
+    order: list = []
+
+    def next_batch():
+        nonlocal order
+        out = []
+        while len(out) < min(cfg.batch_slices, len(all_slices)):
+            if not order:
+                order = [all_slices[i] for i in rng.permutation(len(all_slices))]
+            out.append(order.pop())
+        return out
+
+    t_train = time.time()
+    for lev, (fac, n_it) in enumerate(zip(factors, iters)):
+        sp = fac * res
+        if fld is None:
+            fld = init_field_on_grid(region, aff, sp, dilate_mm=cfg.dilate_mm, init_intensity=init,
+                                     scale_factor=cfg.scale_factor, device=dev)
+        else:
+            fld = grow_field(fld, sp, region, aff, dilate_mm=cfg.dilate_mm)
+            fld = fld.to(dev)
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in fld.tensors().items()}
+        groups = [
+            {"params": [params["means"]], "lr": cfg.lr_means * half_extent, "name": "means"},
+            {"params": [params["intensities"]], "lr": cfg.lr_intensities, "name": "intensities"},
+            {"params": [params["log_scales"]], "lr": cfg.lr_scales, "name": "log_scales"},
+            {"params": [params["quats"]], "lr": cfg.lr_quats, "name": "quats"},
+        ]
+        if cfg.cg_iterations > 0:
+            pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(dev) if cfg.cg_smoothness > 0 else None
+            _cg_intensities(params, sets, rots, trans, centre, cfg, backend, cfg.cg_iterations, pairs, cfg.cg_smoothness)
+        opt = torch.optim.Adam(groups, eps=1e-15)
+        base_lr = [g["lr"] for g in groups]
+        last_level = lev == len(factors) - 1
+        nrf_from = int(cfg.nrf_start * n_it) if (cfg.use_nrf and last_level) else None
+        log(f"level {lev + 1}/{len(factors)}: {fld.num_gaussians} Gaussians at {sp:g} mm, {n_it} iterations")
+        for it in range(n_it):
+            frac = it / max(n_it - 1, 1)
+            for g, lr0 in zip(opt.param_groups, base_lr):
+                g["lr"] = lr0 * (cfg.lr_decay ** frac)
+            if nrf_from is not None and it == nrf_from and nrf is None:
+                nrf = NeuralResidualField(wlo - 5, whi + 5, cfg.nrf_bands, cfg.nrf_width, cfg.nrf_depth, cfg.nrf_scale).to(dev)
+                nrf_opt = torch.optim.Adam(nrf.parameters(), lr=cfg.lr_nrf)
+            batch = next_batch()
+            opt.zero_grad(set_to_none=True)
+            if nrf_opt is not None:
+                nrf_opt.zero_grad(set_to_none=True)
+            l1_sum = 0.0
+            ssim_sum = 0.0
+            npx = 0
+            loss = 0.0
+            for si, ss in enumerate(sets):
+                ks = [k for (s, k) in batch if s == si]
+                if not ks:
+                    continue
+                sel = torch.as_tensor(ks, device=dev)
+                pred = _render_stack_slices(params, ss, sel, rots[si], trans[si], centre, cfg, backend)
+                if nrf is not None:
+                    pred = pred + _nrf_slices(nrf, ss, sel, rots[si], trans[si], centre, cfg)
+                obs, m = ss.obs[sel], ss.mask[sel]
+                cnt = int(m.sum())
+                l1 = masked_smooth_l1(pred, obs, m, cfg.smooth_l1_beta)
+                term = l1 * cnt
+                if cfg.use_ssim:
+                    s = masked_ssim(pred, obs, m)
+                    term = term + cfg.ssim_weight * (1 - s) * cnt
+                    ssim_sum += float(s.detach()) * cnt
+                loss = loss + term
+                l1_sum += float(l1) * cnt
+                npx += cnt
+            loss = loss / max(npx, 1)
+            if cfg.use_anisotropy and cfg.anisotropy_weight > 0:
+                loss = loss + cfg.anisotropy_weight * anisotropy_penalty(params["log_scales"], cfg.anisotropy_max_ratio)
+            loss.backward()
+            opt.step()
+            if nrf_opt is not None:
+                nrf_opt.step()
+            step += 1
+            rec = {"step": step, "level": lev, "loss": float(loss), "l1": l1_sum / max(npx, 1),
+                   "ssim": ssim_sum / max(npx, 1) if cfg.use_ssim else None, "time_s": time.time() - t_start}
+            if step % history_every == 0 or step == total:
+                history.append(rec)
+            prog.update(step, loss=float(loss), level=f"{lev + 1}/{len(factors)}")
+        fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
+                            params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)
+    prog.close()
+    timings["train_s"] = time.time() - t_train
+
+    t0 = time.time()
+    vol = render_volume(fld, nrf, shape, aff, region, backend=backend)
+    vol = np.clip(vol, 0, None) * scale
+    timings["render_volume_s"] = time.time() - t0
+    timings["total_s"] = time.time() - t_start
+    poses = [{"stack": ss.name, "slices": ss.index.tolist(), "rotvec": r.cpu().numpy().tolist(),
+              "translation_mm": t.cpu().numpy().tolist()} for ss, r, t in zip(sets, rots, trans)]
+    return ReconResult(vol, aff, fld, nrf, cfg, region, scale, centre.cpu().numpy(), poses, history, timings, backend)

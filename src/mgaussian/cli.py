@@ -106,6 +106,52 @@ def _add_naive(sub):
     p.set_defaults(func=cmd_naive)
 
 
+def _add_reconstruct(sub):
+    p = sub.add_parser(
+        "reconstruct",
+        help="reconstruct a 3D volume from stacks of thick slices",
+        description="Reconstruct an isotropic volume from stacks of thick 2D slices with magnetic 3D Gaussians (M-Gaussian).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--input-stacks", nargs="+", required=True, help="stacks (.nii/.nii.gz); slices along the third voxel axis")
+    g.add_argument("--stack-masks", nargs="+", help="one brain mask per stack")
+    g.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm): one for all stacks or one per stack; default: JSON sidecar, else slice spacing")
+    g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
+    g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
+    g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
+    g.add_argument("--config", help="JSON (or TOML) file of settings (see mgaussian.recon.config.ReconConfig)")
+    c = p.add_argument_group("compute")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    c.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto", help="renderer backend")
+    c.add_argument("--threads", type=_num("--threads", positive=True, integer=True), help="CPU threads (default: all cores)")
+    c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    a = p.add_argument_group("ablations of the seed's components")
+    a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
+    a.add_argument("--no-growth", action="store_true", help="train the finest Gaussian grid only")
+    a.add_argument("--nrf", action="store_true", help="train the neural residual field (off by default, see benchmarks/TUNING.md)")
+    a.add_argument("--no-nrf", action="store_true", help="drop the neural residual field")
+    a.add_argument("--no-anisotropy", action="store_true", help="drop the anisotropy penalty")
+    a.add_argument("--no-psf", action="store_true", help="point evaluation instead of the slice PSF")
+    a.add_argument("--renderer", choices=["slices", "points"], help="slice tile renderer or the seed's block query")
+    a.add_argument("--block-radius", type=_num("--block-radius", positive=True, integer=True), help="block radius of the points renderer (implies --renderer points)")
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def _add_sample_volume(sub):
+    p = sub.add_parser(
+        "sample-volume",
+        help="sample a volume from a saved model at any resolution",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input-model", required=True)
+    p.add_argument("--output-volume", required=True)
+    p.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="voxel size (mm); default: the model's")
+    p.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto")
+    p.set_defaults(func=cmd_sample_volume)
+
+
 def _add_inspect(sub):
     p = sub.add_parser(
         "inspect",
@@ -136,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mgaussian {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_reconstruct(sub)
+    _add_sample_volume(sub)
     _add_simulate(sub)
     _add_evaluate(sub)
     _add_naive(sub)
@@ -249,6 +297,119 @@ def cmd_naive(a) -> int:
     out = naive_average(stacks, ref.shape, raff)
     save_nifti(out, raff, a.output_volume, inputs=inputs)
     print(f"wrote {a.output_volume}")
+    return 0
+
+
+def _stem(path: str) -> str:
+    for suf in (".nii.gz", ".nii"):
+        if path.lower().endswith(suf):
+            return path[: -len(suf)]
+    return path
+
+
+def cmd_reconstruct(a) -> int:
+    import time
+
+    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti
+    from .errors import warn
+    from .recon.config import ReconConfig, config_from_dict, load_config_file
+
+    inputs = list(a.input_stacks) + list(a.stack_masks or [])
+    check_output_path(a.output_volume, inputs)
+    if a.output_model:
+        check_output_path(a.output_model, inputs + [a.output_volume], what="--output-model", nifti=False)
+        if os.path.realpath(a.output_model) == os.path.realpath(a.output_volume):
+            raise InputError("--output-model", "must differ from --output-volume")
+    cfg = ReconConfig()
+    if a.config:
+        cfg = config_from_dict(load_config_file(a.config), where=a.config)
+    over = {"device": a.device, "backend": a.backend, "seed": a.seed}
+    if a.output_resolution is not None:
+        over["output_resolution"] = a.output_resolution
+    if a.threads is not None:
+        over["threads"] = a.threads
+    if a.no_ssim:
+        over["use_ssim"] = False
+    if a.no_growth:
+        over["growth"] = False
+    if a.nrf and a.no_nrf:
+        raise InputError("--nrf", "conflicts with --no-nrf")
+    if a.nrf:
+        over["use_nrf"] = True
+    if a.no_nrf:
+        over["use_nrf"] = False
+    if a.no_anisotropy:
+        over["use_anisotropy"] = False
+    if a.no_psf:
+        over["use_psf"] = False
+    if a.renderer:
+        over["renderer"] = a.renderer
+    if a.block_radius is not None:
+        over["block_radius"] = a.block_radius
+        over["renderer"] = "points"
+    cfg = cfg.resolved(**over).validate("command line")
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    if len(stacks) == 1:
+        warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
+    if not a.stack_masks:
+        warn("--stack-masks", "no masks given: every voxel of every stack is used (slow, and background is reconstructed too)")
+    from .recon.train import reconstruct
+
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    t0 = time.time()
+    res = reconstruct(stacks, cfg, log=log, progress=not a.quiet)
+    save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    meta = {
+        "mgaussian_version": __version__,
+        "command": sys.argv,
+        "inputs": [{"stack": s.path, "mask": s.mask_path, "thickness_mm": s.thickness, "thickness_from": s.thickness_source} for s in stacks],
+        "config": res.config.to_dict(),
+        "output_volume": os.path.abspath(a.output_volume),
+        "output_scale": res.scale,
+        "output_scale_note": "volume = model value x output_scale: the stacks are divided by their 99th percentile in the mask, the output is multiplied back by the mean of those divisors",
+        "backend": res.backend,
+        "timings_s": res.timings,
+        "wall_s": time.time() - t0,
+    }
+    atomic_write_text(_stem(a.output_volume) + ".config.json", json.dumps(meta, indent=1))
+    if a.output_model:
+        from .recon.model_io import save_model
+
+        save_model(a.output_model, res, inputs=inputs)
+    if not a.quiet:
+        print(f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
+              f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_sample_volume(a) -> int:
+    import numpy as np
+
+    from .io import check_output_path, save_nifti
+    from .recon.model_io import load_model
+    from .recon.train import render_volume
+    from .sampling import resample_volume
+
+    check_output_path(a.output_volume, [a.input_model])
+    fld, nrf, info = load_model(a.input_model)
+    aff, shape, region = info["affine"], info["shape"], info["region"]
+    if a.output_resolution is not None:
+        old = float(np.linalg.norm(aff[:3, 0]))
+        r = a.output_resolution
+        if r < 0.1:
+            raise InputError("--output-resolution", f"{r} mm is absurdly fine (>= 0.1 mm)")
+        extent = (np.asarray(shape) - 1) * old
+        new_shape = tuple(int(v) for v in np.floor(extent / r + 1e-6).astype(int) + 1)
+        if np.prod(new_shape) > 600**3:
+            raise InputError("--output-resolution", f"{r} mm gives an absurd grid {new_shape}")
+        new_aff = aff.copy()
+        new_aff[:3, :3] = aff[:3, :3] / old * r
+        region = resample_volume(region.astype(np.float32), aff, new_shape, new_aff) > 0.5
+        aff, shape = new_aff, new_shape
+    vol = render_volume(fld, nrf, shape, aff, region, backend=a.backend)
+    vol = np.clip(vol, 0, None) * info["scale"]
+    save_nifti(vol, aff, a.output_volume, inputs=[a.input_model])
+    print(f"wrote {a.output_volume} ({shape[0]}x{shape[1]}x{shape[2]})", file=sys.stderr)
     return 0
 
 

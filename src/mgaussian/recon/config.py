@@ -27,17 +27,20 @@ class ReconConfig:
     scale_factor: float = 0.6  # initial sigma / grid spacing
     dilate_mm: float | None = None  # grid kept within this distance of the mask (default 2 x spacing)
     # optimisation schedule: iterations per level and slices per iteration
-    iterations: tuple[int, ...] = (150, 250)
-    batch_slices: int = 24  # slices rendered per iteration (all stacks together)
-    cg_iterations: int = 0  # conjugate-gradient warm start of the intensities at each level (0: off)
+    iterations: tuple[int, ...] = (0, 60)  # Adam iterations per level (after the warm start)
+    batch_slices: int = 64  # slices rendered per iteration (all stacks together)
+    cg_iterations: int = 30  # conjugate-gradient warm start of the intensities at each level (0: off)
     cg_smoothness: float = 0.0  # weight of the lattice-gradient prior 1/2 sum (c_i - c_j)^2 in the warm start
     # learning rates (Adam). The seed's are in a canonical [-1, 1] box: lr_means is in those units
-    # and is multiplied by the half-extent of the region in mm.
-    lr_means: float = 1e-3
-    lr_intensities: float = 5e-2
-    lr_scales: float = 5e-3
-    lr_quats: float = 1e-3
-    lr_nrf: float = 1e-4
+    # and is multiplied by the half-extent of the region in mm. Seed: means 1e-3, intensities 5e-2,
+    # scales 5e-3, quats 1e-3, NRF 1e-4. After the least-squares warm start the seed's rates
+    # undo it (sb25-t3.2: 36.9 dB -> 30.5 dB); 10-25x lower rates refine it (-> 37.1 dB);
+    # see benchmarks/RECONSTRUCT.md.
+    lr_means: float = 1e-4
+    lr_intensities: float = 2e-3
+    lr_scales: float = 5e-4
+    lr_quats: float = 1e-4
+    lr_nrf: float = 1e-3
     lr_decay: float = 0.1  # learning rates decay exponentially to this fraction over each level
     # loss
     ssim_weight: float = 0.5
@@ -46,6 +49,7 @@ class ReconConfig:
     anisotropy_weight: float = 0.1
     use_anisotropy: bool = True
     anisotropy_max_ratio: float = 1.5
+    loss_mask_dilation_mm: float = 0.0  # the loss sees each stack mask dilated in plane by this much (measured: 2 mm cost 0.35 dB on sb25)
     # physics
     use_psf: bool = True  # exact analytic slice PSF (False: the seed's point evaluation)
     inplane_fwhm_factor: float = 1.2
@@ -53,7 +57,7 @@ class ReconConfig:
     renderer: str = "slices"  # "slices" (tile renderer) or "points" (the seed's block query)
     block_radius: int = 5  # for renderer="points"
     # neural residual field
-    use_nrf: bool = True
+    use_nrf: bool = False  # off by default: +0.0 dB on sb25-t3.2 at 5x the time (benchmarks/TUNING.md); --nrf turns it on
     nrf_start: float = 0.5  # fraction of the last level's iterations after which the NRF trains
     nrf_bands: int = 6
     nrf_width: int = 64

@@ -45,14 +45,31 @@ def _robust_scale(x: np.ndarray) -> float:
     return v if v > 0 else float(x.max()) if x.size and x.max() > 0 else 1.0
 
 
-def prepare_slices(stacks: list[Stack], margin: int = 2, dtype=torch.float32) -> list[SliceSet]:
+def _dilate_inplane(m: np.ndarray, r_px: tuple[int, int]) -> np.ndarray:
+    from scipy import ndimage
+
+    if r_px[0] <= 0 and r_px[1] <= 0:
+        return m
+    a = np.arange(-r_px[0], r_px[0] + 1)[:, None] / max(r_px[0], 1)
+    b = np.arange(-r_px[1], r_px[1] + 1)[None, :] / max(r_px[1], 1)
+    disk = (a**2 + b**2) <= 1.0 + 1e-9
+    return ndimage.binary_dilation(m, structure=disk[:, :, None])
+
+
+def prepare_slices(stacks: list[Stack], margin: int = 2, dtype=torch.float32, dilate_mm: float = 0.0) -> list[SliceSet]:
+    """Cropped, normalised slices; the loss uses each stack mask dilated in-plane by ``dilate_mm``
+    (so the edge of the anatomy, where partial-volume pixels fall outside a thresholded mask, is
+    constrained from both sides)."""
     out = []
     for st in stacks:
         m = st.mask & (st.data != 0) if st.mask.all() else st.mask
+        if dilate_mm > 0 and not st.mask.all():
+            du, dv = st.frames.spacing
+            m = _dilate_inplane(m, (int(round(dilate_mm / du)), int(round(dilate_mm / dv))))
         ks = np.nonzero(m.any(axis=(0, 1)))[0]
         if len(ks) == 0:
             raise InputError(st.mask_path or st.path, "mask holds no voxel with signal")
-        scale = _robust_scale(st.data[m])
+        scale = _robust_scale(st.data[st.mask] if st.mask.any() else st.data[m])
         a = np.nonzero(m.any(axis=(1, 2)))[0]
         b = np.nonzero(m.any(axis=(0, 2)))[0]
         H, W = st.data.shape[:2]

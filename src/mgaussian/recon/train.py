@@ -254,7 +254,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
 
     # ---- data
     t0 = time.time()
-    sets = prepare_slices(stacks)
+    sets = prepare_slices(stacks, dilate_mm=cfg.loss_mask_dilation_mm)
     shape, aff = output_grid(stacks, res)
     region = region_mask(stacks, shape, aff)
     init = naive_init(stacks, sets, shape, aff)
@@ -358,7 +358,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                     term = term + cfg.ssim_weight * (1 - s) * cnt
                     ssim_sum += float(s.detach()) * cnt
                 loss = loss + term
-                l1_sum += float(l1) * cnt
+                l1_sum += float(l1.detach()) * cnt
                 npx += cnt
             loss = loss / max(npx, 1)
             if cfg.use_anisotropy and cfg.anisotropy_weight > 0:
@@ -368,11 +368,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             if nrf_opt is not None:
                 nrf_opt.step()
             step += 1
-            rec = {"step": step, "level": lev, "loss": float(loss), "l1": l1_sum / max(npx, 1),
+            rec = {"step": step, "level": lev, "loss": float(loss.detach()), "l1": l1_sum / max(npx, 1),
                    "ssim": ssim_sum / max(npx, 1) if cfg.use_ssim else None, "time_s": time.time() - t_start}
             if step % history_every == 0 or step == total:
                 history.append(rec)
-            prog.update(step, loss=float(loss), level=f"{lev + 1}/{len(factors)}")
+            prog.update(step, loss=float(loss.detach()), level=f"{lev + 1}/{len(factors)}")
         fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
                             params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)
     prog.close()

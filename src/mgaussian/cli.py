@@ -126,6 +126,7 @@ def _add_reconstruct(sub):
     c.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto", help="renderer backend")
     c.add_argument("--threads", type=_num("--threads", positive=True, integer=True), help="CPU threads (default: all cores)")
     c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
+    c.add_argument("--time-budget", type=_num("--time-budget", positive=True), help="seconds for fitting (default 240; the warm start stops at 60 %%, Adam at 100 %%)")
     c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     a = p.add_argument_group("ablations of the seed's components")
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
@@ -328,6 +329,8 @@ def cmd_reconstruct(a) -> int:
         over["output_resolution"] = a.output_resolution
     if a.threads is not None:
         over["threads"] = a.threads
+    if a.time_budget is not None:
+        over["time_budget_s"] = a.time_budget
     if a.no_ssim:
         over["use_ssim"] = False
     if a.no_growth:

@@ -31,6 +31,9 @@ class ReconConfig:
     batch_slices: int = 64  # slices rendered per iteration (all stacks together)
     cg_iterations: int = 30  # conjugate-gradient warm start of the intensities at each level (0: off)
     cg_smoothness: float = 0.0  # weight of the lattice-gradient prior 1/2 sum (c_i - c_j)^2 in the warm start
+    # wall-clock budget (s) for fitting, or None: the last level's warm start stops at 60 % of it
+    # and Adam at 100 % (the volume is still rendered and written after it)
+    time_budget_s: float | None = 240.0
     # learning rates (Adam). The seed's are in a canonical [-1, 1] box: lr_means is in those units
     # and is multiplied by the half-extent of the region in mm. Seed: means 1e-3, intensities 5e-2,
     # scales 5e-3, quats 1e-3, NRF 1e-4. After the least-squares warm start the seed's rates
@@ -111,6 +114,8 @@ class ReconConfig:
             bad("backend", "auto, reference, cpu or gpu")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "auto, cpu or cuda")
+        if self.time_budget_s is not None and not (self.time_budget_s > 0):
+            bad("time_budget_s", "must be > 0 seconds or null")
         if self.threads is not None and self.threads < 1:
             bad("threads", "must be >= 1")
         return self
@@ -130,7 +135,11 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
             raise InputError(where, f"unknown setting {k!r}")
         cur = getattr(base, k)
         try:
-            if isinstance(cur, tuple):
+            if k == "time_budget_s":
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    raise TypeError
+                v = None if v is None else float(v)
+            elif isinstance(cur, tuple):
                 if not isinstance(v, (list, tuple)):
                     raise TypeError
                 v = tuple(type(cur[0])(x) if cur else x for x in v)

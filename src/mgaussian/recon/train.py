@@ -146,7 +146,7 @@ def _laplacian_apply(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
 
 
 def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, backend: str, n_iter: int,
-                    pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6):
+                    pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6, deadline: float | None = None):
     """Least-squares intensities for fixed Gaussian shapes: conjugate gradients on the normal
     equations (A^T A + ridge) c = A^T y over all masked pixels; A c renders slices (linear in c).
     Used to warm-start each level, so Adam starts near the data term's minimum."""
@@ -182,6 +182,8 @@ def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, b
     p = r.clone()
     rs = (r * r).sum()
     for _ in range(n_iter):
+        if deadline is not None and time.time() > deadline:
+            break
         Ap = AtA(p)
         alpha = rs / (p * Ap).sum().clamp_min(1e-30)
         x = x + alpha * p
@@ -318,15 +320,20 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             {"params": [params["log_scales"]], "lr": cfg.lr_scales, "name": "log_scales"},
             {"params": [params["quats"]], "lr": cfg.lr_quats, "name": "quats"},
         ]
+        last_level_now = lev == len(factors) - 1
         if cfg.cg_iterations > 0:
             pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(dev) if cfg.cg_smoothness > 0 else None
-            _cg_intensities(params, sets, rots, trans, centre, cfg, backend, cfg.cg_iterations, pairs, cfg.cg_smoothness)
+            dl = (t_start + 0.6 * cfg.time_budget_s) if (cfg.time_budget_s and last_level_now) else None
+            _cg_intensities(params, sets, rots, trans, centre, cfg, backend, cfg.cg_iterations, pairs, cfg.cg_smoothness, deadline=dl)
         opt = torch.optim.Adam(groups, eps=1e-15)
         base_lr = [g["lr"] for g in groups]
         last_level = lev == len(factors) - 1
         nrf_from = int(cfg.nrf_start * n_it) if (cfg.use_nrf and last_level) else None
         log(f"level {lev + 1}/{len(factors)}: {fld.num_gaussians} Gaussians at {sp:g} mm, {n_it} iterations")
         for it in range(n_it):
+            if cfg.time_budget_s and last_level and time.time() - t_start > cfg.time_budget_s:
+                log(f"time budget of {cfg.time_budget_s:g} s reached after {it} of {n_it} iterations")
+                break
             frac = it / max(n_it - 1, 1)
             for g, lr0 in zip(opt.param_groups, base_lr):
                 g["lr"] = lr0 * (cfg.lr_decay ** frac)

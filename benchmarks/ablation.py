@@ -15,7 +15,7 @@ bench_reconstruct.py, whose simulation step this reuses), with one component swi
 For each: PSNR, SSIM (``mgaussian evaluate``), wall clock, and the difference to ``full``.
 
     python benchmarks/ablation.py [--case sb25-t3.2] [--skip points-r3,points-r5]
-        [--only full,no-ssim] [--extra-args "--threads 2"] [--timeout 1800] [--json]
+        [--only full,no-ssim] [--quick] [--extra-args "--threads 2"] [--timeout 1800] [--json]
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", default="sb25-t3.2", help="a case of bench_reconstruct.py")
     ap.add_argument("--skip", default="", help="comma-separated rows to skip: " + ", ".join(names))
+    ap.add_argument("--quick", action="store_true", help="only the rows full and no-psf (a check of the plumbing)")
     ap.add_argument("--only", default="", help="comma-separated rows to run (default: all)")
     ap.add_argument("--workdir", default=os.path.join(REPO, "bench_out", "reconstruct"))
     ap.add_argument("--extra-args", default="", help="extra arguments for every `mgaussian reconstruct` run")
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     skip = {s.strip() for s in a.skip.split(",") if s.strip()}
     only = {s.strip() for s in a.only.split(",") if s.strip()}
+    if a.quick:
+        only = {"full", "no-psf"}
     bad = (skip | only) - set(names)
     if bad:
         ap.error(f"unknown row(s) {sorted(bad)}; rows: {', '.join(names)}")

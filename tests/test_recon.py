@@ -123,3 +123,12 @@ def test_config_errors(case, tmp_path, capsys):
     assert "--output-resolution" in capsys.readouterr().err
     assert main(["reconstruct", "--input-stacks", *case["stacks"], "--output-volume", case["stacks"][0]]) == 2
     assert not os.path.exists(out)
+
+
+def test_config_values_are_checked():
+    from mgaussian.errors import InputError
+
+    assert config_from_dict({"time_budget_s": None}).time_budget_s is None
+    for bad in ({"time_budget_s": -1}, {"iterations": [1]}, {"lr_decay": 0}, {"renderer": "rays"}, {"use_psf": 1}):
+        with pytest.raises(InputError):
+            config_from_dict(bad)

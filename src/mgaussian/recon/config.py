@@ -24,7 +24,7 @@ class ReconConfig:
     # Gaussian grid and progressive growth
     spacing_factors: tuple[float, ...] = (2.0, 1.0)  # Gaussian grid spacing per level, x output resolution
     growth: bool = True  # progressive growth (False: train the finest level only)
-    scale_factor: float = 0.6  # initial sigma / grid spacing
+    scale_factor: float = 0.7  # initial sigma / grid spacing (0.6 -> 0.7: +0.6 dB on sb25, TUNING.md)
     dilate_mm: float | None = None  # grid kept within this distance of the mask (default 2 x spacing)
     # optimisation schedule: iterations per level and slices per iteration
     iterations: tuple[int, ...] = (0, 60)  # Adam iterations per level (after the warm start)
@@ -56,7 +56,7 @@ class ReconConfig:
     # physics
     use_psf: bool = True  # exact analytic slice PSF (False: the seed's point evaluation)
     inplane_fwhm_factor: float = 1.2
-    cutoff: float = 3.0  # Mahalanobis cut-off of a (pixel, Gaussian) term
+    cutoff: float = 4.0  # Mahalanobis cut-off of a (pixel, Gaussian) term (3 -> 4: +0.5 dB, TUNING.md)
     renderer: str = "slices"  # "slices" (tile renderer) or "points" (the seed's block query)
     block_radius: int = 5  # for renderer="points"
     # neural residual field

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="only the rows full and no-psf (a check of the plumbing)")
     ap.add_argument("--only", default="", help="comma-separated rows to run (default: all)")
     ap.add_argument("--workdir", default=os.path.join(REPO, "bench_out", "reconstruct"))
-    ap.add_argument("--extra-args", default="", help="extra arguments for every `mgaussian reconstruct` run")
+    ap.add_argument("--extra-args", default="", help="extra arguments for every `mgaussian reconstruct` run, one string (a single flag: --extra-args=--no-nrf)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (a slower run is a failed row)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line per row")
     a = ap.parse_args(argv)

@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="sb25-t3.2 only")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     ap.add_argument("--workdir", default=os.path.join(REPO, "bench_out", "reconstruct"))
-    ap.add_argument("--extra-args", default="", help="extra arguments for `mgaussian reconstruct` (one string)")
+    ap.add_argument("--extra-args", default="", help="extra arguments for `mgaussian reconstruct`, one string; a single flag needs the = form: --extra-args=--no-nrf")
     ap.add_argument("--lsq-threads", type=int, default=1,
                     help="torch threads for lsq (default 1: fastest on a busy 2-core machine; 0 = torch default)")
     ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per reconstruct run")

@@ -56,6 +56,7 @@ class ReconConfig:
     # physics
     use_psf: bool = True  # exact analytic slice PSF (False: the seed's point evaluation)
     inplane_fwhm_factor: float = 1.2
+    through_plane_fwhm_factor: float = 1.0  # Gaussian PSF FWHM = this x slice thickness
     cutoff: float = 4.0  # Mahalanobis cut-off of a (pixel, Gaussian) term (3 -> 4: +0.5 dB, TUNING.md)
     renderer: str = "slices"  # "slices" (tile renderer) or "points" (the seed's block query)
     block_radius: int = 5  # for renderer="points"
@@ -104,6 +105,8 @@ class ReconConfig:
             bad("scale_factor", "must be in (0, 3]")
         if not (0 <= self.nrf_start <= 1):
             bad("nrf_start", "must be in [0, 1]")
+        if not (0 < self.through_plane_fwhm_factor <= 3):
+            bad("through_plane_fwhm_factor", "must be in (0, 3]")
         if self.cutoff < 1:
             bad("cutoff", "must be >= 1")
         if self.renderer not in ("slices", "points"):

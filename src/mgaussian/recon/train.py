@@ -65,7 +65,7 @@ def _device(name: str) -> torch.device:
 def _render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, rot, trans, centre, cfg: ReconConfig, backend: str):
     o, ax = apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], centre)
     h, w = ss.obs.shape[1:]
-    psf = slice_psf_sigma(ss.spacing, ss.thickness, cfg.inplane_fwhm_factor) if cfg.use_psf else None
+    psf = slice_psf_sigma(ss.spacing, ss.thickness * cfg.through_plane_fwhm_factor, cfg.inplane_fwhm_factor) if cfg.use_psf else None
     if cfg.renderer == "points":
         return _render_points_path(fld, ss, sel, o, ax, psf, cfg, backend)
     spans = ss.row_spans[sel] if ss.row_spans is not None else None
@@ -110,7 +110,7 @@ def _nrf_slices(nrf: NeuralResidualField, ss: SliceSet, sel, rot, trans, centre,
     p = pts[m]
     out = torch.zeros(m.shape, dtype=p.dtype, device=p.device)
     if cfg.use_psf:
-        sn = ss.thickness / 2.3548200450309493
+        sn = ss.thickness * cfg.through_plane_fwhm_factor / 2.3548200450309493
         n = ax[:, None, None, 2].expand(*m.shape, 3)[m]
         val = sum(wt * nrf(p + (z * sn) * n) for z, wt in zip(_GH_NODES, _GH_WEIGHTS))
     else:

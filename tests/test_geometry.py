@@ -3,9 +3,9 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from mgaussian.render._common import quat_to_rotmat
 from mgaussian.geometry import (
     apply_pose_to_frames,
-    quat_to_matrix,
     rigid_matrix,
     rotvec_to_matrix,
     slice_frames,
@@ -65,7 +65,7 @@ def test_rotations_match_scipy():
     assert np.allclose(rotvec_to_matrix(rv), Rotation.from_rotvec(rv).as_matrix(), atol=1e-12)
     q = np.random.default_rng(3).normal(size=(20, 4))
     ref = Rotation.from_quat(q[:, [1, 2, 3, 0]]).as_matrix()  # scipy wants (x,y,z,w)
-    assert np.allclose(quat_to_matrix(torch.tensor(q)).numpy(), ref, atol=1e-12)
+    assert np.allclose(quat_to_rotmat(torch.tensor(q)).numpy(), ref, atol=1e-12)
     # zero rotation has a finite gradient
     z = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     rotvec_to_matrix(z).sum().backward()

@@ -21,7 +21,6 @@ __all__ = [
     "world_to_voxel",
     "rotvec_to_matrix",
     "matrix_to_rotvec",
-    "quat_to_matrix",
     "SliceFrames",
     "slice_frames",
     "apply_pose_to_frames",
@@ -90,20 +89,6 @@ def matrix_to_rotvec(R: np.ndarray) -> np.ndarray:
     R = np.asarray(R, dtype=np.float64)
     shp = R.shape[:-2]
     return Rotation.from_matrix(R.reshape(-1, 3, 3)).as_rotvec().reshape(*shp, 3)
-
-
-def quat_to_matrix(q):
-    """Unnormalised quaternions [..., 4] (w, x, y, z) -> rotation matrices [..., 3, 3] (torch)."""
-    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack(
-        [
-            torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-            torch.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-            torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
-        ],
-        -2,
-    )
 
 
 def rigid_matrix(rotvec, translation, centre) -> np.ndarray:

@@ -7,21 +7,13 @@ the slice thickness or a box (rectangle) of width equal to the thickness.
 
 from __future__ import annotations
 
-__all__ = ["FWHM_TO_SIGMA", "psf_sigmas", "through_plane_quadrature", "inplane_kernel"]
+__all__ = ["FWHM_TO_SIGMA", "through_plane_quadrature", "inplane_kernel"]
 
 import math
 
 import numpy as np
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))  # 1 / 2.3548
-
-
-def psf_sigmas(spacing, thickness: float, inplane_factor: float = 1.2) -> np.ndarray:
-    """(sigma_u, sigma_v, sigma_n) in mm of the Gaussian slice PSF."""
-    du, dv = spacing
-    return np.array(
-        [inplane_factor * du * FWHM_TO_SIGMA, inplane_factor * dv * FWHM_TO_SIGMA, thickness * FWHM_TO_SIGMA]
-    )
 
 
 def through_plane_quadrature(thickness: float, profile: str, step: float):

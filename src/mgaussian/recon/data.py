@@ -151,9 +151,6 @@ def region_mask(stacks: list[Stack], shape, affine) -> np.ndarray:
 
 def naive_init(stacks: list[Stack], slicesets: list[SliceSet], shape, affine) -> np.ndarray:
     """Average of the normalised stacks resampled onto the output grid (initial intensities)."""
-    acc = np.zeros(shape, np.float64)
-    cov = np.zeros(shape, np.float64)
-    for st, ss in zip(stacks, slicesets):
-        acc += resample_volume(st.data / ss.scale, st.affine, shape, affine)
-        cov += resample_volume(np.ones(st.data.shape, np.float32), st.affine, shape, affine)
-    return np.where(cov > 1e-3, acc / np.maximum(cov, 1e-3), 0.0).astype(np.float32)
+    from ..baselines import naive_average
+
+    return naive_average([(st.data / ss.scale, st.affine) for st, ss in zip(stacks, slicesets)], shape, affine)

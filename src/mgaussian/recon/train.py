@@ -17,6 +17,7 @@ import torch
 from ..field import GaussianField, anisotropy_penalty, grow_field, init_field_on_grid
 from ..geometry import apply_pose_to_frames
 from ..io import Stack
+from ..psf import FWHM_TO_SIGMA
 from ..render import mask_to_row_spans, render_points, render_slices, resolve_backend, slice_psf_sigma
 from .config import ReconConfig
 from .data import SliceSet, naive_init, output_grid, prepare_slices, region_mask
@@ -62,8 +63,12 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, rot, trans, centre, cfg: ReconConfig, backend: str):
-    o, ax = apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], centre)
+def _frames(ss: SliceSet, sel: torch.Tensor, rot, trans, centre):
+    """Frames (origins [b,3], axes [b,3,3]) of the selected slices moved by their poses."""
+    return apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], centre)
+
+
+def _render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, o, ax, cfg: ReconConfig, backend: str):
     h, w = ss.obs.shape[1:]
     psf = slice_psf_sigma(ss.spacing, ss.thickness * cfg.through_plane_fwhm_factor, cfg.inplane_fwhm_factor) if cfg.use_psf else None
     if cfg.renderer == "points":
@@ -103,14 +108,13 @@ _GH_NODES = (-math.sqrt(3.0), 0.0, math.sqrt(3.0))
 _GH_WEIGHTS = (1.0 / 6.0, 2.0 / 3.0, 1.0 / 6.0)
 
 
-def _nrf_slices(nrf: NeuralResidualField, ss: SliceSet, sel, rot, trans, centre, cfg: ReconConfig):
-    o, ax = apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], centre)
+def _nrf_slices(nrf: NeuralResidualField, ss: SliceSet, sel, o, ax, cfg: ReconConfig):
     pts = _pixel_points(ss, sel, o, ax)
     m = ss.mask[sel]
     p = pts[m]
     out = torch.zeros(m.shape, dtype=p.dtype, device=p.device)
     if cfg.use_psf:
-        sn = ss.thickness * cfg.through_plane_fwhm_factor / 2.3548200450309493
+        sn = ss.thickness * cfg.through_plane_fwhm_factor * FWHM_TO_SIGMA
         n = ax[:, None, None, 2].expand(*m.shape, 3)[m]
         val = sum(wt * nrf(p + (z * sn) * n) for z, wt in zip(_GH_NODES, _GH_WEIGHTS))
     else:
@@ -158,7 +162,8 @@ def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, b
         for si, ss in enumerate(sets):
             sel = torch.arange(ss.n, device=cv.device)
             fld = dict(others, intensities=cv)
-            outs.append(_render_stack_slices(fld, ss, sel, rots[si], trans[si], centre, cfg, backend))
+            o, ax = _frames(ss, sel, rots[si], trans[si], centre)
+            outs.append(_render_stack_slices(fld, ss, sel, o, ax, cfg, backend))
         return outs
 
     def AtA(v):
@@ -196,47 +201,31 @@ def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, b
 
 
 def render_volume(fld: GaussianField, nrf, shape, affine, region: np.ndarray | None, backend: str = "auto",
-                  chunk: int = 16, dilate_vox: int = 2) -> np.ndarray:
-    """Point-evaluate the model (Gaussians + NRF) on a voxel grid, slice by slice (bounded memory)."""
+                  chunk: int = 16, dilate_vox: int = 2, cutoff: float = 3.0) -> np.ndarray:
+    """Point-evaluate the model (Gaussians + NRF) on a voxel grid, slice by slice (bounded memory).
+
+    Only voxels within ``dilate_vox`` of ``region`` are rendered; the rest is 0."""
     from scipy import ndimage
 
-    X, Y, Z = shape
-    A = np.asarray(affine, dtype=np.float64)
-    du, dv = float(np.linalg.norm(A[:3, 0])), float(np.linalg.norm(A[:3, 1]))
-    eu, ev = A[:3, 0] / du, A[:3, 1] / dv
-    n = np.cross(eu, ev)
-    axes = np.stack([eu, ev, n])
-    dt = fld.means.dtype
-    dev = fld.means.device
+    from ..render import render_volume as render_gaussians
+
     if region is not None:
         reg = ndimage.binary_dilation(region, iterations=dilate_vox) if dilate_vox else region
     else:
         reg = np.ones(shape, bool)
-    out = np.zeros(shape, np.float32)
+    dev = fld.means.device
     with torch.no_grad():
-        for k0 in range(0, Z, chunk):
-            k1 = min(Z, k0 + chunk)
-            ks = np.arange(k0, k1)
-            m = np.ascontiguousarray(reg[:, :, k0:k1].transpose(2, 0, 1))
-            if not m.any():
-                continue
-            org = torch.as_tensor(A[:3, 3][None] + ks[:, None] * A[:3, 2][None], dtype=dt, device=dev)
-            ax = torch.as_tensor(np.broadcast_to(axes, (len(ks), 3, 3)).copy(), dtype=dt, device=dev)
-            spans = torch.as_tensor(mask_to_row_spans(m, len(ks), (X, Y)))
-            img = render_slices(fld.means, fld.log_scales, fld.quats, fld.intensities, org, ax, (X, Y), (du, dv), None,
-                                backend=backend, row_spans=spans)
-            if nrf is not None:
-                mt = torch.as_tensor(m, device=dev)
-                a = torch.arange(X, dtype=dt, device=dev) * du
-                b = torch.arange(Y, dtype=dt, device=dev) * dv
-                pts = org[:, None, None, :] + a[None, :, None, None] * ax[:, None, None, 0] + b[None, None, :, None] * ax[:, None, None, 1]
-                img = img.clone()
-                p = pts[mt]
-                vals = torch.cat([nrf(p[i : i + 262144]) for i in range(0, len(p), 262144)]) if len(p) else p[:, 0]
-                img[mt] += vals
-            img = torch.where(torch.as_tensor(m, device=dev), img, torch.zeros((), dtype=dt, device=dev))
-            out[:, :, k0:k1] = img.permute(1, 2, 0).cpu().numpy()
-    return out
+        vol = render_gaussians(fld.means, fld.log_scales, fld.quats, fld.intensities, affine, shape, None,
+                               backend=backend, cutoff=cutoff, slices_per_call=chunk, mask=reg)
+        m = torch.as_tensor(reg, device=dev)
+        if nrf is not None and bool(m.any()):
+            A = torch.as_tensor(np.asarray(affine, dtype=np.float64))
+            ijk = torch.nonzero(m).to(torch.float64)
+            pts = (ijk @ A[:3, :3].T + A[:3, 3]).to(device=dev, dtype=vol.dtype)
+            vals = torch.cat([nrf(pts[i : i + 262144]) for i in range(0, len(pts), 262144)])
+            vol = vol.index_put(m.nonzero(as_tuple=True), vals, accumulate=True)
+        vol = torch.where(m, vol, torch.zeros((), dtype=vol.dtype, device=dev))
+    return vol.cpu().numpy().astype(np.float32)
 
 
 def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool = True, history_every: int = 10) -> ReconResult:
@@ -247,7 +236,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     dev = _device(cfg.device)
-    backend = resolve_backend(cfg.backend if not (cfg.backend == "auto" and dev.type == "cpu") else "auto")
+    backend = resolve_backend(cfg.backend)
     if dev.type == "cpu" and backend == "gpu":
         backend = resolve_backend("cpu")
     res = cfg.output_resolution or round(float(min(min(s.frames.spacing) for s in stacks)), 4)
@@ -353,9 +342,10 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 if not ks:
                     continue
                 sel = torch.as_tensor(ks, device=dev)
-                pred = _render_stack_slices(params, ss, sel, rots[si], trans[si], centre, cfg, backend)
+                o, ax = _frames(ss, sel, rots[si], trans[si], centre)
+                pred = _render_stack_slices(params, ss, sel, o, ax, cfg, backend)
                 if nrf is not None:
-                    pred = pred + _nrf_slices(nrf, ss, sel, rots[si], trans[si], centre, cfg)
+                    pred = pred + _nrf_slices(nrf, ss, sel, o, ax, cfg)
                 obs, m = ss.obs[sel], ss.mask[sel]
                 cnt = int(m.sum())
                 l1 = masked_smooth_l1(pred, obs, m, cfg.smooth_l1_beta)

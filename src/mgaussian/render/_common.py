@@ -17,13 +17,11 @@ Conventions (fixed for the package):
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
 
-FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))  # 1 / 2.3548
+from ..psf import FWHM_TO_SIGMA  # one definition for the package
 
 
 def quat_to_rotmat(quats: Tensor) -> Tensor:

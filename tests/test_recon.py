@@ -132,3 +132,16 @@ def test_config_values_are_checked():
     for bad in ({"time_budget_s": -1}, {"iterations": [1]}, {"lr_decay": 0}, {"renderer": "rays"}, {"use_psf": 1}):
         with pytest.raises(InputError):
             config_from_dict(bad)
+
+
+def test_output_volume_uses_the_training_cutoff(case):
+    from mgaussian.recon.train import render_volume
+
+    st = load_stacks(case["stacks"], case["masks"], [3.6])
+    cfg = config_from_dict({**FAST, "cutoff": 4.0, "iterations": [0, 3]})
+    res = reconstruct(st, cfg, progress=False, log=lambda s: None)
+    shape = res.volume.shape
+    v4 = render_volume(res.field, res.nrf, shape, res.affine, res.region, cutoff=4.0)
+    v3 = render_volume(res.field, res.nrf, shape, res.affine, res.region, cutoff=3.0)
+    assert np.allclose(res.volume, np.clip(v4, 0, None) * res.scale, rtol=1e-5, atol=1e-4)
+    assert not np.allclose(res.volume, np.clip(v3, 0, None) * res.scale, rtol=1e-3, atol=1e-2)

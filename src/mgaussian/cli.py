@@ -414,7 +414,7 @@ def cmd_sample_volume(a) -> int:
         new_aff[:3, :3] = aff[:3, :3] / old * r
         region = resample_volume(region.astype(np.float32), aff, new_shape, new_aff) > 0.5
         aff, shape = new_aff, new_shape
-    vol = render_volume(fld, nrf, shape, aff, region, backend=a.backend)
+    vol = render_volume(fld, nrf, shape, aff, region, backend=a.backend, cutoff=float(info["config"].get("cutoff", 3.0)))
     vol = np.clip(vol, 0, None) * info["scale"]
     save_nifti(vol, aff, a.output_volume, inputs=[a.input_model])
     print(f"wrote {a.output_volume} ({shape[0]}x{shape[1]}x{shape[2]})", file=sys.stderr)

@@ -376,7 +376,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     timings["train_s"] = time.time() - t_train
 
     t0 = time.time()
-    vol = render_volume(fld, nrf, shape, aff, region, backend=backend)
+    vol = render_volume(fld, nrf, shape, aff, region, backend=backend, cutoff=cfg.cutoff)
     vol = np.clip(vol, 0, None) * scale
     timings["render_volume_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start

@@ -44,6 +44,9 @@ def save_model(path: str, result, inputs=()) -> str:
         "region": np.packbits(result.region),
         "config": cfg.to_dict(),
         "nrf": None,
+        "centre": np.asarray(result.centre),
+        "poses": result.poses,
+        "slice_weights": result.slice_weights,
     }
     if result.nrf is not None:
         n = result.nrf
@@ -62,7 +65,8 @@ def save_model(path: str, result, inputs=()) -> str:
 
 
 def load_model(path: str):
-    """Returns (GaussianField, nrf or None, info dict with scale, affine, shape, region, config)."""
+    """Returns (GaussianField, nrf or None, info dict with scale, affine, shape, region, config,
+    centre, poses, slice_weights: see ReconResult)."""
     p = str(path)
     if not os.path.isfile(p):
         raise InputError(p, "model file not found")
@@ -83,5 +87,6 @@ def load_model(path: str):
     shape = tuple(d["shape"])
     region = np.unpackbits(d["region"])[: int(np.prod(shape))].reshape(shape).astype(bool)
     info = {"scale": float(d["scale"]), "affine": np.asarray(d["affine"]), "shape": shape, "region": region,
-            "config": d["config"], "version": d.get("version")}
+            "config": d["config"], "version": d.get("version"), "centre": np.asarray(d.get("centre", np.zeros(3))),
+            "poses": d.get("poses", []), "slice_weights": d.get("slice_weights", [])}
     return f, nrf, info

@@ -36,8 +36,15 @@ class ReconResult:
     region: np.ndarray  # bool mask on the output grid
     scale: float  # output = model value x scale
     centre: np.ndarray  # centre of the slice poses (mm)
-    poses: list[dict]  # per stack: rotvecs [K,3], translations [K,3], slice indices
-    history: list[dict] = dc_field(default_factory=list)
+    # per stack: {"stack", "slices" (indices of the fitted slices), "rotvec" [K][3] (rad),
+    # "translation_mm" [K][3], "stack_rotvec" [3], "stack_translation_mm" [3]}; slice pose x ->
+    # R(x - centre) + centre + t applied to the slice's nominal frame (stack pose for unfitted slices)
+    poses: list[dict]
+    history: list[dict] = dc_field(default_factory=list)  # {"step","level","loss","l1","ssim","time_s"}
+    # per stack: {"stack", "slices", "weight" [K] in [0,1], "scale" [K] (intensity scale), "excluded" [slice indices]}
+    slice_weights: list[dict] = dc_field(default_factory=list)
+    # {"step", "time_s", "stacks": [{"stack", "mean_translation_mm", "mean_rotation_deg", "mean_weight"}]}
+    pose_history: list[dict] = dc_field(default_factory=list)
     timings: dict = dc_field(default_factory=dict)
     backend: str = "cpu"
 
@@ -381,5 +388,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     timings["render_volume_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     poses = [{"stack": ss.name, "slices": ss.index.tolist(), "rotvec": r.cpu().numpy().tolist(),
-              "translation_mm": t.cpu().numpy().tolist()} for ss, r, t in zip(sets, rots, trans)]
-    return ReconResult(vol, aff, fld, nrf, cfg, region, scale, centre.cpu().numpy(), poses, history, timings, backend)
+              "translation_mm": t.cpu().numpy().tolist(), "stack_rotvec": [0.0, 0.0, 0.0],
+              "stack_translation_mm": [0.0, 0.0, 0.0]} for ss, r, t in zip(sets, rots, trans)]
+    weights = [{"stack": ss.name, "slices": ss.index.tolist(), "weight": [1.0] * ss.n, "scale": [1.0] * ss.n,
+                "excluded": []} for ss in sets]
+    return ReconResult(vol, aff, fld, nrf, cfg, region, scale, centre.cpu().numpy(), poses, history,
+                       weights, [], timings, backend)

@@ -67,6 +67,21 @@ class ReconConfig:
     nrf_width: int = 64
     nrf_depth: int = 4
     nrf_scale: float = 0.1
+    # motion correction and robustness (issue 5)
+    register_stacks: bool = True  # rigid stack-to-stack registration (SimpleITK) before fitting
+    reference_stack: int = 0  # the stack the others are registered to (its lattice is the output's)
+    motion: bool = True  # optimise one rigid pose per slice jointly with the field
+    motion_rounds: int = 3  # coarse level: rounds of (pose steps, weights, intensity re-fit)
+    pose_iterations: int = 5  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
+    fine_pose_iterations: int = 3  # the same at each later level, before its Adam iterations
+    lr_pose_rotation: float = 3e-4  # joint Adam iterations: rad per step
+    lr_pose_translation: float = 0.01  # joint Adam iterations: mm per step
+    joint_pose_lr: float = 0.0  # x the two rates above during the joint Adam iterations (0: poses fixed there)
+    robust: bool = True  # per-slice and per-pixel robust weights (outliers down-weighted / excluded)
+    slice_scale: bool = True  # one intensity scale per slice
+    pixel_outlier_c: float = 3.0  # Cauchy weight 1/(1+(r/(c sigma))^2) on pixel residuals
+    slice_outlier_z: float = 3.5  # slices more than this many robust SDs worse than the median are excluded
+    slice_min_ncc: float = 0.5  # slices whose NCC with the prediction is below this are excluded
     # compute
     backend: str = "auto"
     device: str = "auto"
@@ -119,6 +134,16 @@ class ReconConfig:
             bad("device", "auto, cpu or cuda")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
             bad("time_budget_s", "must be > 0 seconds or null")
+        if self.reference_stack < 0:
+            bad("reference_stack", "must be >= 0")
+        for k in ("motion_rounds", "pose_iterations", "fine_pose_iterations"):
+            if getattr(self, k) < 0:
+                bad(k, "must be >= 0")
+        for k in ("lr_pose_rotation", "lr_pose_translation", "joint_pose_lr"):
+            if not (getattr(self, k) >= 0):
+                bad(k, "must be >= 0")
+        if not (self.pixel_outlier_c > 0 and self.slice_outlier_z > 0):
+            bad("pixel_outlier_c / slice_outlier_z", "must be > 0")
         if self.threads is not None and self.threads < 1:
             bad("threads", "must be >= 1")
         return self

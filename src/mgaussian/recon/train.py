@@ -21,6 +21,7 @@ from ..psf import FWHM_TO_SIGMA
 from ..render import mask_to_row_spans, render_points, render_slices, resolve_backend, slice_psf_sigma
 from .config import ReconConfig
 from .data import SliceSet, naive_init, output_grid, prepare_slices, region_mask
+from .motion import anchor_poses
 from .losses import masked_smooth_l1, masked_ssim
 from .nrf import NeuralResidualField
 from .progress import Progress
@@ -70,9 +71,10 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _frames(ss: SliceSet, sel: torch.Tensor, rot, trans, centre):
-    """Frames (origins [b,3], axes [b,3,3]) of the selected slices moved by their poses."""
-    return apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], centre)
+def _frames(ss: SliceSet, sel: torch.Tensor, rot, trans, cents):
+    """Frames (origins [b,3], axes [b,3,3]) of the selected slices moved by their poses (about
+    the slices' own centres ``cents`` [K,3], see :mod:`.motion`)."""
+    return apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], cents[sel])
 
 
 def _render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, o, ax, cfg: ReconConfig, backend: str):
@@ -156,27 +158,34 @@ def _laplacian_apply(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, backend: str, n_iter: int,
+def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, n_iter: int,
                     pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6, deadline: float | None = None):
-    """Least-squares intensities for fixed Gaussian shapes: conjugate gradients on the normal
-    equations (A^T A + ridge) c = A^T y over all masked pixels; A c renders slices (linear in c).
-    Used to warm-start each level, so Adam starts near the data term's minimum."""
+    """Least-squares intensities for fixed Gaussian shapes and slice poses: conjugate gradients
+    on the weighted normal equations (A^T W A + ridge) c = A^T W y over all masked pixels; A c
+    renders slices (linear in c) times each slice's intensity scale; W holds the robust pixel x
+    slice weights (0 outside the masks). Used to warm-start each level and to re-fit after pose
+    updates, so Adam starts near the data term's minimum."""
     c = params["intensities"]
     others = {k: v.detach() for k, v in params.items() if k != "intensities"}
+    frames = []
+    with torch.no_grad():
+        for si, ss in enumerate(sets):
+            sel = torch.arange(ss.n, device=c.device)
+            frames.append(_frames(ss, sel, rots[si].detach(), trans[si].detach(), cents[si]))
 
     def A(cv):
         outs = []
         for si, ss in enumerate(sets):
             sel = torch.arange(ss.n, device=cv.device)
             fld = dict(others, intensities=cv)
-            o, ax = _frames(ss, sel, rots[si], trans[si], centre)
-            outs.append(_render_stack_slices(fld, ss, sel, o, ax, cfg, backend))
+            o, ax = frames[si]
+            outs.append(_render_stack_slices(fld, ss, sel, o, ax, cfg, backend) * scs[si][:, None, None])
         return outs
 
     def AtA(v):
         x = v.detach().clone().requires_grad_(True)
         outs = A(x)
-        tot = sum(((o * ss.mask) ** 2).sum() * 0.5 for o, ss in zip(outs, sets))
+        tot = sum((o ** 2 * w).sum() * 0.5 for o, w in zip(outs, wts))
         (g,) = torch.autograd.grad(tot, x)
         g = g + ridge * v
         if smooth > 0 and pairs is not None:
@@ -185,7 +194,7 @@ def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, b
 
     x0 = c.detach().clone().requires_grad_(True)
     outs = A(x0)
-    resid = sum((((o - ss.obs) * ss.mask) ** 2).sum() * 0.5 for o, ss in zip(outs, sets))
+    resid = sum(((o - ss.obs) ** 2 * w).sum() * 0.5 for o, ss, w in zip(outs, sets, wts))
     (g,) = torch.autograd.grad(resid, x0)
     x = c.detach().clone()
     r = -(g + ridge * x)
@@ -205,6 +214,112 @@ def _cg_intensities(params: dict, sets, rots, trans, centre, cfg: ReconConfig, b
         rs = rs_new
     with torch.no_grad():
         c.copy_(x)
+
+
+@torch.no_grad()
+def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, iters: int,
+                    deadline: float | None = None, skip=(), eps_rot: float = 2e-3, eps_trans: float = 0.05,
+                    max_rot: float = 0.035, max_trans: float = 2.0, prior: float = 1e-3):
+    """Levenberg-Marquardt on every slice's rigid pose (6 parameters) with the field fixed.
+
+    Slices are independent given the field, so one render with parameter j of every slice
+    perturbed gives column j of every slice's Jacobian (forward differences): 7 renders per
+    iteration build each slice's 6x6 normal matrix J^T W J and gradient J^T W r, and one more
+    checks the step. A step is kept per slice only if it lowers that slice's cost, else its
+    damping grows. Unlike Adam (whose steps have the same size in every direction, even where
+    the data do not constrain the pose, e.g. a thick slice's tilt), the damped normal equations
+    step little along weakly constrained directions. ``prior`` (relative to the mean diagonal)
+    keeps slices with few pixels near their current pose. Steps are capped at ``max_rot`` rad
+    and ``max_trans`` mm."""
+    fld = {k: v.detach() for k, v in params.items()}
+
+    def render(si, r, t):
+        ss = sets[si]
+        sel = torch.arange(ss.n, device=r.device)
+        o, ax = _frames(ss, sel, r, t, cents[si])
+        return _render_stack_slices(fld, ss, sel, o, ax, cfg, backend) * scs[si][:, None, None]
+
+    for si, ss in enumerate(sets):
+        if si in skip or ss.n == 0:
+            continue
+        r, t, w = rots[si], trans[si], wts[si]
+        lam = torch.full((ss.n,), 1e-2, dtype=torch.float64, device=r.device)
+        base = render(si, r, t)
+        cost = (((base - ss.obs) ** 2) * w).sum((1, 2)).double()
+        for _ in range(iters):
+            if deadline is not None and time.time() > deadline:
+                break
+            cols = []
+            for j in range(6):
+                rr, tt = r.clone(), t.clone()
+                if j < 3:
+                    rr[:, j] += eps_rot
+                else:
+                    tt[:, j - 3] += eps_trans
+                cols.append((render(si, rr, tt) - base) / (eps_rot if j < 3 else eps_trans))
+            J = torch.stack(cols, 1).double()  # [K,6,h,w]
+            wd = w.double()
+            H = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
+            g = torch.einsum("kahw,khw,khw->ka", J, (base - ss.obs).double(), wd)
+            dH = torch.diagonal(H, dim1=1, dim2=2)
+            ref = dH.mean(0, keepdim=True).clamp_min(1e-12)
+            A = H + torch.diag_embed(lam[:, None] * dH + prior * ref)
+            step = -torch.linalg.solve(A, g[..., None])[..., 0]
+            sr, st = step[:, :3], step[:, 3:]
+            sr = sr * (max_rot / sr.norm(dim=1, keepdim=True).clamp_min(max_rot))
+            st = st * (max_trans / st.norm(dim=1, keepdim=True).clamp_min(max_trans))
+            r_new, t_new = r + sr.to(r.dtype), t + st.to(t.dtype)
+            pred = render(si, r_new, t_new)
+            c_new = (((pred - ss.obs) ** 2) * w).sum((1, 2)).double()
+            ok = c_new < cost
+            r.copy_(torch.where(ok[:, None], r_new, r))
+            t.copy_(torch.where(ok[:, None], t_new, t))
+            base = torch.where(ok[:, None, None], pred, base)
+            cost = torch.where(ok, c_new, cost)
+            lam = torch.where(ok, (lam * 0.3).clamp_min(1e-4), lam * 10.0)
+
+
+@torch.no_grad()
+def _predict_all(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: str, nrf=None):
+    out = []
+    fld = {k: v.detach() for k, v in params.items()}
+    for si, ss in enumerate(sets):
+        sel = torch.arange(ss.n, device=ss.obs.device)
+        o, ax = _frames(ss, sel, rots[si], trans[si], cents[si])
+        pred = _render_stack_slices(fld, ss, sel, o, ax, cfg, backend)
+        if nrf is not None:
+            pred = pred + _nrf_slices(nrf, ss, sel, o, ax, cfg)
+        out.append(pred)
+    return out
+
+
+@torch.no_grad()
+def _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg: ReconConfig, backend: str, nrf=None):
+    """Re-estimate the per-slice intensity scales and the robust slice / pixel weights from the
+    current prediction; returns the new loss weights per stack (mask x pixel x slice weight)."""
+    from .motion import fit_slice_scales, robust_weights
+
+    preds = _predict_all(params, sets, rots, trans, cents, cfg, backend, nrf)
+    resid, nccs = [], []
+    for si, (ss, pred) in enumerate(zip(sets, preds)):
+        m = ss.mask.to(pred.dtype)
+        if cfg.slice_scale:
+            scs[si].copy_(fit_slice_scales(pred, ss.obs, m * pws[si] * sws[si][:, None, None].clamp_min(1e-3)))
+        p = pred * scs[si][:, None, None]
+        resid.append((p - ss.obs) * m)
+        cnt = m.sum((1, 2)).clamp_min(1)
+        pm = (p * m).sum((1, 2)) / cnt
+        om = (ss.obs * m).sum((1, 2)) / cnt
+        pc = (p - pm[:, None, None]) * m
+        oc = (ss.obs - om[:, None, None]) * m
+        nccs.append((pc * oc).sum((1, 2)) / ((pc ** 2).sum((1, 2)) * (oc ** 2).sum((1, 2))).sqrt().clamp_min(1e-12))
+    if cfg.robust:
+        pw, sw, _ = robust_weights(resid, [ss.mask for ss in sets], nccs, cfg.pixel_outlier_c,
+                                   cfg.slice_outlier_z, cfg.slice_min_ncc)
+        for si in range(len(sets)):
+            pws[si].copy_(pw[si])
+            sws[si].copy_(sw[si])
+    return [ss.mask.to(pws[si].dtype) * pws[si] * sws[si][:, None, None] for si, ss in enumerate(sets)], nccs
 
 
 def render_volume(fld: GaussianField, nrf, shape, affine, region: np.ndarray | None, backend: str = "auto",
@@ -252,10 +367,23 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
 
     # ---- data
     t0 = time.time()
+    multi = len(stacks) > 1
+    ref = min(cfg.reference_stack, len(stacks) - 1)
+    if cfg.register_stacks and multi:
+        from .motion import register_stacks
+
+        stack_poses = register_stacks(stacks, reference=ref, log=log)
+    else:
+        stack_poses = [np.eye(4) for _ in stacks]
+    timings["register_s"] = time.time() - t0
+    t0 = time.time()
+    from .motion import moved_stack, slice_centres, slice_pose_from_matrix
+
+    placed = [moved_stack(st, P) for st, P in zip(stacks, stack_poses)]
     sets = prepare_slices(stacks, dilate_mm=cfg.loss_mask_dilation_mm)
-    shape, aff = output_grid(stacks, res)
-    region = region_mask(stacks, shape, aff)
-    init = naive_init(stacks, sets, shape, aff)
+    shape, aff = output_grid(placed, res, reference=ref)
+    region = region_mask(placed, shape, aff)
+    init = naive_init(placed, sets, shape, aff)
     init = np.where(region, init, 0.0)
     for ss in sets:
         ss.row_spans = torch.as_tensor(mask_to_row_spans(ss.mask.numpy(), ss.n, tuple(ss.obs.shape[1:])))
@@ -267,13 +395,38 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     whi = idx.max(0) @ aff[:3, :3].T + aff[:3, 3]
     centre = torch.as_tensor((wlo + whi) / 2, dtype=torch.float32, device=dev)
     half_extent = float(np.max(whi - wlo) / 2)
-    rots = [torch.zeros(ss.n, 3, device=dev) for ss in sets]
-    trans = [torch.zeros(ss.n, 3, device=dev) for ss in sets]
+    # slice poses about the slices' own centres, starting at their stack's registered pose
+    cents = [slice_centres(ss) for ss in sets]
+    rots, trans = [], []
+    for ss, cs, P in zip(sets, cents, stack_poses):
+        r0, u0 = slice_pose_from_matrix(P, cs.cpu().numpy().astype(np.float64))
+        rots.append(torch.as_tensor(r0, dtype=torch.float32, device=dev))
+        trans.append(torch.as_tensor(u0, dtype=torch.float32, device=dev))
+    anchor = (rots[ref].cpu().numpy().astype(np.float64).mean(0), trans[ref].cpu().numpy().astype(np.float64).mean(0))
+    scs = [torch.ones(ss.n, device=dev) for ss in sets]  # per-slice intensity scales
+    sws = [torch.ones(ss.n, device=dev) for ss in sets]  # slice weights
+    pws = [torch.ones(ss.obs.shape, device=dev) for ss in sets]  # pixel weights
+    wts = [ss.mask.float() for ss in sets]  # loss weights: mask x pixel x slice weight
+    motion = cfg.motion and (multi or any(ss.n > 1 for ss in sets))
+    pose_history = []
     timings["prepare_s"] = time.time() - t0
     n_pix = int(sum(int(ss.mask.sum()) for ss in sets))
     n_sl = sum(ss.n for ss in sets)
     log(f"{len(sets)} stacks, {n_sl} slices, {n_pix} pixels in masks; output grid {shape} at {res:g} mm; "
         f"backend {backend} on {dev.type}")
+
+    def record_poses():
+        from .motion import to_centre_convention
+
+        c = centre.cpu().numpy().astype(np.float64)
+        row = {"step": step, "time_s": time.time() - t_start, "stacks": []}
+        for ss, r, u, cs, w in zip(sets, rots, trans, cents, sws):
+            rn = r.detach().cpu().numpy().astype(np.float64)
+            t = to_centre_convention(rn, u.detach().cpu().numpy(), cs.cpu().numpy(), c)
+            row["stacks"].append({"stack": ss.name, "mean_translation_mm": float(np.linalg.norm(t, axis=1).mean()),
+                                  "mean_rotation_deg": float(np.degrees(np.linalg.norm(rn, axis=1)).mean()),
+                                  "mean_weight": float(w.mean())})
+        pose_history.append(row)
 
     # ---- levels
     factors = list(cfg.spacing_factors)
@@ -317,10 +470,38 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             {"params": [params["quats"]], "lr": cfg.lr_quats, "name": "quats"},
         ]
         last_level_now = lev == len(factors) - 1
-        if cfg.cg_iterations > 0:
-            pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(dev) if cfg.cg_smoothness > 0 else None
-            dl = (t_start + 0.6 * cfg.time_budget_s) if (cfg.time_budget_s and last_level_now) else None
-            _cg_intensities(params, sets, rots, trans, centre, cfg, backend, cfg.cg_iterations, pairs, cfg.cg_smoothness, deadline=dl)
+        pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(dev) if (cfg.cg_iterations > 0 and cfg.cg_smoothness > 0) else None
+        dl = (t_start + 0.6 * cfg.time_budget_s) if (cfg.time_budget_s and last_level_now) else None
+
+        def refit(n):
+            if n > 0:
+                _cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, backend, n, pairs, cfg.cg_smoothness,
+                                deadline=dl)
+
+        refit(cfg.cg_iterations)
+        if motion:
+            # alternate: slice poses (field fixed) -> robust weights and slice scales -> intensities
+            rounds = cfg.motion_rounds if lev == 0 else 1
+            steps = cfg.pose_iterations if lev == 0 else cfg.fine_pose_iterations
+            for rnd in range(rounds if steps > 0 else 0):
+                if dl is not None and time.time() > dl:
+                    break
+                _optimise_poses(params, sets, rots, trans, cents, wts, scs, cfg, backend, steps, deadline=dl)
+                anchor_poses(rots, trans, cents, ref, anchor)
+                wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
+                refit(max(cfg.cg_iterations // 3, 1))
+                record_poses()
+        elif cfg.robust or cfg.slice_scale:
+            wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
+            refit(max(cfg.cg_iterations // 3, 1))
+        pose_groups = []
+        if motion and cfg.joint_pose_lr > 0:
+            for r, t in zip(rots, trans):
+                r.requires_grad_(True)
+                t.requires_grad_(True)
+            pose_groups = [{"params": rots, "lr": cfg.lr_pose_rotation * cfg.joint_pose_lr, "name": "pose_rot"},
+                           {"params": trans, "lr": cfg.lr_pose_translation * cfg.joint_pose_lr, "name": "pose_trans"}]
+        groups = groups + pose_groups
         opt = torch.optim.Adam(groups, eps=1e-15)
         base_lr = [g["lr"] for g in groups]
         last_level = lev == len(factors) - 1
@@ -349,16 +530,17 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 if not ks:
                     continue
                 sel = torch.as_tensor(ks, device=dev)
-                o, ax = _frames(ss, sel, rots[si], trans[si], centre)
+                o, ax = _frames(ss, sel, rots[si], trans[si], cents[si])
                 pred = _render_stack_slices(params, ss, sel, o, ax, cfg, backend)
                 if nrf is not None:
                     pred = pred + _nrf_slices(nrf, ss, sel, o, ax, cfg)
-                obs, m = ss.obs[sel], ss.mask[sel]
+                pred = pred * scs[si][sel][:, None, None]
+                obs, m, w = ss.obs[sel], ss.mask[sel], wts[si][sel]
                 cnt = int(m.sum())
-                l1 = masked_smooth_l1(pred, obs, m, cfg.smooth_l1_beta)
+                l1 = masked_smooth_l1(pred, obs, m, cfg.smooth_l1_beta, weight=w)
                 term = l1 * cnt
                 if cfg.use_ssim:
-                    s = masked_ssim(pred, obs, m)
+                    s = masked_ssim(pred, obs, m, weight=sws[si][sel][:, None, None].expand_as(w))
                     term = term + cfg.ssim_weight * (1 - s) * cnt
                     ssim_sum += float(s.detach()) * cnt
                 loss = loss + term
@@ -369,6 +551,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 loss = loss + cfg.anisotropy_weight * anisotropy_penalty(params["log_scales"], cfg.anisotropy_max_ratio)
             loss.backward()
             opt.step()
+            if pose_groups and (it + 1) % 10 == 0:
+                anchor_poses(rots, trans, cents, ref, anchor)
             if nrf_opt is not None:
                 nrf_opt.step()
             step += 1
@@ -377,6 +561,12 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             if step % history_every == 0 or step == total:
                 history.append(rec)
             prog.update(step, loss=float(loss.detach()), level=f"{lev + 1}/{len(factors)}")
+        for r, t in zip(rots, trans):
+            r.requires_grad_(False)
+            t.requires_grad_(False)
+        if pose_groups:
+            anchor_poses(rots, trans, cents, ref, anchor)
+            record_poses()
         fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
                             params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)
     prog.close()
@@ -387,10 +577,19 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     vol = np.clip(vol, 0, None) * scale
     timings["render_volume_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
-    poses = [{"stack": ss.name, "slices": ss.index.tolist(), "rotvec": r.cpu().numpy().tolist(),
-              "translation_mm": t.cpu().numpy().tolist(), "stack_rotvec": [0.0, 0.0, 0.0],
-              "stack_translation_mm": [0.0, 0.0, 0.0]} for ss, r, t in zip(sets, rots, trans)]
-    weights = [{"stack": ss.name, "slices": ss.index.tolist(), "weight": [1.0] * ss.n, "scale": [1.0] * ss.n,
-                "excluded": []} for ss in sets]
+    from .motion import matrix_to_rotvec, to_centre_convention
+
+    c = centre.cpu().numpy().astype(np.float64)
+    poses, weights = [], []
+    for ss, r, u, cs, P, sc, sw in zip(sets, rots, trans, cents, stack_poses, scs, sws):
+        rn = r.detach().cpu().numpy().astype(np.float64)
+        t = to_centre_convention(rn, u.detach().cpu().numpy(), cs.cpu().numpy(), c)
+        poses.append({"stack": ss.name, "slices": ss.index.tolist(), "rotvec": rn.tolist(), "translation_mm": t.tolist(),
+                      "stack_rotvec": matrix_to_rotvec(P[:3, :3]).tolist(),
+                      "stack_translation_mm": (P[:3, 3] + P[:3, :3] @ c - c).tolist()})
+        wl = sw.cpu().numpy().astype(float)
+        weights.append({"stack": ss.name, "slices": ss.index.tolist(), "weight": wl.tolist(),
+                        "scale": sc.cpu().numpy().astype(float).tolist(),
+                        "excluded": [int(k) for k, w in zip(ss.index, wl) if w <= 0]})
     return ReconResult(vol, aff, fld, nrf, cfg, region, scale, centre.cpu().numpy(), poses, history,
-                       weights, [], timings, backend)
+                       weights, pose_history, timings, backend)

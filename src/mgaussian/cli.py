@@ -330,6 +330,15 @@ def _stem(path: str) -> str:
     return path
 
 
+_COMMAND_LINE: list[str] = list(sys.argv)  # set by main() to the arguments it parses
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(str(s))
+
+
 class _RunLog:
     """The --log file: opened once the inputs are checked, one line per event, flushed as it goes."""
 
@@ -353,7 +362,7 @@ class _RunLog:
 
     def header(self, cfg_dict=None) -> None:
         self.line(f"mgaussian {__version__}")
-        self.line("command: " + " ".join(sys.argv))
+        self.line("command: " + " ".join(_shell_quote(x) for x in _COMMAND_LINE))
         if cfg_dict is not None:
             self.line("config: " + json.dumps(cfg_dict))
 
@@ -587,6 +596,8 @@ def cmd_demo(a) -> int:
 def main(argv=None) -> int:
     from . import errors
 
+    global _COMMAND_LINE
+    _COMMAND_LINE = ["mgaussian"] + [str(x) for x in (sys.argv[1:] if argv is None else argv)]
     parser = build_parser()
     errors.defer_warnings()  # a later error is then the only line printed
     try:

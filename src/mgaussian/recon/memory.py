@@ -31,7 +31,7 @@ GB = 1024**3
 # bytes per unit; measured on CPU (benchmarks/MEMORY.md), rounded up
 COEFFS = {
     "base": 0.55 * GB,  # interpreter + torch + numba + kernels
-    "per_gaussian": 2300.0,  # finest level, incl. its (Gaussian, slice) pairs in the renderer's plans
+    "per_gaussian": 2600.0,  # finest level, incl. its (Gaussian, slice) pairs in the renderer's plans
     "per_pixel": 300.0,  # slice pixels rendered in one pass (warm start: all slices)
     "per_output_voxel": 40.0,
     "per_stack_voxel": 16.0,

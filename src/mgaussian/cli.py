@@ -121,6 +121,7 @@ def _add_reconstruct(sub):
     g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
     g.add_argument("--config", help="JSON (or TOML) file of settings (see mgaussian.recon.config.ReconConfig)")
+    g.add_argument("--log", metavar="FILE", help="write a log of the run (version, command, configuration, progress, timings, outputs)")
     g.add_argument("--slice-profile", choices=["gaussian", "box"], default=None,
                    help="through-plane slice profile the model assumes: gaussian (FWHM = thickness) or box "
                         "(modelled as a Gaussian of FWHM 0.8 x thickness, measured best on box-profile data)")
@@ -130,6 +131,8 @@ def _add_reconstruct(sub):
     c.add_argument("--threads", type=_num("--threads", positive=True, integer=True), help="CPU threads (default: all cores)")
     c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
     c.add_argument("--time-budget", type=_num("--time-budget", positive=True), help="seconds for fitting (default 240; the warm start stops at 60 %%, Adam at 100 %%)")
+    c.add_argument("--max-memory", metavar="GB", type=_num("--max-memory", positive=True), default=8.0,
+                   help="refuse a run whose estimated peak memory is above this (GB); see benchmarks/MEMORY.md")
     c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     a = p.add_argument_group("ablations of the seed's components")
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
@@ -153,6 +156,7 @@ def _add_sample_volume(sub):
     p.add_argument("--output-volume", required=True)
     p.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="voxel size (mm); default: the model's")
     p.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto")
+    p.add_argument("--log", metavar="FILE", help="write a log of the run (version, command, timings, output)")
     p.set_defaults(func=cmd_sample_volume)
 
 
@@ -212,13 +216,26 @@ def _prepare_output_dir(d: str, inputs=()) -> str:
 
 
 def cmd_simulate(a) -> int:
+    import numpy as np
+
     from .io import load_image, load_mask
     from .simulate import parse_orientation, simulate_stacks
 
     gt, aff, _ = load_image(a.ground_truth, what="ground truth")
     mask = load_mask(a.mask, gt.shape, aff, os.path.basename(a.ground_truth)) if a.mask else None
+    from .io import MAX_THICKNESS_MM
+    from .simulate import stack_geometry
+
+    if a.thickness > MAX_THICKNESS_MM:
+        raise InputError("--thickness", f"implausible slice thickness {a.thickness:g} mm (> {MAX_THICKNESS_MM:g} mm)")
+    if a.pixel is not None and a.pixel < 0.05:
+        raise InputError("--pixel", f"{a.pixel:g} mm is absurdly fine (>= 0.05 mm)")
     for o in a.orientations:
-        parse_orientation(o)
+        _, perm, ang = parse_orientation(o)
+        pix = a.pixel or float(min(np.sqrt((aff[:3, :3] ** 2).sum(0))))
+        _, shp = stack_geometry(gt.shape, aff, perm, ang, pix, a.thickness + a.gap)
+        if float(np.prod(shp)) > 600**3:
+            raise InputError("--pixel" if a.pixel else "--orientations", f"stack {o} would be absurdly large {shp}")
     _prepare_output_dir(a.output_dir, [a.ground_truth, a.mask])
     simulate_stacks(
         gt, aff, mask, a.output_dir, orientations=a.orientations, thickness=a.thickness, gap=a.gap,
@@ -299,6 +316,8 @@ def cmd_naive(a) -> int:
         stacks.append((d, aff))
     ref, raff, _ = load_image(a.reference_grid, what="reference grid", allow_zero=True)
     out = naive_average(stacks, ref.shape, raff)
+    if not out.any():
+        raise InputError("--reference-grid", "no stack overlaps the reference grid (check the affines)")
     save_nifti(out, raff, a.output_volume, inputs=inputs)
     print(f"wrote {a.output_volume}")
     return 0
@@ -311,6 +330,79 @@ def _stem(path: str) -> str:
     return path
 
 
+_COMMAND_LINE: list[str] = list(sys.argv)  # set by main() to the arguments it parses
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(str(s))
+
+
+class _RunLog:
+    """The --log file: opened once the inputs are checked, one line per event, flushed as it goes."""
+
+    def __init__(self, path: str | None):
+        import time
+
+        self.t0 = time.time()
+        self.f = open(path, "w", encoding="utf-8") if path else None
+        if self.f:
+            from .errors import add_warning_sink
+
+            add_warning_sink(self.line)
+
+    def line(self, s: str) -> None:
+        import time
+
+        if self.f:
+            for ln in str(s).splitlines() or [""]:
+                self.f.write(f"[{time.time() - self.t0:8.1f} s] {ln}\n")
+            self.f.flush()
+
+    def header(self, cfg_dict=None) -> None:
+        self.line(f"mgaussian {__version__}")
+        self.line("command: " + " ".join(_shell_quote(x) for x in _COMMAND_LINE))
+        if cfg_dict is not None:
+            self.line("config: " + json.dumps(cfg_dict))
+
+    def close(self) -> None:
+        if self.f:
+            from .errors import clear_warning_sinks
+
+            clear_warning_sinks()
+            self.f.close()
+            self.f = None
+
+
+def _check_log_path(a, inputs, outputs):
+    from .io import check_output_path
+
+    if not getattr(a, "log", None):
+        return
+    check_output_path(a.log, inputs, what="--log", nifti=False)
+    for q in outputs:
+        if q and os.path.realpath(q) == os.path.realpath(a.log):
+            raise InputError("--log", f"{a.log} is also an output")
+
+
+def _check_reconstruct_inputs(a, cfg, stacks):
+    """Up-front checks of the whole run (before any fitting): the stacks as a set, the output
+    grid, the memory bound. Returns the config with the output resolution resolved."""
+    from .io import validate_stacks
+    from .recon.data import output_grid
+    from .recon.memory import check_memory
+
+    validate_stacks(stacks)
+    res = cfg.output_resolution or round(float(min(min(s.frames.spacing) for s in stacks)), 4)
+    cfg = cfg.resolved(output_resolution=res)
+    output_grid(stacks, res)  # refuses an absurd grid
+    factors = cfg.spacing_factors if cfg.growth else cfg.spacing_factors[-1:]
+    check_memory(stacks, res, a.max_memory, spacing_factors=factors, dilate_mm=cfg.dilate_mm,
+                 batch_slices=cfg.batch_slices)
+    return cfg
+
+
 def cmd_reconstruct(a) -> int:
     import time
 
@@ -321,9 +413,13 @@ def cmd_reconstruct(a) -> int:
     inputs = list(a.input_stacks) + list(a.stack_masks or [])
     check_output_path(a.output_volume, inputs)
     if a.output_model:
-        check_output_path(a.output_model, inputs + [a.output_volume], what="--output-model", nifti=False)
         if os.path.realpath(a.output_model) == os.path.realpath(a.output_volume):
             raise InputError("--output-model", "must differ from --output-volume")
+        check_output_path(a.output_model, inputs + [a.output_volume], what="--output-model", nifti=False)
+    config_json = _stem(a.output_volume) + ".config.json"
+    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json])
+    if a.output_resolution is not None and a.output_resolution < 0.1:
+        raise InputError("--output-resolution", f"{a.output_resolution:g} mm is absurdly fine (>= 0.1 mm)")
     cfg = ReconConfig()
     if a.config:
         cfg = config_from_dict(load_config_file(a.config), where=a.config)
@@ -361,11 +457,26 @@ def cmd_reconstruct(a) -> int:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
     if not a.stack_masks:
         warn("--stack-masks", "no masks given: every voxel of every stack is used (slow, and background is reconstructed too)")
+    cfg = _check_reconstruct_inputs(a, cfg, stacks)
+    from .errors import flush_warnings
     from .recon.train import reconstruct
 
-    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    runlog = _RunLog(a.log)
+    runlog.header(cfg.to_dict())
+    flush_warnings()
+
+    def log(s):
+        runlog.line(s)
+        if not a.quiet:
+            print(s, file=sys.stderr, flush=True)
+
     t0 = time.time()
-    res = reconstruct(stacks, cfg, log=log, progress=not a.quiet)
+    try:
+        res = reconstruct(stacks, cfg, log=log, progress=not a.quiet)
+    except BaseException as exc:
+        runlog.line(f"failed: {type(exc).__name__}: {exc}")
+        runlog.close()
+        raise
     save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     meta = {
         "mgaussian_version": __version__,
@@ -379,14 +490,19 @@ def cmd_reconstruct(a) -> int:
         "timings_s": res.timings,
         "wall_s": time.time() - t0,
     }
-    atomic_write_text(_stem(a.output_volume) + ".config.json", json.dumps(meta, indent=1))
+    atomic_write_text(config_json, json.dumps(meta, indent=1))
     if a.output_model:
         from .recon.model_io import save_model
 
         save_model(a.output_model, res, inputs=inputs)
+    done = (f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
+            f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s")
+    runlog.line("timings_s: " + json.dumps({**res.timings, "wall_s": time.time() - t0}))
+    runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model) if p]))
+    runlog.line(done)
+    runlog.close()
     if not a.quiet:
-        print(f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
-              f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s", file=sys.stderr)
+        print(done, file=sys.stderr)
     return 0
 
 
@@ -398,9 +514,17 @@ def cmd_sample_volume(a) -> int:
     from .recon.train import render_volume
     from .sampling import resample_volume
 
+    import time
+
     check_output_path(a.output_volume, [a.input_model])
-    fld, nrf, info = load_model(a.input_model)
-    aff, shape, region = info["affine"], info["shape"], info["region"]
+    _check_log_path(a, [a.input_model], [a.output_volume])
+    try:
+        fld, nrf, info = load_model(a.input_model)
+        aff, shape, region = info["affine"], info["shape"], info["region"]
+    except InputError:
+        raise
+    except Exception as exc:  # the right format tag but missing or odd fields
+        raise InputError(a.input_model, f"incomplete or corrupt mgaussian model file ({type(exc).__name__}: {exc})") from None
     if a.output_resolution is not None:
         old = float(np.linalg.norm(aff[:3, 0]))
         r = a.output_resolution
@@ -414,9 +538,15 @@ def cmd_sample_volume(a) -> int:
         new_aff[:3, :3] = aff[:3, :3] / old * r
         region = resample_volume(region.astype(np.float32), aff, new_shape, new_aff) > 0.5
         aff, shape = new_aff, new_shape
+    runlog = _RunLog(a.log)
+    runlog.header()
+    t0 = time.time()
     vol = render_volume(fld, nrf, shape, aff, region, backend=a.backend, cutoff=float(info["config"].get("cutoff", 3.0)))
     vol = np.clip(vol, 0, None) * info["scale"]
     save_nifti(vol, aff, a.output_volume, inputs=[a.input_model])
+    runlog.line("timings_s: " + json.dumps({"render_volume_s": time.time() - t0}))
+    runlog.line("outputs: " + json.dumps([os.path.abspath(a.output_volume)]))
+    runlog.close()
     print(f"wrote {a.output_volume} ({shape[0]}x{shape[1]}x{shape[2]})", file=sys.stderr)
     return 0
 
@@ -426,7 +556,10 @@ def cmd_inspect(a) -> int:
 
     from .io import load_stacks
 
+    from .io import validate_stacks
+
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    validate_stacks(stacks)
     rows = []
     for s in stacks:
         rows.append({
@@ -461,7 +594,12 @@ def cmd_demo(a) -> int:
 
 
 def main(argv=None) -> int:
+    from . import errors
+
+    global _COMMAND_LINE
+    _COMMAND_LINE = ["mgaussian"] + [str(x) for x in (sys.argv[1:] if argv is None else argv)]
     parser = build_parser()
+    errors.defer_warnings()  # a later error is then the only line printed
     try:
         a = parser.parse_args(argv)
         if not getattr(a, "command", None):
@@ -469,6 +607,7 @@ def main(argv=None) -> int:
             return EXIT_BAD_INPUT
         return int(a.func(a) or 0)
     except InputError as exc:
+        errors.discard_warnings()
         print(f"error: {exc.where}: {exc.what}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -486,6 +625,8 @@ def main(argv=None) -> int:
             raise
         print(f"error: internal: {type(exc).__name__}: {exc} (set MGAUSSIAN_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        errors.flush_warnings()  # nothing left after an input error (discarded)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,8 @@ __all__ = [
     "check_output_path",
     "atomic_write_text",
     "NIFTI_SUFFIXES",
+    "validate_stacks",
+    "MAX_THICKNESS_MM",
 ]
 
 import json
@@ -27,10 +29,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, warn
 from .geometry import SliceFrames, slice_frames, voxel_sizes
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_THICKNESS_MM = 50.0  # no MRI slice is thicker; a larger value is a unit or header mistake
 
 
 def _is_nifti_name(p: str | os.PathLike) -> bool:
@@ -81,11 +84,13 @@ def load_image(path: str | os.PathLike, *, what: str = "image", allow_zero: bool
         raise InputError(p, f"cannot read image data (truncated or corrupt file?): {_short(exc)}") from None
     data = np.asarray(data.reshape(shape[:3]), dtype=np.float32)
     affine = np.asarray(img.affine, dtype=np.float64)
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(p, "affine (sform/qform) is singular or not finite")
+    if not np.all(np.isfinite(affine)):
+        raise InputError(p, "affine (sform/qform) is not finite")
     vs = voxel_sizes(affine)
     if np.any(vs < 1e-3) or np.any(vs > 1e3):
         raise InputError(p, f"absurd voxel size {np.round(vs, 6).tolist()} mm")
+    if abs(np.linalg.det(affine[:3, :3] / vs[None, :])) < 1e-6:
+        raise InputError(p, "affine (sform/qform) is singular: its voxel axes are not independent")
     if not np.all(np.isfinite(data)):
         n_bad = int(np.size(data) - np.isfinite(data).sum())
         raise InputError(p, f"{what} contains {n_bad} NaN or Inf voxels")
@@ -113,6 +118,9 @@ def load_mask(path: str | os.PathLike, ref_shape=None, ref_affine=None, ref_name
     m = data > 0
     if not m.any():
         raise InputError(p, "mask is empty (no voxel > 0)")
+    if not np.all((data == 0) | (data == 1)):
+        odd = data[(data != 0) & (data != 1)]
+        warn(p, f"mask holds values other than 0 and 1 (e.g. {float(odd.flat[0]):g}); voxels > 0 are taken as inside")
     return m
 
 
@@ -133,6 +141,8 @@ def resolve_thickness(path, explicit: float | None, slice_spacing: float) -> tup
     if explicit is not None:
         if not np.isfinite(explicit) or explicit <= 0:
             raise InputError("--thicknesses", f"thickness must be a positive number of mm, got {explicit}")
+        if explicit > MAX_THICKNESS_MM:
+            raise InputError("--thicknesses", f"implausible slice thickness {explicit:g} mm (> {MAX_THICKNESS_MM:g} mm)")
         return float(explicit), "option"
     sc = sidecar_path(path)
     if sc.exists():
@@ -144,7 +154,12 @@ def resolve_thickness(path, explicit: float | None, slice_spacing: float) -> tup
             t = meta["SliceThickness"]
             if not isinstance(t, (int, float)) or isinstance(t, bool) or not np.isfinite(t) or t <= 0:
                 raise InputError(str(sc), f"SliceThickness must be a positive number, got {t!r}")
+            if t > MAX_THICKNESS_MM:
+                raise InputError(str(sc), f"implausible SliceThickness {t:g} mm (> {MAX_THICKNESS_MM:g} mm)")
             return float(t), "sidecar"
+    if slice_spacing > MAX_THICKNESS_MM:
+        raise InputError(str(path), f"implausible slice spacing {slice_spacing:g} mm (> {MAX_THICKNESS_MM:g} mm); "
+                                    "check the header's voxel sizes or give --thicknesses")
     return float(slice_spacing), "spacing"
 
 
@@ -212,12 +227,49 @@ def load_stacks(paths, mask_paths=None, thicknesses=None) -> list[Stack]:
         if mask_paths is not None:
             m = load_mask(mask_paths[i], data.shape, affine, ref_name=os.path.basename(p))
             mp = mask_paths[i]
+            if not np.any(data[m]):
+                raise InputError(mp, f"mask covers only zero voxels of its stack ({os.path.basename(p)}): "
+                                     "it lies outside the anatomy")
         else:
             m = np.ones(data.shape, dtype=bool)
             mp = None
         t, src = resolve_thickness(p, th[i] if th is not None else None, fr.slice_spacing)
+        lo, hi = float(data.min()), float(data.max())
+        if np.all((data == lo) | (data == hi)):
+            warn(p, f"stack holds only two values ({lo:g}, {hi:g}): is it a mask?")
         stacks.append(Stack(str(p), data, affine, m, t, src, fr, mp))
     return stacks
+
+
+def _world_box(st: Stack) -> tuple[np.ndarray, np.ndarray]:
+    """World bounding box of a stack's masked voxels, grown by half a slice and a pixel."""
+    idx = np.argwhere(st.mask)
+    lo_i, hi_i = idx.min(0), idx.max(0)
+    corners = np.array([[a, b, c] for a in (lo_i[0], hi_i[0]) for b in (lo_i[1], hi_i[1]) for c in (lo_i[2], hi_i[2])], float)
+    w = corners @ st.affine[:3, :3].T + st.affine[:3, 3]
+    pad = st.thickness / 2 + max(st.frames.spacing)
+    return w.min(0) - pad, w.max(0) + pad
+
+
+def validate_stacks(stacks: list[Stack]) -> None:
+    """Checks on the set of stacks for a reconstruction.
+
+    Errors: a lone stack of one slice (nothing to reconstruct in 3D); a stack whose masked box
+    meets no other stack's (the stacks do not overlap in space). Warning: a one-slice stack beside
+    others (usable: it constrains the volume where it lies)."""
+    if len(stacks) == 1 and stacks[0].n_slices == 1:
+        raise InputError(stacks[0].path, "a single stack of one slice cannot be reconstructed in 3D; give more stacks")
+    for st in stacks:
+        if st.n_slices == 1 and len(stacks) > 1:
+            warn(st.path, "stack has one slice only")
+    if len(stacks) < 2:
+        return
+    boxes = [_world_box(st) for st in stacks]
+    alone = [i for i, (lo, hi) in enumerate(boxes)
+             if not any(np.all(lo <= h) and np.all(l <= hi) for j, (l, h) in enumerate(boxes) if j != i)]
+    if alone:  # blame a later stack first: the first one anchors the output grid
+        i = max(alone) if alone == [0] or len(stacks) == 2 else min(k for k in alone if k > 0)
+        raise InputError(stacks[i].path, "does not overlap any other stack in space (check the affines and masks)")
 
 
 def check_output_path(path, inputs=(), *, what: str = "--output-volume", nifti: bool = True) -> str:

@@ -181,11 +181,11 @@ def _stack_figure(st, sim, title):
     for j, (img, name, cmap, lo, top) in enumerate([(inp, "input", "gray", 0, hi), (sm, "simulated", "gray", 0, hi),
                                                      (diff, "difference (in mask)", div, -dl, dl)]):
         im = _show(axs[0, j], img[a0:a1, b0:b1, k], ext_in, cols[:, 0], cols[:, 1], f"{name}, slice {k}", cmap, lo, top)
-        _show(axs[1, j], img[a0:a1, bc, :], ext_tp, cols[:, 0], cols[:, 2], f"{name}, across slices (column {bc})",
+        _show(axs[1, j], img[a0:a1, bc, :], ext_tp, cols[:, 0], cols[:, 2], f"{name.split(' (')[0]}, across slices",
               cmap, lo, top)
         if j == 2:
             fig.colorbar(im, ax=list(axs[:, 2]), shrink=0.6)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(f"{title}\nrow 1: slice {k} in plane; row 2: all slices along pixel column {bc}", fontsize=9)
     return fig
 
 

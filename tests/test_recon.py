@@ -94,7 +94,7 @@ def test_cli_reconstruct_outputs_and_sample_volume(case, tmp_path, capsys):
     assert meta["config"]["use_nrf"] is False and meta["config"]["iterations"] == [0, 15]
     assert meta["config"]["output_resolution"] == pytest.approx(1.2)
     assert all(open(p, "rb").read() == before[p] for p in case["stacks"])
-    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "rec.config.json", "rec.nii.gz", "rec.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "rec.config.json", "rec.nii.gz", "rec.pt", "rec_report"]
     # sample-volume at the same resolution reproduces the volume; at 2.4 mm it still overlays
     s1 = tmp_path / "s1.nii.gz"
     assert main(["sample-volume", "--input-model", str(model), "--output-volume", str(s1)]) == 0

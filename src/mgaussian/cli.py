@@ -120,6 +120,8 @@ def _add_reconstruct(sub):
     g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
     g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
+    g.add_argument("--output-report", metavar="DIR", help="folder for the HTML report (index.html and PNGs); default: <output stem>_report beside the volume")
+    g.add_argument("--no-report", action="store_true", help="write no report")
     g.add_argument("--config", help="JSON (or TOML) file of settings (see mgaussian.recon.config.ReconConfig)")
     g.add_argument("--log", metavar="FILE", help="write a log of the run (version, command, configuration, progress, timings, outputs)")
     g.add_argument("--slice-profile", choices=["gaussian", "box"], default=None,
@@ -160,6 +162,24 @@ def _add_sample_volume(sub):
     p.set_defaults(func=cmd_sample_volume)
 
 
+def _add_sample_slices(sub):
+    p = sub.add_parser(
+        "sample-slices",
+        help="simulate the input stacks from a saved model (each slice at its fitted pose)",
+        description=("Render every slice of every input stack from a saved model through the slice profile the fit used, "
+                     "each slice moved by its fitted pose; writes DIR/<stack>_simulated.nii.gz on each stack's grid and "
+                     "prints NCC and PSNR against each stack inside its mask."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input-model", required=True, help="model saved by reconstruct --output-model")
+    p.add_argument("--input-stacks", nargs="+", required=True, help="the stacks the model was fitted to, in the same order")
+    p.add_argument("--stack-masks", nargs="+", help="one mask per stack (for the scores; default: whole stack)")
+    p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm) as given to reconstruct")
+    p.add_argument("--output-dir", required=True, help="folder for <stack>_simulated.nii.gz (created if missing)")
+    p.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto")
+    p.set_defaults(func=cmd_sample_slices)
+
+
 def _add_inspect(sub):
     p = sub.add_parser(
         "inspect",
@@ -192,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_reconstruct(sub)
     _add_sample_volume(sub)
+    _add_sample_slices(sub)
     _add_simulate(sub)
     _add_evaluate(sub)
     _add_naive(sub)
@@ -420,6 +441,14 @@ def cmd_reconstruct(a) -> int:
     _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json])
     if a.output_resolution is not None and a.output_resolution < 0.1:
         raise InputError("--output-resolution", f"{a.output_resolution:g} mm is absurdly fine (>= 0.1 mm)")
+    report_dir = None
+    if a.no_report and a.output_report:
+        raise InputError("--output-report", "conflicts with --no-report")
+    if not a.no_report:
+        from .report import check_report_dir
+
+        report_dir = a.output_report or (_stem(a.output_volume) + "_report")
+        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model], len(a.input_stacks))
     cfg = ReconConfig()
     if a.config:
         cfg = config_from_dict(load_config_file(a.config), where=a.config)
@@ -500,6 +529,22 @@ def cmd_reconstruct(a) -> int:
     runlog.line("timings_s: " + json.dumps({**res.timings, "wall_s": time.time() - t0}))
     runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model) if p]))
     runlog.line(done)
+    if report_dir is not None:
+        t_rep = time.time()
+        try:
+            import matplotlib  # noqa: F401
+
+            from .report import write_report
+        except ImportError as exc:  # matplotlib missing from a partial install
+            warn("--output-report", f"no report written ({exc})")
+        else:
+            extra = {"command": sys.argv, "wall_s": t_rep - t0, "config_json": _stem(a.output_volume) + ".config.json",
+                     "model": a.output_model}
+            idx = write_report(report_dir, res, stacks, a.output_volume, extra=extra,
+                               inputs=[a.output_model, _stem(a.output_volume) + ".config.json"])
+            if not a.quiet:
+                print(f"wrote the report {idx} in {time.time() - t_rep:.1f} s", file=sys.stderr)
+            runlog.line(f"report: {idx}")
     runlog.close()
     if not a.quiet:
         print(done, file=sys.stderr)
@@ -548,6 +593,32 @@ def cmd_sample_volume(a) -> int:
     runlog.line("outputs: " + json.dumps([os.path.abspath(a.output_volume)]))
     runlog.close()
     print(f"wrote {a.output_volume} ({shape[0]}x{shape[1]}x{shape[2]})", file=sys.stderr)
+    return 0
+
+
+def cmd_sample_slices(a) -> int:
+    from .io import check_output_path, load_stacks, save_nifti
+    from .recon.model_io import load_model
+    from .recon.sample import simulate_stacks_from_model, stack_scores
+
+    inputs = [a.input_model] + list(a.input_stacks) + list(a.stack_masks or [])
+    _prepare_output_dir(a.output_dir, inputs)
+    fld, nrf, info = load_model(a.input_model)
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    outs = [os.path.join(a.output_dir, f"{s.name}_simulated.nii.gz") for s in stacks]
+    if len(set(outs)) != len(outs):
+        raise InputError("--input-stacks", "two stacks share a file name; their simulations would collide")
+    for o in outs:
+        if os.path.isdir(a.output_dir):
+            check_output_path(o, inputs, what="--output-dir")
+        elif any(os.path.realpath(o) == os.path.realpath(q) for q in inputs):
+            raise InputError("--output-dir", f"{o} is also an input; refusing to overwrite it")
+    sims = simulate_stacks_from_model(fld, nrf, info, stacks, backend=a.backend)
+    os.makedirs(a.output_dir, exist_ok=True)
+    for st, sim, o in zip(stacks, sims, outs):
+        save_nifti(sim, st.affine, o, inputs=inputs)
+        sc = stack_scores(sim, st)
+        print(f"{st.path}: NCC {sc['ncc']:.4f}, PSNR {sc['psnr']:.2f} dB inside the mask -> {o}")
     return 0
 
 

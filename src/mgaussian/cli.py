@@ -131,6 +131,10 @@ def _add_reconstruct(sub):
     c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
     c.add_argument("--time-budget", type=_num("--time-budget", positive=True), help="seconds for fitting (default 240; the warm start stops at 60 %%, Adam at 100 %%)")
     c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    c.add_argument("--checkpoint-dir", help="write checkpoints of the fit here (created if missing; every "
+                   "checkpoint_interval_s = 30 s, after each level's warm start and at the end)")
+    c.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir "
+                   "(same inputs and settings; threads, device, backend and --time-budget may change)")
     a = p.add_argument_group("ablations of the seed's components")
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
     a.add_argument("--no-growth", action="store_true", help="train the finest Gaussian grid only")
@@ -311,6 +315,38 @@ def _stem(path: str) -> str:
     return path
 
 
+def _reconstruct_checkpoint(a, cfg, stacks, inputs):
+    """(Checkpointer or None, state to resume from or None) for --checkpoint-dir / --resume."""
+    from .errors import warn
+    from .recon.checkpoint import Checkpointer, inputs_fingerprint
+
+    if not a.checkpoint_dir:
+        return None, None
+    d = a.checkpoint_dir
+    ck = Checkpointer(d, cfg, inputs_fingerprint(stacks), interval_s=cfg.checkpoint_interval_s)
+    if a.resume:
+        if not os.path.isdir(d) or not ck.exists():
+            raise InputError("--resume", f"no checkpoint in {d} to resume from")
+        return ck, ck.load()
+    if ck.exists():
+        warn("--checkpoint-dir", f"{d} holds a checkpoint: starting afresh and replacing it (--resume continues it)")
+    os.makedirs(d, exist_ok=True)
+    return ck, None
+
+
+def _check_checkpoint_dir(a, outputs) -> None:
+    if a.resume and not a.checkpoint_dir:
+        raise InputError("--resume", "needs --checkpoint-dir")
+    if not a.checkpoint_dir:
+        return
+    d = a.checkpoint_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise InputError("--checkpoint-dir", f"{d} exists and is not a folder")
+    for q in outputs:
+        if q and os.path.realpath(q) == os.path.realpath(d):
+            raise InputError("--checkpoint-dir", f"{d} is also an input or output")
+
+
 def cmd_reconstruct(a) -> int:
     import time
 
@@ -356,7 +392,9 @@ def cmd_reconstruct(a) -> int:
         over["block_radius"] = a.block_radius
         over["renderer"] = "points"
     cfg = cfg.resolved(**over).validate("command line")
+    _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
     if not a.stack_masks:
@@ -365,7 +403,7 @@ def cmd_reconstruct(a) -> int:
 
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.time()
-    res = reconstruct(stacks, cfg, log=log, progress=not a.quiet)
+    res = reconstruct(stacks, cfg, log=log, progress=not a.quiet, checkpointer=ckpt, resume_state=resume_state)
     save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     meta = {
         "mgaussian_version": __version__,

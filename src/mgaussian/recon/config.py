@@ -72,6 +72,9 @@ class ReconConfig:
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
+    # with --checkpoint-dir: seconds between checkpoints (at an iteration boundary; 0: every
+    # iteration); checkpoints are also written after each level's warm start and at the end
+    checkpoint_interval_s: float = 30.0
 
     def resolved(self, **kw) -> "ReconConfig":
         return dataclasses.replace(self, **kw)
@@ -119,6 +122,8 @@ class ReconConfig:
             bad("device", "auto, cpu or cuda")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
             bad("time_budget_s", "must be > 0 seconds or null")
+        if not (self.checkpoint_interval_s >= 0 and math.isfinite(self.checkpoint_interval_s)):
+            bad("checkpoint_interval_s", "must be >= 0 seconds")
         if self.threads is not None and self.threads < 1:
             bad("threads", "must be >= 1")
         return self

@@ -464,7 +464,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     prog.close()
     if checkpointer is not None and not (resume_state is not None and resume_state["done"]):  # [checkpoint]
         checkpointer.save(snapshot(len(factors), 0, done=True))
-        timings["checkpoint_s"] = checkpointer.save_s
+        timings["checkpoint_s"], timings["checkpoints_saved"] = checkpointer.save_s, checkpointer.n_saved
     timings["train_s"] = time.time() - t_train
 
     t0 = time.time()

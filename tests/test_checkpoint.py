@@ -53,7 +53,9 @@ def test_save_load_round_trip_and_interval(case, tmp_path):
     assert ck.load() is None and not ck.exists()
     assert ck.maybe_save(lambda: _state(0, 1), force=True)
     assert not ck.maybe_save(lambda: pytest.fail("state built although the interval has not passed"))
+    (tmp_path / "ck" / f".{CHECKPOINT}.x1y2.partial").write_bytes(b"half a checkpoint")  # a killed save
     ck.save(_state(1, 2))
+    assert ck.remove_partials() == 1
     names = sorted(os.listdir(tmp_path / "ck"))
     assert names == sorted(["checkpoint.json", CHECKPOINT, PREVIOUS])  # no temporary file left behind
     st = ck.load()

@@ -324,6 +324,7 @@ def _reconstruct_checkpoint(a, cfg, stacks, inputs):
         return None, None
     d = a.checkpoint_dir
     ck = Checkpointer(d, cfg, inputs_fingerprint(stacks), interval_s=cfg.checkpoint_interval_s)
+    ck.remove_partials()  # left by a save that was killed
     if a.resume:
         if not os.path.isdir(d) or not ck.exists():
             raise InputError("--resume", f"no checkpoint in {d} to resume from")

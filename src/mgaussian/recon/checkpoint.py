@@ -143,6 +143,19 @@ class Checkpointer:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def remove_partials(self) -> int:
+        """Delete temporary files a killed save left behind; returns how many."""
+        n = 0
+        if os.path.isdir(self.dir):
+            for name in os.listdir(self.dir):
+                if name.startswith((f".{CHECKPOINT}.", f".{SUMMARY}.")) and name.endswith(".partial"):
+                    try:
+                        os.unlink(os.path.join(self.dir, name))
+                        n += 1
+                    except OSError:
+                        pass
+        return n
+
     # ------------------------------------------------------------------ reading
     def exists(self) -> bool:
         return os.path.isfile(self.path) or os.path.isfile(self.prev_path)

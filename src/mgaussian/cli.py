@@ -136,6 +136,10 @@ def _add_reconstruct(sub):
     c.add_argument("--max-memory", metavar="GB", type=_num("--max-memory", positive=True), default=8.0,
                    help="refuse a run whose estimated peak memory is above this (GB); see benchmarks/MEMORY.md")
     c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    c.add_argument("--checkpoint-dir", help="write checkpoints of the fit here (created if missing; every "
+                   "checkpoint_interval_s = 30 s, after each level's warm start and at the end)")
+    c.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir "
+                   "(same inputs and settings; threads, device, backend and --time-budget may change)")
     a = p.add_argument_group("ablations of the seed's components")
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
     a.add_argument("--no-growth", action="store_true", help="train the finest Gaussian grid only")
@@ -424,6 +428,39 @@ def _check_reconstruct_inputs(a, cfg, stacks):
     return cfg
 
 
+def _reconstruct_checkpoint(a, cfg, stacks, inputs):
+    """(Checkpointer or None, state to resume from or None) for --checkpoint-dir / --resume."""
+    from .errors import warn
+    from .recon.checkpoint import Checkpointer, inputs_fingerprint
+
+    if not a.checkpoint_dir:
+        return None, None
+    d = a.checkpoint_dir
+    ck = Checkpointer(d, cfg, inputs_fingerprint(stacks), interval_s=cfg.checkpoint_interval_s)
+    ck.remove_partials()  # left by a save that was killed
+    if a.resume:
+        if not os.path.isdir(d) or not ck.exists():
+            raise InputError("--resume", f"no checkpoint in {d} to resume from")
+        return ck, ck.load()
+    if ck.exists():
+        warn("--checkpoint-dir", f"{d} holds a checkpoint: starting afresh and replacing it (--resume continues it)")
+    os.makedirs(d, exist_ok=True)
+    return ck, None
+
+
+def _check_checkpoint_dir(a, outputs) -> None:
+    if a.resume and not a.checkpoint_dir:
+        raise InputError("--resume", "needs --checkpoint-dir")
+    if not a.checkpoint_dir:
+        return
+    d = a.checkpoint_dir
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise InputError("--checkpoint-dir", f"{d} exists and is not a folder")
+    for q in outputs:
+        if q and os.path.realpath(q) == os.path.realpath(d):
+            raise InputError("--checkpoint-dir", f"{d} is also an input or output")
+
+
 def cmd_reconstruct(a) -> int:
     import time
 
@@ -481,7 +518,9 @@ def cmd_reconstruct(a) -> int:
         over["block_radius"] = a.block_radius
         over["renderer"] = "points"
     cfg = cfg.resolved(**over).validate("command line")
+    _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
     if not a.stack_masks:
@@ -501,7 +540,7 @@ def cmd_reconstruct(a) -> int:
 
     t0 = time.time()
     try:
-        res = reconstruct(stacks, cfg, log=log, progress=not a.quiet)
+        res = reconstruct(stacks, cfg, log=log, progress=not a.quiet, checkpointer=ckpt, resume_state=resume_state)
     except BaseException as exc:
         runlog.line(f"failed: {type(exc).__name__}: {exc}")
         runlog.close()

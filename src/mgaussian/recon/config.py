@@ -87,6 +87,9 @@ class ReconConfig:
     device: str = "auto"
     threads: int | None = None
     seed: int = 0
+    # with --checkpoint-dir: seconds between checkpoints (at an iteration boundary; 0: every
+    # iteration); checkpoints are also written after each level's warm start and at the end
+    checkpoint_interval_s: float = 30.0
 
     def resolved(self, **kw) -> "ReconConfig":
         return dataclasses.replace(self, **kw)
@@ -144,6 +147,8 @@ class ReconConfig:
                 bad(k, "must be >= 0")
         if not (self.pixel_outlier_c > 0 and self.slice_outlier_z > 0):
             bad("pixel_outlier_c / slice_outlier_z", "must be > 0")
+        if not (self.checkpoint_interval_s >= 0 and math.isfinite(self.checkpoint_interval_s)):
+            bad("checkpoint_interval_s", "must be >= 0 seconds")
         if self.threads is not None and self.threads < 1:
             bad("threads", "must be >= 1")
         return self

@@ -350,8 +350,59 @@ def render_volume(fld: GaussianField, nrf, shape, affine, region: np.ndarray | N
     return vol.cpu().numpy().astype(np.float32)
 
 
-def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool = True, history_every: int = 10) -> ReconResult:
-    """Reconstruct a volume from loaded stacks with the given configuration."""
+# ---- checkpoints (issue 6): ALL the state the loop needs to continue goes through these two
+# functions, as one dict. New loop state (a pose optimiser, slice weights) is one more entry in
+# each, and one more keyword where reconstruct() calls _snapshot.
+def _snapshot(*, level, iteration, cg_done, done, fld, params, opt, nrf, nrf_opt, rng, order, step, history,
+              rots, trans, elapsed_s, motion_state=None) -> dict:
+    """The loop state at an iteration boundary (``iteration`` = the next one to run in ``level``;
+    ``level`` = number of levels when fitting is done), as CPU tensors and plain Python values."""
+    return {
+        "level": level, "iteration": iteration, "cg_done": cg_done, "done": done, "step": step,
+        "elapsed_s": elapsed_s, "history": list(history),
+        "field": {**{k: v.detach().cpu().clone() for k, v in params.items()}, "spacing": fld.spacing,
+                  "grid_origin": np.asarray(fld.grid_origin), "grid_index": fld.grid_index, "grid_shape": fld.grid_shape},
+        "opt": opt.state_dict() if opt is not None else None,  # Adam moments and step counts
+        "nrf": {k: v.detach().cpu().clone() for k, v in nrf.state_dict().items()} if nrf is not None else None,
+        "nrf_opt": nrf_opt.state_dict() if nrf_opt is not None else None,
+        "rng": rng.bit_generator.state, "order": list(order),  # batch order: RNG + the rest of the epoch
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "rots": [r.detach().cpu().clone() for r in rots], "trans": [t.detach().cpu().clone() for t in trans],
+        # stack poses, slice scales / weights, pixel weights, pose history
+        "motion": {k: ([x.detach().cpu().clone() for x in v] if k in ("scs", "sws", "pws") else v)
+                   for k, v in (motion_state or {}).items()},
+    }
+
+
+def _restore(st: dict, dev, make_nrf) -> dict:
+    """The loop state of a ``_snapshot`` on device ``dev`` (``make_nrf()`` builds an empty NRF);
+    also resets the torch RNGs. The caller sets the numpy RNG and builds the Adam of the level."""
+    f = st["field"]
+    fld = GaussianField(*(f[k].to(dev) for k in ("means", "log_scales", "quats", "intensities")), f["spacing"],
+                        np.asarray(f["grid_origin"]), f["grid_index"], f["grid_shape"])
+    nrf = nrf_opt = None
+    if st["nrf"] is not None:
+        nrf = make_nrf()
+        nrf.load_state_dict(st["nrf"])
+        nrf_opt = torch.optim.Adam(nrf.parameters(), lr=1.0)  # lr comes back with the state
+        nrf_opt.load_state_dict(st["nrf_opt"])
+    torch.set_rng_state(st["torch_rng"])
+    if st.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda_rng"])
+    return {"fld": fld, "nrf": nrf, "nrf_opt": nrf_opt, "order": [tuple(x) for x in st["order"]],
+            "step": int(st["step"]), "history": list(st["history"]),
+            "rots": [r.to(dev) for r in st["rots"]], "trans": [t.to(dev) for t in st["trans"]],
+            "motion": {k: ([x.to(dev) for x in v] if k in ("scs", "sws", "pws") else v) for k, v in st.get("motion", {}).items()}}
+
+
+def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool = True, history_every: int = 10,
+                checkpointer=None, resume_state: dict | None = None) -> ReconResult:
+    """Reconstruct a volume from loaded stacks with the given configuration.
+
+    ``checkpointer`` (recon.checkpoint.Checkpointer) saves the loop state after each level's warm
+    start, every ``interval_s`` at an iteration boundary and at the end of fitting;
+    ``resume_state`` (its ``load()``) continues from such a state."""
     t_start = time.time()
     cfg.validate()
     _set_threads(cfg.threads)
@@ -369,7 +420,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     t0 = time.time()
     multi = len(stacks) > 1
     ref = min(cfg.reference_stack, len(stacks) - 1)
-    if cfg.register_stacks and multi:
+    if resume_state is not None and resume_state.get("motion", {}).get("stack_poses") is not None:
+        stack_poses = [np.asarray(P) for P in resume_state["motion"]["stack_poses"]]  # [checkpoint]
+    elif cfg.register_stacks and multi:
         from .motion import register_stacks
 
         stack_poses = register_stacks(stacks, reference=ref, log=log)
@@ -453,10 +506,45 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             out.append(order.pop())
         return out
 
+    # ---- checkpoint hooks (issue 6)
+    params = opt = None
+
+    def snapshot(level, iteration, cg_done=True, done=False):
+        return _snapshot(level=level, iteration=iteration, cg_done=cg_done, done=done, fld=fld, params=params, opt=opt,
+                         nrf=nrf, nrf_opt=nrf_opt, rng=rng, order=order, step=step, history=history, rots=rots,
+                         trans=trans, elapsed_s=time.time() - t_start,
+                         motion_state={"scs": scs, "sws": sws, "pws": pws, "pose_history": pose_history,
+                                       "stack_poses": [P.tolist() for P in stack_poses]})
+
+    start_lev, start_it, start_cg_done = 0, 0, False
+    if resume_state is not None:
+        r = _restore(resume_state, dev, lambda: NeuralResidualField(wlo - 5, whi + 5, cfg.nrf_bands, cfg.nrf_width,
+                                                                     cfg.nrf_depth, cfg.nrf_scale).to(dev))
+        fld, nrf, nrf_opt, order, step, history = r["fld"], r["nrf"], r["nrf_opt"], r["order"], r["step"], r["history"]
+        rots, trans = r["rots"], r["trans"]
+        if r["motion"]:
+            scs, sws, pws = r["motion"]["scs"], r["motion"]["sws"], r["motion"]["pws"]
+            pose_history[:] = r["motion"]["pose_history"]
+            wts = [ss.mask.to(pw.dtype) * pw * sw[:, None, None] for ss, pw, sw in zip(sets, pws, sws)]
+        rng.bit_generator.state = resume_state["rng"]
+        start_lev, start_it, start_cg_done = resume_state["level"], resume_state["iteration"], resume_state["cg_done"]
+        t_start = time.time() - float(resume_state["elapsed_s"])  # the time budget counts the time before the kill
+        if resume_state["done"]:
+            log(f"resuming a finished fit (step {step}): rendering the volume")
+        else:
+            log(f"resuming from level {start_lev + 1} iteration {start_it} (step {step}, "
+                f"{resume_state['elapsed_s']:.0f} s of fitting done)")
+    # ---- end of checkpoint hooks
+
     t_train = time.time()
     for lev, (fac, n_it) in enumerate(zip(factors, iters)):
+        if lev < start_lev:  # [checkpoint] done before the resume point
+            continue
+        resumed_here = resume_state is not None and lev == start_lev
         sp = fac * res
-        if fld is None:
+        if resumed_here:  # [checkpoint] fld is the restored field of this level
+            pass
+        elif fld is None:
             fld = init_field_on_grid(region, aff, sp, dilate_mm=cfg.dilate_mm, init_intensity=init,
                                      scale_factor=cfg.scale_factor, device=dev)
         else:
@@ -478,8 +566,10 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 _cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, backend, n, pairs, cfg.cg_smoothness,
                                 deadline=dl)
 
-        refit(cfg.cg_iterations)
-        if motion:
+        warm = not (resumed_here and start_cg_done)  # [checkpoint] a resumed level skips its warm start
+        if warm:
+            refit(cfg.cg_iterations)
+        if warm and motion:
             # alternate: slice poses (field fixed) -> robust weights and slice scales -> intensities
             rounds = cfg.motion_rounds if lev == 0 else 1
             steps = cfg.pose_iterations if lev == 0 else cfg.fine_pose_iterations
@@ -491,7 +581,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
                 refit(max(cfg.cg_iterations // 3, 1))
                 record_poses()
-        elif cfg.robust or cfg.slice_scale:
+        elif warm and (cfg.robust or cfg.slice_scale):
             wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
             refit(max(cfg.cg_iterations // 3, 1))
         pose_groups = []
@@ -504,10 +594,14 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         groups = groups + pose_groups
         opt = torch.optim.Adam(groups, eps=1e-15)
         base_lr = [g["lr"] for g in groups]
+        if resumed_here and resume_state["opt"] is not None:  # [checkpoint]
+            opt.load_state_dict(resume_state["opt"])
+        elif checkpointer is not None:  # [checkpoint] after the warm start
+            checkpointer.save(snapshot(lev, 0))
         last_level = lev == len(factors) - 1
         nrf_from = int(cfg.nrf_start * n_it) if (cfg.use_nrf and last_level) else None
         log(f"level {lev + 1}/{len(factors)}: {fld.num_gaussians} Gaussians at {sp:g} mm, {n_it} iterations")
-        for it in range(n_it):
+        for it in range(start_it if resumed_here else 0, n_it):
             if cfg.time_budget_s and last_level and time.time() - t_start > cfg.time_budget_s:
                 log(f"time budget of {cfg.time_budget_s:g} s reached after {it} of {n_it} iterations")
                 break
@@ -561,6 +655,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             if step % history_every == 0 or step == total:
                 history.append(rec)
             prog.update(step, loss=float(loss.detach()), level=f"{lev + 1}/{len(factors)}")
+            if checkpointer is not None:  # [checkpoint]
+                checkpointer.maybe_save(lambda: snapshot(lev, it + 1))
         for r, t in zip(rots, trans):
             r.requires_grad_(False)
             t.requires_grad_(False)
@@ -570,6 +666,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
                             params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)
     prog.close()
+    if checkpointer is not None and not (resume_state is not None and resume_state["done"]):  # [checkpoint]
+        checkpointer.save(snapshot(len(factors), 0, done=True))
+        timings["checkpoint_s"], timings["checkpoints_saved"] = checkpointer.save_s, checkpointer.n_saved
     timings["train_s"] = time.time() - t_train
 
     t0 = time.time()

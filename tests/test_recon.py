@@ -65,9 +65,12 @@ def test_reconstruct_beats_naive_and_overlays_truth(case):
     ijk = np.linalg.inv(res.affine) @ A0[:, 3]
     assert np.allclose(ijk[:3], np.round(ijk[:3]), atol=1e-4)
     assert np.allclose(np.linalg.norm(res.affine[:3, :3], axis=0), 1.2)
-    # poses are carried per slice (identity here) and intensities are in the input units
+    # poses are carried per slice (no motion here: they stay near identity) and intensities are
+    # in the input units
     assert [len(p["rotvec"]) for p in res.poses] == [len(p["slices"]) for p in res.poses]
-    assert all(np.allclose(p["rotvec"], 0) for p in res.poses)
+    fixed = reconstruct(st, config_from_dict(dict(FAST, motion=False, register_stacks=False, iterations=[0, 0])),
+                        progress=False, log=lambda s: None)
+    assert all(np.allclose(p["rotvec"], 0) and np.allclose(p["translation_mm"], 0, atol=1e-5) for p in fixed.poses)
     inside = case["mask"]
     assert 0.7 < np.percentile(res.volume[res.volume > 0], 99) / np.percentile(case["gt"][inside], 99) < 1.3
 
@@ -94,7 +97,9 @@ def test_cli_reconstruct_outputs_and_sample_volume(case, tmp_path, capsys):
     assert meta["config"]["use_nrf"] is False and meta["config"]["iterations"] == [0, 15]
     assert meta["config"]["output_resolution"] == pytest.approx(1.2)
     assert all(open(p, "rb").read() == before[p] for p in case["stacks"])
-    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "rec.config.json", "rec.nii.gz", "rec.pt", "rec_report"]
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "rec.config.json", "rec.nii.gz", "rec.poses.json", "rec.pt", "rec_report"]
+    poses = json.loads((tmp_path / "rec.poses.json").read_text())
+    assert len(poses["poses"]) == 3 and len(poses["slice_weights"]) == 3 and len(poses["centre_mm"]) == 3
     # sample-volume at the same resolution reproduces the volume; at 2.4 mm it still overlays
     s1 = tmp_path / "s1.nii.gz"
     assert main(["sample-volume", "--input-model", str(model), "--output-volume", str(s1)]) == 0

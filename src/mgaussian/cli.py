@@ -132,7 +132,7 @@ def _add_reconstruct(sub):
     c.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto", help="renderer backend")
     c.add_argument("--threads", type=_num("--threads", positive=True, integer=True), help="CPU threads (default: all cores)")
     c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
-    c.add_argument("--time-budget", type=_num("--time-budget", positive=True), help="seconds for fitting (default 240; the warm start stops at 60 %%, Adam at 100 %%)")
+    c.add_argument("--time-budget", type=_num("--time-budget", positive=True), help="seconds for fitting (default 300; the warm start stops at 60 %%, Adam at 100 %%)")
     c.add_argument("--max-memory", metavar="GB", type=_num("--max-memory", positive=True), default=8.0,
                    help="refuse a run whose estimated peak memory is above this (GB); see benchmarks/MEMORY.md")
     c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -141,6 +141,10 @@ def _add_reconstruct(sub):
     c.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir "
                    "(same inputs and settings; threads, device, backend and --time-budget may change)")
     a = p.add_argument_group("ablations of the seed's components")
+    m = p.add_argument_group("motion correction")
+    m.add_argument("--no-motion", action="store_true", help="keep every slice at its stack's registered pose")
+    m.add_argument("--no-registration", action="store_true", help="skip the rigid stack-to-stack registration")
+    m.add_argument("--no-robust", action="store_true", help="no outlier weights (every slice and pixel counts fully)")
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
     a.add_argument("--no-growth", action="store_true", help="train the finest Gaussian grid only")
     a.add_argument("--nrf", action="store_true", help="train the neural residual field (off by default, see benchmarks/TUNING.md)")
@@ -498,6 +502,12 @@ def cmd_reconstruct(a) -> int:
         over["through_plane_fwhm_factor"] = 1.0 if a.slice_profile == "gaussian" else 0.8
     if a.time_budget is not None:
         over["time_budget_s"] = a.time_budget
+    if a.no_motion:
+        over["motion"] = False
+    if a.no_registration:
+        over["register_stacks"] = False
+    if a.no_robust:
+        over["robust"] = False
     if a.no_ssim:
         over["use_ssim"] = False
     if a.no_growth:
@@ -559,6 +569,11 @@ def cmd_reconstruct(a) -> int:
         "wall_s": time.time() - t0,
     }
     atomic_write_text(config_json, json.dumps(meta, indent=1))
+    poses_json = _stem(a.output_volume) + ".poses.json"
+    atomic_write_text(poses_json, json.dumps({
+        "pose_convention": "x_true = R (x_header - centre) + centre + t, R from rotvec (axis x angle, rad); "
+                           "slices not listed (outside the masks) take the stack pose",
+        "centre_mm": [float(v) for v in res.centre], "poses": res.poses, "slice_weights": res.slice_weights}))
     if a.output_model:
         from .recon.model_io import save_model
 

@@ -30,10 +30,19 @@ class ReconConfig:
     iterations: tuple[int, ...] = (0, 60)  # Adam iterations per level (after the warm start)
     batch_slices: int = 64  # slices rendered per iteration (all stacks together)
     cg_iterations: int = 30  # conjugate-gradient warm start of the intensities at each level (0: off)
-    cg_smoothness: float = 0.0  # weight of the lattice-gradient prior 1/2 sum (c_i - c_j)^2 in the warm start
+    # lattice-gradient prior lambda/2 sum (c_i - c_j)^2 over neighbouring Gaussians, in the warm start
+    # and (divided by the pixel count) in the Adam loss. None: from the data's noise, lambda =
+    # smoothness_gain x sigma^2 x (masked pixels / Gaussians), sigma by Immerkaer's estimator on the
+    # slices (benchmarks/TUNING.md: 2 % noise on sb25, 23.0 -> 31.5 dB; clean data unchanged)
+    cg_smoothness: float | None = None
+    smoothness_gain: float = 1100.0
+    # Adam refinement only where the slices' estimated noise sigma is below this (fraction of the
+    # 99th percentile): on noisy data it fits the noise (sb25, 2 % noise: 31.5 dB after the warm
+    # start, 25.0 dB after Adam; clean data gain +0.4 dB); above it each level ends after the warm start
+    adam_max_noise: float = 0.005
     # wall-clock budget (s) for fitting, or None: the last level's warm start stops at 60 % of it
     # and Adam at 100 % (the volume is still rendered and written after it)
-    time_budget_s: float | None = 240.0
+    time_budget_s: float | None = 300.0
     # learning rates (Adam). The seed's are in a canonical [-1, 1] box: lr_means is in those units
     # and is multiplied by the half-extent of the region in mm. Seed: means 1e-3, intensities 5e-2,
     # scales 5e-3, quats 1e-3, NRF 1e-4. After the least-squares warm start the seed's rates
@@ -73,7 +82,13 @@ class ReconConfig:
     motion: bool = True  # optimise one rigid pose per slice jointly with the field
     motion_rounds: int = 3  # coarse level: rounds of (pose steps, weights, intensity re-fit)
     pose_iterations: int = 5  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
-    fine_pose_iterations: int = 3  # the same at each later level, before its Adam iterations
+    pose_tilt: bool = True  # estimate the slices' tilts (rotations about in-plane axes), not only the in-plane turn
+    fine_pose_iterations: int = 3
+    fine_motion_rounds: int = 1  # rounds at each later level
+    # a round that moves the slices less than this on average ends the rounds; when the very first
+    # round does, the data hold no slice motion and later levels skip it (clean mni-t4: 0.02 mm)
+    motion_stop_mm: float = 0.1
+    motion_stop_deg: float = 0.1  # the same at each later level, before its Adam iterations
     lr_pose_rotation: float = 3e-4  # joint Adam iterations: rad per step
     lr_pose_translation: float = 0.01  # joint Adam iterations: mm per step
     joint_pose_lr: float = 0.0  # x the two rates above during the joint Adam iterations (0: poses fixed there)
@@ -137,9 +152,13 @@ class ReconConfig:
             bad("device", "auto, cpu or cuda")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
             bad("time_budget_s", "must be > 0 seconds or null")
+        if self.cg_smoothness is not None and not (self.cg_smoothness >= 0 and math.isfinite(self.cg_smoothness)):
+            bad("cg_smoothness", "must be >= 0 or null (automatic)")
+        if not (self.smoothness_gain >= 0):
+            bad("smoothness_gain", "must be >= 0")
         if self.reference_stack < 0:
             bad("reference_stack", "must be >= 0")
-        for k in ("motion_rounds", "pose_iterations", "fine_pose_iterations"):
+        for k in ("motion_rounds", "pose_iterations", "fine_pose_iterations", "fine_motion_rounds"):
             if getattr(self, k) < 0:
                 bad(k, "must be >= 0")
         for k in ("lr_pose_rotation", "lr_pose_translation", "joint_pose_lr"):
@@ -186,7 +205,7 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise TypeError
                 v = float(v)
-            elif cur is None and v is not None and k in ("output_resolution", "dilate_mm"):
+            elif cur is None and v is not None and k in ("output_resolution", "dilate_mm", "cg_smoothness"):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise TypeError
                 v = float(v)

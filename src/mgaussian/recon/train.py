@@ -159,7 +159,8 @@ def _laplacian_apply(v: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
 
 
 def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, n_iter: int,
-                    pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6, deadline: float | None = None):
+                    pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6, deadline: float | None = None,
+                    min_iter: int = 0):
     """Least-squares intensities for fixed Gaussian shapes and slice poses: conjugate gradients
     on the weighted normal equations (A^T W A + ridge) c = A^T W y over all masked pixels; A c
     renders slices (linear in c) times each slice's intensity scale; W holds the robust pixel x
@@ -202,8 +203,8 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
         r = r - smooth * _laplacian_apply(x, pairs)
     p = r.clone()
     rs = (r * r).sum()
-    for _ in range(n_iter):
-        if deadline is not None and time.time() > deadline:
+    for i in range(n_iter):
+        if deadline is not None and time.time() > deadline and i >= min_iter:
             break
         Ap = AtA(p)
         alpha = rs / (p * Ap).sum().clamp_min(1e-30)
@@ -219,7 +220,7 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
 @torch.no_grad()
 def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, iters: int,
                     deadline: float | None = None, skip=(), eps_rot: float = 2e-3, eps_trans: float = 0.05,
-                    max_rot: float = 0.035, max_trans: float = 2.0, prior: float = 1e-3):
+                    max_rot: float = 0.035, max_trans: float = 2.0, prior: float = 1e-3, rot_axes=(0, 1, 2)):
     """Levenberg-Marquardt on every slice's rigid pose (6 parameters) with the field fixed.
 
     Slices are independent given the field, so one render with parameter j of every slice
@@ -249,15 +250,19 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
         for _ in range(iters):
             if deadline is not None and time.time() > deadline:
                 break
+            # parameters: rotations about the slice's own axes (e_u, e_v, n: tilts first, the
+            # in-plane turn last) and translations along world x, y, z
+            ax_now = _frames(ss, torch.arange(ss.n, device=r.device), r, t, cents[si])[1]
+            dirs = [ax_now[:, i] for i in rot_axes] + [None] * 3
             cols = []
-            for j in range(6):
+            for j, dj in enumerate(dirs):
                 rr, tt = r.clone(), t.clone()
-                if j < 3:
-                    rr[:, j] += eps_rot
+                if j < len(rot_axes):
+                    rr = rr + eps_rot * dj
                 else:
-                    tt[:, j - 3] += eps_trans
-                cols.append((render(si, rr, tt) - base) / (eps_rot if j < 3 else eps_trans))
-            J = torch.stack(cols, 1).double()  # [K,6,h,w]
+                    tt[:, j - len(rot_axes)] += eps_trans
+                cols.append((render(si, rr, tt) - base) / (eps_rot if j < len(rot_axes) else eps_trans))
+            J = torch.stack(cols, 1).double()  # [K,P,h,w]
             wd = w.double()
             H = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
             g = torch.einsum("kahw,khw,khw->ka", J, (base - ss.obs).double(), wd)
@@ -265,7 +270,10 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
             ref = dH.mean(0, keepdim=True).clamp_min(1e-12)
             A = H + torch.diag_embed(lam[:, None] * dH + prior * ref)
             step = -torch.linalg.solve(A, g[..., None])[..., 0]
-            sr, st = step[:, :3], step[:, 3:]
+            nr = len(rot_axes)
+            sr = torch.einsum("kj,kjc->kc", step[:, :nr], torch.stack([ax_now[:, i] for i in rot_axes], 1).double()) \
+                if nr else torch.zeros_like(step[:, :3])
+            st = step[:, nr:]
             sr = sr * (max_rot / sr.norm(dim=1, keepdim=True).clamp_min(max_rot))
             st = st * (max_trans / st.norm(dim=1, keepdim=True).clamp_min(max_trans))
             r_new, t_new = r + sr.to(r.dtype), t + st.to(t.dtype)
@@ -455,7 +463,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         r0, u0 = slice_pose_from_matrix(P, cs.cpu().numpy().astype(np.float64))
         rots.append(torch.as_tensor(r0, dtype=torch.float32, device=dev))
         trans.append(torch.as_tensor(u0, dtype=torch.float32, device=dev))
-    anchor = (rots[ref].cpu().numpy().astype(np.float64).mean(0), trans[ref].cpu().numpy().astype(np.float64).mean(0))
+    from .motion import pose_means
+
+    anchor = pose_means(rots, trans, cents)[:2]  # the mean slice pose stays where registration put it
     scs = [torch.ones(ss.n, device=dev) for ss in sets]  # per-slice intensity scales
     sws = [torch.ones(ss.n, device=dev) for ss in sets]  # slice weights
     pws = [torch.ones(ss.obs.shape, device=dev) for ss in sets]  # pixel weights
@@ -465,6 +475,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     timings["prepare_s"] = time.time() - t0
     n_pix = int(sum(int(ss.mask.sum()) for ss in sets))
     n_sl = sum(ss.n for ss in sets)
+    from .motion import estimate_noise
+
+    noise_sigma = estimate_noise(sets)
     log(f"{len(sets)} stacks, {n_sl} slices, {n_pix} pixels in masks; output grid {shape} at {res:g} mm; "
         f"backend {backend} on {dev.type}")
 
@@ -558,29 +571,45 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             {"params": [params["quats"]], "lr": cfg.lr_quats, "name": "quats"},
         ]
         last_level_now = lev == len(factors) - 1
-        pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(dev) if (cfg.cg_iterations > 0 and cfg.cg_smoothness > 0) else None
+        if cfg.cg_smoothness is not None:
+            smooth = float(cfg.cg_smoothness)
+        else:
+            smooth = cfg.smoothness_gain * noise_sigma ** 2 * n_pix / max(fld.num_gaussians, 1)
+        pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(dev) if smooth > 0 else None
+        if smooth > 0:
+            log(f"  smoothness prior {smooth:.3g} (noise sigma {noise_sigma:.4f} of the 99th percentile)")
         dl = (t_start + 0.6 * cfg.time_budget_s) if (cfg.time_budget_s and last_level_now) else None
 
-        def refit(n):
+        def refit(n, min_iter=0):
             if n > 0:
-                _cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, backend, n, pairs, cfg.cg_smoothness,
-                                deadline=dl)
+                _cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, backend, n, pairs, smooth,
+                                deadline=dl, min_iter=min(n, min_iter))
 
         warm = not (resumed_here and start_cg_done)  # [checkpoint] a resumed level skips its warm start
         if warm:
-            refit(cfg.cg_iterations)
+            refit(cfg.cg_iterations, min_iter=10)  # a level never starts from an unfitted grid
         if warm and motion:
             # alternate: slice poses (field fixed) -> robust weights and slice scales -> intensities
-            rounds = cfg.motion_rounds if lev == 0 else 1
+            rounds = cfg.motion_rounds if lev == 0 else cfg.fine_motion_rounds
             steps = cfg.pose_iterations if lev == 0 else cfg.fine_pose_iterations
             for rnd in range(rounds if steps > 0 else 0):
                 if dl is not None and time.time() > dl:
                     break
-                _optimise_poses(params, sets, rots, trans, cents, wts, scs, cfg, backend, steps, deadline=dl)
-                anchor_poses(rots, trans, cents, ref, anchor)
+                before = [(r.clone(), t.clone()) for r, t in zip(rots, trans)]
+                _optimise_poses(params, sets, rots, trans, cents, wts, scs, cfg, backend, steps, deadline=dl,
+                                rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,))
+                anchor_poses(rots, trans, cents, anchor)
+                d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, before)]).mean())
+                d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, before)]).mean()) * 180 / math.pi
+                log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average")
                 wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
                 refit(max(cfg.cg_iterations // 3, 1))
                 record_poses()
+                if d_t < cfg.motion_stop_mm and d_r < cfg.motion_stop_deg:
+                    if lev == 0 and rnd == 0:
+                        motion = False  # nothing moves: no slice motion in these data
+                        log("  no slice motion found: poses stay at the stacks' registration")
+                    break
         elif warm and (cfg.robust or cfg.slice_scale):
             wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
             refit(max(cfg.cg_iterations // 3, 1))
@@ -601,6 +630,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         last_level = lev == len(factors) - 1
         nrf_from = int(cfg.nrf_start * n_it) if (cfg.use_nrf and last_level) else None
         log(f"level {lev + 1}/{len(factors)}: {fld.num_gaussians} Gaussians at {sp:g} mm, {n_it} iterations")
+        if noise_sigma > cfg.adam_max_noise and n_it > 0:
+            log(f"  noisy slices (sigma {noise_sigma:.3f} > {cfg.adam_max_noise:g}): the warm start is final, no Adam iterations")
+            total -= n_it
+            prog.total = max(1, total)
+            n_it = 0
         for it in range(start_it if resumed_here else 0, n_it):
             if cfg.time_budget_s and last_level and time.time() - t_start > cfg.time_budget_s:
                 log(f"time budget of {cfg.time_budget_s:g} s reached after {it} of {n_it} iterations")
@@ -641,12 +675,15 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 l1_sum += float(l1.detach()) * cnt
                 npx += cnt
             loss = loss / max(npx, 1)
+            if pairs is not None:  # the warm start's prior, per pixel like the data term
+                dc = params["intensities"][pairs[:, 0]] - params["intensities"][pairs[:, 1]]
+                loss = loss + 0.5 * smooth * (dc * dc).sum() / max(n_pix, 1)
             if cfg.use_anisotropy and cfg.anisotropy_weight > 0:
                 loss = loss + cfg.anisotropy_weight * anisotropy_penalty(params["log_scales"], cfg.anisotropy_max_ratio)
             loss.backward()
             opt.step()
             if pose_groups and (it + 1) % 10 == 0:
-                anchor_poses(rots, trans, cents, ref, anchor)
+                anchor_poses(rots, trans, cents, anchor)
             if nrf_opt is not None:
                 nrf_opt.step()
             step += 1
@@ -661,7 +698,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             r.requires_grad_(False)
             t.requires_grad_(False)
         if pose_groups:
-            anchor_poses(rots, trans, cents, ref, anchor)
+            anchor_poses(rots, trans, cents, anchor)
             record_poses()
         fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
                             params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)

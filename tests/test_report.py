@@ -70,7 +70,8 @@ def test_cli_report_beside_the_volume_loads_in_a_browser(small_case, tmp_path, c
         assert w > 100 and h > 100
     assert not [f for f in os.listdir(rep) if f.startswith(".")]  # no temporary files left
     page = idx.read_text()
-    for text in ("No motion correction", "Resolved configuration", "through_plane_fwhm_factor", "cg_iterations",
+    assert "poses.png" in imgs or "No motion correction" in page  # pose traces, or why there are none
+    for text in ("Resolved configuration", "through_plane_fwhm_factor", "cg_iterations",
                  "Runtime", "train_s", "mgaussian version", "command line",
                  "stack_00", "NCC"):
         assert text in page, text

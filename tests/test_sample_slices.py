@@ -84,6 +84,10 @@ def test_simulate_uses_the_fitted_poses(fitted):
 
     fld, nrf, info = load_model(fitted["model"])
     stacks = load_stacks(fitted["stacks"], fitted["masks"], [3.6])
+    zero = [dict(p, rotvec=[[0.0] * 3] * len(p["slices"]), translation_mm=[[0.0] * 3] * len(p["slices"]),
+                 stack_rotvec=[0.0] * 3, stack_translation_mm=[0.0] * 3) for p in info["poses"]]
+    ones = [dict(w, scale=[1.0] * len(w["slices"])) for w in info["slice_weights"]]
+    info = dict(info, poses=zero, slice_weights=ones)  # fitted poses are near identity here (no motion); start from exact identity
     base = simulate_stacks_from_model(fld, nrf, info, stacks)
     moved = dict(info, poses=[dict(p) for p in info["poses"]])
     p0 = moved["poses"][0]

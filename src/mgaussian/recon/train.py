@@ -578,7 +578,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(dev) if smooth > 0 else None
         if smooth > 0:
             log(f"  smoothness prior {smooth:.3g} (noise sigma {noise_sigma:.4f} of the 99th percentile)")
-        dl = (t_start + 0.6 * cfg.time_budget_s) if (cfg.time_budget_s and last_level_now) else None
+        # the budget bounds every level: earlier levels stop their warm start / pose rounds at 35 %
+        dl = (t_start + (0.6 if last_level_now else 0.35) * cfg.time_budget_s) if cfg.time_budget_s else None
 
         def refit(n, min_iter=0):
             if n > 0:

@@ -102,3 +102,15 @@ def test_corrupted_slice_is_down_weighted(atlas_stacks, tmp_path, how):
     assert wk <= 0.2 and k in w["excluded"], (wk, w)
     assert np.median(others) > 0.9
     json.dumps(res.slice_weights)  # serialisable for the report / outputs
+
+
+def test_slice_profile_is_chosen_from_the_data(atlas_stacks, tmp_path):
+    gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
+    m, _, _ = load_image(str(demo_dir() / "mask.nii.gz"))
+    simulate_stacks(gt, aff, m > 0, str(tmp_path / "box"), thickness=3.2, profile="box", seed=0, log=lambda s: None)
+    quick = {"output_resolution": 1.6, "iterations": [0, 0], "cg_iterations": 5, "motion": False}
+    chosen = {}
+    for name, sim in (("gaussian", atlas_stacks), ("box", tmp_path / "box")):
+        res = reconstruct(_load(sim), config_from_dict(quick), progress=False, log=lambda s: None)
+        chosen[name] = res.config.through_plane_fwhm_factor
+    assert chosen == {"gaussian": 1.0, "box": 0.8}, chosen

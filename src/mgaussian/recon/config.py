@@ -65,7 +65,11 @@ class ReconConfig:
     # physics
     use_psf: bool = True  # exact analytic slice PSF (False: the seed's point evaluation)
     inplane_fwhm_factor: float = 1.2
-    through_plane_fwhm_factor: float = 1.0  # Gaussian PSF FWHM = this x slice thickness
+    # Gaussian PSF FWHM = this x slice thickness. None: chosen from the data among
+    # profile_candidates by the residual of a least-squares fit on the coarse grid (1.0 fits a
+    # Gaussian slice profile, 0.8 a rectangular one; benchmarks/TUNING.md)
+    through_plane_fwhm_factor: float | None = None
+    profile_candidates: tuple[float, ...] = (1.0, 0.8)
     cutoff: float = 4.0  # Mahalanobis cut-off of a (pixel, Gaussian) term (3 -> 4: +0.5 dB, TUNING.md)
     renderer: str = "slices"  # "slices" (tile renderer) or "points" (the seed's block query)
     block_radius: int = 5  # for renderer="points"
@@ -138,7 +142,7 @@ class ReconConfig:
             bad("scale_factor", "must be in (0, 3]")
         if not (0 <= self.nrf_start <= 1):
             bad("nrf_start", "must be in [0, 1]")
-        if not (0 < self.through_plane_fwhm_factor <= 3):
+        if self.through_plane_fwhm_factor is not None and not (0 < self.through_plane_fwhm_factor <= 3):
             bad("through_plane_fwhm_factor", "must be in (0, 3]")
         if self.cutoff < 1:
             bad("cutoff", "must be >= 1")
@@ -152,6 +156,8 @@ class ReconConfig:
             bad("device", "auto, cpu or cuda")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
             bad("time_budget_s", "must be > 0 seconds or null")
+        if not self.profile_candidates or any(not (0 < f <= 3) for f in self.profile_candidates):
+            bad("profile_candidates", "must be numbers in (0, 3]")
         if self.cg_smoothness is not None and not (self.cg_smoothness >= 0 and math.isfinite(self.cg_smoothness)):
             bad("cg_smoothness", "must be >= 0 or null (automatic)")
         if not (self.smoothness_gain >= 0):
@@ -205,7 +211,8 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise TypeError
                 v = float(v)
-            elif cur is None and v is not None and k in ("output_resolution", "dilate_mm", "cg_smoothness"):
+            elif cur is None and v is not None and k in ("output_resolution", "dilate_mm", "cg_smoothness",
+                                                             "through_plane_fwhm_factor"):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise TypeError
                 v = float(v)

@@ -404,6 +404,34 @@ def _restore(st: dict, dev, make_nrf) -> dict:
             "motion": {k: ([x.to(dev) for x in v] if k in ("scs", "sws", "pws") else v) for k, v in st.get("motion", {}).items()}}
 
 
+def _choose_profile(stacks, sets, region, aff, init, spacing, rots, trans, cents, wts, scs, cfg, backend, log, dev,
+                    n_iter: int = 12) -> float:
+    """The through-plane PSF width (x thickness) among ``cfg.profile_candidates`` whose
+    least-squares fit on a grid of twice the finest pixel leaves the smallest residual (whatever
+    the output resolution: on a grid as coarse as the slices' thickness a narrower profile
+    always wins). On such a grid the
+    Gaussians cannot follow a wrong profile, so the residual tells the profile: sb25-t3.2
+    (Gaussian profile) 4.6e-5 at 1.0 vs 6.8e-5 at 0.8; the same with a box profile 9.7e-5 vs
+    4.1e-5 (benchmarks/TUNING.md)."""
+    if len(cfg.profile_candidates) == 1:
+        return float(cfg.profile_candidates[0])
+    fld = init_field_on_grid(region, aff, spacing, dilate_mm=cfg.dilate_mm, init_intensity=init,
+                             scale_factor=cfg.scale_factor, device=dev)
+    wsum = float(sum(w.sum() for w in wts)) or 1.0
+    scores = {}
+    for f in cfg.profile_candidates:
+        c = cfg.resolved(through_plane_fwhm_factor=float(f))
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in fld.tensors().items()}
+        _cg_intensities(params, sets, rots, trans, cents, wts, scs, c, backend, n_iter)
+        preds = _predict_all(params, sets, rots, trans, cents, c, backend)
+        scores[float(f)] = sum(float(((p * sc[:, None, None] - ss.obs) ** 2 * w).sum())
+                               for p, ss, w, sc in zip(preds, sets, wts, scs)) / wsum
+    best = min(scores, key=scores.get)
+    log("slice profile: through-plane FWHM " + ", ".join(f"{f:g} x thickness -> residual {r:.3g}" for f, r in scores.items())
+        + f"; using {best:g}")
+    return best
+
+
 def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool = True, history_every: int = 10,
                 checkpointer=None, resume_state: dict | None = None) -> ReconResult:
     """Reconstruct a volume from loaded stacks with the given configuration.
@@ -548,6 +576,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             log(f"resuming from level {start_lev + 1} iteration {start_it} (step {step}, "
                 f"{resume_state['elapsed_s']:.0f} s of fitting done)")
     # ---- end of checkpoint hooks
+
+    if cfg.through_plane_fwhm_factor is None:
+        cfg = cfg.resolved(through_plane_fwhm_factor=_choose_profile(
+            stacks, sets, region, aff, init, 2.0 * min(min(ss.spacing) for ss in sets), rots, trans, cents, wts, scs, cfg,
+            backend, log, dev))
 
     t_train = time.time()
     for lev, (fac, n_it) in enumerate(zip(factors, iters)):

@@ -16,6 +16,7 @@ import numpy as np
 
 from .geometry import slice_frames, voxel_sizes
 from .metrics import gain_offset_match, ncc, psnr
+from .registration import correlation_rigid, transform_matrix
 from .sampling import sample_slices
 
 _FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -44,30 +45,13 @@ def register_rigid(fixed, fixed_aff, fixed_mask, moving, moving_aff, iterations:
     m = _to_sitk(moving, moving_aff)
     fm = _to_sitk(fixed_mask.astype(np.float32), fixed_aff)
     fm = sitk.Cast(fm > 0.5, sitk.sitkUInt8)
-    init = sitk.CenteredTransformInitializer(f, m, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY)
     # start at identity in world space, rotation centre at the mask's centroid
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(fm)
     init = sitk.Euler3DTransform()
     init.SetCenter(stats.GetCentroid(1))
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsCorrelation()
-    reg.SetMetricFixedMask(fm)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(init, inPlace=True)
-    reg.Execute(f, m)
-    A = np.array(init.GetMatrix()).reshape(3, 3)
-    c = np.array(init.GetCenter())
-    t = np.array(init.GetTranslation())
-    # ITK: x' = A (x - c) + c + t, in LPS; convert to RAS
-    T = np.eye(4)
-    T[:3, :3] = A
-    T[:3, 3] = c + t - A @ c
+    correlation_rigid(f, m, init, iterations=iterations, learning_rate=1.0, min_step=1e-4, fixed_mask=fm)
+    T = transform_matrix(init)  # in LPS; convert to RAS
     F = np.eye(4)
     F[:3, :3] = _FLIP
     return F @ T @ F

@@ -27,6 +27,7 @@ import torch
 
 from ..geometry import rotvec_to_matrix
 from ..io import Stack
+from ..registration import correlation_rigid, transform_matrix
 from ..sampling import resample_volume
 
 
@@ -82,29 +83,9 @@ def _register_pair(fixed, moving, start_rotvec=(0.0, 0.0, 0.0), iterations: int 
     if any(start_rotvec):
         R = rotvec_to_matrix(np.asarray(start_rotvec, dtype=np.float64))
         init.SetMatrix([float(v) for v in R.ravel()])
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsCorrelation()
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=iterations,
-                                                 relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(init, inPlace=True)
-    reg.Execute(fixed, moving)
-    return float(reg.GetMetricValue()), init
-
-
-def _transform_matrix(tx) -> np.ndarray:
-    """4x4 world matrix of a SimpleITK rigid transform (maps fixed points to moving points)."""
-    R = np.asarray(tx.GetMatrix(), dtype=np.float64).reshape(3, 3)
-    c = np.asarray(tx.GetCenter(), dtype=np.float64)
-    t = np.asarray(tx.GetTranslation(), dtype=np.float64)
-    M = np.eye(4)
-    M[:3, :3] = R
-    M[:3, 3] = c + t - R @ c
-    return M
+    value = correlation_rigid(fixed, moving, init, iterations=iterations, learning_rate=2.0, min_step=1e-3,
+                              gradient_tolerance=1e-8)
+    return value, init
 
 
 def register_stacks(stacks: list[Stack], reference: int = 0, spacing: float | None = None, log=print,
@@ -137,7 +118,7 @@ def register_stacks(stacks: list[Stack], reference: int = 0, spacing: float | No
                 cand = _register_pair(fixed, moving, r0)
                 if cand[0] < best[0]:
                     best = cand
-        M = _transform_matrix(best[1])  # reference point -> moving stack's header point
+        M = transform_matrix(best[1])  # reference point -> moving stack's header point
         P = np.linalg.inv(M)  # moving header -> reference frame: the stack's pose
         ang = math.degrees(np.linalg.norm(matrix_to_rotvec(P[:3, :3])))
         log(f"stack {st.name}: registered to {stacks[reference].name} (correlation {-best[0]:.3f}; "

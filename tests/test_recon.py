@@ -150,3 +150,20 @@ def test_output_volume_uses_the_training_cutoff(case):
     v3 = render_volume(res.field, res.nrf, shape, res.affine, res.region, cutoff=3.0)
     assert np.allclose(res.volume, np.clip(v4, 0, None) * res.scale, rtol=1e-5, atol=1e-4)
     assert not np.allclose(res.volume, np.clip(v3, 0, None) * res.scale, rtol=1e-3, atol=1e-2)
+
+
+def test_cli_off_switches_reach_the_configuration(case, tmp_path):
+    """Each --no-X switch turns exactly its own setting off in the saved configuration."""
+    cfgp = tmp_path / "cfg.json"
+    cfgp.write_text(json.dumps({"iterations": [0, 0], "cg_iterations": 2, "output_resolution": 2.4}))
+    out = tmp_path / "rec.nii.gz"
+    switches = {"--no-motion": "motion", "--no-registration": "register_stacks", "--no-robust": "robust",
+                "--no-ssim": "use_ssim", "--no-growth": "growth", "--no-anisotropy": "use_anisotropy", "--no-psf": "use_psf",
+                "--no-nrf": "use_nrf"}
+    rc = main(["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"], "--thicknesses", "3.6",
+               "--output-volume", str(out), "--config", str(cfgp), "--quiet", "--no-report", *switches])
+    assert rc == 0
+    got = json.loads((tmp_path / "rec.config.json").read_text())["config"]
+    assert {k: got[k] for k in switches.values()} == {k: False for k in switches.values()}
+    defaults = ReconConfig()
+    assert all(getattr(defaults, k) is True for k in switches.values() if k != "use_nrf")

@@ -502,26 +502,18 @@ def cmd_reconstruct(a) -> int:
         over["through_plane_fwhm_factor"] = 1.0 if a.slice_profile == "gaussian" else 0.8
     if a.time_budget is not None:
         over["time_budget_s"] = a.time_budget
-    if a.no_motion:
-        over["motion"] = False
-    if a.no_registration:
-        over["register_stacks"] = False
-    if a.no_robust:
-        over["robust"] = False
-    if a.no_ssim:
-        over["use_ssim"] = False
-    if a.no_growth:
-        over["growth"] = False
+    # the --no-X switches: each turns one setting off
+    for flag, key in (("no_motion", "motion"), ("no_registration", "register_stacks"), ("no_robust", "robust"),
+                      ("no_ssim", "use_ssim"), ("no_growth", "growth"), ("no_anisotropy", "use_anisotropy"),
+                      ("no_psf", "use_psf")):
+        if getattr(a, flag):
+            over[key] = False
     if a.nrf and a.no_nrf:
         raise InputError("--nrf", "conflicts with --no-nrf")
     if a.nrf:
         over["use_nrf"] = True
     if a.no_nrf:
         over["use_nrf"] = False
-    if a.no_anisotropy:
-        over["use_anisotropy"] = False
-    if a.no_psf:
-        over["use_psf"] = False
     if a.renderer:
         over["renderer"] = a.renderer
     if a.block_radius is not None:

@@ -84,11 +84,20 @@ class ReconConfig:
     register_stacks: bool = True  # rigid stack-to-stack registration (SimpleITK) before fitting
     reference_stack: int = 0  # the stack the others are registered to (its lattice is the output's)
     motion: bool = True  # optimise one rigid pose per slice jointly with the field
-    motion_rounds: int = 3  # coarse level: rounds of (pose steps, weights, intensity re-fit)
+    motion_rounds: int = 8  # coarse level: rounds of (pose steps, weights, intensity re-fit)
+    # the smoothness prior while poses are fitted, x the level's noise prior: a smooth field pulls
+    # slices off their true poses (sb25-t3.2-motion coarse level: at the full prior the poses fit
+    # better than the true ones; at 0.025 x it the true poses fit best; benchmarks/MOTION.md)
+    motion_smoothness_scale: float = 0.025
+    # after the coarse rounds: when every stack's mean slice pose agrees with the others' within
+    # these, the headers are consistent (no motion between stacks) and the volume is put in the
+    # headers' frame (mean pose over all slices = identity); else in the registration's frame
+    header_gauge_mm: float = 1.0
+    header_gauge_deg: float = 3.0  # loose: a stack's tilt trades against its slices' in-plane shifts (weakly seen)
     pose_iterations: int = 5  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
     pose_tilt: bool = True  # estimate the slices' tilts (rotations about in-plane axes), not only the in-plane turn
     fine_pose_iterations: int = 3
-    fine_motion_rounds: int = 1  # rounds at each later level
+    fine_motion_rounds: int = 0  # rounds at each later level (sb25-t3.2-motion: 0.376 -> 0.372 mm for 20 s a round)
     # a round that moves the slices less than this on average ends the rounds; when the very first
     # round does, the data hold no slice motion and later levels skip it (clean mni-t4: 0.02 mm)
     motion_stop_mm: float = 0.1

@@ -17,7 +17,7 @@ a three-level pyramid; when the first try correlates poorly, rotated starts are 
 from __future__ import annotations
 
 __all__ = ["register_stacks", "moved_stack", "slice_centres", "to_centre_convention",
-           "anchor_poses", "pose_means", "fit_slice_scales", "robust_weights", "matrix_to_rotvec"]
+           "anchor_poses", "pose_means", "stack_pose_spread", "fit_slice_scales", "robust_weights", "matrix_to_rotvec"]
 
 import math
 from dataclasses import replace
@@ -200,6 +200,28 @@ def anchor_poses(rots: list[torch.Tensor], trans: list[torch.Tensor], centres: l
     du = targets[1] - pose_means(rots, trans, centres)[1]
     for k in range(len(trans)):
         trans[k].add_(torch.as_tensor(du, dtype=trans[k].dtype, device=trans[k].device))
+
+
+@torch.no_grad()
+def stack_pose_spread(rots, trans, centres) -> tuple[float, float]:
+    """How far the stacks' mean slice poses lie from the mean pose over all slices: (largest mean
+    displacement over a stack's slice centres in mm, largest rotation difference in degrees).
+    Poses are relative to the headers, so a small spread says the headers agree with each other
+    up to one rigid map (no motion between the stacks, only within them)."""
+    r_all, u_all, c_all = pose_means(rots, trans, centres)
+    Rg = rotvec_to_matrix(r_all)
+    worst_mm = worst_deg = 0.0
+    for r, u, c in zip(rots, trans, centres):
+        if r.shape[0] == 0:
+            continue
+        rs, us, cs = pose_means([r], [u], [c])
+        Rs = rotvec_to_matrix(rs)
+        pts = c.detach().cpu().numpy().astype(np.float64)
+        ts = (pts - cs) @ Rs.T + cs + us
+        tg = (pts - c_all) @ Rg.T + c_all + u_all
+        worst_mm = max(worst_mm, float(np.linalg.norm(ts - tg, axis=1).mean()))
+        worst_deg = max(worst_deg, math.degrees(float(np.linalg.norm(matrix_to_rotvec(Rs @ Rg.T)))))
+    return worst_mm, worst_deg
 
 
 @torch.no_grad()

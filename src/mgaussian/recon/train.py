@@ -20,7 +20,7 @@ from ..io import Stack
 from ..psf import FWHM_TO_SIGMA
 from ..render import mask_to_row_spans, render_points, render_slices, resolve_backend, slice_psf_sigma
 from .config import ReconConfig
-from .data import SliceSet, naive_init, output_grid, prepare_slices, region_mask
+from .data import SliceSet, naive_init, output_grid, prepare_slices, region_from_slices, region_mask
 from .motion import anchor_poses
 from .losses import masked_smooth_l1, masked_ssim
 from .nrf import NeuralResidualField
@@ -494,6 +494,32 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     from .motion import pose_means
 
     anchor = pose_means(rots, trans, cents)[:2]  # the mean slice pose stays where registration put it
+    start_poses = [(r.clone(), t.clone()) for r, t in zip(rots, trans)]
+    region0 = region
+
+    def _current_region():
+        """The region from the masks where the slices are now, once they have moved from their
+        stacks' poses (mean over slices > motion_stop_mm or motion_stop_deg); else the nominal
+        one. Deterministic in the poses, so a resumed run rebuilds the same region."""
+        d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, start_poses)]).mean())
+        d_r = math.degrees(float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, start_poses)]).mean()))
+        if d_t <= cfg.motion_stop_mm and d_r <= cfg.motion_stop_deg:
+            return region0
+        from scipy import ndimage
+
+        t1 = time.time()
+        with torch.no_grad():
+            frames = []
+            for ss, r, t, c in zip(sets, rots, trans, cents):
+                o, ax = _frames(ss, torch.arange(ss.n, device=r.device), r.detach(), t.detach(), c)
+                frames.append((o.cpu().numpy(), ax.cpu().numpy()))
+        cand = ndimage.binary_dilation(region0, iterations=max(1, int(math.ceil(6.0 / res))))
+        reg = region_from_slices(sets, frames, shape, aff, cand)
+        if not reg.any():
+            return region0
+        log(f"  region from the slices' poses: {int(reg.sum())} voxels (nominal {int(region0.sum())}; "
+            f"{time.time() - t1:.1f} s)")
+        return reg
     scs = [torch.ones(ss.n, device=dev) for ss in sets]  # per-slice intensity scales
     sws = [torch.ones(ss.n, device=dev) for ss in sets]  # slice weights
     pws = [torch.ones(ss.obs.shape, device=dev) for ss in sets]  # pixel weights
@@ -555,7 +581,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                          nrf=nrf, nrf_opt=nrf_opt, rng=rng, order=order, step=step, history=history, rots=rots,
                          trans=trans, elapsed_s=time.time() - t_start,
                          motion_state={"scs": scs, "sws": sws, "pws": pws, "pose_history": pose_history,
-                                       "stack_poses": [P.tolist() for P in stack_poses]})
+                                       "stack_poses": [P.tolist() for P in stack_poses],
+                                       "anchor": [np.asarray(a).tolist() for a in anchor]})
 
     start_lev, start_it, start_cg_done = 0, 0, False
     if resume_state is not None:
@@ -566,6 +593,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         if r["motion"]:
             scs, sws, pws = r["motion"]["scs"], r["motion"]["sws"], r["motion"]["pws"]
             pose_history[:] = r["motion"]["pose_history"]
+            if r["motion"].get("anchor") is not None:
+                anchor = tuple(np.asarray(a, dtype=np.float64) for a in r["motion"]["anchor"])
             wts = [ss.mask.to(pw.dtype) * pw * sw[:, None, None] for ss, pw, sw in zip(sets, pws, sws)]
         rng.bit_generator.state = resume_state["rng"]
         start_lev, start_it, start_cg_done = resume_state["level"], resume_state["iteration"], resume_state["cg_done"]
@@ -577,10 +606,21 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 f"{resume_state['elapsed_s']:.0f} s of fitting done)")
     # ---- end of checkpoint hooks
 
-    if cfg.through_plane_fwhm_factor is None:
-        cfg = cfg.resolved(through_plane_fwhm_factor=_choose_profile(
-            stacks, sets, region, aff, init, 2.0 * min(min(ss.spacing) for ss in sets), rots, trans, cents, wts, scs, cfg,
-            backend, log, dev))
+    def choose_profile():
+        return _choose_profile(stacks, sets, region0, aff, init, 2.0 * min(min(ss.spacing) for ss in sets), rots, trans,
+                               cents, wts, scs, cfg, backend, log, dev)
+
+    # with slice motion the residual at the registered poses favours the narrower profile whatever
+    # the data (sb25-t3.2-motion, Gaussian profile: 0.8 chosen, 27.8 dB against 28.2 dB at 1.0), so
+    # the choice waits for the coarse level's poses (FWHM = the first candidate until then)
+    profile_deferred = cfg.through_plane_fwhm_factor is None and motion and len(cfg.profile_candidates) > 1
+    if profile_deferred:
+        cfg = cfg.resolved(through_plane_fwhm_factor=float(cfg.profile_candidates[0]))
+        if resume_state is not None and (start_lev >= 1 or start_cg_done):
+            # [checkpoint] the coarse rounds are done: the poses they left decide, as before the kill
+            cfg = cfg.resolved(through_plane_fwhm_factor=choose_profile())
+    elif cfg.through_plane_fwhm_factor is None:
+        cfg = cfg.resolved(through_plane_fwhm_factor=choose_profile())
 
     t_train = time.time()
     for lev, (fac, n_it) in enumerate(zip(factors, iters)):
@@ -594,6 +634,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             fld = init_field_on_grid(region, aff, sp, dilate_mm=cfg.dilate_mm, init_intensity=init,
                                      scale_factor=cfg.scale_factor, device=dev)
         else:
+            region = _current_region()
             fld = grow_field(fld, sp, region, aff, dilate_mm=cfg.dilate_mm)
             fld = fld.to(dev)
         params = {k: v.detach().clone().requires_grad_(True) for k, v in fld.tensors().items()}
@@ -612,7 +653,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         if smooth > 0:
             log(f"  smoothness prior {smooth:.3g} (noise sigma {noise_sigma:.4f} of the 99th percentile)")
         # the budget bounds every level: earlier levels stop their warm start / pose rounds at 35 %
-        dl = (t_start + (0.6 if last_level_now else 0.35) * cfg.time_budget_s) if cfg.time_budget_s else None
+        # (50 % with slice motion: the coarse pose rounds are where motion is corrected)
+        dl = (t_start + (0.6 if last_level_now else (0.5 if motion else 0.35)) * cfg.time_budget_s) if cfg.time_budget_s else None
 
         def refit(n, min_iter=0):
             if n > 0:
@@ -623,9 +665,18 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         if warm:
             refit(cfg.cg_iterations, min_iter=10)  # a level never starts from an unfitted grid
         if warm and motion:
-            # alternate: slice poses (field fixed) -> robust weights and slice scales -> intensities
+            # alternate: slice poses (field fixed) -> robust weights and slice scales -> intensities,
+            # the field fitted under a weaker prior meanwhile (a smooth field biases the poses)
             rounds = cfg.motion_rounds if lev == 0 else cfg.fine_motion_rounds
             steps = cfg.pose_iterations if lev == 0 else cfg.fine_pose_iterations
+            smooth_m = smooth * cfg.motion_smoothness_scale
+
+            def refit_m(n):
+                _cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, backend, n, pairs, smooth_m, deadline=dl)
+
+            if rounds > 0 and steps > 0:
+                refit_m(max(cfg.cg_iterations // 3, 1))
+            moved = False
             for rnd in range(rounds if steps > 0 else 0):
                 if dl is not None and time.time() > dl:
                     break
@@ -637,13 +688,33 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, before)]).mean()) * 180 / math.pi
                 log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average")
                 wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
-                refit(max(cfg.cg_iterations // 3, 1))
+                refit_m(max(cfg.cg_iterations // 3, 1))
                 record_poses()
+                moved = True
                 if d_t < cfg.motion_stop_mm and d_r < cfg.motion_stop_deg:
                     if lev == 0 and rnd == 0:
                         motion = False  # nothing moves: no slice motion in these data
                         log("  no slice motion found: poses stay at the stacks' registration")
                     break
+            if lev == 0 and motion and moved and len(sets) > 1:
+                from .motion import stack_pose_spread
+
+                sp_mm, sp_deg = stack_pose_spread(rots, trans, cents)
+                if sp_mm <= cfg.header_gauge_mm and sp_deg <= cfg.header_gauge_deg:
+                    anchor = (np.zeros(3), np.zeros(3))
+                    anchor_poses(rots, trans, cents, anchor)
+                    log(f"  the stacks' mean poses agree within {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume is "
+                        "put in the headers' frame")
+                else:
+                    log(f"  the stacks' mean poses differ by up to {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume "
+                        "stays in the registration's frame")
+            if lev == 0 and profile_deferred:
+                f = choose_profile()
+                if f != cfg.through_plane_fwhm_factor:
+                    cfg = cfg.resolved(through_plane_fwhm_factor=f)
+                    moved = True
+            if moved:
+                refit(max(cfg.cg_iterations // 3, 1))  # the field under the level's own prior
         elif warm and (cfg.robust or cfg.slice_scale):
             wts, _ = _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend)
             refit(max(cfg.cg_iterations // 3, 1))
@@ -743,6 +814,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     timings["train_s"] = time.time() - t_train
 
     t0 = time.time()
+    region = _current_region()
     vol = render_volume(fld, nrf, shape, aff, region, backend=backend, cutoff=cfg.cutoff)
     vol = np.clip(vol, 0, None) * scale
     timings["render_volume_s"] = time.time() - t0

@@ -84,7 +84,7 @@ class ReconConfig:
     register_stacks: bool = True  # rigid stack-to-stack registration (SimpleITK) before fitting
     reference_stack: int = 0  # the stack the others are registered to (its lattice is the output's)
     motion: bool = True  # optimise one rigid pose per slice jointly with the field
-    motion_rounds: int = 8  # coarse level: rounds of (pose steps, weights, intensity re-fit)
+    motion_rounds: int = 12  # coarse level: rounds of (pose steps, weights, intensity re-fit)
     # the smoothness prior while poses are fitted, x the level's noise prior: a smooth field pulls
     # slices off their true poses (sb25-t3.2-motion coarse level: at the full prior the poses fit
     # better than the true ones; at 0.025 x it the true poses fit best; benchmarks/MOTION.md)
@@ -94,12 +94,24 @@ class ReconConfig:
     # headers' frame (mean pose over all slices = identity); else in the registration's frame
     header_gauge_mm: float = 1.0
     header_gauge_deg: float = 3.0  # loose: a stack's tilt trades against its slices' in-plane shifts (weakly seen)
-    pose_iterations: int = 5  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
+    # the coarse level's warm start and pose rounds bin f x f slice pixels into one, f = its grid
+    # spacing / pixel size up to this (1: off); the finer levels see every pixel
+    coarse_binning: int = 2
+    # slices with less pixel weight than this fraction of their stack's median slice are held near
+    # the stack's mean pose (the anatomy's small edge slices; 0: off)
+    pose_small_slice: float = 0.25
+    # the last level's smoothness prior made edge-preserving (Huber on neighbour differences,
+    # linear beyond edge_prior_k x their median) by this many reweighting rounds of its warm start
+    edge_prior_rounds: int = 1
+    edge_prior_k: float = 2.0
+    motion_refit_iterations: int = 6  # conjugate-gradient iterations of the intensity re-fit after each pose round
+    pose_iterations: int = 3  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
     pose_tilt: bool = True  # estimate the slices' tilts (rotations about in-plane axes), not only the in-plane turn
     fine_pose_iterations: int = 3
     fine_motion_rounds: int = 0  # rounds at each later level (sb25-t3.2-motion: 0.376 -> 0.372 mm for 20 s a round)
     # a round that moves the slices less than this on average ends the rounds; when the very first
-    # round does, the data hold no slice motion and later levels skip it (clean mni-t4: 0.02 mm)
+    # round does (turning them < 3 x motion_stop_deg), the data hold no slice motion and later levels
+    # skip it (clean mni-t4: 0.02 mm)
     motion_stop_mm: float = 0.1
     motion_stop_deg: float = 0.1  # the same at each later level, before its Adam iterations
     lr_pose_rotation: float = 3e-4  # joint Adam iterations: rad per step
@@ -130,6 +142,16 @@ class ReconConfig:
         def bad(k, what):
             raise InputError(where, f"{k}: {what}")
 
+        if not (isinstance(self.motion_refit_iterations, int) and self.motion_refit_iterations >= 1):
+            bad("motion_refit_iterations", f"must be an integer >= 1, got {self.motion_refit_iterations}")
+        if not (isinstance(self.edge_prior_rounds, int) and self.edge_prior_rounds >= 0):
+            bad("edge_prior_rounds", f"must be an integer >= 0, got {self.edge_prior_rounds}")
+        if not (self.edge_prior_k > 0 and math.isfinite(self.edge_prior_k)):
+            bad("edge_prior_k", f"must be > 0, got {self.edge_prior_k}")
+        if not (0 <= self.pose_small_slice <= 1):
+            bad("pose_small_slice", f"must be in [0, 1], got {self.pose_small_slice}")
+        if not (isinstance(self.coarse_binning, int) and self.coarse_binning >= 1):
+            bad("coarse_binning", f"must be an integer >= 1, got {self.coarse_binning}")
         if self.output_resolution is not None and not (self.output_resolution > 0 and math.isfinite(self.output_resolution)):
             bad("output_resolution", f"must be > 0 mm, got {self.output_resolution}")
         if self.output_resolution is not None and self.output_resolution < 0.1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["SliceSet", "prepare_slices", "output_grid", "region_mask", "region_from_slices", "naive_init"]
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,11 @@ class SliceSet:
     scale: float
     window: tuple[int, int, int, int]
     row_spans: torch.Tensor | None = None
+    # in-plane PSF sigmas (mm) when not the default 1.2 x pixel FWHM (binned slices, bin_slices)
+    inplane_sigma: tuple[float, float] | None = None
+    # loss weight of one pixel: a binned pixel stands for bin x bin pixels of the source slice
+    pixel_weight: float = 1.0
+    binning: int = 1
 
     @property
     def n(self) -> int:
@@ -92,6 +98,60 @@ def prepare_slices(stacks: list[Stack], margin: int = 2, dtype=torch.float32, di
             scale=scale,
             window=(int(a0), int(a1), int(b0), int(b1)),
         ))
+    return out
+
+
+def _pool(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Sums over f x f pixel bins of [K,h,w] (zero-padded to whole bins) -> [K,ceil(h/f),ceil(w/f)]."""
+    K, h, w = x.shape
+    H, W = -(-h // f), -(-w // f)
+    xp = torch.zeros((K, H * f, W * f), dtype=x.dtype, device=x.device)
+    xp[:, :h, :w] = x
+    return xp.reshape(K, H, f, W, f).sum((2, 4))
+
+
+def expand_pixels(x: torch.Tensor, f: int, shape: tuple[int, int]) -> torch.Tensor:
+    """Per-bin values [K,H,W] -> per-pixel [K,h,w] (each pixel takes its bin's value)."""
+    if f <= 1:
+        return x
+    return x.repeat_interleave(f, 1).repeat_interleave(f, 2)[:, : shape[0], : shape[1]].contiguous()
+
+
+def pool_pixels(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Per-pixel [K,h,w] -> per-bin means [K,H,W] (the inverse of :func:`expand_pixels`)."""
+    if f <= 1:
+        return x
+    ones = torch.ones_like(x)
+    return _pool(x, f) / _pool(ones, f).clamp_min(1)
+
+
+def bin_slices(ss: SliceSet, f: int, inplane_fwhm_factor: float) -> SliceSet:
+    """The slices with f x f pixels averaged into one: f^2 times fewer pixels to render for a
+    field no finer than f pixels (the coarse level). A bin's value is the mean of f^2 point samples
+    of the PSF-blurred slice, modelled as one sample at the bin's centre through a PSF widened by
+    the spread of those points (variance (f^2 - 1) / 12 x pixel^2 per axis). Only whole bins with
+    a masked pixel are masked; each bin weighs f^2 pixels in the loss, so a prior tuned for the
+    pixels keeps its balance. The slices' frames (and so their poses) are the source's."""
+    from ..psf import FWHM_TO_SIGMA
+
+    if f <= 1:
+        return ss
+    du, dv = ss.spacing
+    cnt = _pool(torch.ones_like(ss.obs), f)
+    obs = _pool(ss.obs, f) / cnt.clamp_min(1)
+    mask = (_pool(ss.mask.to(ss.obs.dtype), f) > 0) & (cnt >= f * f - 0.5)
+    ax = ss.axes
+    shift = (f - 1) / 2.0
+    origins = ss.origins + shift * du * ax[:, 0] + shift * dv * ax[:, 1]
+    var = (f * f - 1) / 12.0
+    sig = tuple(math.sqrt((inplane_fwhm_factor * d * FWHM_TO_SIGMA) ** 2 + var * d * d) for d in (du, dv))
+    out = SliceSet(name=ss.name, obs=obs, mask=mask, origins=origins, axes=ax, index=ss.index,
+                   spacing=(f * du, f * dv), thickness=ss.thickness, scale=ss.scale, window=ss.window,
+                   inplane_sigma=sig, pixel_weight=float(f * f), binning=f)
+    if ss.row_spans is not None:
+        from ..render import mask_to_row_spans
+
+        out.row_spans = torch.as_tensor(mask_to_row_spans(mask.cpu().numpy(), out.n, tuple(obs.shape[1:])))
     return out
 
 

@@ -17,7 +17,7 @@ a three-level pyramid; when the first try correlates poorly, rotated starts are 
 from __future__ import annotations
 
 __all__ = ["register_stacks", "moved_stack", "slice_centres", "to_centre_convention",
-           "anchor_poses", "pose_means", "stack_pose_spread", "fit_slice_scales", "robust_weights", "matrix_to_rotvec"]
+           "anchor_poses", "pose_means", "to_stack_poses", "stack_pose_spread", "fit_slice_scales", "robust_weights", "matrix_to_rotvec"]
 
 import math
 from dataclasses import replace
@@ -200,6 +200,20 @@ def anchor_poses(rots: list[torch.Tensor], trans: list[torch.Tensor], centres: l
     du = targets[1] - pose_means(rots, trans, centres)[1]
     for k in range(len(trans)):
         trans[k].add_(torch.as_tensor(du, dtype=trans[k].dtype, device=trans[k].device))
+
+
+@torch.no_grad()
+def to_stack_poses(rots, trans, centres):
+    """Replace every slice's pose by its stack's mean pose (one rigid map per stack, about the
+    stack's mean slice centre): keeps a stack-level correction, drops slice-to-slice scatter."""
+    for k in range(len(rots)):
+        if rots[k].shape[0] == 0:
+            continue
+        rb, ub, cb = pose_means([rots[k]], [trans[k]], [centres[k]])
+        ck = centres[k].detach().cpu().numpy().astype(np.float64)
+        tk = (ck - cb) @ rotvec_to_matrix(rb).T + cb + ub - ck
+        rots[k].copy_(torch.as_tensor(np.broadcast_to(rb, ck.shape), dtype=rots[k].dtype))
+        trans[k].copy_(torch.as_tensor(tk, dtype=trans[k].dtype))
 
 
 @torch.no_grad()

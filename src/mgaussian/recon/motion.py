@@ -212,7 +212,7 @@ def to_stack_poses(rots, trans, centres):
         rb, ub, cb = pose_means([rots[k]], [trans[k]], [centres[k]])
         ck = centres[k].detach().cpu().numpy().astype(np.float64)
         tk = (ck - cb) @ rotvec_to_matrix(rb).T + cb + ub - ck
-        rots[k].copy_(torch.as_tensor(np.broadcast_to(rb, ck.shape), dtype=rots[k].dtype))
+        rots[k].copy_(torch.as_tensor(np.tile(rb, (len(ck), 1)), dtype=rots[k].dtype))
         trans[k].copy_(torch.as_tensor(tk, dtype=trans[k].dtype))
 
 

@@ -748,7 +748,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                                 deadline=dl, min_iter=min(n, min_iter), pair_w=edge_w[0])
 
         warm = not (resumed_here and start_cg_done)  # [checkpoint] a resumed level skips its warm start
-        edge_rounds = cfg.edge_prior_rounds if (last_level_now and pairs is not None) else 0
+        # (noisy data only: on clean data the prior is ~0 and Adam follows the warm start)
+        edge_rounds = cfg.edge_prior_rounds if (last_level_now and pairs is not None
+                                                and noise_sigma > cfg.adam_max_noise) else 0
         if warm:
             # a level never starts from an unfitted grid (10 iterations at least); on the last level
             # with an edge-preserving prior the iterations are shared with its reweighting rounds
@@ -854,8 +856,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 log(f"time budget of {cfg.time_budget_s:g} s reached after {it} of {n_it} iterations")
                 break
             frac = it / max(n_it - 1, 1)
+            warm_up = min(1.0, (it + 1) / cfg.lr_warmup) if cfg.lr_warmup > 0 else 1.0
             for g, lr0 in zip(opt.param_groups, base_lr):
-                g["lr"] = lr0 * (cfg.lr_decay ** frac)
+                g["lr"] = lr0 * (cfg.lr_decay ** frac) * warm_up
             if nrf_from is not None and it == nrf_from and nrf is None:
                 nrf = NeuralResidualField(wlo - 5, whi + 5, cfg.nrf_bands, cfg.nrf_width, cfg.nrf_depth, cfg.nrf_scale).to(dev)
                 nrf_opt = torch.optim.Adam(nrf.parameters(), lr=cfg.lr_nrf)

@@ -17,7 +17,7 @@ a three-level pyramid; when the first try correlates poorly, rotated starts are 
 from __future__ import annotations
 
 __all__ = ["register_stacks", "moved_stack", "slice_centres", "to_centre_convention",
-           "anchor_poses", "pose_means", "to_stack_poses", "stack_pose_spread", "fit_slice_scales", "robust_weights", "matrix_to_rotvec"]
+           "anchor_poses", "pose_means", "moved_by_mean", "to_stack_poses", "stack_pose_spread", "fit_slice_scales", "robust_weights", "matrix_to_rotvec"]
 
 import math
 from dataclasses import replace
@@ -202,6 +202,12 @@ def anchor_poses(rots: list[torch.Tensor], trans: list[torch.Tensor], centres: l
         trans[k].add_(torch.as_tensor(du, dtype=trans[k].dtype, device=trans[k].device))
 
 
+def moved_by_mean(pts: np.ndarray, r_mean, u_mean, c_mean) -> np.ndarray:
+    """Where a mean pose (mean rotvec, mean slice-centre displacement, mean centre; see
+    :func:`pose_means`) puts the points ``pts`` [K,3]: R (p - c) + c + u."""
+    return (pts - c_mean) @ rotvec_to_matrix(r_mean).T + c_mean + u_mean
+
+
 @torch.no_grad()
 def to_stack_poses(rots, trans, centres):
     """Replace every slice's pose by its stack's mean pose (one rigid map per stack, about the
@@ -211,7 +217,7 @@ def to_stack_poses(rots, trans, centres):
             continue
         rb, ub, cb = pose_means([rots[k]], [trans[k]], [centres[k]])
         ck = centres[k].detach().cpu().numpy().astype(np.float64)
-        tk = (ck - cb) @ rotvec_to_matrix(rb).T + cb + ub - ck
+        tk = moved_by_mean(ck, rb, ub, cb) - ck
         rots[k].copy_(torch.as_tensor(np.tile(rb, (len(ck), 1)), dtype=rots[k].dtype))
         trans[k].copy_(torch.as_tensor(tk, dtype=trans[k].dtype))
 
@@ -222,19 +228,17 @@ def stack_pose_spread(rots, trans, centres) -> tuple[float, float]:
     displacement over a stack's slice centres in mm, largest rotation difference in degrees).
     Poses are relative to the headers, so a small spread says the headers agree with each other
     up to one rigid map (no motion between the stacks, only within them)."""
-    r_all, u_all, c_all = pose_means(rots, trans, centres)
-    Rg = rotvec_to_matrix(r_all)
+    everyone = pose_means(rots, trans, centres)
+    Rg = rotvec_to_matrix(everyone[0])
     worst_mm = worst_deg = 0.0
     for r, u, c in zip(rots, trans, centres):
         if r.shape[0] == 0:
             continue
-        rs, us, cs = pose_means([r], [u], [c])
-        Rs = rotvec_to_matrix(rs)
+        stack = pose_means([r], [u], [c])
         pts = c.detach().cpu().numpy().astype(np.float64)
-        ts = (pts - cs) @ Rs.T + cs + us
-        tg = (pts - c_all) @ Rg.T + c_all + u_all
-        worst_mm = max(worst_mm, float(np.linalg.norm(ts - tg, axis=1).mean()))
-        worst_deg = max(worst_deg, math.degrees(float(np.linalg.norm(matrix_to_rotvec(Rs @ Rg.T)))))
+        gap = moved_by_mean(pts, *stack) - moved_by_mean(pts, *everyone)
+        worst_mm = max(worst_mm, float(np.linalg.norm(gap, axis=1).mean()))
+        worst_deg = max(worst_deg, math.degrees(float(np.linalg.norm(matrix_to_rotvec(rotvec_to_matrix(stack[0]) @ Rg.T)))))
     return worst_mm, worst_deg
 
 

@@ -20,7 +20,8 @@ from ..io import Stack
 from ..psf import FWHM_TO_SIGMA
 from ..render import mask_to_row_spans, render_points, render_slices, resolve_backend, slice_psf_sigma
 from .config import ReconConfig
-from .data import SliceSet, bin_slices, naive_init, output_grid, prepare_slices, region_from_slices, region_mask
+from .data import (SliceSet, bin_slices, expand_pixels, naive_init, output_grid, pool_pixels, prepare_slices,
+                   region_from_slices, region_mask)
 from .motion import anchor_poses
 from .losses import masked_smooth_l1, masked_ssim
 from .nrf import NeuralResidualField
@@ -246,8 +247,7 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
     otherwise wanders (sb25-t3.2-motion: such slices went 5-19 deg astray). A pull on every slice,
     even one worth only 100 pixels, compounds over the rounds of alternation with the field (the
     field follows the pulled poses) and cost sb25-t3.2-motion 0.5 dB."""
-    from ..geometry import rotvec_to_matrix
-    from .motion import pose_means
+    from .motion import moved_by_mean, pose_means
 
     fld = {k: v.detach() for k, v in params.items()}
 
@@ -266,11 +266,10 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
         dcost = cost = (((base - ss.obs) ** 2) * w).sum((1, 2)).double()
         use_prior = small_slice > 0 and ss.n > 2
         if use_prior:
-            rbar, ubar, cbar = pose_means([r], [t], [cents[si]])
+            mean = pose_means([r], [t], [cents[si]])
             ck = cents[si].detach().cpu().numpy().astype(np.float64)
-            tgt_t = torch.as_tensor((ck - cbar) @ rotvec_to_matrix(rbar).T + cbar + ubar - ck, dtype=torch.float64,
-                                    device=r.device)
-            tgt_r = torch.as_tensor(rbar, dtype=torch.float64, device=r.device)[None, :]
+            tgt_t = torch.as_tensor(moved_by_mean(ck, *mean) - ck, dtype=torch.float64, device=r.device)
+            tgt_r = torch.as_tensor(mean[0], dtype=torch.float64, device=r.device)[None, :]
             p_d = None  # [6] prior weight per parameter (rotations about the slice axes, translations), from the first Jacobian
 
             def prior_cost(rr, tt, axr):
@@ -298,6 +297,7 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
             dH = torch.diagonal(H, dim1=1, dim2=2)
             ref = dH.mean(0, keepdim=True).clamp_min(1e-12)
             nr = len(rot_axes)
+            axr = torch.stack([ax_now[:, i] for i in rot_axes], 1).double() if nr else None  # [K,nr,3]
             if use_prior:
                 # per parameter: a thick slice's tilts are seen far less than its in-plane turn
                 if p_d is None:
@@ -306,15 +306,13 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
                     per = (dH / Wk.clamp_min(1e-12)[:, None]).median(0).values  # curvature per unit of pixel weight
                     small = (Wk < small_slice * Wmed).to(per.dtype)[:, None]
                     p_d = small * (Wmed * per)[None, :]  # [K,6]: a small slice weighs like a median one
-                axr = torch.stack([ax_now[:, i] for i in rot_axes], 1).double()  # [K,nr,3], fixed for this step
-                pc, dev = prior_cost(r, t, axr)
+                pc, dev = prior_cost(r, t, axr)  # axes fixed for this step
                 cost = dcost + pc
                 g = g + p_d * dev
                 H = H + torch.diag_embed(p_d.expand(ss.n, -1))
             A = H + torch.diag_embed(lam[:, None] * dH + prior * ref)
             step = -torch.linalg.solve(A, g[..., None])[..., 0]
-            sr = torch.einsum("kj,kjc->kc", step[:, :nr], torch.stack([ax_now[:, i] for i in rot_axes], 1).double()) \
-                if nr else torch.zeros_like(step[:, :3])
+            sr = torch.einsum("kj,kjc->kc", step[:, :nr], axr) if nr else torch.zeros_like(step[:, :3])
             st = step[:, nr:]
             sr = sr * (max_rot / sr.norm(dim=1, keepdim=True).clamp_min(max_rot))
             st = st * (max_trans / st.norm(dim=1, keepdim=True).clamp_min(max_trans))
@@ -351,8 +349,6 @@ def _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg: ReconCo
     current prediction; returns the new loss weights per stack (mask x pixel x slice weight)."""
     from .motion import fit_slice_scales, robust_weights
 
-    from .data import expand_pixels, pool_pixels
-
     preds = _predict_all(params, sets, rots, trans, cents, cfg, backend, nrf)
     resid, nccs = [], []
     for si, (ss, pred) in enumerate(zip(sets, preds)):
@@ -380,8 +376,6 @@ def _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg: ReconCo
 def _loss_weights(sets, pws, sws):
     """Loss weight of each pixel of each (possibly binned) slice set: mask x pixel x slice weight
     x the pixels a binned pixel stands for. ``pws`` are per source pixel."""
-    from .data import pool_pixels
-
     return [ss.mask.to(pw.dtype) * pool_pixels(pw, ss.binning) * sw[:, None, None] * ss.pixel_weight
             for ss, pw, sw in zip(sets, pws, sws)]
 
@@ -659,7 +653,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             pose_history[:] = r["motion"]["pose_history"]
             if r["motion"].get("anchor") is not None:
                 anchor = tuple(np.asarray(a, dtype=np.float64) for a in r["motion"]["anchor"])
-            wts = [ss.mask.to(pw.dtype) * pw * sw[:, None, None] for ss, pw, sw in zip(sets, pws, sws)]
+            wts = _loss_weights(sets, pws, sws)
         rng.bit_generator.state = resume_state["rng"]
         start_lev, start_it, start_cg_done = resume_state["level"], resume_state["iteration"], resume_state["cg_done"]
         t_start = time.time() - float(resume_state["elapsed_s"])  # the time budget counts the time before the kill
@@ -755,7 +749,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             # a level never starts from an unfitted grid (10 iterations at least); on the last level
             # with an edge-preserving prior the iterations are shared with its reweighting rounds
             n0 = cfg.cg_iterations // (edge_rounds + 1)
-            refit(n0 if edge_rounds else cfg.cg_iterations, min_iter=10 // (edge_rounds + 1) if edge_rounds else 10)
+            refit(n0, min_iter=10 // (edge_rounds + 1))
             for _ in range(edge_rounds):
                 with torch.no_grad():
                     c = params["intensities"].detach()
@@ -816,7 +810,6 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 else:
                     log(f"  the stacks' mean poses differ by up to {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume "
                         "stays in the registration's frame")
-            wts = _loss_weights(sets, pws, sws)
             if lev == 0 and profile_deferred:
                 f = choose_profile()
                 if f != cfg.through_plane_fwhm_factor:

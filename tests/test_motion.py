@@ -115,6 +115,12 @@ def test_slice_profile_is_chosen_from_the_data(atlas_stacks, tmp_path):
         res = reconstruct(_load(sim), config_from_dict(quick), progress=False, log=lambda s: None)
         chosen[name] = res.config.through_plane_fwhm_factor
     assert chosen == {"gaussian": 1.0, "box": 0.8}, chosen
+    # the box profile's excess residual is ~0.6 x the Gaussian's: with a margin above 0.4 the
+    # evidence is not enough and the first candidate (the header's thickness) stays
+    lines = []
+    res = reconstruct(_load(tmp_path / "box"), config_from_dict({**quick, "profile_margin": 0.6}), progress=False,
+                      log=lines.append)
+    assert res.config.through_plane_fwhm_factor == 1.0, [s for s in lines if "slice profile" in s]
 
 
 def _slice_pose_errors(res, sim, min_fraction=0.3):

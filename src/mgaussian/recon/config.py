@@ -74,6 +74,12 @@ class ReconConfig:
     # Gaussian slice profile, 0.8 a rectangular one; benchmarks/TUNING.md)
     through_plane_fwhm_factor: float | None = None
     profile_candidates: tuple[float, ...] = (1.0, 0.8)
+    # another candidate replaces the first only when its residual above the noise floor is this
+    # fraction smaller: misfit the profile cannot explain (motion left over, bias fields) favours
+    # the narrower profile by a few per cent whatever the data. Real MIALSRTK stacks: 0.96-0.98 of
+    # the first, and 1.0 predicts the held-out run better (NCC run5 0.802 -> 0.814, run3 0.838 ->
+    # 0.845); box-profile sb25 with motion: 0.56, clean: 0.42 (benchmarks/MOTION.md, session 5)
+    profile_margin: float = 0.15
     cutoff: float = 4.0  # Mahalanobis cut-off of a (pixel, Gaussian) term (3 -> 4: +0.5 dB, TUNING.md)
     renderer: str = "slices"  # "slices" (tile renderer) or "points" (the seed's block query)
     block_radius: int = 5  # for renderer="points"
@@ -195,6 +201,8 @@ class ReconConfig:
             bad("time_budget_s", "must be > 0 seconds or null")
         if not self.profile_candidates or any(not (0 < f <= 3) for f in self.profile_candidates):
             bad("profile_candidates", "must be numbers in (0, 3]")
+        if not (0 <= self.profile_margin < 1):
+            bad("profile_margin", f"must be in [0, 1), got {self.profile_margin}")
         if self.cg_smoothness is not None and not (self.cg_smoothness >= 0 and math.isfinite(self.cg_smoothness)):
             bad("cg_smoothness", "must be >= 0 or null (automatic)")
         if not (self.smoothness_gain >= 0):

@@ -455,14 +455,17 @@ def _restore(st: dict, dev, make_nrf) -> dict:
 
 
 def _choose_profile(stacks, sets, region, aff, init, spacing, rots, trans, cents, wts, scs, cfg, backend, log, dev,
-                    n_iter: int = 12) -> float:
+                    noise_sigma: float = 0.0, n_iter: int = 12) -> float:
     """The through-plane PSF width (x thickness) among ``cfg.profile_candidates`` whose
     least-squares fit on a grid of twice the finest pixel leaves the smallest residual (whatever
     the output resolution: on a grid as coarse as the slices' thickness a narrower profile
     always wins). On such a grid the
     Gaussians cannot follow a wrong profile, so the residual tells the profile: sb25-t3.2
     (Gaussian profile) 4.6e-5 at 1.0 vs 6.8e-5 at 0.8; the same with a box profile 9.7e-5 vs
-    4.1e-5 (benchmarks/TUNING.md)."""
+    4.1e-5 (benchmarks/TUNING.md).
+
+    The residuals are compared above the noise floor (``noise_sigma``^2 over the binned pixel
+    count), and a candidate replaces the first only when it is ``cfg.profile_margin`` smaller."""
     if len(cfg.profile_candidates) == 1:
         return float(cfg.profile_candidates[0])
     fld = init_field_on_grid(region, aff, spacing, dilate_mm=cfg.dilate_mm, init_intensity=init,
@@ -476,9 +479,15 @@ def _choose_profile(stacks, sets, region, aff, init, spacing, rots, trans, cents
         preds = _predict_all(params, sets, rots, trans, cents, c, backend)
         scores[float(f)] = sum(float(((p * sc[:, None, None] - ss.obs) ** 2 * w).sum())
                                for p, ss, w, sc in zip(preds, sets, wts, scs)) / wsum
-    best = min(scores, key=scores.get)
+    binned = float(np.mean([ss.binning ** 2 for ss in sets]))
+    floor = noise_sigma ** 2 / binned
+    excess = {f: max(r - floor, 0.0) for f, r in scores.items()}
+    first = float(cfg.profile_candidates[0])
+    best = min(excess, key=excess.get)
+    if excess[best] > (1.0 - cfg.profile_margin) * excess[first]:
+        best = first
     log("slice profile: through-plane FWHM " + ", ".join(f"{f:g} x thickness -> residual {r:.3g}" for f, r in scores.items())
-        + f"; using {best:g}")
+        + f" (noise floor {floor:.3g}); using {best:g}")
     return best
 
 
@@ -676,7 +685,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         # pixels of that size serve as well (mni-t4-motion: 49 s -> ~12 s)
         psets = [bin_for(ss, prof_grid) for ss in sets]
         return _choose_profile(stacks, psets, region0, aff, init, prof_grid, rots, trans, cents,
-                               _loss_weights(psets, pws, sws), scs, cfg, backend, log, dev)
+                               _loss_weights(psets, pws, sws), scs, cfg, backend, log, dev, noise_sigma)
 
     # with slice motion the residual at the registered poses favours the narrower profile whatever
     # the data (sb25-t3.2-motion, Gaussian profile: 0.8 chosen, 27.8 dB against 28.2 dB at 1.0), so

@@ -159,7 +159,7 @@ def test_cli_off_switches_reach_the_configuration(case, tmp_path):
     out = tmp_path / "rec.nii.gz"
     switches = {"--no-motion": "motion", "--no-registration": "register_stacks", "--no-robust": "robust",
                 "--no-ssim": "use_ssim", "--no-growth": "growth", "--no-anisotropy": "use_anisotropy", "--no-psf": "use_psf",
-                "--no-nrf": "use_nrf"}
+                "--no-nrf": "use_nrf", "--no-auto-mask": "auto_mask"}
     rc = main(["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"], "--thicknesses", "3.6",
                "--output-volume", str(out), "--config", str(cfgp), "--quiet", "--no-report", *switches])
     assert rc == 0
@@ -167,3 +167,5 @@ def test_cli_off_switches_reach_the_configuration(case, tmp_path):
     assert {k: got[k] for k in switches.values()} == {k: False for k in switches.values()}
     defaults = ReconConfig()
     assert all(getattr(defaults, k) is True for k in switches.values() if k != "use_nrf")
+    # and --bias-correction turns N4 on (off by default)
+    assert got["bias_correction"] is False and ReconConfig().bias_correction is False

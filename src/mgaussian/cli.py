@@ -115,7 +115,9 @@ def _add_reconstruct(sub):
     )
     g = p.add_argument_group("inputs and outputs")
     g.add_argument("--input-stacks", nargs="+", required=True, help="stacks (.nii/.nii.gz); slices along the third voxel axis")
-    g.add_argument("--stack-masks", nargs="+", help="one brain mask per stack")
+    g.add_argument("--stack-masks", nargs="+", help="one brain mask per stack; default: an automatic mask (the stacks' common field of view, Otsu, largest component)")
+    g.add_argument("--no-auto-mask", action="store_true", help="without --stack-masks, use every voxel of every stack instead of the automatic mask")
+    g.add_argument("--bias-correction", action="store_true", help="N4 bias-field correction of every stack inside its mask (SimpleITK)")
     g.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm): one for all stacks or one per stack; default: JSON sidecar, else slice spacing")
     g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
     g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
@@ -415,6 +417,32 @@ def _check_log_path(a, inputs, outputs):
             raise InputError("--log", f"{a.log} is also an output")
 
 
+def _prepare_stacks(a, cfg, stacks, log) -> None:
+    """Automatic masks (no --stack-masks) and N4 bias-field correction, in place."""
+    import time
+
+    import numpy as np
+
+    from .errors import warn
+    from .masking import auto_masks, n4_correct
+
+    if not a.stack_masks:
+        if cfg.auto_mask:
+            for st, m in zip(stacks, auto_masks(stacks, log=log)):
+                if m.sum() < 10 or not np.any(st.data[m]):
+                    raise InputError(st.path, "the automatic mask found no anatomy in this stack; give --stack-masks")
+                st.mask = m
+        else:
+            warn("--stack-masks", "no masks given: every voxel of every stack is used (slow, and background is reconstructed too)")
+    if cfg.bias_correction:
+        for st in stacks:
+            t0 = time.time()
+            st.data, field = n4_correct(st.data, st.affine, st.mask if not st.mask.all() else None)
+            f = field[st.mask] if st.mask.any() else field
+            log(f"stack {st.name}: N4 bias field {float(f.min()):.2f}-{float(f.max()):.2f} in the mask "
+                f"({time.time() - t0:.1f} s)")
+
+
 def _check_reconstruct_inputs(a, cfg, stacks):
     """Up-front checks of the whole run (before any fitting): the stacks as a set, the output
     grid, the memory bound. Returns the config with the output resolution resolved."""
@@ -508,6 +536,10 @@ def cmd_reconstruct(a) -> int:
                       ("no_psf", "use_psf")):
         if getattr(a, flag):
             over[key] = False
+    if a.no_auto_mask:
+        over["auto_mask"] = False
+    if a.bias_correction:
+        over["bias_correction"] = True
     if a.nrf and a.no_nrf:
         raise InputError("--nrf", "conflicts with --no-nrf")
     if a.nrf:
@@ -525,14 +557,23 @@ def cmd_reconstruct(a) -> int:
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
-    if not a.stack_masks:
-        warn("--stack-masks", "no masks given: every voxel of every stack is used (slow, and background is reconstructed too)")
+    prep_lines = []  # shown once every check has passed (an error is the only line otherwise)
+    if not a.stack_masks or cfg.bias_correction:
+        from .io import validate_stacks
+
+        validate_stacks(stacks)  # the stacks' own checks come before what is built from them
+    _prepare_stacks(a, cfg, stacks, prep_lines.append)
     cfg = _check_reconstruct_inputs(a, cfg, stacks)
+    if not a.quiet:
+        for line in prep_lines:
+            print(line, file=sys.stderr, flush=True)
     from .errors import flush_warnings
     from .recon.train import reconstruct
 
     runlog = _RunLog(a.log)
     runlog.header(cfg.to_dict())
+    for line in prep_lines:
+        runlog.line(line)
     flush_warnings()
 
     def log(s):
@@ -551,7 +592,7 @@ def cmd_reconstruct(a) -> int:
     meta = {
         "mgaussian_version": __version__,
         "command": sys.argv,
-        "inputs": [{"stack": s.path, "mask": s.mask_path, "thickness_mm": s.thickness, "thickness_from": s.thickness_source} for s in stacks],
+        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"), "thickness_mm": s.thickness, "thickness_from": s.thickness_source} for s in stacks],
         "config": res.config.to_dict(),
         "output_volume": os.path.abspath(a.output_volume),
         "output_scale": res.scale,

@@ -367,7 +367,8 @@ def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=No
     parts.append(_table(score_rows, ["stack", "shape", "thickness (mm)", "NCC", "PSNR (dB)"]))
     for i, st in enumerate(stacks):
         parts.append(f"<h3>{e(st.name)}</h3><p><code>{e(st.path)}</code>"
-                     + (f", mask <code>{e(st.mask_path)}</code>" if st.mask_path else ", no mask") + "</p>"
+                     + (f", mask <code>{e(st.mask_path)}</code>" if st.mask_path
+                        else ", automatic mask" if not st.mask.all() else ", no mask") + "</p>"
                      f'<img src="stack_{i + 1:02d}.png" alt="{e(st.name)}: input, simulation, difference">')
 
     parts.append("<h2>Slice poses and weights</h2>")

@@ -90,6 +90,11 @@ class ReconConfig:
     nrf_width: int = 64
     nrf_depth: int = 4
     nrf_scale: float = 0.1
+    # inputs without user help (mgaussian.masking): without --stack-masks, an automatic mask per
+    # stack (the stacks' common field of view, Otsu, largest component; False: every voxel);
+    # N4 bias-field correction of every stack inside its mask (SimpleITK)
+    auto_mask: bool = True
+    bias_correction: bool = False
     # motion correction and robustness (issue 5)
     register_stacks: bool = True  # rigid stack-to-stack registration (SimpleITK) before fitting
     reference_stack: int = 0  # the stack the others are registered to (its lattice is the output's)

@@ -257,3 +257,47 @@ def test_weighted_lattice_prior_is_the_gradient_of_its_energy():
     (grad,) = torch.autograd.grad(e, v)
     assert torch.allclose(_laplacian_apply(v.detach(), pairs, w), grad)
     assert not torch.allclose(_laplacian_apply(v.detach(), pairs), grad)  # the weights matter
+
+
+def test_small_edge_slice_is_held_to_its_stack(atlas_stacks):
+    """``pose_small_slice``: a slice with little pixel weight (the anatomy's edge) is pulled toward
+    its stack's mean pose, a median slice is not. Each of the two is observed 4 degrees and 1.5 mm
+    away from where the others lie; with the hold the small one ends far nearer the stack's
+    pose than without it, and the median one ends at its observed pose either way."""
+    import torch
+
+    from mgaussian.field import init_field_on_grid
+    from mgaussian.recon.config import ReconConfig
+    from mgaussian.recon.data import prepare_slices
+    from mgaussian.recon.motion import slice_centres
+    from mgaussian.recon.train import _optimise_poses, _predict_all
+
+    gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
+    m, _, _ = load_image(str(demo_dir() / "mask.nii.gz"))
+    fld = init_field_on_grid(m > 0, aff, 1.6, init_intensity=gt / np.percentile(gt[m > 0], 99))
+    params = {k: v.detach() for k, v in fld.tensors().items()}
+    ss = prepare_slices(_load(atlas_stacks)[:1])[0]
+    ss.row_spans = None
+    cfg = ReconConfig().resolved(through_plane_fwhm_factor=1.0)
+    wk = ss.mask.sum((1, 2)).double()
+    small = int(torch.nonzero((wk > 20) & (wk < 0.25 * wk.median()))[0])
+    med = int(torch.argsort(wk)[ss.n // 2])
+    c = slice_centres(ss)
+    truth_r = torch.zeros(ss.n, 3)
+    truth_t = torch.zeros(ss.n, 3)
+    for k in (small, med):
+        truth_r[k] = torch.tensor([math.radians(4.0), 0.0, 0.0])
+        truth_t[k] = torch.tensor([0.0, 1.5, 0.0])
+    ss.obs = _predict_all(params, [ss], [truth_r], [truth_t], [c], cfg, "cpu")[0].to(ss.obs.dtype)
+    end = {}
+    for hold in (0.0, 0.25):
+        r = torch.zeros(ss.n, 3)
+        t = torch.zeros(ss.n, 3)
+        _optimise_poses(params, [ss], [r], [t], [c], [ss.mask.float()], [torch.ones(ss.n)], cfg, "cpu", 8,
+                        small_slice=hold)
+        end[hold] = {k: (math.degrees(float(r[k].norm())), float(t[k].norm())) for k in (small, med)}
+    # without the hold both slices go to where they were observed ...
+    assert end[0.0][med][0] > 3.0 and end[0.0][small][0] > 2.0, end
+    # ... with it the small slice stays near its stack's pose, the median one is untouched
+    assert end[0.25][small][0] < 0.5 * end[0.0][small][0] and end[0.25][small][1] < 0.5 * end[0.0][small][1], end
+    assert abs(end[0.25][med][0] - end[0.0][med][0]) < 0.3 and abs(end[0.25][med][1] - end[0.0][med][1]) < 0.2, end

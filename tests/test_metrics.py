@@ -116,6 +116,8 @@ def test_heldout_score_prefers_the_right_volume(small_case, capsys):
                  "--thickness", "4.5", "--json"]) == 0
     good = json.loads(capsys.readouterr().out)
     assert good["ncc"] > 0.99
+    # per-slice NCC of the slices with >= 50 mask pixels, each as good as the whole
+    assert len(good["slice_ncc"]) >= 3 and min(good["slice_ncc"].values()) > 0.95
     import nibabel as nib
 
     img = nib.load(c["gt"])

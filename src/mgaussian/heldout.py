@@ -159,4 +159,10 @@ def heldout_score(recon, recon_aff, stack, stack_aff, stack_mask, thickness: flo
     y = stack[M].astype(np.float64)
     x = gain_offset_match(sim[M], y)
     rng = float(y.max() - y.min())
-    return {"ncc": ncc(x, y), "psnr": psnr(x, y, rng), "transform": T.tolist()}
+    # per slice (>= 50 mask pixels): which slices the volume predicts badly (motion within the stack)
+    per = {}
+    for k in range(stack.shape[2]):
+        mk = M[:, :, k]
+        if mk.sum() >= 50 and np.ptp(sim[:, :, k][mk]) > 0 and np.ptp(stack[:, :, k][mk]) > 0:
+            per[str(k)] = ncc(sim[:, :, k][mk].astype(np.float64), stack[:, :, k][mk].astype(np.float64))
+    return {"ncc": ncc(x, y), "psnr": psnr(x, y, rng), "slice_ncc": per, "transform": T.tolist()}

@@ -19,9 +19,7 @@ import time
 
 import nibabel as nib
 import numpy as np
-from scipy.spatial.transform import Rotation
-
-from mgaussian.geometry import slice_frames
+from mgaussian.geometry import matrix_to_rotvec, slice_frames, voxel_to_world
 from mgaussian.heldout import refine_alignment, register_rigid
 from mgaussian.metrics import ncc
 from mgaussian.sampling import sample_slices
@@ -48,9 +46,9 @@ def per_slice(recon, raff, stack, saff, mask, thickness, profile="gaussian", min
                                      world_transform=Tz)[:, :, 0]
         D = np.linalg.inv(T) @ Tz  # the slice's own offset, in the stack's world
         c = np.argwhere(m).mean(0)
-        cw = A[:3, :3] @ [c[0], c[1], 0.0] + A[:3, 3]
+        cw = voxel_to_world(A, [c[0], c[1], 0.0])
         rows.append((z, ncc(glob[:, :, z][m], stack[:, :, z][m]), ncc(own[:, :, z][m], stack[:, :, z][m]),
-                     np.rad2deg(Rotation.from_matrix(D[:3, :3]).as_rotvec()), D[:3, :3] @ cw + D[:3, 3] - cw))
+                     np.rad2deg(matrix_to_rotvec(D[:3, :3])), D[:3, :3] @ cw + D[:3, 3] - cw))
     M = mask.astype(bool)
     return rows, ncc(glob[M], stack[M]), ncc(own[M], stack[M]), time.time() - t0
 

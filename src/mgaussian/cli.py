@@ -445,12 +445,12 @@ def _prepare_stacks(a, cfg, stacks, log) -> None:
 
 def _check_reconstruct_inputs(a, cfg, stacks):
     """Up-front checks of the whole run (before any fitting): the stacks as a set, the output
-    grid, the memory bound. Returns the config with the output resolution resolved."""
-    from .io import validate_stacks
+    grid, the memory bound (the stacks themselves are checked by ``validate_stacks`` before
+    their masks and intensities are prepared). Returns the config with the output resolution
+    resolved."""
     from .recon.data import output_grid
     from .recon.memory import check_memory
 
-    validate_stacks(stacks)
     res = cfg.output_resolution or round(float(min(min(s.frames.spacing) for s in stacks)), 4)
     cfg = cfg.resolved(output_resolution=res)
     output_grid(stacks, res)  # refuses an absurd grid
@@ -496,7 +496,7 @@ def _check_checkpoint_dir(a, outputs) -> None:
 def cmd_reconstruct(a) -> int:
     import time
 
-    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti
+    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti, validate_stacks
     from .errors import warn
     from .recon.config import ReconConfig, config_from_dict, load_config_file
 
@@ -557,11 +557,8 @@ def cmd_reconstruct(a) -> int:
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
+    validate_stacks(stacks)  # the stacks' own checks come before what is built from them
     prep_lines = []  # shown once every check has passed (an error is the only line otherwise)
-    if not a.stack_masks or cfg.bias_correction:
-        from .io import validate_stacks
-
-        validate_stacks(stacks)  # the stacks' own checks come before what is built from them
     _prepare_stacks(a, cfg, stacks, prep_lines.append)
     cfg = _check_reconstruct_inputs(a, cfg, stacks)
     if not a.quiet:

@@ -14,7 +14,7 @@ __all__ = ["crop_to_mask", "register_rigid", "refine_alignment", "heldout_score"
 
 import numpy as np
 
-from .geometry import slice_frames, voxel_sizes
+from .geometry import rigid_matrix, slice_frames, voxel_sizes, voxel_to_world
 from .metrics import gain_offset_match, ncc, psnr
 from .registration import correlation_rigid, transform_matrix
 from .sampling import sample_slices
@@ -49,7 +49,7 @@ def crop_to_mask(data: np.ndarray, affine: np.ndarray, mask: np.ndarray, margin_
     lo = np.maximum(ij.min(0) - pad, 0)
     hi = np.minimum(ij.max(0) + 1 + pad, mask.shape[:2])
     A = np.array(affine, dtype=np.float64, copy=True)
-    A[:3, 3] = A[:3, :3] @ np.array([lo[0], lo[1], 0.0]) + A[:3, 3]
+    A[:3, 3] = voxel_to_world(A, [lo[0], lo[1], 0.0])
     sl = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
     return data[sl], A, mask[sl]
 
@@ -98,14 +98,10 @@ def refine_alignment(recon, recon_aff, stack, stack_aff, stack_mask, thickness: 
         return T0
     fr = slice_frames(stack_aff, stack.shape)
     y = _zscore(stack[M])
-    c = np.argwhere(M).mean(0) @ stack_aff[:3, :3].T + stack_aff[:3, 3]
+    c = voxel_to_world(stack_aff, np.argwhere(M).mean(0))
 
     def transform(p):
-        R = _rotation(np.deg2rad(p[:3]))
-        Ts = np.eye(4)
-        Ts[:3, :3] = R
-        Ts[:3, 3] = c - R @ c + p[3:]
-        return T0 @ Ts
+        return T0 @ rigid_matrix(np.deg2rad(p[:3]), p[3:], c)
 
     def residual(p):
         sim = sample_slices(recon, recon_aff, fr.origins, fr.axes, fr.shape, fr.spacing, thickness, profile,
@@ -136,12 +132,6 @@ def _zscore(v) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     sd = v.std()
     return (v - v.mean()) / (sd if sd > 0 else 1.0)
-
-
-def _rotation(rv) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    return Rotation.from_rotvec(rv).as_matrix()
 
 
 def heldout_score(recon, recon_aff, stack, stack_aff, stack_mask, thickness: float, profile: str = "gaussian", align: bool = True) -> dict:

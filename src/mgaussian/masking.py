@@ -28,13 +28,7 @@ __all__ = ["overlap_region", "auto_mask", "auto_masks", "n4_correct"]
 import numpy as np
 from scipy import ndimage
 
-from .geometry import voxel_sizes
-
-
-def _world(shape, affine) -> np.ndarray:
-    ijk = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1)
-    A = np.asarray(affine, dtype=np.float64)
-    return ijk @ A[:3, :3].T + A[:3, 3]
+from .geometry import voxel_sizes, voxel_to_world, world_to_voxel
 
 
 def overlap_region(shape, affine, others) -> np.ndarray:
@@ -43,9 +37,9 @@ def overlap_region(shape, affine, others) -> np.ndarray:
     inside = np.ones(tuple(shape), dtype=bool)
     if not others:
         return inside
-    w = _world(shape, affine)
+    w = voxel_to_world(affine, np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1))
     for sh, A in others:
-        ijk = w @ np.linalg.inv(np.asarray(A, dtype=np.float64))[:3, :3].T + np.linalg.inv(A)[:3, 3]
+        ijk = world_to_voxel(A, w)
         inside &= np.all((ijk >= -0.5) & (ijk <= np.asarray(sh, dtype=np.float64) - 0.5), axis=-1)
     return inside
 

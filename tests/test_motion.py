@@ -92,6 +92,42 @@ def _corrupt(sim, out, how):
     return k
 
 
+def test_excluded_slice_is_still_realigned(atlas_stacks, tmp_path):
+    """A slice 4.8 mm off in plane fits badly at first and is excluded; its pose must still be
+    fitted (with its pixels, whatever its slice weight), so that it comes back to its place and
+    back into the volume. Fitted with the slice weights, it stayed excluded where it was."""
+    import nibabel as nib
+
+    out = tmp_path / "shifted"
+    out.mkdir()
+    mimg = nib.load(str(atlas_stacks / "mask_00.nii.gz"))
+    mask = np.asarray(mimg.dataobj).copy()
+    k = int(np.nonzero(mask.any(axis=(0, 1)))[0].mean().round())
+    img = nib.load(str(atlas_stacks / "stack_00.nii.gz"))
+    data = np.asarray(img.dataobj).astype(np.float32)
+    shift = (6, 6)  # pixels of 0.8 mm along both in-plane axes: the slice (and its mask) lie 4.8 mm off
+    data[:, :, k] = np.roll(data[:, :, k], shift, axis=(0, 1))
+    mask[:, :, k] = np.roll(mask[:, :, k], shift, axis=(0, 1))
+    nib.save(nib.Nifti1Image(data, img.affine), str(out / "stack_00.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, mimg.affine), str(out / "mask_00.nii.gz"))
+    for name in ("stack_01", "mask_01", "stack_02", "mask_02"):
+        (out / f"{name}.nii.gz").write_bytes((atlas_stacks / f"{name}.nii.gz").read_bytes())
+    st = _load(out)
+    res = reconstruct(st, config_from_dict({**FAST, "motion_rounds": 4}), progress=False, log=lambda s: None)
+    p = res.poses[0]
+    j = p["slices"].index(k)
+    c = np.asarray(res.centre, dtype=np.float64)
+    M = rigid_matrix(np.asarray(p["rotvec"][j]), np.asarray(p["translation_mm"][j]), c)
+    # where the pose puts the shifted slice's centre, against where its content came from
+    A = st[0].affine
+    centre_px = np.array([(mask.shape[0] - 1) / 2, (mask.shape[1] - 1) / 2, k, 1.0])
+    moved = (M @ A @ centre_px)[:3]
+    want = (A @ (centre_px - np.array([*shift, 0, 0])))[:3]
+    assert np.linalg.norm(moved - want) < 0.8, (moved, want)
+    w = res.slice_weights[0]
+    assert w["weight"][w["slices"].index(k)] > 0.8 and k not in w["excluded"], w
+
+
 @pytest.mark.parametrize("how", ["zeros", "other"])
 def test_corrupted_slice_is_down_weighted(atlas_stacks, tmp_path, how):
     k = _corrupt(atlas_stacks, tmp_path / "c", how)

@@ -373,9 +373,13 @@ def _update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg: ReconCo
     return _loss_weights(sets, pws, sws), nccs
 
 
-def _loss_weights(sets, pws, sws):
+def _loss_weights(sets, pws, sws=None):
     """Loss weight of each pixel of each (possibly binned) slice set: mask x pixel x slice weight
-    x the pixels a binned pixel stands for. ``pws`` are per source pixel."""
+    x the pixels a binned pixel stands for. ``pws`` are per source pixel. Without ``sws`` (the
+    weights a slice's own pose is fitted with) every slice counts in full: a slice excluded
+    because it is far from its pose must still be moved to it, or it stays excluded for good."""
+    if sws is None:
+        return [ss.mask.to(pw.dtype) * pool_pixels(pw, ss.binning) * ss.pixel_weight for ss, pw in zip(sets, pws)]
     return [ss.mask.to(pw.dtype) * pool_pixels(pw, ss.binning) * sw[:, None, None] * ss.pixel_weight
             for ss, pw, sw in zip(sets, pws, sws)]
 
@@ -781,7 +785,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 if dl is not None and time.time() > dl:
                     break
                 before = [(r.clone(), t.clone()) for r, t in zip(rots, trans)]
-                _optimise_poses(params, lsets, rots, trans, cents, lwts, scs, cfg, backend, steps, deadline=dl,
+                # each slice's pose is fitted whatever its slice weight (its pixel weights still apply):
+                # a slice excluded while far from its pose must still be moved to it (benchmarks/MOTION.md,
+                # session 6: slices of 1700-2700 pixels, 4 mm off, were excluded and never moved)
+                _optimise_poses(params, lsets, rots, trans, cents, _loss_weights(lsets, pws), scs, cfg, backend, steps,
+                                deadline=dl,
                                 rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,), small_slice=cfg.pose_small_slice)
                 anchor_poses(rots, trans, cents, anchor)
                 d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, before)]).mean())

@@ -11,8 +11,13 @@ Simulated cases are scored by ``mgaussian evaluate`` against the ground truth be
 average. Bars (issue 5): sb25 motion >= 30 dB in <= 240 s, mni motion >= 29 dB in <= 360 s, real
 leave-one-out NCC >= 0.80 for each held-out run.
 
+With ``--oracle`` each simulated case is also reconstructed at its true slice poses
+(``true-poses``, motion correction off) and at the true poses in the header gauge (``true-gauge``):
+the slices' mean motion is invisible in the data (moving every slice and the volume together
+changes nothing), so ``true-gauge`` is the ceiling of any motion correction that does not guess it.
+
     python benchmarks/bench_motion.py [--cases sb25-t3.2-motion,mni-t4-motion,real-loo,real-all]
-        [--workdir DIR] [--extra-args "..."] [--json]
+        [--workdir DIR] [--extra-args "..."] [--json] [--oracle]
 """
 
 from __future__ import annotations
@@ -58,6 +63,58 @@ def simulate_motion_case(name: str, workdir: str, log=print) -> dict:
     return c
 
 
+def true_slice_poses(case: dict, header_gauge: bool) -> list:
+    """The simulated slices' true poses (truth.json) as ``reconstruct(slice_poses=...)`` takes them.
+
+    ``header_gauge``: with the header gauge that motion correction applies (the mean pose over
+    the fitted slices is the identity; ``motion.anchor_poses``). Moving every slice and the volume
+    together changes no slice, so no method sees the slices' mean motion: the true poses in this
+    gauge are the best poses any motion correction that does not guess that mean can reach."""
+    import numpy as np
+    import torch
+
+    from mgaussian.geometry import rotvec_to_matrix
+    from mgaussian.io import load_stacks
+    from mgaussian.recon.data import prepare_slices
+    from mgaussian.recon.motion import anchor_poses, slice_centres, slice_pose_from_matrix
+
+    truth = json.loads(open(os.path.join(os.path.dirname(case["stacks"][0]), "truth.json")).read())
+    mats = [np.array([sl["matrix"] for sl in st["slices"]], dtype=np.float64) for st in truth["stacks"]]
+    if not header_gauge:
+        return mats
+    sets = prepare_slices(load_stacks(case["stacks"], case["masks"], [case["thickness"]]))
+    cents = [slice_centres(ss).double() for ss in sets]
+    rots, trans = [], []
+    for ss, cs, M in zip(sets, cents, mats):
+        ru = [slice_pose_from_matrix(M[int(k)], cs[j:j + 1].numpy()) for j, k in enumerate(ss.index)]
+        rots.append(torch.as_tensor(np.concatenate([a for a, _ in ru])))
+        trans.append(torch.as_tensor(np.concatenate([b for _, b in ru])))
+    anchor_poses(rots, trans, cents, (np.zeros(3), np.zeros(3)))
+    for ss, cs, r, u, M in zip(sets, cents, rots, trans, mats):
+        for j, k in enumerate(ss.index):  # x -> R (x - s) + s + u
+            R = rotvec_to_matrix(r[j].numpy())
+            M[int(k)] = np.eye(4)
+            M[int(k), :3, :3] = R
+            M[int(k), :3, 3] = cs[j].numpy() + u[j].numpy() - R @ cs[j].numpy()
+    return mats
+
+
+def run_true_poses(case: dict, out: str, header_gauge: bool) -> float:
+    """The case reconstructed with its slices at their true poses (motion correction off)."""
+    from mgaussian.io import load_stacks, save_nifti
+    from mgaussian.recon.config import config_from_dict
+    from mgaussian.recon.train import reconstruct
+
+    poses = true_slice_poses(case, header_gauge)
+    t0 = time.time()
+    stacks = load_stacks(case["stacks"], case["masks"], [case["thickness"]])
+    cfg = config_from_dict({"motion": False, "register_stacks": False})
+    res = reconstruct(stacks, cfg, log=lambda s: None, progress=False, slice_poses=poses)
+    wall = time.time() - t0
+    save_nifti(res.volume, res.affine, out)
+    return wall
+
+
 def real_runs() -> list[tuple[str, str]]:
     r = os.path.join(data_dir(), "mialsrtk_sub01")
     return [(os.path.join(r, "anat", f"sub-01_run-{k}_T2w.nii.gz"),
@@ -79,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extra-args", default="", help="extra arguments for `mgaussian reconstruct` (one string)")
     ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also reconstruct the simulated cases at their true slice poses (true-poses), and at "
+                         "the true poses in the header gauge (true-gauge: the best motion correction can do)")
     a = ap.parse_args(argv)
     extra = shlex.split(a.extra_args)
     os.makedirs(a.workdir, exist_ok=True)
@@ -95,10 +155,14 @@ def main(argv=None) -> int:
         try:
             if name in MOTION:
                 case = simulate_motion_case(name, a.workdir, log)
-                for method in ("mgaussian", "naive"):
+                for method in ("mgaussian", "naive", *(("true-poses", "true-gauge") if a.oracle else ())):
                     out = os.path.join(case["dir"], f"{method}.nii.gz")
-                    wall = run_reconstruct(case, out, [*extra, "--no-report"], timeout=a.timeout) if method == "mgaussian" \
-                        else run_naive(case, out)
+                    if method == "mgaussian":
+                        wall = run_reconstruct(case, out, [*extra, "--no-report"], timeout=a.timeout)
+                    elif method == "naive":
+                        wall = run_naive(case, out)
+                    else:
+                        wall = run_true_poses(case, out, header_gauge=method == "true-gauge")
                     add({"case": name, "method": method, **evaluate(out, case), "wall_s": round(wall, 1)})
             elif name == "real-loo":
                 runs = real_runs()

@@ -496,12 +496,18 @@ def _choose_profile(stacks, sets, region, aff, init, spacing, rots, trans, cents
 
 
 def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool = True, history_every: int = 10,
-                checkpointer=None, resume_state: dict | None = None) -> ReconResult:
+                checkpointer=None, resume_state: dict | None = None,
+                slice_poses: list[np.ndarray] | None = None) -> ReconResult:
     """Reconstruct a volume from loaded stacks with the given configuration.
 
     ``checkpointer`` (recon.checkpoint.Checkpointer) saves the loop state after each level's warm
     start, every ``interval_s`` at an iteration boundary and at the end of fitting;
-    ``resume_state`` (its ``load()``) continues from such a state."""
+    ``resume_state`` (its ``load()``) continues from such a state.
+
+    ``slice_poses``: one [slices, 4, 4] array per stack, the world-to-world rigid map of each
+    slice (header position -> where it was acquired), as the simulator's truth.json holds them.
+    The slices start there instead of at a registered stack pose (with ``cfg.motion`` off they stay
+    there): the benchmarks' reconstructions at the true poses."""
     t_start = time.time()
     cfg.validate()
     _set_threads(cfg.threads)
@@ -519,9 +525,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     t0 = time.time()
     multi = len(stacks) > 1
     ref = min(cfg.reference_stack, len(stacks) - 1)
+    if slice_poses is not None and len(slice_poses) != len(stacks):
+        raise ValueError(f"slice_poses: {len(slice_poses)} arrays for {len(stacks)} stacks")
     if resume_state is not None and resume_state.get("motion", {}).get("stack_poses") is not None:
         stack_poses = [np.asarray(P) for P in resume_state["motion"]["stack_poses"]]  # [checkpoint]
-    elif cfg.register_stacks and multi:
+    elif cfg.register_stacks and multi and slice_poses is None:
         from .motion import register_stacks
 
         stack_poses = register_stacks(stacks, reference=ref, log=log)
@@ -556,8 +564,17 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         trans.append(torch.as_tensor(u0, dtype=torch.float32, device=dev))
     from .motion import pose_means
 
+    start_poses = [(r.clone(), t.clone()) for r, t in zip(rots, trans)]  # where the headers put the slices
+    if slice_poses is not None:
+        for si, (ss, cs, M) in enumerate(zip(sets, cents, slice_poses)):
+            if ss.n == 0:
+                continue
+            M = np.asarray(M, dtype=np.float64)
+            cs = cs.cpu().numpy().astype(np.float64)
+            ru = [slice_pose_from_matrix(M[int(k)], cs[j:j + 1]) for j, k in enumerate(ss.index)]
+            rots[si] = torch.as_tensor(np.concatenate([a for a, _ in ru]), dtype=torch.float32, device=dev)
+            trans[si] = torch.as_tensor(np.concatenate([b for _, b in ru]), dtype=torch.float32, device=dev)
     anchor = pose_means(rots, trans, cents)[:2]  # the mean slice pose stays where registration put it
-    start_poses = [(r.clone(), t.clone()) for r, t in zip(rots, trans)]
     region0 = region
 
     region_cache = {}

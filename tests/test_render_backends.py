@@ -262,3 +262,44 @@ def test_cpu_matches_reference_at_scale_many_cells():
     assert img_err(ib, ir) < 1e-10
     for x, y in zip(gb, gr):
         assert rel_err(x, y) < 1e-9
+
+
+@pytest.mark.parametrize("psf_key", ["none", "per_slice"])
+def test_cpu_design_matches_the_reference_render_and_its_gradient(psf_key):
+    """The cpu backend's explicit linear map of the intensities (``slice_design``) against the
+    reference renderer on random Gaussians and poses: A c equals the render, A^T x equals the
+    render's gradient w.r.t. the intensities, and A^T W A v their composition (float32 terms)."""
+    mu, ls, q, c = (t.double() for t in random_gaussians(150, seed=3))
+    o, a = (t.double() for t in random_poses(3, seed=4))
+    psf = PSFS[psf_key]
+    spans = torch.zeros(3, SHAPE[0], 2, dtype=torch.int32)
+    spans[:, 2:19, 0], spans[:, 2:19, 1] = 3, 24  # a pixel selection: other pixels stay 0
+    d = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, psf, backend="cpu", cutoff=3.0, row_spans=spans)
+    assert type(d).__name__ == "SliceDesign" and d.nbytes > 0
+    cc = c.detach().clone().requires_grad_(True)
+    img = R.render_slices(mu, ls, q, cc, o, a, SHAPE, SPACING, psf, backend="reference", cutoff=3.0, row_spans=spans)
+    assert img.abs().max() > 0.1
+    assert img_err(d.matvec(c), img.detach()) <= 1e-6
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(img.shape, generator=g, dtype=torch.float64)
+    (gc,) = torch.autograd.grad((img * x).sum(), cc)
+    assert rel_err(d.rmatvec(x), gc) <= 1e-6
+    wt = torch.rand(img.shape, generator=g, dtype=torch.float64)
+    ref = R.AutogradDesign(lambda v: R.render_slices(mu, ls, q, v, o, a, SHAPE, SPACING, psf, backend="reference",
+                                                     cutoff=3.0, row_spans=spans), c.shape[0])
+    assert rel_err(d.normal(c, wt), ref.normal(c, wt)) <= 1e-6
+    assert rel_err(d.rmatvec(x), ref.rmatvec(x)) <= 1e-6
+
+
+def test_design_falls_back_to_autograd_beyond_its_memory_limit():
+    """A design that would take more than ``max_bytes`` is not built: the render goes through
+    autograd instead, with the same values."""
+    mu, ls, q, c = random_gaussians(80, seed=1)
+    o, a = random_poses(2, seed=2)
+    small = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu", max_bytes=1000)
+    full = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu")
+    assert isinstance(small, R.AutogradDesign) and full.nbytes > 1000
+    assert img_err(small.matvec(c), full.matvec(c)) <= 1e-5
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(small.matvec(c).shape, generator=g)
+    assert rel_err(small.rmatvec(x), full.rmatvec(x)) <= 1e-5

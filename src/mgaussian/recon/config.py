@@ -121,6 +121,7 @@ class ReconConfig:
     edge_prior_k: float = 2.0
     motion_refit_iterations: int = 6  # conjugate-gradient iterations of the intensity re-fit after each pose round
     pose_iterations: int = 3  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
+    pose_jacobian_every: int = 1  # the LM Jacobian (6 renders) is recomputed every this many iterations of a round
     pose_tilt: bool = True  # estimate the slices' tilts (rotations about in-plane axes), not only the in-plane turn
     fine_pose_iterations: int = 3
     fine_motion_rounds: int = 0  # rounds at each later level (sb25-t3.2-motion: 0.376 -> 0.372 mm for 20 s a round)
@@ -138,6 +139,11 @@ class ReconConfig:
     slice_outlier_z: float = 3.5  # slices more than this many robust SDs worse than the median are excluded
     slice_min_ncc: float = 0.5  # slices whose NCC with the prediction is below this are excluded
     # compute
+    # the intensity fits (conjugate gradients) store each stack's render as an explicit sparse map
+    # on the cpu backend, up to this much memory for all stacks together (about 5 bytes per
+    # (pixel, Gaussian) term: sb25-t3.2 at 0.8 mm 0.3 GB, mni-t4 at 1 mm 3 GB); beyond it they render
+    # through autograd (~20x slower per iteration, benchmarks/RENDER.md); 0: always autograd
+    design_memory_gb: float = 4.0
     backend: str = "auto"
     device: str = "auto"
     threads: int | None = None
@@ -167,6 +173,10 @@ class ReconConfig:
             bad("edge_prior_k", f"must be > 0, got {self.edge_prior_k}")
         if not (0 <= self.pose_small_slice <= 1):
             bad("pose_small_slice", f"must be in [0, 1], got {self.pose_small_slice}")
+        if not (self.design_memory_gb >= 0 and math.isfinite(self.design_memory_gb)):
+            bad("design_memory_gb", f"must be a number >= 0, got {self.design_memory_gb}")
+        if not (isinstance(self.pose_jacobian_every, int) and self.pose_jacobian_every >= 1):
+            bad("pose_jacobian_every", f"must be an integer >= 1, got {self.pose_jacobian_every}")
         if not (isinstance(self.coarse_binning, int) and self.coarse_binning >= 1):
             bad("coarse_binning", f"must be an integer >= 1, got {self.coarse_binning}")
         if self.output_resolution is not None and not (self.output_resolution > 0 and math.isfinite(self.output_resolution)):

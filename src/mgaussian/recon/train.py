@@ -18,7 +18,8 @@ from ..field import GaussianField, anisotropy_penalty, grow_field, init_field_on
 from ..geometry import apply_pose_to_frames
 from ..io import Stack
 from ..psf import FWHM_TO_SIGMA
-from ..render import mask_to_row_spans, render_points, render_slices, resolve_backend, slice_psf_sigma
+from ..render import (AutogradDesign, mask_to_row_spans, render_points, render_slices, resolve_backend, slice_design,
+                      slice_psf_sigma)
 from .config import ReconConfig
 from .data import (SliceSet, bin_slices, expand_pixels, naive_init, output_grid, pool_pixels, prepare_slices,
                    region_from_slices, region_mask)
@@ -78,11 +79,31 @@ def _frames(ss: SliceSet, sel: torch.Tensor, rot, trans, cents):
     return apply_pose_to_frames(ss.origins[sel], ss.axes[sel], rot[sel], trans[sel], cents[sel])
 
 
-def _render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, o, ax, cfg: ReconConfig, backend: str):
-    h, w = ss.obs.shape[1:]
+def _stack_psf(ss: SliceSet, cfg: ReconConfig):
+    """The PSF sigmas (u, v, n) of a stack's slices (None: the seed's point evaluation)."""
     psf = slice_psf_sigma(ss.spacing, ss.thickness * cfg.through_plane_fwhm_factor, cfg.inplane_fwhm_factor) if cfg.use_psf else None
     if psf is not None and ss.inplane_sigma is not None:
         psf = (*ss.inplane_sigma, psf[2])
+    return psf
+
+
+def _stack_design(fld: dict, ss: SliceSet, o, ax, cfg: ReconConfig, backend: str, max_bytes: float | None):
+    """The render of all of a stack's slices (frames ``o``, ``ax``) as a linear map of the
+    intensities (render.slice_design: explicit on the cpu backend within ``max_bytes``)."""
+    if cfg.renderer == "points":
+        sel = torch.arange(ss.n, device=o.device)
+        others = {k: v.detach() for k, v in fld.items() if k != "intensities"}
+        return AutogradDesign(lambda c: _render_stack_slices(dict(others, intensities=c), ss, sel, o, ax, cfg, backend),
+                              fld["intensities"].shape[0])
+    h, w = ss.obs.shape[1:]
+    return slice_design(fld["means"].detach(), fld["log_scales"].detach(), fld["quats"].detach(), o, ax, (h, w),
+                        ss.spacing, _stack_psf(ss, cfg), backend=backend, cutoff=cfg.cutoff, row_spans=ss.row_spans,
+                        max_bytes=max_bytes)
+
+
+def _render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, o, ax, cfg: ReconConfig, backend: str):
+    h, w = ss.obs.shape[1:]
+    psf = _stack_psf(ss, cfg)
     if cfg.renderer == "points":
         return _render_points_path(fld, ss, sel, o, ax, psf, cfg, backend)
     spans = ss.row_spans[sel] if ss.row_spans is not None else None
@@ -171,39 +192,34 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
     on the weighted normal equations (A^T W A + ridge) c = A^T W y over all masked pixels; A c
     renders slices (linear in c) times each slice's intensity scale; W holds the robust pixel x
     slice weights (0 outside the masks). Used to warm-start each level and to re-fit after pose
-    updates, so Adam starts near the data term's minimum."""
+    updates, so Adam starts near the data term's minimum.
+
+    A is each stack's ``render.slice_design``: on the cpu backend an explicit sparse map built in
+    one pass (within ``cfg.design_memory_gb`` for all stacks together), so an iteration costs a
+    multiply-add per (pixel, Gaussian) term instead of a render and its backward pass."""
     c = params["intensities"]
     others = {k: v.detach() for k, v in params.items() if k != "intensities"}
-    frames = []
+    budget = cfg.design_memory_gb * 1024 ** 3
+    designs, sw2, ys = [], [], []
     with torch.no_grad():
         for si, ss in enumerate(sets):
             sel = torch.arange(ss.n, device=c.device)
-            frames.append(_frames(ss, sel, rots[si].detach(), trans[si].detach(), cents[si]))
-
-    def A(cv):
-        outs = []
-        for si, ss in enumerate(sets):
-            sel = torch.arange(ss.n, device=cv.device)
-            fld = dict(others, intensities=cv)
-            o, ax = frames[si]
-            outs.append(_render_stack_slices(fld, ss, sel, o, ax, cfg, backend) * scs[si][:, None, None])
-        return outs
+            o, ax = _frames(ss, sel, rots[si].detach(), trans[si].detach(), cents[si])
+            d = _stack_design(dict(others, intensities=c.detach()), ss, o, ax, cfg, backend, max_bytes=budget)
+            budget = max(0.0, budget - d.nbytes)
+            designs.append(d)
+            sc = scs[si][:, None, None]
+            sw2.append(wts[si] * sc * sc)  # A^T W A with the slice scales inside A
+            ys.append(ss.obs / sc.clamp_min(1e-12))  # the scaled residual's target, unscaled
 
     def AtA(v):
-        x = v.detach().clone().requires_grad_(True)
-        outs = A(x)
-        tot = sum((o ** 2 * w).sum() * 0.5 for o, w in zip(outs, wts))
-        (g,) = torch.autograd.grad(tot, x)
-        g = g + ridge * v
+        g = sum(d.normal(v, w) for d, w in zip(designs, sw2)) + ridge * v
         if smooth > 0 and pairs is not None:
             g = g + smooth * _laplacian_apply(v, pairs, pair_w)
         return g
 
-    x0 = c.detach().clone().requires_grad_(True)
-    outs = A(x0)
-    resid = sum(((o - ss.obs) ** 2 * w).sum() * 0.5 for o, ss, w in zip(outs, sets, wts))
-    (g,) = torch.autograd.grad(resid, x0)
     x = c.detach().clone()
+    g = sum(d.rmatvec((d.matvec(x) - y) * w) for d, y, w in zip(designs, ys, sw2))
     r = -(g + ridge * x)
     if smooth > 0 and pairs is not None:
         r = r - smooth * _laplacian_apply(x, pairs, pair_w)
@@ -227,7 +243,7 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
 def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, iters: int,
                     deadline: float | None = None, skip=(), eps_rot: float = 2e-3, eps_trans: float = 0.05,
                     max_rot: float = 0.035, max_trans: float = 2.0, prior: float = 1e-3, rot_axes=(0, 1, 2),
-                    small_slice: float = 0.0):
+                    small_slice: float = 0.0, jac_every: int = 1):
     """Levenberg-Marquardt on every slice's rigid pose (6 parameters) with the field fixed.
 
     Slices are independent given the field, so one render with parameter j of every slice
@@ -246,7 +262,10 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
     seen far less than its in-plane turn). A slice at the anatomy's edge with a hundred pixels
     otherwise wanders (sb25-t3.2-motion: such slices went 5-19 deg astray). A pull on every slice,
     even one worth only 100 pixels, compounds over the rounds of alternation with the field (the
-    field follows the pulled poses) and cost sb25-t3.2-motion 0.5 dB."""
+    field follows the pulled poses) and cost sb25-t3.2-motion 0.5 dB.
+
+    ``jac_every``: the Jacobian (6 renders) is recomputed every this many iterations and reused
+    in between (the step and its check still see the current residual)."""
     from .motion import moved_by_mean, pose_means
 
     fld = {k: v.detach() for k, v in params.items()}
@@ -275,24 +294,27 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
             def prior_cost(rr, tt, axr):
                 dev = torch.cat([torch.einsum("kjc,kc->kj", axr, rr.double() - tgt_r), tt.double() - tgt_t], 1)
                 return (p_d * dev ** 2).sum(1), dev
-        for _ in range(iters):
+        J = None
+        for it in range(iters):
             if deadline is not None and time.time() > deadline:
                 break
             # parameters: rotations about the slice's own axes (e_u, e_v, n: tilts first, the
             # in-plane turn last) and translations along world x, y, z
             ax_now = _frames(ss, torch.arange(ss.n, device=r.device), r, t, cents[si])[1]
-            dirs = [ax_now[:, i] for i in rot_axes] + [None] * 3
-            cols = []
-            for j, dj in enumerate(dirs):
-                rr, tt = r.clone(), t.clone()
-                if j < len(rot_axes):
-                    rr = rr + eps_rot * dj
-                else:
-                    tt[:, j - len(rot_axes)] += eps_trans
-                cols.append((render(si, rr, tt) - base) / (eps_rot if j < len(rot_axes) else eps_trans))
-            J = torch.stack(cols, 1).double()  # [K,P,h,w]
             wd = w.double()
-            H = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
+            if J is None or it % jac_every == 0:
+                dirs = [ax_now[:, i] for i in rot_axes] + [None] * 3
+                cols = []
+                for j, dj in enumerate(dirs):
+                    rr, tt = r.clone(), t.clone()
+                    if j < len(rot_axes):
+                        rr = rr + eps_rot * dj
+                    else:
+                        tt[:, j - len(rot_axes)] += eps_trans
+                    cols.append((render(si, rr, tt) - base) / (eps_rot if j < len(rot_axes) else eps_trans))
+                J = torch.stack(cols, 1).double()  # [K,P,h,w]
+                H0 = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
+            H = H0.clone()
             g = torch.einsum("kahw,khw,khw->ka", J, (base - ss.obs).double(), wd)
             dH = torch.diagonal(H, dim1=1, dim2=2)
             ref = dH.mean(0, keepdim=True).clamp_min(1e-12)
@@ -807,7 +829,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 # session 6: slices of 1700-2700 pixels, 4 mm off, were excluded and never moved)
                 _optimise_poses(params, lsets, rots, trans, cents, _loss_weights(lsets, pws), scs, cfg, backend, steps,
                                 deadline=dl,
-                                rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,), small_slice=cfg.pose_small_slice)
+                                rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,), small_slice=cfg.pose_small_slice,
+                                jac_every=cfg.pose_jacobian_every)
                 anchor_poses(rots, trans, cents, anchor)
                 d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, before)]).mean())
                 d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, before)]).mean()) * 180 / math.pi

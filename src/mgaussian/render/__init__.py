@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ._common import FWHM_TO_SIGMA, mask_to_row_spans, resolve_row_spans, slice_psf_sigma
 
-__all__ = ["render_slices", "render_points", "render_volume", "available_backends",
+__all__ = ["render_slices", "slice_design", "AutogradDesign", "render_points", "render_volume", "available_backends",
            "resolve_backend", "slice_psf_sigma", "mask_to_row_spans", "block_truncation_bound",
            "FWHM_TO_SIGMA"]
 
@@ -157,6 +157,61 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     return _module(name).render_slices(means, log_scales, quats, intensities, origins, axes,
                                        tuple(shape), tuple(spacing), psf_sigma, float(cutoff),
                                        spans, **kw)
+
+
+class AutogradDesign:
+    """A render that is linear in the intensities, as a linear map through autograd: A c is
+    ``render(c)``, A^T x its vector-Jacobian product, A^T W A v one render and one backward pass.
+    ``render``: intensities [N] -> images (everything else fixed inside it). The definition that
+    the cpu backend's explicit :class:`mgaussian.render.cpu.SliceDesign` is tested against, and the
+    path on the other backends (or when the explicit map would not fit in memory)."""
+
+    def __init__(self, render, n: int):
+        self._render = render
+        self.n = int(n)
+        self.nbytes = 0
+
+    def matvec(self, c: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._render(c.detach())
+
+    def rmatvec(self, img: Tensor) -> Tensor:
+        x = torch.zeros(self.n, dtype=img.dtype, device=img.device, requires_grad=True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self._render(x), x, img)
+        return g
+
+    def normal(self, v: Tensor, weight: Tensor) -> Tensor:
+        x = v.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = self._render(x)
+            (g,) = torch.autograd.grad((out * out * weight).sum() * 0.5, x)
+        return g
+
+
+def slice_design(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,
+                 shape: tuple[int, int], spacing: tuple[float, float], psf_sigma=None,
+                 backend: str = "auto", cutoff: float = 3.0, *, row_spans=None,
+                 max_bytes: float | None = None):
+    """The render of these slices as a linear map of the intensities, for conjugate-gradient fits:
+    an object with ``matvec(c)`` -> [S,H,W], ``rmatvec(x)`` -> [N], ``normal(v, weight)`` = A^T
+    diag(weight) A v, and ``nbytes``. On the cpu backend the map is stored explicitly (one pass to
+    build, then a multiply-add per term: ~20x cheaper than a render and its backward) unless it
+    would take more than ``max_bytes``; otherwise (and on other backends) :class:`AutogradDesign`.
+    Arguments as :func:`render_slices`."""
+    name = _for_tensors(backend, means)
+    spans = resolve_row_spans(row_spans, None, None, origins.shape[0], tuple(shape))
+    if name == "cpu":
+        from .cpu import build_design
+
+        d = build_design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, spans,
+                         max_bytes=max_bytes)
+        if d is not None:
+            return d
+    m, ls, q = means.detach(), log_scales.detach(), quats.detach()
+    o, ax = origins.detach(), axes.detach()
+    return AutogradDesign(lambda c: render_slices(m, ls, q, c, o, ax, shape, spacing, psf_sigma, name, cutoff,
+                                                  row_spans=spans), means.shape[0])
 
 
 def render_volume(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,

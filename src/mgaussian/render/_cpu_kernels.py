@@ -619,6 +619,190 @@ def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, h
 
 
 # ----------------------------------------------------------------------------------------------
+# design: the slices' render as an explicit sparse linear map of the intensities. With the means,
+# scales, rotations, slice poses and PSF fixed, pixel = sum_i c_i B_i(pixel); the conjugate-gradient
+# fits of the intensities apply that map and its transpose dozens of times, so its terms are
+# evaluated once (by the recurrence of raster_forward) and stored: per slice-ordered pair q its
+# Gaussian, first row and value offset; per row its first column and length; per term its value.
+
+
+@njit(**_JIT)
+def pair_gaussians(order, goff, gcnt, nbound):
+    """Original Gaussian index of every pair slot (-1 for unused slots of the upper bound)."""
+    out = np.full(nbound, -1, np.int32)
+    for t in range(order.shape[0]):
+        for p in range(goff[t], goff[t] + gcnt[t]):
+            out[p] = order[t]
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def design_count(ns, height, width, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans):
+    """Rows and terms of every slice-ordered pair q (the rows a0..a1 of its ellipse; a row may be
+    empty). Returns (nrow [Q], nval [Q])."""
+    npair = s_off[ns]
+    nrow = np.zeros(npair, np.int64)
+    nval = np.zeros(npair, np.int64)
+    idv = 1.0 / dv
+    for s in prange(ns):
+        for q in range(s_off[s], s_off[s + 1]):
+            p = s_idx[q]
+            a0 = max(p_rows[p, 0], 0)
+            a1 = min(p_rows[p, 1], height - 1)
+            if a1 < a0:
+                continue
+            k = 0
+            for a in range(a0, a1 + 1):
+                b_lo, b_hi, x = _row_span(a, s, p_dat[p, 0], p_dat[p, 1], p_dat[p, 2], p_dat[p, 3],
+                                          p_dat[p, 4], p_dat[p, 6], du, idv, width, spans, has_spans)
+                if b_hi > b_lo:
+                    k += b_hi - b_lo
+            nrow[q] = a1 - a0 + 1
+            nval[q] = k
+    return nrow, nval
+
+
+@njit(parallel=True, **_JIT)
+def design_fill(ns, height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv, spans, has_spans,
+                roff, voff, q_g, q_a0, rows, vals):
+    """Fill the design of design_count's sizes (roff / voff: exclusive prefix sums, length Q + 1)."""
+    idv = 1.0 / dv
+    for s in prange(ns):
+        for q in range(s_off[s], s_off[s + 1]):
+            p = s_idx[q]
+            q_g[q] = p_gauss[p]
+            a0 = max(p_rows[p, 0], 0)
+            q_a0[q] = a0
+            if roff[q + 1] == roff[q]:
+                continue
+            mu_ = p_dat[p, 0]
+            mv_ = p_dat[p, 1]
+            k00 = p_dat[p, 2]
+            k01 = p_dat[p, 3]
+            k11 = p_dat[p, 4]
+            alpha = p_dat[p, 5]
+            thr = p_dat[p, 6]
+            r2 = math.exp(-k11 * dv * dv)
+            k = voff[q]
+            r_ = roff[q]
+            for a in range(a0, a0 + roff[q + 1] - roff[q]):
+                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans,
+                                          has_spans)
+                if b_hi <= b_lo:
+                    rows[r_, 0] = 0
+                    rows[r_, 1] = 0
+                    r_ += 1
+                    continue
+                rows[r_, 0] = b_lo
+                rows[r_, 1] = b_hi - b_lo
+                r_ += 1
+                y = b_lo * dv - mv_
+                e = alpha * math.exp(-0.5 * (k00 * x * x + 2.0 * k01 * x * y + k11 * y * y))
+                r = math.exp(-(k01 * x + k11 * y) * dv - 0.5 * k11 * dv * dv)
+                for b in range(b_lo, b_hi):
+                    vals[k] = e
+                    k += 1
+                    e *= r
+                    r *= r2
+
+
+@njit(parallel=True, **_JIT)
+def design_matvec(ns, height, width, s_off, q_g, q_a0, roff, voff, rows, vals, c):
+    """Images [S,H,W] = the design applied to intensities c [N] (parallel over slices)."""
+    out = np.zeros((ns, height, width))
+    for s in prange(ns):
+        img = out[s]
+        for q in range(s_off[s], s_off[s + 1]):
+            ci = c[q_g[q]]
+            if ci == 0.0:
+                continue
+            k = voff[q]
+            a = q_a0[q]
+            for r_ in range(roff[q], roff[q + 1]):
+                b0 = rows[r_, 0]
+                row = img[a]
+                for b in range(b0, b0 + rows[r_, 1]):
+                    row[b] += ci * vals[k]
+                    k += 1
+                a += 1
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def design_rmatvec(ns, s_off, q_g, q_a0, roff, voff, rows, vals, img, n, nchunk):
+    """The transpose: per Gaussian, sum over its terms of value x img (per-chunk buffers over
+    slices, summed: race-free)."""
+    buf = np.zeros((nchunk, n))
+    per = (ns + nchunk - 1) // nchunk
+    for ch in prange(nchunk):
+        b_ = buf[ch]
+        for s in range(ch * per, min(ns, (ch + 1) * per)):
+            im = img[s]
+            for q in range(s_off[s], s_off[s + 1]):
+                k = voff[q]
+                a = q_a0[q]
+                acc = 0.0
+                for r_ in range(roff[q], roff[q + 1]):
+                    b0 = rows[r_, 0]
+                    row = im[a]
+                    for b in range(b0, b0 + rows[r_, 1]):
+                        acc += vals[k] * row[b]
+                        k += 1
+                    a += 1
+                b_[q_g[q]] += acc
+    out = np.zeros(n)
+    for ch in range(nchunk):
+        for i in range(n):
+            out[i] += buf[ch, i]
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def design_normal(ns, height, width, s_off, q_g, q_a0, roff, voff, rows, vals, c, weight, nchunk):
+    """A^T diag(weight) A c in one pass over the slices (each slice's image in a local buffer)."""
+    n = c.shape[0]
+    buf = np.zeros((nchunk, n))
+    per = (ns + nchunk - 1) // nchunk
+    for ch in prange(nchunk):
+        b_ = buf[ch]
+        img = np.empty((height, width))
+        for s in range(ch * per, min(ns, (ch + 1) * per)):
+            img[:, :] = 0.0
+            for q in range(s_off[s], s_off[s + 1]):
+                ci = c[q_g[q]]
+                if ci == 0.0:
+                    continue
+                k = voff[q]
+                a = q_a0[q]
+                for r_ in range(roff[q], roff[q + 1]):
+                    b0 = rows[r_, 0]
+                    for b in range(b0, b0 + rows[r_, 1]):
+                        img[a, b] += ci * vals[k]
+                        k += 1
+                    a += 1
+            ws = weight[s]
+            for a in range(height):
+                for b in range(width):
+                    img[a, b] *= ws[a, b]
+            for q in range(s_off[s], s_off[s + 1]):
+                k = voff[q]
+                a = q_a0[q]
+                acc = 0.0
+                for r_ in range(roff[q], roff[q + 1]):
+                    b0 = rows[r_, 0]
+                    for b in range(b0, b0 + rows[r_, 1]):
+                        acc += vals[k] * img[a, b]
+                        k += 1
+                    a += 1
+                b_[q_g[q]] += acc
+    out = np.zeros(n)
+    for ch in range(nchunk):
+        for i in range(n):
+            out[i] += buf[ch, i]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # points: the seed's block partitioning (uniform cells anchored at the world origin)
 
 

@@ -186,6 +186,102 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
                                   row_spans, stats)
 
 
+class SliceDesign:
+    """The render of a set of slices as an explicit sparse linear map of the intensities, for
+    fixed means, scales, rotations, slice frames and PSF: image = A c. Built once (one pass like
+    the forward render, storing every (pixel, Gaussian) term), then A c and A^T x cost one
+    multiply-add per term and no exp(): the conjugate-gradient intensity fits apply them dozens
+    of times. Storage: 4 bytes per term, ``row_bytes`` per row of a pair's ellipse, 24 per pair
+    (``nbytes``). See :func:`build_design`; its twin for every backend is
+    :class:`mgaussian.render.AutogradDesign`."""
+
+    def __init__(self, ns, shape, s_off, q_g, q_a0, roff, voff, rows, vals, n, dtype, device):
+        self.ns, self.shape, self.n = ns, shape, n
+        self.s_off, self.q_g, self.q_a0, self.roff, self.voff, self.rows, self.vals = (
+            s_off, q_g, q_a0, roff, voff, rows, vals)
+        self.dtype, self.device = dtype, device
+        self.nbytes = int(sum(a.nbytes for a in (s_off, q_g, q_a0, roff, voff, rows, vals)))
+        self.n_terms = int(vals.shape[0])
+
+    def matvec(self, c: Tensor) -> Tensor:
+        """A c: images [S,H,W] of intensities c [N]."""
+        h, w = self.shape
+        img = K.design_matvec(self.ns, h, w, self.s_off, self.q_g, self.q_a0, self.roff, self.voff,
+                              self.rows, self.vals, _np64(c))
+        return _to_torch(img, self.dtype).to(self.device)
+
+    def rmatvec(self, img: Tensor) -> Tensor:
+        """A^T x: per Gaussian [N], of images x [S,H,W]."""
+        nchunk = max(1, min(self.ns, 2 * numba.get_num_threads()))
+        g = K.design_rmatvec(self.ns, self.s_off, self.q_g, self.q_a0, self.roff, self.voff, self.rows,
+                             self.vals, _np64(img), self.n, nchunk)
+        return _to_torch(g, self.dtype).to(self.device)
+
+    def normal(self, v: Tensor, weight: Tensor) -> Tensor:
+        """A^T diag(weight) A v (weight [S,H,W]), in one pass."""
+        h, w = self.shape
+        nchunk = max(1, min(self.ns, 2 * numba.get_num_threads()))
+        g = K.design_normal(self.ns, h, w, self.s_off, self.q_g, self.q_a0, self.roff, self.voff, self.rows,
+                            self.vals, _np64(v), _np64(weight), nchunk)
+        return _to_torch(g, self.dtype).to(self.device)
+
+
+def design_size(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,
+                shape, spacing, psf_sigma=None, cutoff: float = 3.0, row_spans=None):
+    """(bytes a :class:`SliceDesign` of these slices takes, terms), by the counting pass alone."""
+    return _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans,
+                   max_bytes=0)[1:]
+
+
+def build_design(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,
+                 shape, spacing, psf_sigma=None, cutoff: float = 3.0, row_spans=None,
+                 max_bytes: float | None = None):
+    """The :class:`SliceDesign` of these slices (arguments as :func:`render_slices`, intensities
+    excepted), or None when it would take more than ``max_bytes``."""
+    return _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans,
+                   max_bytes)[0]
+
+
+def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans, max_bytes):
+    h, wd = int(shape[0]), int(shape[1])
+    du, dv = float(spacing[0]), float(spacing[1])
+    ns = origins.shape[0]
+    if psf_sigma is None:
+        psf2 = np.zeros((ns, 3))
+    else:
+        p = psf_sigma.detach().cpu().numpy() if isinstance(psf_sigma, Tensor) else psf_sigma
+        p = np.asarray(p, dtype=np.float64)
+        psf2 = np.ascontiguousarray(np.broadcast_to(p * p, (ns, 3)))
+    a_mu, a_ls, a_q = (_np64(t) for t in (means, log_scales, quats))
+    a_org, a_ax = _np64(origins), _np64(axes)
+    n = a_mu.shape[0]
+    a_sig, a_w = K.gauss_prep(a_ls, a_q, np.ones(n))  # unit intensities: the basis functions
+    plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, (h, wd), (du, dv), cutoff, row_spans)
+    has = row_spans is not None
+    sp = row_spans if has else _dummy_spans()
+    nrow, nval = K.design_count(ns, h, wd, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, du, dv, sp, has)
+    rdt = np.int16 if max(h, wd) < 32767 else np.int32
+    q = int(plan.s_off[-1])
+    n_rows, n_terms = int(nrow.sum()), int(nval.sum())
+    nbytes = n_terms * 4 + n_rows * 2 * np.dtype(rdt).itemsize + q * 24 + (ns + 1) * 8
+    if max_bytes is not None and nbytes > max_bytes:
+        return None, nbytes, n_terms
+    roff = np.zeros(q + 1, np.int64)
+    np.cumsum(nrow, out=roff[1:])
+    voff = np.zeros(q + 1, np.int64)
+    np.cumsum(nval, out=voff[1:])
+    del nrow, nval
+    q_g = np.empty(q, np.int32)
+    q_a0 = np.empty(q, np.int32)
+    rows = np.empty((n_rows, 2), rdt)
+    vals = np.empty(n_terms, np.float32)
+    p_g = K.pair_gaussians(plan.order, plan.goff, plan.gcnt, plan.p_sl.shape[0])
+    K.design_fill(ns, h, wd, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, p_g, du, dv, sp, has,
+                  roff, voff, q_g, q_a0, rows, vals)
+    d = SliceDesign(ns, (h, wd), plan.s_off, q_g, q_a0, roff, voff, rows, vals, n, means.dtype, means.device)
+    return d, d.nbytes, n_terms
+
+
 _BIG_RADIUS = 1 << 40
 
 

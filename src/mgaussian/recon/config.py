@@ -121,15 +121,25 @@ class ReconConfig:
     edge_prior_k: float = 2.0
     motion_refit_iterations: int = 6  # conjugate-gradient iterations of the intensity re-fit after each pose round
     pose_iterations: int = 3  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
-    pose_jacobian_every: int = 1  # the LM Jacobian (6 renders) is recomputed every this many iterations of a round
+    # the LM Jacobian (6 renders) is recomputed every this many iterations of a round and reused in
+    # between (sb25-t3.2-motion seed 2: 3 -> 29.89 dB in 40 s, 1 -> 29.84 dB in 52 s)
+    pose_jacobian_every: int = 3
     pose_tilt: bool = True  # estimate the slices' tilts (rotations about in-plane axes), not only the in-plane turn
     fine_pose_iterations: int = 3
-    fine_motion_rounds: int = 0  # rounds at each later level (sb25-t3.2-motion: 0.376 -> 0.372 mm for 20 s a round)
-    # a round that moves the slices less than this on average ends the rounds; when the very first
-    # round does (turning them < 3 x motion_stop_deg), the data hold no slice motion and later levels
-    # skip it (clean mni-t4: 0.02 mm)
+    # rounds at each later level, when the time budget holds them (sb25-t3.2-motion seeds 1 / 2 / 3:
+    # 28.84 / 29.84 / 29.79 dB without, 29.10 / 30.10 / 29.94 with 2, ~12 s a round on 2 slow cores;
+    # mni-t4 at 1 mm: a round costs ~90 s there, so none in the default budget; benchmarks/MOTION.md)
+    fine_motion_rounds: int = 2
+    # a round that moves the slices less than this on average ends the rounds (at every level)
     motion_stop_mm: float = 0.1
-    motion_stop_deg: float = 0.1  # the same at each later level, before its Adam iterations
+    motion_stop_deg: float = 0.1
+    # when the very first round moves the slices less than this, the data hold no slice motion
+    # (the coarse field's fitting noise moves clean slices: clean mni-t4 0.02 mm, clean sb25 binned
+    # 0.03 mm / 0.10 deg; sb25-t3.2-motion 1.9 deg, mni-t4-motion 1.1 deg) and later levels skip
+    # it; slices that moved less than motion_none_mm and 5/3 x motion_none_deg from their stacks'
+    # poses keep the nominal region
+    motion_none_mm: float = 0.1
+    motion_none_deg: float = 0.3
     lr_pose_rotation: float = 3e-4  # joint Adam iterations: rad per step
     lr_pose_translation: float = 0.01  # joint Adam iterations: mm per step
     joint_pose_lr: float = 0.0  # x the two rates above during the joint Adam iterations (0: poses fixed there)

@@ -187,7 +187,7 @@ def _laplacian_apply(v: torch.Tensor, pairs: torch.Tensor, pair_w: torch.Tensor 
 
 def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, n_iter: int,
                     pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6, deadline: float | None = None,
-                    min_iter: int = 0, pair_w: torch.Tensor | None = None):
+                    min_iter: int = 0, pair_w: torch.Tensor | None = None, cache: dict | None = None):
     """Least-squares intensities for fixed Gaussian shapes and slice poses: conjugate gradients
     on the weighted normal equations (A^T W A + ridge) c = A^T W y over all masked pixels; A c
     renders slices (linear in c) times each slice's intensity scale; W holds the robust pixel x
@@ -196,18 +196,34 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
 
     A is each stack's ``render.slice_design``: on the cpu backend an explicit sparse map built in
     one pass (within ``cfg.design_memory_gb`` for all stacks together), so an iteration costs a
-    multiply-add per (pixel, Gaussian) term instead of a render and its backward pass."""
+    multiply-add per (pixel, Gaussian) term instead of a render and its backward pass.
+
+    ``cache``: a dict kept by the caller; the designs are reused from it while the slices, their
+    poses, the Gaussians' shapes and the PSF are the same as at its last call (mni-t4 at 1 mm:
+    16 s a build)."""
     c = params["intensities"]
     others = {k: v.detach() for k, v in params.items() if k != "intensities"}
+    key = None
+    if cache is not None:
+        key = (tuple(id(ss) for ss in sets), cfg.through_plane_fwhm_factor, cfg.cutoff, cfg.use_psf, cfg.renderer,
+               tuple((v.data_ptr(), v._version) for k, v in sorted(params.items()) if k != "intensities"))
+        if cache.get("key") != key or not all(torch.equal(a, b) for a, b in zip(cache["poses"], (*rots, *trans))):
+            cache.clear()
+    designs = cache.get("designs") if cache else None
     budget = cfg.design_memory_gb * 1024 ** 3
-    designs, sw2, ys = [], [], []
+    sw2, ys = [], []
     with torch.no_grad():
+        if designs is None:
+            designs = []
+            for si, ss in enumerate(sets):
+                sel = torch.arange(ss.n, device=c.device)
+                o, ax = _frames(ss, sel, rots[si].detach(), trans[si].detach(), cents[si])
+                d = _stack_design(dict(others, intensities=c.detach()), ss, o, ax, cfg, backend, max_bytes=budget)
+                budget = max(0.0, budget - d.nbytes)
+                designs.append(d)
+            if cache is not None:
+                cache.update(key=key, designs=designs, poses=[x.detach().clone() for x in (*rots, *trans)])
         for si, ss in enumerate(sets):
-            sel = torch.arange(ss.n, device=c.device)
-            o, ax = _frames(ss, sel, rots[si].detach(), trans[si].detach(), cents[si])
-            d = _stack_design(dict(others, intensities=c.detach()), ss, o, ax, cfg, backend, max_bytes=budget)
-            budget = max(0.0, budget - d.nbytes)
-            designs.append(d)
             sc = scs[si][:, None, None]
             sw2.append(wts[si] * sc * sc)  # A^T W A with the slice scales inside A
             ys.append(ss.obs / sc.clamp_min(1e-12))  # the scaled residual's target, unscaled
@@ -243,7 +259,8 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
 def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, iters: int,
                     deadline: float | None = None, skip=(), eps_rot: float = 2e-3, eps_trans: float = 0.05,
                     max_rot: float = 0.035, max_trans: float = 2.0, prior: float = 1e-3, rot_axes=(0, 1, 2),
-                    small_slice: float = 0.0, jac_every: int = 1):
+                    small_slice: float = 0.0, jac_every: int = 1, jac_reuse_mm: float = 0.2,
+                    jac_reuse_rad: float = 0.0035):
     """Levenberg-Marquardt on every slice's rigid pose (6 parameters) with the field fixed.
 
     Slices are independent given the field, so one render with parameter j of every slice
@@ -265,7 +282,8 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
     field follows the pulled poses) and cost sb25-t3.2-motion 0.5 dB.
 
     ``jac_every``: the Jacobian (6 renders) is recomputed every this many iterations and reused
-    in between (the step and its check still see the current residual)."""
+    in between (the step and its check still see the current residual), unless a slice of the
+    stack moved by more than ``jac_reuse_mm`` or ``jac_reuse_rad`` at the last step."""
     from .motion import moved_by_mean, pose_means
 
     fld = {k: v.detach() for k, v in params.items()}
@@ -349,6 +367,10 @@ def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
             cost = torch.where(ok, c_new, cost)
             dcost = torch.where(ok, d_new, dcost)
             lam = torch.where(ok, (lam * 0.3).clamp_min(1e-4), lam * 10.0)
+            # a slice that moved far leaves the Jacobian stale: recompute it at the next iteration
+            big = ok & ((sr.norm(dim=1) > jac_reuse_rad) | (st.norm(dim=1) > jac_reuse_mm))
+            if bool(big.any()):
+                J = None
 
 
 @torch.no_grad()
@@ -603,13 +625,13 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
 
     def _current_region():
         """The region from the masks where the slices are now, once they have moved from their
-        stacks' poses (mean over slices > motion_stop_mm, or > 5 x motion_stop_deg: on clean sb25
+        stacks' poses (mean over slices > motion_none_mm, or > 5/3 x motion_none_deg: on clean sb25
         the slices turn by ~0.15 deg of fitting noise and move 0.04 mm, and a rebuilt region
         there cost 0.13 dB); else the nominal one. Deterministic in the poses, so a resumed run
         rebuilds the same region."""
         d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, start_poses)]).mean())
         d_r = math.degrees(float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, start_poses)]).mean()))
-        if d_t <= cfg.motion_stop_mm and d_r <= 5.0 * cfg.motion_stop_deg:
+        if d_t <= cfg.motion_none_mm and d_r <= 5.0 / 3.0 * cfg.motion_none_deg:
             return region0
         key = b"".join(x.detach().cpu().numpy().tobytes() for x in (*rots, *trans))
         if region_cache.get("key") == key:  # the poses have not moved since the last rebuild
@@ -773,8 +795,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         if smooth > 0:
             log(f"  smoothness prior {smooth:.3g} (noise sigma {noise_sigma:.4f} of the 99th percentile)")
         # the budget bounds every level: earlier levels stop their warm start / pose rounds at 35 %
-        # (50 % with slice motion: the coarse pose rounds are where motion is corrected)
-        dl = (t_start + (0.6 if last_level_now else (0.5 if motion else 0.35)) * cfg.time_budget_s) if cfg.time_budget_s else None
+        # (50 % with slice motion: the coarse pose rounds are where motion is corrected); the last
+        # level's at 60 % when Adam iterations follow, else at 90 % (noisy data: no Adam)
+        adam_follows = noise_sigma <= cfg.adam_max_noise and n_it > 0
+        share = (0.6 if adam_follows else 0.9) if last_level_now else (0.5 if motion else 0.35)
+        dl = (t_start + share * cfg.time_budget_s) if cfg.time_budget_s else None
 
         # the coarse level's warm start and pose rounds see the slices binned to its grid (f x f
         # pixels -> one, f = the grid spacing / pixel, at most coarse_binning): f^2 fewer pixels to render
@@ -788,10 +813,12 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
 
         edge_w = [None]  # the edge-preserving prior's pair weights, once reweighted
 
+        dcache = {}  # the designs of this level's intensity fits, while the poses stay
+
         def refit(n, min_iter=0):
             if n > 0:
                 _cg_intensities(params, lsets, rots, trans, cents, lwts, scs, cfg, backend, n, pairs, smooth,
-                                deadline=dl, min_iter=min(n, min_iter), pair_w=edge_w[0])
+                                deadline=dl, min_iter=min(n, min_iter), pair_w=edge_w[0], cache=dcache)
 
         warm = not (resumed_here and start_cg_done)  # [checkpoint] a resumed level skips its warm start
         # (noisy data only: on clean data the prior is ~0 and Adam follows the warm start)
@@ -817,12 +844,25 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             smooth_m = smooth * cfg.motion_smoothness_scale
 
             def refit_m(n):
-                _cg_intensities(params, lsets, rots, trans, cents, lwts, scs, cfg, backend, n, pairs, smooth_m, deadline=dl)
+                _cg_intensities(params, lsets, rots, trans, cents, lwts, scs, cfg, backend, n, pairs, smooth_m, deadline=dl,
+                                cache=dcache)
 
             moved = False
+            # a round is started only when it can end before the deadline: its cost is the last
+            # round's, or for a later level's first round, predicted from one render of all slices
+            # (the Jacobians, trial steps, weights and re-fit: ~(10 + iterations) renders; mni-t4 at
+            # 1 mm: 7 s a render on 2 slow cores, so a round there costs more than the budget leaves)
+            round_s = 0.0
+            if lev > 0 and rounds > 0 and steps > 0 and dl is not None:
+                t0 = time.time()
+                _predict_all(params, lsets, rots, trans, cents, cfg, backend)
+                round_s = (10 + steps) * (time.time() - t0)
             for rnd in range(rounds if steps > 0 else 0):
-                if dl is not None and time.time() > dl:
+                if dl is not None and time.time() + round_s > dl:
+                    if lev > 0 and rnd == 0:
+                        log(f"  no pose rounds at this level: one would take ~{round_s:.0f} s, beyond the time budget")
                     break
+                t_round = time.time()
                 before = [(r.clone(), t.clone()) for r, t in zip(rots, trans)]
                 # each slice's pose is fitted whatever its slice weight (its pixel weights still apply):
                 # a slice excluded while far from its pose must still be moved to it (benchmarks/MOTION.md,
@@ -840,10 +880,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 refit_m(cfg.motion_refit_iterations)
                 record_poses()
                 moved = True
+                round_s = time.time() - t_round
                 # the first round decides whether the data hold slice motion at all; the coarse field's
                 # fitting noise turns the slices of clean data by up to ~0.1 deg (clean sb25, binned
                 # slices: 0.10 deg, 0.03 mm; sb25-t3.2-motion 1.9 deg, mni-t4-motion 1.1 deg)
-                none_here = lev == 0 and rnd == 0 and d_t < cfg.motion_stop_mm and d_r < 3.0 * cfg.motion_stop_deg
+                none_here = lev == 0 and rnd == 0 and d_t < cfg.motion_none_mm and d_r < cfg.motion_none_deg
                 if none_here or (d_t < cfg.motion_stop_mm and d_r < cfg.motion_stop_deg):
                     if none_here:
                         motion = False  # nothing moves: no slice motion in these data
@@ -872,11 +913,13 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 if f != cfg.through_plane_fwhm_factor:
                     cfg = cfg.resolved(through_plane_fwhm_factor=f)
                     refit(max(cfg.cg_iterations // 3, 1))
-            if moved:
-                refit(max(cfg.cg_iterations // 3, 1))  # the field under the level's own prior
+            if moved:  # the field under the level's own prior (even past the deadline: the rounds left it under a weak one)
+                n_re = max(cfg.cg_iterations // 3, 1)
+                refit(n_re, min_iter=n_re)
         elif warm and (cfg.robust or cfg.slice_scale):
             lwts, _ = _update_robust(params, lsets, rots, trans, cents, scs, sws, pws, cfg, backend)
             refit(max(cfg.cg_iterations // 3, 1))
+        dcache.clear()  # the designs' memory is free for the Adam iterations
         wts = _loss_weights(sets, pws, sws)
         pose_groups = []
         if motion and cfg.joint_pose_lr > 0:

@@ -109,6 +109,11 @@ class ReconConfig:
     # headers' frame (mean pose over all slices = identity); else in the registration's frame
     header_gauge_mm: float = 1.0
     header_gauge_deg: float = 3.0  # loose: a stack's tilt trades against its slices' in-plane shifts (weakly seen)
+    # in the headers' frame, the slice poses' centre held at the identity: "mean" (mean rotation
+    # vector and translation about the fields of view's centre) or "adaptive" (the translation's
+    # range centre on an axis where the slices' shifts are light-tailed, as for motion bounded
+    # about the planned position: benchmarks/MOTION.md session 8; else the mean)
+    header_gauge_location: str = "adaptive"
     # the coarse level's warm start and pose rounds bin f x f slice pixels into one, f = its grid
     # spacing / pixel size up to this (1: off); the finer levels see every pixel
     coarse_binning: int = 2
@@ -222,6 +227,8 @@ class ReconConfig:
             bad("backend", "auto, reference, cpu or gpu")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "auto, cpu or cuda")
+        if self.header_gauge_location not in ("mean", "adaptive"):
+            bad("header_gauge_location", "mean or adaptive")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):
             bad("time_budget_s", "must be > 0 seconds or null")
         if not self.profile_candidates or any(not (0 < f <= 3) for f in self.profile_candidates):

@@ -23,7 +23,7 @@ from ..render import (AutogradDesign, mask_to_row_spans, render_points, render_s
 from .config import ReconConfig
 from .data import (SliceSet, bin_slices, expand_pixels, naive_init, output_grid, pool_pixels, prepare_slices,
                    region_from_slices, region_mask)
-from .motion import anchor_poses
+from .motion import anchor_poses, fov_centre
 from .losses import masked_smooth_l1, masked_ssim
 from .nrf import NeuralResidualField
 from .progress import Progress
@@ -214,6 +214,7 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
     sw2, ys = [], []
     with torch.no_grad():
         if designs is None:
+            t_build = time.time()
             designs = []
             for si, ss in enumerate(sets):
                 sel = torch.arange(ss.n, device=c.device)
@@ -222,7 +223,8 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
                 budget = max(0.0, budget - d.nbytes)
                 designs.append(d)
             if cache is not None:
-                cache.update(key=key, designs=designs, poses=[x.detach().clone() for x in (*rots, *trans)])
+                cache.update(key=key, designs=designs, poses=[x.detach().clone() for x in (*rots, *trans)],
+                             build_s=time.time() - t_build)
         for si, ss in enumerate(sets):
             sc = scs[si][:, None, None]
             sw2.append(wts[si] * sc * sc)  # A^T W A with the slice scales inside A
@@ -619,6 +621,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             rots[si] = torch.as_tensor(np.concatenate([a for a, _ in ru]), dtype=torch.float32, device=dev)
             trans[si] = torch.as_tensor(np.concatenate([b for _, b in ru]), dtype=torch.float32, device=dev)
     anchor = pose_means(rots, trans, cents)[:2]  # the mean slice pose stays where registration put it
+    anchor_pivot = None  # set when the volume is put in the headers' frame (then the poses' centre about it is held)
+    fov_pivot = fov_centre(stacks)  # the pivot of the headers' frame
     region0 = region
 
     region_cache = {}
@@ -714,7 +718,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                          trans=trans, elapsed_s=time.time() - t_start,
                          motion_state={"scs": scs, "sws": sws, "pws": pws, "pose_history": pose_history,
                                        "stack_poses": [P.tolist() for P in stack_poses],
-                                       "anchor": [np.asarray(a).tolist() for a in anchor]})
+                                       "anchor": [np.asarray(a).tolist() for a in anchor],
+                                       "anchor_pivot": None if anchor_pivot is None else np.asarray(anchor_pivot).tolist()})
 
     start_lev, start_it, start_cg_done = 0, 0, False
     if resume_state is not None:
@@ -727,6 +732,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             pose_history[:] = r["motion"]["pose_history"]
             if r["motion"].get("anchor") is not None:
                 anchor = tuple(np.asarray(a, dtype=np.float64) for a in r["motion"]["anchor"])
+            if r["motion"].get("anchor_pivot") is not None:
+                anchor_pivot = np.asarray(r["motion"]["anchor_pivot"], dtype=np.float64)
             wts = _loss_weights(sets, pws, sws)
         rng.bit_generator.state = resume_state["rng"]
         start_lev, start_it, start_cg_done = resume_state["level"], resume_state["iteration"], resume_state["cg_done"]
@@ -795,10 +802,11 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         if smooth > 0:
             log(f"  smoothness prior {smooth:.3g} (noise sigma {noise_sigma:.4f} of the 99th percentile)")
         # the budget bounds every level: earlier levels stop their warm start / pose rounds at 35 %
-        # (50 % with slice motion: the coarse pose rounds are where motion is corrected); the last
+        # (55 % with slice motion: the coarse pose rounds are where motion is corrected; mni-t4-motion
+        # on 2 slow cores: 4 rounds fit in 50 %, 28.7-29.1 dB, 5 rounds 29.3 dB); the last
         # level's at 60 % when Adam iterations follow, else at 90 % (noisy data: no Adam)
         adam_follows = noise_sigma <= cfg.adam_max_noise and n_it > 0
-        share = (0.6 if adam_follows else 0.9) if last_level_now else (0.5 if motion else 0.35)
+        share = (0.6 if adam_follows else 0.9) if last_level_now else (0.55 if motion else 0.35)
         dl = (t_start + share * cfg.time_budget_s) if cfg.time_budget_s else None
 
         # the coarse level's warm start and pose rounds see the slices binned to its grid (f x f
@@ -854,9 +862,12 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             # 1 mm: 7 s a render on 2 slow cores, so a round there costs more than the budget leaves)
             round_s = 0.0
             if lev > 0 and rounds > 0 and steps > 0 and dl is not None:
-                t0 = time.time()
-                _predict_all(params, lsets, rots, trans, cents, cfg, backend)
-                round_s = (10 + steps) * (time.time() - t0)
+                if dcache.get("build_s"):  # building the warm start's maps costs about one render (sb25: 0.85 vs 0.87 s)
+                    round_s = (10 + steps) * dcache["build_s"]
+                else:
+                    t0 = time.time()
+                    _predict_all(params, lsets, rots, trans, cents, cfg, backend)
+                    round_s = (10 + steps) * (time.time() - t0)
             for rnd in range(rounds if steps > 0 else 0):
                 if dl is not None and time.time() + round_s > dl:
                     if lev > 0 and rnd == 0:
@@ -871,7 +882,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                                 deadline=dl,
                                 rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,), small_slice=cfg.pose_small_slice,
                                 jac_every=cfg.pose_jacobian_every)
-                anchor_poses(rots, trans, cents, anchor)
+                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
                 d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, before)]).mean())
                 d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, before)]).mean()) * 180 / math.pi
                 log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average "
@@ -901,8 +912,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
 
                 sp_mm, sp_deg = stack_pose_spread(rots, trans, cents)
                 if sp_mm <= cfg.header_gauge_mm and sp_deg <= cfg.header_gauge_deg:
-                    anchor = (np.zeros(3), np.zeros(3))
-                    anchor_poses(rots, trans, cents, anchor)
+                    anchor, anchor_pivot = (np.zeros(3), np.zeros(3)), fov_pivot
+                    anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
                     log(f"  the stacks' mean poses agree within {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume is "
                         "put in the headers' frame")
                 else:
@@ -993,7 +1004,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             loss.backward()
             opt.step()
             if pose_groups and (it + 1) % 10 == 0:
-                anchor_poses(rots, trans, cents, anchor)
+                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
             if nrf_opt is not None:
                 nrf_opt.step()
             step += 1
@@ -1008,7 +1019,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             r.requires_grad_(False)
             t.requires_grad_(False)
         if pose_groups:
-            anchor_poses(rots, trans, cents, anchor)
+            anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
             record_poses()
         fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
                             params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)

@@ -2,8 +2,9 @@
 
 * ``sb25-t3.2-motion``: GA25 fetal atlas, 0.8 / 3.2 mm, per-slice motion 3 deg / 1.5 mm, 2 % noise;
 * ``mni-t4-motion``: MNI152 T1, 1 / 4 mm, 3 deg / 2 mm, 2 % noise;
-* ``sb25-box-oblique-motion``, ``mni-box-motion`` (not in BENCHMARK.md; like the issue's held-out
-  cases): the same with a rectangular slice profile, and for sb25 oblique stacks (10-12 deg);
+* ``sb25-box-oblique-motion``, ``mni-box-motion``, ``sb25-box-big-motion`` (not in BENCHMARK.md;
+  like the issue's held-out cases): the same with a rectangular slice profile, for sb25 oblique
+  stacks (10-12 deg), and twice the motion (6 deg / 3 mm);
 * ``real-loo-runN``: ``data/mialsrtk_sub01`` runs 1, 3, 5 (3 mm slices, manual masks): reconstruct
   from two runs at 0.8 mm, predict the third, scored by ``mgaussian evaluate --heldout-stack``
   (NCC and gain/offset-matched PSNR inside its mask);
@@ -21,7 +22,7 @@ With ``--seeds`` each simulated case is drawn several times (BENCHMARK.md's case
 each; that unseen mean motion, and so the score, varies between draws).
 
     python benchmarks/bench_motion.py [--cases sb25-t3.2-motion,mni-t4-motion,sb25-box-oblique-motion,mni-box-motion,
-        real-loo,real-all] [--seeds 1,2,3] [--workdir DIR] [--extra-args "..."] [--json] [--oracle]
+        sb25-box-big-motion,real-loo,real-all] [--seeds 1,2,3] [--workdir DIR] [--extra-args "..."] [--json] [--oracle]
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ MOTION = {"sb25-t3.2-motion": ("sb25-t3.2", 3.0, 1.5, None), "mni-t4-motion": ("
           # oblique stacks; the other anatomy), not in BENCHMARK.md
           "sb25-box-oblique-motion": ("sb25-t3.2-box", 3.0, 1.5, ["axial@10,-8,5", "coronal@-6,12,0",
                                                                   "sagittal@5,4,-10"]),
-          "mni-box-motion": ("mni-t4-box", 3.0, 2.0, None)}
+          "mni-box-motion": ("mni-t4-box", 3.0, 2.0, None),
+          # twice the motion (session 6's c_big): 6 deg / 3 mm, box profile
+          "sb25-box-big-motion": ("sb25-t3.2-box", 6.0, 3.0, None)}
 CASES = ["sb25-t3.2-motion", "mni-t4-motion", "real-loo", "real-all"]
 
 
@@ -89,7 +92,7 @@ def true_slice_poses(case: dict, header_gauge: bool) -> list:
     from mgaussian.io import load_stacks
     from mgaussian.recon.data import prepare_slices
     from mgaussian.recon.config import ReconConfig
-    from mgaussian.recon.motion import anchor_poses, fov_centre, slice_centres, slice_pose_from_matrix
+    from mgaussian.recon.motion import anchor_poses, fov_centre, reliable_slices, slice_centres, slice_pose_from_matrix
 
     truth = json.loads(open(os.path.join(os.path.dirname(case["stacks"][0]), "truth.json")).read())
     mats = [np.array([sl["matrix"] for sl in st["slices"]], dtype=np.float64) for st in truth["stacks"]]
@@ -103,7 +106,8 @@ def true_slice_poses(case: dict, header_gauge: bool) -> list:
         ru = [slice_pose_from_matrix(M[int(k)], cs[j:j + 1].numpy()) for j, k in enumerate(ss.index)]
         rots.append(torch.as_tensor(np.concatenate([a for a, _ in ru])))
         trans.append(torch.as_tensor(np.concatenate([b for _, b in ru])))
-    anchor_poses(rots, trans, cents, (np.zeros(3), np.zeros(3)), fov_centre(stacks), ReconConfig().header_gauge_location)
+    anchor_poses(rots, trans, cents, (np.zeros(3), np.zeros(3)), fov_centre(stacks), ReconConfig().header_gauge_location,
+                 reliable_slices(sets))
     for ss, cs, r, u, M in zip(sets, cents, rots, trans, mats):
         for j, k in enumerate(ss.index):  # x -> R (x - s) + s + u
             R = rotvec_to_matrix(r[j].numpy())

@@ -332,11 +332,28 @@ def test_location_estimator_adapts_to_the_tails():
         err_m.append(np.abs(location(x, "mean") - 7.0).mean())
         err_a.append(np.abs(location(x, "adaptive") - 7.0).mean())
     assert np.mean(err_a) < 0.5 * np.mean(err_m), (np.mean(err_a), np.mean(err_m))
-    same = sum(int(np.isclose(location(g, "adaptive"), g.mean(0)).sum())
+    same = sum(bool(np.allclose(location(g, "adaptive"), g.mean(0)))
                for g in (np.random.default_rng(s).normal(size=(60, 3)) for s in range(200)))
-    assert same >= 0.9 * 600, same  # the mean for normal samples (a light-tailed column of 60 is rare)
+    assert same >= 190, same  # the mean for normal samples (60 x 3 of them that look light-tailed are rare)
     with pytest.raises(ValueError, match="unknown kind"):
         location(np.zeros((40, 3)), "median")
+
+
+def test_reliable_slices_are_the_large_ones():
+    """Slices with at least half the median pixel count over all stacks' slices."""
+    import torch
+
+    from mgaussian.recon.motion import reliable_slices
+
+    class S:
+        def __init__(self, counts):
+            self.n = len(counts)
+            self.mask = torch.zeros(self.n, 10, 10)
+            for k, c in enumerate(counts):
+                self.mask[k].view(-1)[:c] = 1
+
+    got = reliable_slices([S([2, 40, 50, 60]), S([19, 20, 45])])  # median 40: the bar is 20
+    assert got.tolist() == [False, True, True, True, False, True, True]
 
 
 def test_header_gauge_anchor_is_gauge_invariant():
@@ -360,9 +377,10 @@ def test_header_gauge_anchor_is_gauge_invariant():
                 R = np.einsum("ij,kjl->kil", G, rotvec_to_matrix(r.numpy()))
                 rots2.append(torch.as_tensor(matrix_to_rotvec(R)))
                 trans2.append(torch.as_tensor((c.numpy() + u.numpy() - pivot) @ G.T + pivot + shift - c.numpy()))
-            anchor_poses(rots, trans, cents, (np.zeros(3), np.zeros(3)), pivot, kind)
-            anchor_poses(rots2, trans2, cents, (np.zeros(3), np.zeros(3)), pivot, kind)
-            r_c, t_c = pose_centre(rots, trans, cents, pivot, kind)
+            reliable = np.random.default_rng(seed).random(70) > 0.2  # as if a fifth of the slices were small
+            anchor_poses(rots, trans, cents, (np.zeros(3), np.zeros(3)), pivot, kind, reliable)
+            anchor_poses(rots2, trans2, cents, (np.zeros(3), np.zeros(3)), pivot, kind, reliable)
+            r_c, t_c = pose_centre(rots, trans, cents, pivot, kind, reliable)
             assert np.abs(r_c).max() < 1e-7 and np.abs(t_c).max() < 1e-6
             for a, b in zip(rots + trans, rots2 + trans2):
                 assert np.allclose(a.numpy(), b.numpy(), atol=1e-5)

@@ -110,8 +110,8 @@ class ReconConfig:
     header_gauge_mm: float = 1.0
     header_gauge_deg: float = 3.0  # loose: a stack's tilt trades against its slices' in-plane shifts (weakly seen)
     # in the headers' frame, the slice poses' centre held at the identity: "mean" (mean rotation
-    # vector and translation about the fields of view's centre) or "adaptive" (the translation's
-    # range centre on an axis where the slices' shifts are light-tailed, as for motion bounded
+    # vector and translation about the fields of view's centre) or "adaptive" (the translations'
+    # range centre when the well-determined slices' shifts are light-tailed, as for motion bounded
     # about the planned position: benchmarks/MOTION.md session 8; else the mean)
     header_gauge_location: str = "adaptive"
     # the coarse level's warm start and pose rounds bin f x f slice pixels into one, f = its grid

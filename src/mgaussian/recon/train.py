@@ -23,7 +23,7 @@ from ..render import (AutogradDesign, mask_to_row_spans, render_points, render_s
 from .config import ReconConfig
 from .data import (SliceSet, bin_slices, expand_pixels, naive_init, output_grid, pool_pixels, prepare_slices,
                    region_from_slices, region_mask)
-from .motion import anchor_poses, fov_centre
+from .motion import anchor_poses, fov_centre, reliable_slices
 from .losses import masked_smooth_l1, masked_ssim
 from .nrf import NeuralResidualField
 from .progress import Progress
@@ -623,6 +623,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     anchor = pose_means(rots, trans, cents)[:2]  # the mean slice pose stays where registration put it
     anchor_pivot = None  # set when the volume is put in the headers' frame (then the poses' centre about it is held)
     fov_pivot = fov_centre(stacks)  # the pivot of the headers' frame
+    anchor_reliable = reliable_slices(sets)  # the slices whose translations place it
     region0 = region
 
     region_cache = {}
@@ -882,7 +883,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                                 deadline=dl,
                                 rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,), small_slice=cfg.pose_small_slice,
                                 jac_every=cfg.pose_jacobian_every)
-                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
+                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
                 d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, before)]).mean())
                 d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, before)]).mean()) * 180 / math.pi
                 log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average "
@@ -913,7 +914,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 sp_mm, sp_deg = stack_pose_spread(rots, trans, cents)
                 if sp_mm <= cfg.header_gauge_mm and sp_deg <= cfg.header_gauge_deg:
                     anchor, anchor_pivot = (np.zeros(3), np.zeros(3)), fov_pivot
-                    anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
+                    anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
                     log(f"  the stacks' mean poses agree within {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume is "
                         "put in the headers' frame")
                 else:
@@ -1004,7 +1005,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             loss.backward()
             opt.step()
             if pose_groups and (it + 1) % 10 == 0:
-                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
+                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
             if nrf_opt is not None:
                 nrf_opt.step()
             step += 1
@@ -1019,7 +1020,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             r.requires_grad_(False)
             t.requires_grad_(False)
         if pose_groups:
-            anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location)
+            anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
             record_poses()
         fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
                             params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)

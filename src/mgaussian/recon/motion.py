@@ -203,12 +203,12 @@ def location(x: np.ndarray, kind: str = "mean", light_tail_kurtosis: float = 2.3
     than the mean (error ~1/N instead of 1/sqrt(N)); the range centre is averaged over the ``k``
     outermost pairs of order statistics, which damps one badly estimated sample. Otherwise the
     mean. Shift-equivariant either way."""
+    if kind not in ("mean", "adaptive"):
+        raise ValueError(f"location: unknown kind {kind!r} (mean, adaptive)")
     x = np.asarray(x, dtype=np.float64)
     m = x.mean(0)
     if kind == "mean" or x.shape[0] < 8 * k:
         return m
-    if kind != "adaptive":
-        raise ValueError(f"location: unknown kind {kind!r} (mean, adaptive)")
     d = x - m
     var = (d * d).mean(0)
     if not np.all(var > 0):
@@ -269,15 +269,7 @@ def anchor_poses(rots: list[torch.Tensor], trans: list[torch.Tensor], centres: l
             _move_all(rots, trans, centres, np.eye(3), p, -t_c)
         return
     r_mean, _, cref = pose_means(rots, trans, centres)
-    G = rotvec_to_matrix(targets[0] - r_mean)
-    for k in range(len(rots)):
-        s = centres[k].detach().cpu().numpy().astype(np.float64)
-        R = rotvec_to_matrix(rots[k].detach().cpu().numpy().astype(np.float64))
-        u = trans[k].detach().cpu().numpy().astype(np.float64)
-        Rn = np.einsum("ij,kjl->kil", G, R)
-        un = (s + u - cref) @ G.T + cref - s
-        rots[k].copy_(torch.as_tensor(matrix_to_rotvec(Rn), dtype=rots[k].dtype))
-        trans[k].copy_(torch.as_tensor(un, dtype=trans[k].dtype))
+    _move_all(rots, trans, centres, rotvec_to_matrix(targets[0] - r_mean), cref, np.zeros(3))
     du = targets[1] - pose_means(rots, trans, centres)[1]
     for k in range(len(trans)):
         trans[k].add_(torch.as_tensor(du, dtype=trans[k].dtype, device=trans[k].device))

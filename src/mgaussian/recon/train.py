@@ -624,6 +624,10 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     anchor_pivot = None  # set when the volume is put in the headers' frame (then the poses' centre about it is held)
     fov_pivot = fov_centre(stacks)  # the pivot of the headers' frame
     anchor_reliable = reliable_slices(sets)  # the slices whose translations place it
+
+    def hold_frame():
+        """Put the slices' common frame back where ``anchor`` (and ``anchor_pivot``) hold it."""
+        anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
     region0 = region
 
     region_cache = {}
@@ -883,7 +887,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                                 deadline=dl,
                                 rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,), small_slice=cfg.pose_small_slice,
                                 jac_every=cfg.pose_jacobian_every)
-                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
+                hold_frame()
                 d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, before)]).mean())
                 d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, before)]).mean()) * 180 / math.pi
                 log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average "
@@ -914,7 +918,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                 sp_mm, sp_deg = stack_pose_spread(rots, trans, cents)
                 if sp_mm <= cfg.header_gauge_mm and sp_deg <= cfg.header_gauge_deg:
                     anchor, anchor_pivot = (np.zeros(3), np.zeros(3)), fov_pivot
-                    anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
+                    hold_frame()
                     log(f"  the stacks' mean poses agree within {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume is "
                         "put in the headers' frame")
                 else:
@@ -1005,7 +1009,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             loss.backward()
             opt.step()
             if pose_groups and (it + 1) % 10 == 0:
-                anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
+                hold_frame()
             if nrf_opt is not None:
                 nrf_opt.step()
             step += 1
@@ -1020,7 +1024,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             r.requires_grad_(False)
             t.requires_grad_(False)
         if pose_groups:
-            anchor_poses(rots, trans, cents, anchor, anchor_pivot, cfg.header_gauge_location, anchor_reliable)
+            hold_frame()
             record_poses()
         fld = GaussianField(params["means"].detach(), params["log_scales"].detach(), params["quats"].detach(),
                             params["intensities"].detach(), fld.spacing, fld.grid_origin, fld.grid_index, fld.grid_shape)

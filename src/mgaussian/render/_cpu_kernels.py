@@ -353,6 +353,17 @@ def _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans, has_spa
     return b_lo, b_hi, x
 
 
+@njit(**_JIT)
+def _row_exp(x, b_lo, mv_, k00, k01, k11, dv):
+    """The Gaussian exp(-q/2) at the row's first column b_lo, and the ratio between its first two
+    columns (the recurrence e *= r, r *= exp(-k11 dv^2) walks the row without another exp);
+    also the v offset y of that column."""
+    y = b_lo * dv - mv_
+    e = math.exp(-0.5 * (k00 * x * x + 2.0 * k01 * x * y + k11 * y * y))
+    r = math.exp(-(k01 * x + k11 * y) * dv - 0.5 * k11 * dv * dv)
+    return e, r, y
+
+
 @njit(parallel=True, **_JIT)
 def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans):
     out = np.zeros((ns, height, width))
@@ -382,9 +393,8 @@ def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv
                                           has_spans)
                 if b_hi <= b_lo:
                     continue
-                y = b_lo * dv - mv_
-                e = alpha * math.exp(-0.5 * (k00 * x * x + 2.0 * k01 * x * y + k11 * y * y))
-                r = math.exp(-(k01 * x + k11 * y) * dv - 0.5 * k11 * dv * dv)
+                e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
+                e *= alpha
                 row = img[a]
                 for b in range(b_lo, b_hi):
                     row[b] += e
@@ -441,9 +451,7 @@ def raster_backward(grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, or
                                               spans, has_spans)
                     if b_hi <= b_lo:
                         continue
-                    y = b_lo * dv - mv_
-                    e = math.exp(-0.5 * (k00 * x * x + 2.0 * k01 * x * y + k11 * y * y))
-                    r = math.exp(-(k01 * x + k11 * y) * dv - 0.5 * k11 * dv * dv)
+                    e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
                     R0 = 0.0
                     R1 = 0.0
                     R2 = 0.0
@@ -696,9 +704,8 @@ def design_fill(ns, height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv,
                 rows[r_, 0] = b_lo
                 rows[r_, 1] = b_hi - b_lo
                 r_ += 1
-                y = b_lo * dv - mv_
-                e = alpha * math.exp(-0.5 * (k00 * x * x + 2.0 * k01 * x * y + k11 * y * y))
-                r = math.exp(-(k01 * x + k11 * y) * dv - 0.5 * k11 * dv * dv)
+                e, r, _ = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
+                e *= alpha
                 for b in range(b_lo, b_hi):
                     vals[k] = e
                     k += 1
@@ -706,25 +713,57 @@ def design_fill(ns, height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv,
                     r *= r2
 
 
+@njit(**_JIT)
+def _design_add(img, s, c, s_off, q_g, q_a0, roff, voff, rows, vals):
+    """img [H,W] += slice s of the design applied to intensities c."""
+    for q in range(s_off[s], s_off[s + 1]):
+        ci = c[q_g[q]]
+        if ci == 0.0:
+            continue
+        k = voff[q]
+        a = q_a0[q]
+        for r_ in range(roff[q], roff[q + 1]):
+            b0 = rows[r_, 0]
+            row = img[a]
+            for b in range(b0, b0 + rows[r_, 1]):
+                row[b] += ci * vals[k]
+                k += 1
+            a += 1
+
+
+@njit(**_JIT)
+def _design_dot(img, s, acc_g, s_off, q_g, q_a0, roff, voff, rows, vals):
+    """acc_g [N] += the transpose of slice s of the design applied to img [H,W]."""
+    for q in range(s_off[s], s_off[s + 1]):
+        k = voff[q]
+        a = q_a0[q]
+        acc = 0.0
+        for r_ in range(roff[q], roff[q + 1]):
+            b0 = rows[r_, 0]
+            row = img[a]
+            for b in range(b0, b0 + rows[r_, 1]):
+                acc += vals[k] * row[b]
+                k += 1
+            a += 1
+        acc_g[q_g[q]] += acc
+
+
+@njit(**_JIT)
+def _sum_chunks(buf):
+    """Sum of the per-chunk buffers [C, N] (in chunk order)."""
+    out = np.zeros(buf.shape[1])
+    for ch in range(buf.shape[0]):
+        for i in range(buf.shape[1]):
+            out[i] += buf[ch, i]
+    return out
+
+
 @njit(parallel=True, **_JIT)
 def design_matvec(ns, height, width, s_off, q_g, q_a0, roff, voff, rows, vals, c):
     """Images [S,H,W] = the design applied to intensities c [N] (parallel over slices)."""
     out = np.zeros((ns, height, width))
     for s in prange(ns):
-        img = out[s]
-        for q in range(s_off[s], s_off[s + 1]):
-            ci = c[q_g[q]]
-            if ci == 0.0:
-                continue
-            k = voff[q]
-            a = q_a0[q]
-            for r_ in range(roff[q], roff[q + 1]):
-                b0 = rows[r_, 0]
-                row = img[a]
-                for b in range(b0, b0 + rows[r_, 1]):
-                    row[b] += ci * vals[k]
-                    k += 1
-                a += 1
+        _design_add(out[s], s, c, s_off, q_g, q_a0, roff, voff, rows, vals)
     return out
 
 
@@ -735,26 +774,9 @@ def design_rmatvec(ns, s_off, q_g, q_a0, roff, voff, rows, vals, img, n, nchunk)
     buf = np.zeros((nchunk, n))
     per = (ns + nchunk - 1) // nchunk
     for ch in prange(nchunk):
-        b_ = buf[ch]
         for s in range(ch * per, min(ns, (ch + 1) * per)):
-            im = img[s]
-            for q in range(s_off[s], s_off[s + 1]):
-                k = voff[q]
-                a = q_a0[q]
-                acc = 0.0
-                for r_ in range(roff[q], roff[q + 1]):
-                    b0 = rows[r_, 0]
-                    row = im[a]
-                    for b in range(b0, b0 + rows[r_, 1]):
-                        acc += vals[k] * row[b]
-                        k += 1
-                    a += 1
-                b_[q_g[q]] += acc
-    out = np.zeros(n)
-    for ch in range(nchunk):
-        for i in range(n):
-            out[i] += buf[ch, i]
-    return out
+            _design_dot(img[s], s, buf[ch], s_off, q_g, q_a0, roff, voff, rows, vals)
+    return _sum_chunks(buf)
 
 
 @njit(parallel=True, **_JIT)
@@ -764,42 +786,16 @@ def design_normal(ns, height, width, s_off, q_g, q_a0, roff, voff, rows, vals, c
     buf = np.zeros((nchunk, n))
     per = (ns + nchunk - 1) // nchunk
     for ch in prange(nchunk):
-        b_ = buf[ch]
         img = np.empty((height, width))
         for s in range(ch * per, min(ns, (ch + 1) * per)):
             img[:, :] = 0.0
-            for q in range(s_off[s], s_off[s + 1]):
-                ci = c[q_g[q]]
-                if ci == 0.0:
-                    continue
-                k = voff[q]
-                a = q_a0[q]
-                for r_ in range(roff[q], roff[q + 1]):
-                    b0 = rows[r_, 0]
-                    for b in range(b0, b0 + rows[r_, 1]):
-                        img[a, b] += ci * vals[k]
-                        k += 1
-                    a += 1
+            _design_add(img, s, c, s_off, q_g, q_a0, roff, voff, rows, vals)
             ws = weight[s]
             for a in range(height):
                 for b in range(width):
                     img[a, b] *= ws[a, b]
-            for q in range(s_off[s], s_off[s + 1]):
-                k = voff[q]
-                a = q_a0[q]
-                acc = 0.0
-                for r_ in range(roff[q], roff[q + 1]):
-                    b0 = rows[r_, 0]
-                    for b in range(b0, b0 + rows[r_, 1]):
-                        acc += vals[k] * img[a, b]
-                        k += 1
-                    a += 1
-                b_[q_g[q]] += acc
-    out = np.zeros(n)
-    for ch in range(nchunk):
-        for i in range(n):
-            out[i] += buf[ch, i]
-    return out
+            _design_dot(img, s, buf[ch], s_off, q_g, q_a0, roff, voff, rows, vals)
+    return _sum_chunks(buf)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -164,6 +164,15 @@ class _RenderSlicesCPU(torch.autograd.Function):
         return out + (None, None, None, None, None, None)
 
 
+def _psf_variances(psf_sigma, ns: int) -> np.ndarray:
+    """PSF variances [S,3] (u, v, n) per slice from sigmas (None: zeros, [3] or [S,3])."""
+    if psf_sigma is None:
+        return np.zeros((ns, 3))
+    p = psf_sigma.detach().cpu().numpy() if isinstance(psf_sigma, Tensor) else psf_sigma
+    p = np.asarray(p, dtype=np.float64)
+    return np.ascontiguousarray(np.broadcast_to(p * p, (ns, 3)))
+
+
 def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
                   origins: Tensor, axes: Tensor, shape: tuple[int, int], spacing: tuple[float, float],
                   psf_sigma=None, cutoff: float = 3.0, row_spans=None, stats: dict | None = None
@@ -173,13 +182,7 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     ``row_spans``: None or int32 numpy [S,H,2]; ``stats``: optional dict filled with 'pairs',
     'candidates' (and 'pixel_pairs' if it holds count_pixel_pairs=True).
     """
-    ns = origins.shape[0]
-    if psf_sigma is None:
-        psf2 = np.zeros((ns, 3))
-    else:
-        p = psf_sigma.detach().cpu().numpy() if isinstance(psf_sigma, Tensor) else psf_sigma
-        p = np.asarray(p, dtype=np.float64)
-        psf2 = np.ascontiguousarray(np.broadcast_to(p * p, (ns, 3)))
+    psf2 = _psf_variances(psf_sigma, origins.shape[0])
     return _RenderSlicesCPU.apply(means, log_scales, quats, intensities, origins, axes, psf2,
                                   (int(shape[0]), int(shape[1])),
                                   (float(spacing[0]), float(spacing[1])), float(cutoff),
@@ -197,33 +200,28 @@ class SliceDesign:
 
     def __init__(self, ns, shape, s_off, q_g, q_a0, roff, voff, rows, vals, n, dtype, device):
         self.ns, self.shape, self.n = ns, shape, n
-        self.s_off, self.q_g, self.q_a0, self.roff, self.voff, self.rows, self.vals = (
-            s_off, q_g, q_a0, roff, voff, rows, vals)
+        self._arrays = (s_off, q_g, q_a0, roff, voff, rows, vals)  # the kernels' argument order
         self.dtype, self.device = dtype, device
-        self.nbytes = int(sum(a.nbytes for a in (s_off, q_g, q_a0, roff, voff, rows, vals)))
+        self.nbytes = int(sum(a.nbytes for a in self._arrays))
         self.n_terms = int(vals.shape[0])
+
+    def _nchunk(self) -> int:
+        return max(1, min(self.ns, 2 * numba.get_num_threads()))
+
+    def _out(self, a: np.ndarray) -> Tensor:
+        return _to_torch(a, self.dtype).to(self.device)
 
     def matvec(self, c: Tensor) -> Tensor:
         """A c: images [S,H,W] of intensities c [N]."""
-        h, w = self.shape
-        img = K.design_matvec(self.ns, h, w, self.s_off, self.q_g, self.q_a0, self.roff, self.voff,
-                              self.rows, self.vals, _np64(c))
-        return _to_torch(img, self.dtype).to(self.device)
+        return self._out(K.design_matvec(self.ns, *self.shape, *self._arrays, _np64(c)))
 
     def rmatvec(self, img: Tensor) -> Tensor:
         """A^T x: per Gaussian [N], of images x [S,H,W]."""
-        nchunk = max(1, min(self.ns, 2 * numba.get_num_threads()))
-        g = K.design_rmatvec(self.ns, self.s_off, self.q_g, self.q_a0, self.roff, self.voff, self.rows,
-                             self.vals, _np64(img), self.n, nchunk)
-        return _to_torch(g, self.dtype).to(self.device)
+        return self._out(K.design_rmatvec(self.ns, *self._arrays, _np64(img), self.n, self._nchunk()))
 
     def normal(self, v: Tensor, weight: Tensor) -> Tensor:
         """A^T diag(weight) A v (weight [S,H,W]), in one pass."""
-        h, w = self.shape
-        nchunk = max(1, min(self.ns, 2 * numba.get_num_threads()))
-        g = K.design_normal(self.ns, h, w, self.s_off, self.q_g, self.q_a0, self.roff, self.voff, self.rows,
-                            self.vals, _np64(v), _np64(weight), nchunk)
-        return _to_torch(g, self.dtype).to(self.device)
+        return self._out(K.design_normal(self.ns, *self.shape, *self._arrays, _np64(v), _np64(weight), self._nchunk()))
 
 
 def design_size(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,
@@ -246,12 +244,7 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
     h, wd = int(shape[0]), int(shape[1])
     du, dv = float(spacing[0]), float(spacing[1])
     ns = origins.shape[0]
-    if psf_sigma is None:
-        psf2 = np.zeros((ns, 3))
-    else:
-        p = psf_sigma.detach().cpu().numpy() if isinstance(psf_sigma, Tensor) else psf_sigma
-        p = np.asarray(p, dtype=np.float64)
-        psf2 = np.ascontiguousarray(np.broadcast_to(p * p, (ns, 3)))
+    psf2 = _psf_variances(psf_sigma, ns)
     a_mu, a_ls, a_q = (_np64(t) for t in (means, log_scales, quats))
     a_org, a_ax = _np64(origins), _np64(axes)
     n = a_mu.shape[0]

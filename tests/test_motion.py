@@ -187,9 +187,10 @@ def _slice_pose_errors(res, sim, min_fraction=0.3):
 def test_known_slice_poses_are_recovered(tmp_path):
     """Every slice moved (up to 3 degrees about a random axis, up to 1.5 mm per axis, as
     BENCHMARK.md's motion cases), no noise: the coarse level's pose rounds bring the slices inside
-    the mask to a mean displacement error <= 0.5 mm (measured 0.38, from ~1.6). Issue 5 asks for
-    <= 0.5 degrees too; we reach 0.75 (from ~1.5): a thick slice's tilt trades against in-plane
-    shifts and is weakly seen, so this test holds rotations to <= 1 degree and records the gap."""
+    the mask to a mean displacement error <= 0.5 mm (measured 0.23, from ~1.6). Issue 5 asks for
+    <= 0.5 degrees too; this configuration reaches 0.55 (from ~1.5; the full default pipeline
+    0.52): a thick slice's tilt trades against in-plane shifts and the field, and is weakly seen,
+    so this test holds rotations to <= 0.7 degrees and records the gap."""
     gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
     m, _, _ = load_image(str(demo_dir() / "mask.nii.gz"))
     sim = tmp_path / "moved"
@@ -204,7 +205,7 @@ def test_known_slice_poses_are_recovered(tmp_path):
                       progress=False, log=lambda s: None)
     d1, r1 = _slice_pose_errors(res, sim)
     assert d0.mean() > 1.0 and r0.mean() > 1.0, (d0.mean(), r0.mean())
-    assert d1.mean() <= 0.5 and r1.mean() <= 1.0, (d1.mean(), r1.mean(), len(d1))
+    assert d1.mean() <= 0.5 and r1.mean() <= 0.7, (d1.mean(), r1.mean(), len(d1))
 
 
 def test_given_slice_poses_are_used(tmp_path):
@@ -488,3 +489,34 @@ def test_intensity_fit_with_the_explicit_design_matches_autograd(atlas_stacks):
     moved = (out[1] - fld.intensities).norm() / fld.intensities.norm()
     assert moved > 0.05, float(moved)  # the fit did something
     assert float((out[0] - out[1]).norm() / out[1].norm()) < 1e-4
+
+
+def test_extrapolation_gain_is_the_geometric_tail():
+    """The pose rounds' moves shrinking by rho each round: the gain carries this round's moves on by
+    rho / (1 - rho), to the sequence's limit; moves that turn back (rho <= 0) or do not shrink get
+    no gain, and the cap holds. Rotations weigh like their arc at ``arm_mm``."""
+    import torch
+
+    from mgaussian.recon.train import _extrapolation_gain
+
+    g = torch.Generator().manual_seed(0)
+    prev = [(torch.randn(7, 3, generator=g) * 0.01, torch.randn(7, 3, generator=g)) for _ in range(2)]
+    scaled = lambda f: [(a * f, b * f) for a, b in prev]  # noqa: E731
+    for rho in (0.2, 0.5, 0.6):
+        assert _extrapolation_gain(scaled(rho), prev, cap=10.0) == pytest.approx(rho / (1 - rho), rel=1e-6)
+        # a fixed-point iteration x <- rho x carried on by the gain lands on its limit 0
+        x = torch.ones(3)
+        step = (rho - 1) * x
+        assert torch.allclose(x + step * (1 + _extrapolation_gain(scaled(rho), prev, cap=10.0)), torch.zeros(3), atol=1e-6)
+    assert _extrapolation_gain(scaled(0.9), prev, cap=2.0) == 2.0
+    assert _extrapolation_gain(scaled(-0.5), prev, cap=2.0) == 0.0
+    assert _extrapolation_gain(scaled(1.2), prev, cap=2.0) == 0.0
+    # this round's moves orthogonal to the last round's: nothing to carry on
+    ortho = [(torch.zeros(7, 3), torch.zeros(7, 3)) for _ in prev]
+    ortho[0][0][0, 0] = 1.0  # a rotation where the last round only translated ...
+    only_t = [(torch.zeros(7, 3), b) for _, b in prev]
+    assert _extrapolation_gain(ortho, only_t, cap=2.0) == 0.0
+    # ... while a rotation along the last one's counts by its arc: rho = 0.5 at 40 mm
+    rot_prev = [(torch.full((7, 3), 0.01), torch.zeros(7, 3)) for _ in prev]
+    rot_now = [(torch.full((7, 3), 0.005), torch.zeros(7, 3)) for _ in prev]
+    assert _extrapolation_gain(rot_now, rot_prev, cap=2.0) == pytest.approx(1.0, rel=1e-6)

@@ -135,6 +135,13 @@ class ReconConfig:
     # 28.84 / 29.84 / 29.79 dB without, 29.10 / 30.10 / 29.94 with 2, ~12 s a round on 2 slow cores;
     # mni-t4 at 1 mm: a round costs ~90 s there, so none in the default budget; benchmarks/MOTION.md)
     fine_motion_rounds: int = 2
+    # after each pose round from the second, the slices are carried on along the round's moves by
+    # rho / (1 - rho) x them, rho = this round's moves projected on the last one's (the alternation
+    # with the field converges linearly), at most this many times (0: off). sb25-t3.2-motion seeds
+    # 1 / 3: 30.62 / 30.53 -> 30.74 / 30.79 dB at 2 (30.74 / 30.74 at 4; per-slice ratios 30.69 /
+    # 30.71; Anderson mixing over 1-3 rounds was worse on the clean known-pose case); the clean
+    # known-pose case's coarse rounds: 0.37 mm / 0.75 deg -> 0.23 mm / 0.55 deg (benchmarks/MOTION.md)
+    pose_extrapolation: float = 2.0
     # a round that moves the slices less than this on average ends the rounds (at every level)
     motion_stop_mm: float = 0.1
     motion_stop_deg: float = 0.1
@@ -186,6 +193,8 @@ class ReconConfig:
             bad("edge_prior_rounds", f"must be an integer >= 0, got {self.edge_prior_rounds}")
         if not (self.edge_prior_k > 0 and math.isfinite(self.edge_prior_k)):
             bad("edge_prior_k", f"must be > 0, got {self.edge_prior_k}")
+        if not (isinstance(self.pose_extrapolation, (int, float)) and self.pose_extrapolation >= 0):
+            bad("pose_extrapolation", f"must be a number >= 0, got {self.pose_extrapolation}")
         if not (0 <= self.pose_small_slice <= 1):
             bad("pose_small_slice", f"must be in [0, 1], got {self.pose_small_slice}")
         if not (self.design_memory_gb >= 0 and math.isfinite(self.design_memory_gb)):

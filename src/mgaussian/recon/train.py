@@ -258,6 +258,20 @@ def _cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: Recon
 
 
 @torch.no_grad()
+def _extrapolation_gain(step, prev, cap: float, arm_mm: float = 40.0) -> float:
+    """How far to carry on along this round's pose moves: the alternation of pose rounds and field
+    re-fits converges linearly, each round's moves about rho x the last round's, so the moves
+    still to come sum to rho / (1 - rho) x this round's. rho is the projection of this round's
+    moves on the last round's, over all slices (rotation vectors x ``arm_mm`` to weigh like mm at
+    the edge of a slice; per slice it is too noisy). The gain is capped at ``cap``; 0 unless
+    0 < rho < 1 (the rounds turn back, or do not settle). ``step``, ``prev``: per stack (rotation
+    [n, 3] rad, translation [n, 3] mm)."""
+    num = sum(float((a[0] * b[0]).sum()) * arm_mm ** 2 + float((a[1] * b[1]).sum()) for a, b in zip(step, prev))
+    den = sum(float((b[0] * b[0]).sum()) * arm_mm ** 2 + float((b[1] * b[1]).sum()) for b in prev)
+    rho = num / den if den > 0 else 0.0
+    return min(rho / (1.0 - rho), cap) if 0.0 < rho < 1.0 else 0.0
+
+
 def _optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, iters: int,
                     deadline: float | None = None, skip=(), eps_rot: float = 2e-3, eps_trans: float = 0.05,
                     max_rot: float = 0.035, max_trans: float = 2.0, prior: float = 1e-3, rot_axes=(0, 1, 2),
@@ -873,6 +887,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                     t0 = time.time()
                     _predict_all(params, lsets, rots, trans, cents, cfg, backend)
                     round_s = (10 + steps) * (time.time() - t0)
+            prev_step = None  # the last round's moves, for the extrapolation
             for rnd in range(rounds if steps > 0 else 0):
                 if dl is not None and time.time() + round_s > dl:
                     if lev > 0 and rnd == 0:
@@ -888,10 +903,20 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
                                 rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,), small_slice=cfg.pose_small_slice,
                                 jac_every=cfg.pose_jacobian_every)
                 hold_frame()
+                step_now = [(r - b[0], t - b[1]) for r, t, b in zip(rots, trans, before)]
+                gain = 0.0
+                if cfg.pose_extrapolation > 0 and prev_step is not None:
+                    gain = _extrapolation_gain(step_now, prev_step, cfg.pose_extrapolation)
+                    if gain > 0:
+                        for si, (a_r, a_t) in enumerate(step_now):
+                            rots[si] += gain * a_r
+                            trans[si] += gain * a_t
+                        hold_frame()
+                prev_step = step_now
                 d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, before)]).mean())
                 d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, before)]).mean()) * 180 / math.pi
-                log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average "
-                    f"({time.time() - t_start:.0f} s)")
+                log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average"
+                    + (f" (carried on x {1 + gain:.2f})" if gain > 0 else "") + f" ({time.time() - t_start:.0f} s)")
                 lwts, _ = _update_robust(params, lsets, rots, trans, cents, scs, sws, pws, cfg, backend)
                 refit_m(cfg.motion_refit_iterations)
                 record_poses()

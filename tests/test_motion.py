@@ -186,11 +186,11 @@ def _slice_pose_errors(res, sim, min_fraction=0.3):
 
 def test_known_slice_poses_are_recovered(tmp_path):
     """Every slice moved (up to 3 degrees about a random axis, up to 1.5 mm per axis, as
-    BENCHMARK.md's motion cases), no noise: the coarse level's pose rounds bring the slices inside
-    the mask to a mean displacement error <= 0.5 mm (measured 0.23, from ~1.6). Issue 5 asks for
-    <= 0.5 degrees too; this configuration reaches 0.55 (from ~1.5; the full default pipeline
-    0.52): a thick slice's tilt trades against in-plane shifts and the field, and is weakly seen,
-    so this test holds rotations to <= 0.7 degrees and records the gap."""
+    BENCHMARK.md's motion cases), no noise: the coarse level's pose rounds, run to convergence
+    (16 rounds, stopping below 0.01 mm / 0.01 deg of moves), bring the slices inside the mask to
+    the issue's mean errors <= 0.5 mm and <= 0.5 deg (measured 0.17 mm / 0.40 deg, from ~1.6 mm /
+    ~1.5 deg). The default stop (0.1 mm / 0.1 deg of moves, 8 rounds here) trades the last of it
+    for time: 0.23 mm / 0.55 deg (the full default pipeline 0.22 / 0.52; benchmarks/MOTION.md)."""
     gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
     m, _, _ = load_image(str(demo_dir() / "mask.nii.gz"))
     sim = tmp_path / "moved"
@@ -201,11 +201,12 @@ def test_known_slice_poses_are_recovered(tmp_path):
                                                "cg_iterations": 5, "motion": False, "register_stacks": False}),
                          progress=False, log=lambda s: None)
     d0, r0 = _slice_pose_errors(before, sim)
-    res = reconstruct(st, config_from_dict({"output_resolution": 0.8, "spacing_factors": [2.0], "iterations": [0]}),
+    res = reconstruct(st, config_from_dict({"output_resolution": 0.8, "spacing_factors": [2.0], "iterations": [0],
+                                            "motion_rounds": 16, "motion_stop_mm": 0.01, "motion_stop_deg": 0.01}),
                       progress=False, log=lambda s: None)
     d1, r1 = _slice_pose_errors(res, sim)
     assert d0.mean() > 1.0 and r0.mean() > 1.0, (d0.mean(), r0.mean())
-    assert d1.mean() <= 0.5 and r1.mean() <= 0.7, (d1.mean(), r1.mean(), len(d1))
+    assert d1.mean() <= 0.5 and r1.mean() <= 0.5, (d1.mean(), r1.mean(), len(d1))
 
 
 def test_given_slice_poses_are_used(tmp_path):

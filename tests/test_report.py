@@ -130,3 +130,20 @@ def test_report_option_errors(small_case, tmp_path, capsys):
         e = capsys.readouterr().err.strip()
         assert rc == 2 and e.startswith("error: --output-report:") and what in e and "\n" not in e, e
     assert not out.exists() and not (tmp_path / "r").exists()
+
+
+def test_pose_traces_follow_the_time_of_the_fit():
+    """The pose rounds all run at step 0 (before the first Adam step): the report's pose traces run
+    along the time into the fit, so the rounds are apart; without times, along the steps."""
+    from mgaussian.report import _pose_traces
+
+    ph = [{"step": 0, "time_s": t, "stacks": [{"stack": "a", "mean_translation_mm": m, "mean_rotation_deg": 2 * m,
+                                               "mean_weight": None}]} for t, m in ((10.0, 1.0), (14.0, 1.5), (19.0, 1.6))]
+    traces, label = _pose_traces(ph)
+    xs, tr, ro, we = traces["a"]
+    assert label == "time into the fit (s)" and xs == [10.0, 14.0, 19.0]
+    assert tr == [1.0, 1.5, 1.6] and ro == [2.0, 3.0, 3.2] and all(np.isnan(we))
+    for rec in ph:
+        del rec["time_s"]
+    traces, label = _pose_traces(ph)
+    assert label == "step" and traces["a"][0] == [0, 0, 0]

@@ -216,29 +216,33 @@ def _history_figure(history):
     return fig
 
 
+def _pose_traces(ph):
+    """Per stack: (x, mean |translation|, mean rotation, mean weight) over the fit's pose records,
+    and the x axis' label. x is the time into the fit: the pose rounds all run before the first
+    Adam step (at step 0), so steps would stack them on one point."""
+    use_time = all(rec.get("time_s") is not None for rec in ph)
+    traces = {}
+    for rec in ph:
+        for s in rec.get("stacks", []):
+            xs, tr, ro, we = traces.setdefault(s.get("stack"), ([], [], [], []))
+            xs.append(rec["time_s"] if use_time else rec.get("step"))
+            for ys, k in ((tr, "mean_translation_mm"), (ro, "mean_rotation_deg"), (we, "mean_weight")):
+                y = s.get(k)
+                ys.append(np.nan if y is None else y)
+    return traces, ("time into the fit (s)" if use_time else "step")
+
+
 def _pose_history_figure(ph):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 3.4))
     axs = fig.subplots(1, 3)
-    names = []
-    for rec in ph:
-        for s in rec.get("stacks", []):
-            if s.get("stack") not in names:
-                names.append(s.get("stack"))
-    for nm in names:
-        xs, tr, ro, we = [], [], [], []
-        for rec in ph:
-            for s in rec.get("stacks", []):
-                if s.get("stack") == nm:
-                    xs.append(rec.get("step"))
-                    tr.append(s.get("mean_translation_mm", np.nan))
-                    ro.append(s.get("mean_rotation_deg", np.nan))
-                    we.append(s.get("mean_weight", np.nan))
-        for ax, ys in zip(axs, (tr, ro, we)):
-            ax.plot(xs, [np.nan if y is None else y for y in ys], marker=".", label=str(nm))
+    traces, xlabel = _pose_traces(ph)
+    for nm, (xs, *ys3) in traces.items():
+        for ax, ys in zip(axs, ys3):
+            ax.plot(xs, ys, marker=".", label=str(nm))
     for ax, lab in zip(axs, ("mean |translation| (mm)", "mean rotation (deg)", "mean slice weight")):
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.set_title(lab, fontsize=9)
         ax.grid(alpha=0.3)
     axs[0].legend(fontsize=7)

@@ -134,16 +134,41 @@ def test_report_option_errors(small_case, tmp_path, capsys):
 
 def test_pose_traces_follow_the_time_of_the_fit():
     """The pose rounds all run at step 0 (before the first Adam step): the report's pose traces run
-    along the time into the fit, so the rounds are apart; without times, along the steps."""
+    along the time into the fit, so the rounds are apart (without times, along the steps), and show
+    the slices' motion about their stack's mean pose where the records hold it."""
     from mgaussian.report import _pose_traces
 
-    ph = [{"step": 0, "time_s": t, "stacks": [{"stack": "a", "mean_translation_mm": m, "mean_rotation_deg": 2 * m,
-                                               "mean_weight": None}]} for t, m in ((10.0, 1.0), (14.0, 1.5), (19.0, 1.6))]
-    traces, label = _pose_traces(ph)
+    ph = [{"step": 0, "time_s": t, "stacks": [{"stack": "a", "mean_translation_mm": 7.0, "mean_rotation_deg": 20.0,
+                                               "slice_motion_mm": m, "slice_motion_deg": 2 * m, "mean_weight": None}]}
+          for t, m in ((10.0, 1.0), (14.0, 1.5), (19.0, 1.6))]
+    traces, label, titles = _pose_traces(ph)
     xs, tr, ro, we = traces["a"]
     assert label == "time into the fit (s)" and xs == [10.0, 14.0, 19.0]
     assert tr == [1.0, 1.5, 1.6] and ro == [2.0, 3.0, 3.2] and all(np.isnan(we))
-    for rec in ph:
-        del rec["time_s"]
-    traces, label = _pose_traces(ph)
-    assert label == "step" and traces["a"][0] == [0, 0, 0]
+    assert "stack's mean pose" in titles[0]
+    for rec in ph:  # an older record: no times, no motion between slices
+        del rec["time_s"], rec["stacks"][0]["slice_motion_mm"]
+    traces, label, titles = _pose_traces(ph)
+    assert label == "step" and traces["a"][0] == [0, 0, 0] and traces["a"][1] == [7.0] * 3
+    assert titles[0] == "mean |translation| (mm)"
+
+
+def test_slice_motion_is_the_motion_between_slices():
+    """A stack moved as one rigid body has no motion between its slices, however far it moved; one
+    slice shifted by 1 mm stands out by about 1 mm (and shifts the stack's mean by 0.1 mm)."""
+    from mgaussian.geometry import rotvec_to_matrix
+    from mgaussian.recon.motion import slice_motion
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(10, 3)) * 20
+    r0 = np.array([0.1, -0.05, 0.2])  # 13 deg
+    c0, t0 = np.array([5.0, 3, -2]), np.array([3.0, -1, 2])
+    u = (s - c0) @ rotvec_to_matrix(r0).T + c0 + t0 - s
+    mm, deg = slice_motion(np.tile(r0, (10, 1)), u, s)
+    assert mm.max() < 1e-9 and deg.max() < 1e-9
+    u[3] += [1.0, 0, 0]
+    mm, deg = slice_motion(np.tile(r0, (10, 1)), u, s)
+    assert mm[3] == pytest.approx(0.9, abs=1e-9) and np.allclose(np.delete(mm, 3), 0.1) and deg.max() < 1e-9
+    rot = np.tile(r0, (10, 1))
+    rot[5] += [0.0, 0.0, np.radians(2.0)]  # one slice turned 2 deg more
+    assert slice_motion(rot, u, s)[1][5] == pytest.approx(1.8, abs=0.01)

@@ -217,19 +217,26 @@ def _history_figure(history):
 
 
 def _pose_traces(ph):
-    """Per stack: (x, mean |translation|, mean rotation, mean weight) over the fit's pose records,
-    and the x axis' label. x is the time into the fit: the pose rounds all run before the first
-    Adam step (at step 0), so steps would stack them on one point."""
+    """Per stack: (x, translation, rotation, mean weight) over the fit's pose records, the x axis'
+    label and the panels' titles. x is the time into the fit: the pose rounds all run before the
+    first Adam step (at step 0), so steps would stack them on one point. Translation and rotation
+    are the slices' mean distance from their stack's mean pose (the motion between slices; a
+    stack's registered pose, e.g. 20 deg, would hide it) where the records hold it, else the
+    slices' mean pose (older records)."""
     use_time = all(rec.get("time_s") is not None for rec in ph)
+    between = all("slice_motion_mm" in s for rec in ph for s in rec.get("stacks", []))
+    keys = ("slice_motion_mm", "slice_motion_deg") if between else ("mean_translation_mm", "mean_rotation_deg")
+    titles = (("slices from their stack's mean pose (mm)", "slices from their stack's mean pose (deg)") if between
+              else ("mean |translation| (mm)", "mean rotation (deg)")) + ("mean slice weight",)
     traces = {}
     for rec in ph:
         for s in rec.get("stacks", []):
             xs, tr, ro, we = traces.setdefault(s.get("stack"), ([], [], [], []))
             xs.append(rec["time_s"] if use_time else rec.get("step"))
-            for ys, k in ((tr, "mean_translation_mm"), (ro, "mean_rotation_deg"), (we, "mean_weight")):
+            for ys, k in ((tr, keys[0]), (ro, keys[1]), (we, "mean_weight")):
                 y = s.get(k)
                 ys.append(np.nan if y is None else y)
-    return traces, ("time into the fit (s)" if use_time else "step")
+    return traces, ("time into the fit (s)" if use_time else "step"), titles
 
 
 def _pose_history_figure(ph):
@@ -237,11 +244,11 @@ def _pose_history_figure(ph):
 
     fig = Figure(figsize=(11, 3.4))
     axs = fig.subplots(1, 3)
-    traces, xlabel = _pose_traces(ph)
+    traces, xlabel, titles = _pose_traces(ph)
     for nm, (xs, *ys3) in traces.items():
         for ax, ys in zip(axs, ys3):
             ax.plot(xs, ys, marker=".", label=str(nm))
-    for ax, lab in zip(axs, ("mean |translation| (mm)", "mean rotation (deg)", "mean slice weight")):
+    for ax, lab in zip(axs, titles):
         ax.set_xlabel(xlabel)
         ax.set_title(lab, fontsize=9)
         ax.grid(alpha=0.3)

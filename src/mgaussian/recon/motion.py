@@ -171,6 +171,24 @@ def to_centre_convention(rot: np.ndarray, u: np.ndarray, s: np.ndarray, c: np.nd
     return np.asarray(u, np.float64) + d - np.einsum("kij,kj->ki", R, d)
 
 
+def slice_motion(rot: np.ndarray, u: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each slice's pose (rotation vector ``rot``, displacement ``u`` of its centre ``s``; [n, 3])
+    against its stack's mean rigid map (mean rotation vector, and the mean displacement at the
+    slices' mean centre): (the slice centre's distance from where the mean map puts it, mm; the
+    rotation between them, degrees). A stack moved as one rigid body gives zeros: what is left is
+    the motion between its slices."""
+    rot, u, s = (np.asarray(x, dtype=np.float64) for x in (rot, u, s))
+    if len(rot) == 0:
+        return np.zeros(0), np.zeros(0)
+    r_bar, c_bar = rot.mean(0), s.mean(0)
+    R = rotvec_to_matrix(rot)
+    R_bar = rotvec_to_matrix(r_bar)
+    t_bar = (u + np.einsum("kij,kj->ki", R, c_bar - s) - (c_bar - s)).mean(0)  # each slice's map at c_bar, averaged
+    mm = np.linalg.norm(s + u - ((s - c_bar) @ R_bar.T + c_bar + t_bar), axis=1)
+    deg = np.degrees(np.linalg.norm(matrix_to_rotvec(np.einsum("kij,lj->kil", R, R_bar)), axis=1))
+    return mm, deg
+
+
 def pose_means(rots, trans, centres):
     """(mean rotvec, mean slice-centre displacement, mean centre) over all slices of all stacks."""
     r = torch.cat([x.detach() for x in rots]).cpu().numpy().astype(np.float64)

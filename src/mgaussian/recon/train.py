@@ -691,15 +691,19 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         f"backend {backend} on {dev.type}")
 
     def record_poses():
-        from .motion import to_centre_convention
+        from .motion import slice_motion, to_centre_convention
 
         c = centre.cpu().numpy().astype(np.float64)
         row = {"step": step, "time_s": time.time() - t_start, "stacks": []}
         for ss, r, u, cs, w in zip(sets, rots, trans, cents, sws):
             rn = r.detach().cpu().numpy().astype(np.float64)
-            t = to_centre_convention(rn, u.detach().cpu().numpy(), cs.cpu().numpy(), c)
+            un, sn = u.detach().cpu().numpy().astype(np.float64), cs.cpu().numpy().astype(np.float64)
+            t = to_centre_convention(rn, un, sn, c)
+            mm, deg = slice_motion(rn, un, sn)
             row["stacks"].append({"stack": ss.name, "mean_translation_mm": float(np.linalg.norm(t, axis=1).mean()),
                                   "mean_rotation_deg": float(np.degrees(np.linalg.norm(rn, axis=1)).mean()),
+                                  "slice_motion_mm": float(mm.mean()) if len(mm) else 0.0,
+                                  "slice_motion_deg": float(deg.mean()) if len(deg) else 0.0,
                                   "mean_weight": float(w.mean())})
         pose_history.append(row)
 

@@ -34,6 +34,8 @@ CASES = [
     ("sb25-t3.2 @0.8", "sb25", 0.8),
     ("sb25-t1.6 @0.8", "sb25t16", 0.8),
     ("sb25-t3.2 @0.6", "sb25", 0.6),
+    ("mni-t4 @1.0", "mni", 1.0),
+    ("mni-t4-motion @1.0", "mnimotion", 1.0),
 ]
 
 _WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
@@ -65,7 +67,8 @@ def main():
     a = ap.parse_args()
 
     from mgaussian.io import load_stacks
-    from mgaussian.recon.data import output_grid
+    from mgaussian.recon.config import ReconConfig
+    from mgaussian.recon.data import grow_masks, output_grid
     from mgaussian.recon.memory import COEFFS, estimate_peak_bytes, run_sizes
 
     rows = []
@@ -77,7 +80,7 @@ def main():
         d = os.path.join(a.data, sub)
         stacks = sorted(glob.glob(os.path.join(d, "stack_*.nii.gz")))
         masks = sorted(glob.glob(os.path.join(d, "mask_*.nii.gz")))
-        loaded = load_stacks(stacks, masks)
+        loaded = grow_masks(load_stacks(stacks, masks), ReconConfig().mask_rim_mm)  # the masks the fit sees
         shape, _ = output_grid(loaded, res)
         sz = run_sizes(loaded, res, output_shape=shape)
         est = estimate_peak_bytes(sz.n_gaussians, sz.rendered_pixels, sz.output_voxels, sz.stack_voxels)

@@ -448,11 +448,12 @@ def _check_reconstruct_inputs(a, cfg, stacks):
     grid, the memory bound (the stacks themselves are checked by ``validate_stacks`` before
     their masks and intensities are prepared). Returns the config with the output resolution
     resolved."""
-    from .recon.data import output_grid
+    from .recon.data import grow_masks, output_grid
     from .recon.memory import check_memory
 
     res = cfg.output_resolution or round(float(min(min(s.frames.spacing) for s in stacks)), 4)
     cfg = cfg.resolved(output_resolution=res)
+    stacks = grow_masks(stacks, cfg.mask_rim_mm)  # the masks the fit will see
     output_grid(stacks, res)  # refuses an absurd grid
     factors = cfg.spacing_factors if cfg.growth else cfg.spacing_factors[-1:]
     check_memory(stacks, res, a.max_memory, spacing_factors=factors, dilate_mm=cfg.dilate_mm,

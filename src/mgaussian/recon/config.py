@@ -65,7 +65,12 @@ class ReconConfig:
     anisotropy_weight: float = 0.1
     use_anisotropy: bool = True
     anisotropy_max_ratio: float = 1.5
-    loss_mask_dilation_mm: float = 0.0  # the loss sees each stack mask dilated in plane by this much (measured: 2 mm cost 0.35 dB on sb25)
+    # every stack mask is grown in plane by this much before fitting (after the stack registration,
+    # which uses the masks as given) where the data go on beyond it (not for masked or skull-
+    # stripped stacks: data.grow_masks): the reconstruction covers the brain and a rim of the data
+    # around it, fitted to its pixels. A brain mask ends where the signal does not, and a region cut
+    # at the masks' edge predicted a held-out real stack's edge as 0 (benchmarks/MOTION.md session 10)
+    mask_rim_mm: float = 2.0
     # physics
     use_psf: bool = True  # exact analytic slice PSF (False: the seed's point evaluation)
     inplane_fwhm_factor: float = 1.2
@@ -197,6 +202,8 @@ class ReconConfig:
             bad("pose_extrapolation", f"must be a number >= 0, got {self.pose_extrapolation}")
         if not (0 <= self.pose_small_slice <= 1):
             bad("pose_small_slice", f"must be in [0, 1], got {self.pose_small_slice}")
+        if not (self.mask_rim_mm >= 0 and math.isfinite(self.mask_rim_mm)):
+            bad("mask_rim_mm", f"must be a number >= 0 (mm), got {self.mask_rim_mm}")
         if not (self.design_memory_gb >= 0 and math.isfinite(self.design_memory_gb)):
             bad("design_memory_gb", f"must be a number >= 0, got {self.design_memory_gb}")
         if not (isinstance(self.pose_jacobian_every, int) and self.pose_jacobian_every >= 1):
@@ -266,6 +273,8 @@ class ReconConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ReconConfig)}
+# settings renamed since an earlier version: their old names still read (saved *.config.json files)
+_RENAMED = {"loss_mask_dilation_mm": "mask_rim_mm"}
 
 
 def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None = None) -> ReconConfig:
@@ -275,6 +284,7 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
     base = base or ReconConfig()
     kw = {}
     for k, v in d.items():
+        k = _RENAMED.get(k, k)
         if k not in _FIELDS:
             raise InputError(where, f"unknown setting {k!r}")
         cur = getattr(base, k)

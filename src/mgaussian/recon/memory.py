@@ -31,8 +31,10 @@ GB = 1024**3
 # bytes per unit; measured on CPU (benchmarks/MEMORY.md), rounded up
 COEFFS = {
     "base": 0.55 * GB,  # interpreter + torch + numba + kernels
-    "per_gaussian": 2600.0,  # finest level, incl. its (Gaussian, slice) pairs in the renderer's plans
-    "per_pixel": 300.0,  # slice pixels rendered in one pass (warm start: all slices)
+    # refitted 2026-12-03 on the pipeline with the intensity fits' explicit maps (capped at
+    # design_memory_gb; the autograd fallback peaks lower: mni-t4 4.1 against 5.3 GB with maps)
+    "per_gaussian": 2100.0,  # finest level, incl. its share of the intensity fits' maps
+    "per_pixel": 250.0,  # slice pixels rendered in one pass (warm start: all slices)
     "per_output_voxel": 40.0,
     "per_stack_voxel": 16.0,
     "margin": 1.15,  # safety factor on the sum

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..geometry import voxel_sizes
 from ..io import Stack
 from ..sampling import resample_volume
 
@@ -249,8 +250,7 @@ def crop_grid(region: np.ndarray, affine: np.ndarray, margin_mm: float):
     """The grid trimmed to ``region``'s box plus ``margin_mm`` (whole voxels, on the same lattice):
     (region, shape, affine)."""
     idx = np.argwhere(region)
-    vs = np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))
-    pad = np.ceil(margin_mm / vs).astype(int)
+    pad = np.ceil(margin_mm / voxel_sizes(affine)).astype(int)
     lo = np.maximum(idx.min(0) - pad, 0)
     hi = np.minimum(idx.max(0) + 1 + pad, region.shape)
     A = np.array(affine, dtype=np.float64, copy=True)

@@ -52,6 +52,10 @@ class ReconResult:
     backend: str = "cpu"
 
 
+# how far the region rebuilt from the slices' poses may reach beyond the nominal one (mm)
+_REGION_REACH_MM = 6.0
+
+
 def _set_threads(n: int | None):
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
@@ -607,9 +611,9 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
     placed = [moved_stack(st, P) for st, P in zip(stacks, stack_poses)]
     sets = prepare_slices(stacks, scale_masks=[st.mask for st in given])
     shape, aff = output_grid(placed, res, reference=ref)
-    # trimmed to the region, with room for it to grow where the slices' poses take it (6 mm, see
-    # _current_region), the rendered margin (2 voxels) and 2 mm
-    region, shape, aff = crop_grid(region_mask(placed, shape, aff), aff, 8.0 + 2 * res)
+    # trimmed to the region, with room for it to grow where the slices' poses take it
+    # (_current_region), the rendered margin (2 voxels) and 2 mm
+    region, shape, aff = crop_grid(region_mask(placed, shape, aff), aff, _REGION_REACH_MM + 2.0 + 2 * res)
     init = naive_init(placed, sets, shape, aff)
     init = np.where(region, init, 0.0)
     for ss in sets:
@@ -674,7 +678,7 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
             for ss, r, t, c in zip(sets, rots, trans, cents):
                 o, ax = _frames(ss, torch.arange(ss.n, device=r.device), r.detach(), t.detach(), c)
                 frames.append((o.cpu().numpy(), ax.cpu().numpy()))
-        cand = ndimage.binary_dilation(region0, iterations=max(1, int(math.ceil(6.0 / res))))
+        cand = ndimage.binary_dilation(region0, iterations=max(1, int(math.ceil(_REGION_REACH_MM / res))))
         reg = region_from_slices(sets, frames, shape, aff, cand)
         if not reg.any():
             return region0

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     k0, k1 = max(kk.min() - pad, 0), min(kk.max() + pad + 1, m2.shape[1])
     vmax = float(np.percentile(gt[mask], 99.5))
 
-    fig, axes = plt.subplots(1, 3, figsize=(9.0, 3.9), dpi=100)
+    fig, axes = plt.subplots(1, 3, figsize=(9.0, 3.5), dpi=100)
     for ax, (img, title) in zip(axes, panels):
         # voxel axis 0 runs left -> right (R), axis 2 bottom -> top (S); isotropic 0.8 mm pixels
         ax.imshow(img[i0:i1, k0:k1].T, origin="lower", cmap="gray", vmin=0, vmax=vmax, interpolation="nearest")
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         ax.text(0.5, 0.98, "S", va="top", ha="center", **kw)
         ax.text(0.5, 0.02, "I", va="bottom", ha="center", **kw)
     fig.suptitle("Same coronal plane of the demo's fetal brain (GA 25 weeks)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
     fig.savefig(a.output, dpi=100)
     print(f"wrote {a.output} ({os.path.getsize(a.output) / 1024:.0f} KB)")

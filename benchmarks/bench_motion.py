@@ -121,7 +121,7 @@ def run_true_poses(case: dict, out: str, header_gauge: bool) -> float:
     """The case reconstructed with its slices at their true poses (motion correction off)."""
     from mgaussian.io import load_stacks, save_nifti
     from mgaussian.recon.config import config_from_dict
-    from mgaussian.recon.train import reconstruct
+    from mgaussian.recon.pipeline import reconstruct
 
     poses = true_slice_poses(case, header_gauge)
     t0 = time.time()

@@ -12,7 +12,7 @@ from mgaussian.geometry import rigid_matrix, slice_frames
 from mgaussian.io import load_image, load_stacks
 from mgaussian.recon.config import config_from_dict
 from mgaussian.recon.motion import estimate_noise, matrix_to_rotvec, register_stacks
-from mgaussian.recon.train import reconstruct
+from mgaussian.recon.pipeline import reconstruct
 from mgaussian.simulate import simulate_stacks
 
 FAST = {"output_resolution": 1.6, "iterations": [0, 10], "cg_iterations": 15, "motion_rounds": 2, "pose_iterations": 3, "fine_motion_rounds": 1,
@@ -398,7 +398,8 @@ def test_weighted_lattice_prior_is_the_gradient_of_its_energy():
     """The edge-preserving prior's pair-weighted Laplacian is the gradient of 1/2 sum w_ij (v_i - v_j)^2."""
     import torch
 
-    from mgaussian.recon.train import _laplacian_apply, lattice_pairs
+    from mgaussian.recon.intensity import laplacian_apply as _laplacian_apply
+    from mgaussian.recon.intensity import lattice_pairs
 
     gi = np.argwhere(np.ones((4, 5, 3), bool))
     pairs = lattice_pairs(gi, (4, 5, 3))
@@ -422,7 +423,8 @@ def test_small_edge_slice_is_held_to_its_stack(atlas_stacks):
     from mgaussian.recon.config import ReconConfig
     from mgaussian.recon.data import prepare_slices
     from mgaussian.recon.motion import slice_centres
-    from mgaussian.recon.train import _optimise_poses, _predict_all
+    from mgaussian.recon.motion import optimise_poses as _optimise_poses
+    from mgaussian.recon.slices import predict_all as _predict_all
 
     gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
     m, _, _ = load_image(str(demo_dir() / "mask.nii.gz"))
@@ -462,7 +464,8 @@ def test_intensity_fit_with_the_explicit_design_matches_autograd(atlas_stacks):
     import torch
 
     from mgaussian.field import init_field_on_grid
-    from mgaussian.recon import train as T
+    from mgaussian.recon import data as D
+    from mgaussian.recon import intensity as T
     from mgaussian.recon.data import prepare_slices
     from mgaussian.recon.motion import slice_centres
     from mgaussian.render import mask_to_row_spans
@@ -471,9 +474,9 @@ def test_intensity_fit_with_the_explicit_design_matches_autograd(atlas_stacks):
     sets = prepare_slices(st)
     for ss in sets:
         ss.row_spans = torch.as_tensor(mask_to_row_spans(ss.mask.numpy(), ss.n, tuple(ss.obs.shape[1:])))
-    shape, aff = T.output_grid(st, 2.4, reference=0)
-    region = T.region_mask(st, shape, aff)
-    fld = init_field_on_grid(region, aff, 2.4, init_intensity=T.naive_init(st, sets, shape, aff), scale_factor=0.7)
+    shape, aff = D.output_grid(st, 2.4, reference=0)
+    region = D.region_mask(st, shape, aff)
+    fld = init_field_on_grid(region, aff, 2.4, init_intensity=D.naive_init(st, sets, shape, aff), scale_factor=0.7)
     g = torch.Generator().manual_seed(0)
     rots = [0.01 * torch.randn(ss.n, 3, generator=g) for ss in sets]
     trans = [0.5 * torch.randn(ss.n, 3, generator=g) for ss in sets]
@@ -485,7 +488,7 @@ def test_intensity_fit_with_the_explicit_design_matches_autograd(atlas_stacks):
     for gb in (4.0, 0.0):
         cfg = config_from_dict({"through_plane_fwhm_factor": 1.0, "design_memory_gb": gb})
         params = {k: v.detach().clone() for k, v in fld.tensors().items()}
-        T._cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, "cpu", 8, pairs, 0.05)
+        T.cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, "cpu", 8, pairs, 0.05)
         out.append(params["intensities"])
     moved = (out[1] - fld.intensities).norm() / fld.intensities.norm()
     assert moved > 0.05, float(moved)  # the fit did something
@@ -498,7 +501,7 @@ def test_extrapolation_gain_is_the_geometric_tail():
     no gain, and the cap holds. Rotations weigh like their arc at ``arm_mm``."""
     import torch
 
-    from mgaussian.recon.train import _extrapolation_gain
+    from mgaussian.recon.motion import extrapolation_gain as _extrapolation_gain
 
     g = torch.Generator().manual_seed(0)
     prev = [(torch.randn(7, 3, generator=g) * 0.01, torch.randn(7, 3, generator=g)) for _ in range(2)]

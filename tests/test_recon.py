@@ -10,7 +10,7 @@ from mgaussian.cli import main
 from mgaussian.io import load_stacks
 from mgaussian.metrics import score_volume
 from mgaussian.recon.config import ReconConfig, config_from_dict
-from mgaussian.recon.train import reconstruct
+from mgaussian.recon.pipeline import reconstruct
 from mgaussian.simulate import simulate_stacks
 
 FAST = {"iterations": [0, 15], "cg_iterations": 20}
@@ -140,7 +140,7 @@ def test_config_values_are_checked():
 
 
 def test_output_volume_uses_the_training_cutoff(case):
-    from mgaussian.recon.train import render_volume
+    from mgaussian.recon.output import render_volume
 
     st = load_stacks(case["stacks"], case["masks"], [3.6])
     cfg = config_from_dict({**FAST, "cutoff": 4.0, "iterations": [0, 3]})

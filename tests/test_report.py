@@ -93,7 +93,7 @@ def test_report_with_motion_and_weights(small_case, tmp_path):
     """Pose history, moved and excluded slices get their figures (fed in by hand here)."""
     from mgaussian.io import load_stacks
     from mgaussian.recon.config import config_from_dict
-    from mgaussian.recon.train import reconstruct
+    from mgaussian.recon.pipeline import reconstruct
     from mgaussian.report import write_report
 
     st = load_stacks(small_case["stacks"], small_case["masks"])

@@ -130,11 +130,17 @@ def _add_reconstruct(sub):
                    help="through-plane slice profile the model assumes: gaussian (FWHM = thickness) or box "
                         "(modelled as a Gaussian of FWHM 0.8 x thickness, measured best on box-profile data)")
     c = p.add_argument_group("compute")
-    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    c.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto", help="renderer backend")
+    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="where to fit (default: auto, or the --config file's)")
+    c.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default=None,
+                   help="renderer backend (default: auto, or the --config file's)")
     c.add_argument("--threads", type=_num("--threads", positive=True, integer=True), help="CPU threads (default: all cores)")
-    c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
-    c.add_argument("--time-budget", type=_num("--time-budget", positive=True), help="seconds for fitting (default 300; the warm start stops at 60 %%, Adam at 100 %%)")
+    c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=None,
+                   help="random seed of the batches' order (default: 0, or the --config file's)")
+    c.add_argument("--time-budget", type=_num("--time-budget", positive=True),
+                   help="stop fitting after this many seconds (default: none; the fixed schedule ends the fit, so "
+                        "the same inputs give the same volume; with a budget the result depends on the machine's "
+                        "speed and load, and the log and report say when it cut the fit short)")
     c.add_argument("--max-memory", metavar="GB", type=_num("--max-memory", positive=True), default=8.0,
                    help="refuse a run whose estimated peak memory is above this (GB); see benchmarks/MEMORY.md")
     c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
@@ -524,7 +530,8 @@ def cmd_reconstruct(a) -> int:
     cfg = ReconConfig()
     if a.config:
         cfg = config_from_dict(load_config_file(a.config), where=a.config)
-    over = {"device": a.device, "backend": a.backend, "seed": a.seed}
+    # only what the command line gives replaces the --config file's settings
+    over = {k: v for k, v in (("device", a.device), ("backend", a.backend), ("seed", a.seed)) if v is not None}
     if a.output_resolution is not None:
         over["output_resolution"] = a.output_resolution
     if a.threads is not None:
@@ -568,7 +575,7 @@ def cmd_reconstruct(a) -> int:
         for line in prep_lines:
             print(line, file=sys.stderr, flush=True)
     from .errors import flush_warnings
-    from .recon.train import reconstruct
+    from .recon.pipeline import reconstruct
 
     runlog = _RunLog(a.log)
     runlog.header(cfg.to_dict())
@@ -600,6 +607,8 @@ def cmd_reconstruct(a) -> int:
         "backend": res.backend,
         "timings_s": res.timings,
         "wall_s": time.time() - t0,
+        # empty: the fixed schedule ended the fit (same inputs and settings -> the same volume)
+        "time_budget_cut": res.budget_cuts,
     }
     atomic_write_text(config_json, json.dumps(meta, indent=1))
     poses_json = _stem(a.output_volume) + ".poses.json"
@@ -643,7 +652,7 @@ def cmd_sample_volume(a) -> int:
 
     from .io import check_output_path, save_nifti
     from .recon.model_io import load_model
-    from .recon.train import render_volume
+    from .recon.output import render_volume
     from .sampling import resample_volume
 
     import time

@@ -37,7 +37,7 @@ def run_demo(output_dir: str) -> int:
     print(f"simulated 3 stacks (0.8 x 0.8 x 3.2 mm) of the demo atlas into {sdir} in {time.time() - t0:.1f} s")
     from .io import load_stacks
     from .recon.config import ReconConfig
-    from .recon.train import reconstruct
+    from .recon.pipeline import reconstruct
 
     stacks = load_stacks([os.path.join(sdir, f"stack_{i:02d}.nii.gz") for i in range(3)],
                          [os.path.join(sdir, f"mask_{i:02d}.nii.gz") for i in range(3)], [3.2])

@@ -414,7 +414,14 @@ def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=No
         rt.append(["reconstruct command until the report (wall)", f"{extra['wall_s']:.2f}"])
     rt += [[f"report: {k}", f"{v:.2f}"] for k, v in timings.items()]
     rt.append(["report: total", f"{time.time() - t0:.2f}"])
-    parts.append("<h2>Runtime (s)</h2>" + _table(rt, ["step", "seconds"]) + f"<p>Backend {e(str(result.backend))}.</p>")
+    cuts = list(getattr(result, "budget_cuts", None) or [])
+    if cuts:
+        stop = (f'<p class="note">The time budget ({cfg.get("time_budget_s")} s) cut the fit short: '
+                + e("; ".join(cuts)) + ". The result depends on the machine's speed and load.</p>")
+    else:
+        stop = "<p>The fixed schedule ended the fit: the same inputs and settings give the same volume.</p>"
+    parts.append("<h2>Runtime (s)</h2>" + _table(rt, ["step", "seconds"]) + stop
+                 + f"<p>Backend {e(str(result.backend))}.</p>")
     parts.append("<h2>Resolved configuration</h2>" + _table([[k, _fmt(v)] for k, v in cfg.items()], ["setting", "value"]))
     cmd = extra.get("command") or sys.argv
     files = [["volume", os.path.abspath(str(volume_path))]]

@@ -77,7 +77,7 @@ def _nrf_on_slices(nrf, o, ax, hw, spacing, cfg, thickness, region_test):
     """The neural residual field on every pixel of the (moved) slices, through the slice PSF
     along the normal as in training (3-point Gauss-Hermite), only where ``region_test`` is True."""
     from ..psf import FWHM_TO_SIGMA
-    from .train import _GH_NODES, _GH_WEIGHTS
+    from .slices import GH_NODES as _GH_NODES, GH_WEIGHTS as _GH_WEIGHTS
 
     h, w = hw
     a = torch.arange(h, dtype=o.dtype) * spacing[0]

@@ -403,6 +403,162 @@ def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv
     return out
 
 
+@njit(**_JIT)
+def _pair_moments(gimg, a0, a1, s, mu_, mv_, k00, k01, k11, thr, du, dv, idv, width, spans, has_spans):
+    """The loss gradient image ``gimg`` of slice ``s`` summed against one projected 2D Gaussian's
+    pixels and their first and second moments in the pixel offsets (x along rows, y along columns):
+    (S0, Sx, Sy, Sxx, Sxy, Syy)."""
+    r2 = math.exp(-k11 * dv * dv)
+    S0 = 0.0
+    Sx = 0.0
+    Sy = 0.0
+    Sxx = 0.0
+    Sxy = 0.0
+    Syy = 0.0
+    for a in range(a0, a1 + 1):
+        b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width,
+                                  spans, has_spans)
+        if b_hi <= b_lo:
+            continue
+        e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
+        R0 = 0.0
+        R1 = 0.0
+        R2 = 0.0
+        grow = gimg[a]
+        for b in range(b_lo, b_hi):
+            ge = grow[b] * e
+            R0 += ge
+            R1 += ge * y
+            R2 += ge * y * y
+            e *= r
+            r *= r2
+            y += dv
+        S0 += R0
+        Sx += x * R0
+        Sxx += x * x * R0
+        Sy += R1
+        Sxy += x * R1
+        Syy += R2
+    return S0, Sx, Sy, Sxx, Sxy, Syy
+
+
+@njit(**_JIT)
+def _pair_gradient(mu, sig, w, i, org, ax, psf2, s, alpha, k00, k01, k11, S0, Sx, Sy, Sxx, Sxy, Syy, buf):
+    """The chain rule from one (Gaussian i, slice s) pair's pixel moments back to the Gaussian's
+    centre, covariance and weight, and to the slice's frame (added to ``buf[s]``): returns the
+    pair's terms of the gradients of mu [3], of the covariance's six entries and of w."""
+    # --- gradients w.r.t. the 2D Gaussian (alpha, m, K)
+    g_alpha = S0
+    gk00 = -0.5 * alpha * Sxx
+    gk01 = -alpha * Sxy
+    gk11 = -0.5 * alpha * Syy
+    gmu_ = alpha * (k00 * Sx + k01 * Sy)
+    gmv_ = alpha * (k01 * Sx + k11 * Sy)
+    # --- recompute the projection
+    d0, d1, d2, c00, c01, c02, c11, c12, c22 = _project(mu, sig, i, org, ax, psf2, s)
+    ia = c02 / c22
+    ib = c12 / c22
+    ca = c00 - c02 * ia
+    cb = c01 - c02 * ib
+    cc = c11 - c12 * ib
+    det = ca * cc - cb * cb
+    # K = inv([[ca, cb], [cb, cc]]); dL/dCc = -K G K with G = [[gk00, gk01/2], [., gk11]]
+    h01 = 0.5 * gk01
+    x00 = k00 * gk00 + k01 * h01
+    x01 = k00 * h01 + k01 * gk11
+    x10 = k01 * gk00 + k11 * h01
+    x11 = k01 * h01 + k11 * gk11
+    gca = -(x00 * k00 + x01 * k01)
+    gcb = -2.0 * (x00 * k01 + x01 * k11)
+    gcc = -(x10 * k01 + x11 * k11)
+    # alpha = w exp(-z2/2) / sqrt(det * c22)
+    gl = g_alpha * alpha
+    if w[i] != 0.0:
+        dw = g_alpha * alpha / w[i]
+    else:
+        dw = g_alpha * math.exp(-0.5 * d2 * d2 / c22) / math.sqrt(det * c22)
+    gca += -0.5 * gl * cc / det
+    gcc += -0.5 * gl * ca / det
+    gcb += gl * cb / det
+    gc22 = -0.5 * gl / c22 + 0.5 * gl * d2 * d2 / (c22 * c22)
+    gd2 = -gl * d2 / c22
+    # m = (d0 - ia d2, d1 - ib d2)
+    gd0 = gmu_
+    gd1 = gmv_
+    gd2 += -(gmu_ * ia + gmv_ * ib)
+    gc02 = -gmu_ * d2 / c22
+    gc12 = -gmv_ * d2 / c22
+    gc22 += (gmu_ * ia + gmv_ * ib) * d2 / c22
+    # Cc(C)
+    gc00 = gca
+    gc01 = gcb
+    gc11 = gcc
+    gc02 += -2.0 * gca * ia - gcb * ib
+    gc12 += -gcb * ia - 2.0 * gcc * ib
+    gc22 += gca * ia * ia + gcb * ia * ib + gcc * ib * ib
+    # symmetric matrix gradient G of C
+    G00 = gc00
+    G11 = gc11
+    G22 = gc22
+    G01 = 0.5 * gc01
+    G02 = 0.5 * gc02
+    G12 = 0.5 * gc12
+    # C = A Sigma A^T + D: dSigma = A^T G A ; dA += 2 G A Sigma
+    A00 = ax[s, 0, 0]
+    A01 = ax[s, 0, 1]
+    A02 = ax[s, 0, 2]
+    A10 = ax[s, 1, 0]
+    A11 = ax[s, 1, 1]
+    A12 = ax[s, 1, 2]
+    A20 = ax[s, 2, 0]
+    A21 = ax[s, 2, 1]
+    A22 = ax[s, 2, 2]
+    # U = G A  (3x3)
+    u00 = G00 * A00 + G01 * A10 + G02 * A20
+    u01 = G00 * A01 + G01 * A11 + G02 * A21
+    u02 = G00 * A02 + G01 * A12 + G02 * A22
+    u10 = G01 * A00 + G11 * A10 + G12 * A20
+    u11 = G01 * A01 + G11 * A11 + G12 * A21
+    u12 = G01 * A02 + G11 * A12 + G12 * A22
+    u20 = G02 * A00 + G12 * A10 + G22 * A20
+    u21 = G02 * A01 + G12 * A11 + G22 * A21
+    u22 = G02 * A02 + G12 * A12 + G22 * A22
+    # A^T U
+    m00 = A00 * u00 + A10 * u10 + A20 * u20
+    m01 = A00 * u01 + A10 * u11 + A20 * u21
+    m02 = A00 * u02 + A10 * u12 + A20 * u22
+    m11 = A01 * u01 + A11 * u11 + A21 * u21
+    m12 = A01 * u02 + A11 * u12 + A21 * u22
+    m22 = A02 * u02 + A12 * u12 + A22 * u22
+    s00 = sig[i, 0]
+    s01 = sig[i, 1]
+    s02 = sig[i, 2]
+    s11 = sig[i, 3]
+    s12 = sig[i, 4]
+    s22 = sig[i, 5]
+    dx = mu[i, 0] - org[s, 0]
+    dy = mu[i, 1] - org[s, 1]
+    dz = mu[i, 2] - org[s, 2]
+    # dA = 2 U Sigma + gd (x) delta
+    buf[s, 3] += 2.0 * (u00 * s00 + u01 * s01 + u02 * s02) + gd0 * dx
+    buf[s, 4] += 2.0 * (u00 * s01 + u01 * s11 + u02 * s12) + gd0 * dy
+    buf[s, 5] += 2.0 * (u00 * s02 + u01 * s12 + u02 * s22) + gd0 * dz
+    buf[s, 6] += 2.0 * (u10 * s00 + u11 * s01 + u12 * s02) + gd1 * dx
+    buf[s, 7] += 2.0 * (u10 * s01 + u11 * s11 + u12 * s12) + gd1 * dy
+    buf[s, 8] += 2.0 * (u10 * s02 + u11 * s12 + u12 * s22) + gd1 * dz
+    buf[s, 9] += 2.0 * (u20 * s00 + u21 * s01 + u22 * s02) + gd2 * dx
+    buf[s, 10] += 2.0 * (u20 * s01 + u21 * s11 + u22 * s12) + gd2 * dy
+    buf[s, 11] += 2.0 * (u20 * s02 + u21 * s12 + u22 * s22) + gd2 * dz
+    # d = A (mu - o)
+    q0 = A00 * gd0 + A10 * gd1 + A20 * gd2
+    q1 = A01 * gd0 + A11 * gd1 + A21 * gd2
+    q2 = A02 * gd0 + A12 * gd1 + A22 * gd2
+    buf[s, 0] -= q0
+    buf[s, 1] -= q1
+    buf[s, 2] -= q2
+    return q0, q1, q2, m00, 2.0 * m01, 2.0 * m02, m11, 2.0 * m12, m22, dw
+
+
 @njit(parallel=True, **_JIT)
 def raster_backward(grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du,
                     dv, spans, has_spans, nchunk):
@@ -438,158 +594,22 @@ def raster_backward(grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, or
                 k11 = p_dat[p, 4]
                 alpha = p_dat[p, 5]
                 thr = p_dat[p, 6]
-                r2 = math.exp(-k11 * dv * dv)
-                S0 = 0.0
-                Sx = 0.0
-                Sy = 0.0
-                Sxx = 0.0
-                Sxy = 0.0
-                Syy = 0.0
-                gimg = grad[s]
-                for a in range(p_rows[p, 0], p_rows[p, 1] + 1):
-                    b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width,
-                                              spans, has_spans)
-                    if b_hi <= b_lo:
-                        continue
-                    e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
-                    R0 = 0.0
-                    R1 = 0.0
-                    R2 = 0.0
-                    grow = gimg[a]
-                    for b in range(b_lo, b_hi):
-                        ge = grow[b] * e
-                        R0 += ge
-                        R1 += ge * y
-                        R2 += ge * y * y
-                        e *= r
-                        r *= r2
-                        y += dv
-                    S0 += R0
-                    Sx += x * R0
-                    Sxx += x * x * R0
-                    Sy += R1
-                    Sxy += x * R1
-                    Syy += R2
+                S0, Sx, Sy, Sxx, Sxy, Syy = _pair_moments(grad[s], p_rows[p, 0], p_rows[p, 1], s, mu_, mv_, k00, k01,
+                                                         k11, thr, du, dv, idv, width, spans, has_spans)
                 if S0 == 0.0 and Sx == 0.0 and Sy == 0.0 and Sxx == 0.0 and Sxy == 0.0 and Syy == 0.0:
                     continue
-                # --- gradients w.r.t. the 2D Gaussian (alpha, m, K)
-                g_alpha = S0
-                gk00 = -0.5 * alpha * Sxx
-                gk01 = -alpha * Sxy
-                gk11 = -0.5 * alpha * Syy
-                gmu_ = alpha * (k00 * Sx + k01 * Sy)
-                gmv_ = alpha * (k01 * Sx + k11 * Sy)
-                # --- recompute the projection
-                d0, d1, d2, c00, c01, c02, c11, c12, c22 = _project(mu, sig, i, org, ax, psf2, s)
-                ia = c02 / c22
-                ib = c12 / c22
-                ca = c00 - c02 * ia
-                cb = c01 - c02 * ib
-                cc = c11 - c12 * ib
-                det = ca * cc - cb * cb
-                # K = inv([[ca, cb], [cb, cc]]); dL/dCc = -K G K with G = [[gk00, gk01/2], [., gk11]]
-                h01 = 0.5 * gk01
-                x00 = k00 * gk00 + k01 * h01
-                x01 = k00 * h01 + k01 * gk11
-                x10 = k01 * gk00 + k11 * h01
-                x11 = k01 * h01 + k11 * gk11
-                gca = -(x00 * k00 + x01 * k01)
-                gcb = -2.0 * (x00 * k01 + x01 * k11)
-                gcc = -(x10 * k01 + x11 * k11)
-                # alpha = w exp(-z2/2) / sqrt(det * c22)
-                gl = g_alpha * alpha
-                if w[i] != 0.0:
-                    gww += g_alpha * alpha / w[i]
-                else:
-                    gww += g_alpha * math.exp(-0.5 * d2 * d2 / c22) / math.sqrt(det * c22)
-                gca += -0.5 * gl * cc / det
-                gcc += -0.5 * gl * ca / det
-                gcb += gl * cb / det
-                gc22 = -0.5 * gl / c22 + 0.5 * gl * d2 * d2 / (c22 * c22)
-                gd2 = -gl * d2 / c22
-                # m = (d0 - ia d2, d1 - ib d2)
-                gd0 = gmu_
-                gd1 = gmv_
-                gd2 += -(gmu_ * ia + gmv_ * ib)
-                gc02 = -gmu_ * d2 / c22
-                gc12 = -gmv_ * d2 / c22
-                gc22 += (gmu_ * ia + gmv_ * ib) * d2 / c22
-                # Cc(C)
-                gc00 = gca
-                gc01 = gcb
-                gc11 = gcc
-                gc02 += -2.0 * gca * ia - gcb * ib
-                gc12 += -gcb * ia - 2.0 * gcc * ib
-                gc22 += gca * ia * ia + gcb * ia * ib + gcc * ib * ib
-                # symmetric matrix gradient G of C
-                G00 = gc00
-                G11 = gc11
-                G22 = gc22
-                G01 = 0.5 * gc01
-                G02 = 0.5 * gc02
-                G12 = 0.5 * gc12
-                # C = A Sigma A^T + D: dSigma = A^T G A ; dA += 2 G A Sigma
-                A00 = ax[s, 0, 0]
-                A01 = ax[s, 0, 1]
-                A02 = ax[s, 0, 2]
-                A10 = ax[s, 1, 0]
-                A11 = ax[s, 1, 1]
-                A12 = ax[s, 1, 2]
-                A20 = ax[s, 2, 0]
-                A21 = ax[s, 2, 1]
-                A22 = ax[s, 2, 2]
-                # U = G A  (3x3)
-                u00 = G00 * A00 + G01 * A10 + G02 * A20
-                u01 = G00 * A01 + G01 * A11 + G02 * A21
-                u02 = G00 * A02 + G01 * A12 + G02 * A22
-                u10 = G01 * A00 + G11 * A10 + G12 * A20
-                u11 = G01 * A01 + G11 * A11 + G12 * A21
-                u12 = G01 * A02 + G11 * A12 + G12 * A22
-                u20 = G02 * A00 + G12 * A10 + G22 * A20
-                u21 = G02 * A01 + G12 * A11 + G22 * A21
-                u22 = G02 * A02 + G12 * A12 + G22 * A22
-                # A^T U
-                m00 = A00 * u00 + A10 * u10 + A20 * u20
-                m01 = A00 * u01 + A10 * u11 + A20 * u21
-                m02 = A00 * u02 + A10 * u12 + A20 * u22
-                m11 = A01 * u01 + A11 * u11 + A21 * u21
-                m12 = A01 * u02 + A11 * u12 + A21 * u22
-                m22 = A02 * u02 + A12 * u12 + A22 * u22
-                gs0 += m00
-                gs1 += 2.0 * m01
-                gs2 += 2.0 * m02
-                gs3 += m11
-                gs4 += 2.0 * m12
-                gs5 += m22
-                s00 = sig[i, 0]
-                s01 = sig[i, 1]
-                s02 = sig[i, 2]
-                s11 = sig[i, 3]
-                s12 = sig[i, 4]
-                s22 = sig[i, 5]
-                dx = mu[i, 0] - org[s, 0]
-                dy = mu[i, 1] - org[s, 1]
-                dz = mu[i, 2] - org[s, 2]
-                # dA = 2 U Sigma + gd (x) delta
-                buf[s, 3] += 2.0 * (u00 * s00 + u01 * s01 + u02 * s02) + gd0 * dx
-                buf[s, 4] += 2.0 * (u00 * s01 + u01 * s11 + u02 * s12) + gd0 * dy
-                buf[s, 5] += 2.0 * (u00 * s02 + u01 * s12 + u02 * s22) + gd0 * dz
-                buf[s, 6] += 2.0 * (u10 * s00 + u11 * s01 + u12 * s02) + gd1 * dx
-                buf[s, 7] += 2.0 * (u10 * s01 + u11 * s11 + u12 * s12) + gd1 * dy
-                buf[s, 8] += 2.0 * (u10 * s02 + u11 * s12 + u12 * s22) + gd1 * dz
-                buf[s, 9] += 2.0 * (u20 * s00 + u21 * s01 + u22 * s02) + gd2 * dx
-                buf[s, 10] += 2.0 * (u20 * s01 + u21 * s11 + u22 * s12) + gd2 * dy
-                buf[s, 11] += 2.0 * (u20 * s02 + u21 * s12 + u22 * s22) + gd2 * dz
-                # d = A (mu - o)
-                q0 = A00 * gd0 + A10 * gd1 + A20 * gd2
-                q1 = A01 * gd0 + A11 * gd1 + A21 * gd2
-                q2 = A02 * gd0 + A12 * gd1 + A22 * gd2
+                q0, q1, q2, d0, d1, d2, d3, d4, d5, dw = _pair_gradient(mu, sig, w, i, org, ax, psf2, s, alpha, k00,
+                                                                       k01, k11, S0, Sx, Sy, Sxx, Sxy, Syy, buf)
+                gww += dw
+                gs0 += d0
+                gs1 += d1
+                gs2 += d2
+                gs3 += d3
+                gs4 += d4
+                gs5 += d5
                 gm0 += q0
                 gm1 += q1
                 gm2 += q2
-                buf[s, 0] -= q0
-                buf[s, 1] -= q1
-                buf[s, 2] -= q2
             g_mu[i, 0] = gm0
             g_mu[i, 1] = gm1
             g_mu[i, 2] = gm2

@@ -129,6 +129,10 @@ def reconstruct_options(a) -> tuple[list[str], dict]:
         ns = build_parser().parse_args(probe + args + extra)
     except SystemExit:  # --help after --
         raise InputError("--", "reconstruct options after -- could not be read") from None
+    except InputError as exc:
+        if exc.what.startswith("unrecognized arguments"):
+            raise InputError("--", f"not options of mgaussian reconstruct: {exc.what.split(': ', 1)[-1]}") from None
+        raise
     if ns.input_stacks != ["x.nii.gz"] or ns.output_volume != "y.nii.gz":
         raise InputError("--", "the App gives each subject's --input-stacks and --output-volume itself")
     for dest, what in _OWNED.items():
@@ -246,15 +250,14 @@ def run(a) -> int:
     recon_args, settings = reconstruct_options(a)
     sessions = layout.find_sessions(a.bids_dir, participant_labels=a.participant_label, session_labels=a.session_label,
                                     suffix=a.suffix, masks_dir=a.masks_dir, exclude_roots=(out_root,), warn=warn)
-    os.makedirs(out_root, exist_ok=True)
-    summary.write_dataset_description(out_root, a.bids_dir, source)
+    summary.check_dataset_description(out_root, a.bids_dir)
     run_id = uuid.uuid4().hex[:12]
     tasks = build_tasks(a, sessions, recon_args, settings, out_root, run_id)
-    flush_warnings()
-    return _run_participants(a, tasks, out_root, run_id)
+    return _run_participants(a, tasks, out_root, run_id, source)
 
 
-def _run_participants(a, tasks, out_root: str, run_id: str) -> int:
+def _run_participants(a, tasks, out_root: str, run_id: str, source: dict) -> int:
+    import contextlib
     import shutil
 
     from . import summary
@@ -264,20 +267,28 @@ def _run_participants(a, tasks, out_root: str, run_id: str) -> int:
     def say(s: str) -> None:
         print(s, flush=True)
 
-    todo = []
-    for t in tasks:
-        side = is_complete(t) if a.resume else None
-        if side is not None:
-            rec = record_from_sidecar(t, side, "skipped")
-            summary.write_status(out_root, rec)
-            say(f"{t.key}: {describe(rec)}")
-        else:
-            if not a.resume:
+    done = {t.key: is_complete(t) if a.resume else None for t in tasks}  # reads only
+    todo = [t for t in tasks if done[t.key] is None]
+    with contextlib.ExitStack() as stack:
+        cluster_lines: list[str] = []
+        client = None
+        if todo:  # connecting to --scheduler checks an input too: before anything is written
+            client = stack.enter_context(open_client(None if a.scheduler else a.workers, a.scheduler,
+                                                     log=cluster_lines.append))
+        flush_warnings()
+        os.makedirs(out_root, exist_ok=True)
+        summary.write_dataset_description(out_root, a.bids_dir, source)
+        for t in tasks:
+            if done[t.key] is not None:
+                rec = record_from_sidecar(t, done[t.key], "skipped")
+                summary.write_status(out_root, rec)
+                say(f"{t.key}: {describe(rec)}")
+            elif not a.resume:
                 shutil.rmtree(t.work, ignore_errors=True)  # no checkpoint from before either
-            todo.append(t)
-    say(f"{len(tasks)} subject-sessions: {len(tasks) - len(todo)} already done, {len(todo)} to run")
-    if todo:
-        with open_client(None if a.scheduler else a.workers, a.scheduler, log=say) as client:
+        say(f"{len(tasks)} subject-sessions: {len(tasks) - len(todo)} already done, {len(todo)} to run")
+        for line in cluster_lines:
+            say(line)
+        if client is not None:
             run_tasks(client, todo, retries=a.retries, run_id=run_id,
                       on_record=lambda rec: summary.write_status(out_root, rec), log=say)
     tsv, page = summary.write_summary(out_root)

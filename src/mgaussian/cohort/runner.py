@@ -39,7 +39,7 @@ def open_client(workers: int | None, scheduler: str | None, log=print):
         warnings.simplefilter("ignore")  # "port 8787 is in use, using another": the address is printed below
         if scheduler:
             try:
-                client = Client(scheduler, timeout="20s")
+                client = Client(scheduler, timeout="10s")
             except (OSError, TimeoutError, ValueError) as exc:
                 why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 raise InputError("--scheduler", f"cannot connect to {scheduler}: {why}") from None
@@ -50,8 +50,8 @@ def open_client(workers: int | None, scheduler: str | None, log=print):
     try:
         link = client.dashboard_link
         n = len(client.scheduler_info().get("workers", {}))
-        where = (f"a local Dask cluster of {n} worker processes" if cluster
-                 else f"the Dask scheduler {scheduler} ({n} workers now)")
+        where = (f"a local Dask cluster of {n} worker process{'es' if n != 1 else ''}" if cluster
+                 else f"the Dask scheduler {scheduler} ({n} worker{'s' if n != 1 else ''} now)")
         if not link:
             log(f"running on {where}; no dashboard")
         elif cluster is not None and importlib.util.find_spec("bokeh") is None:

@@ -13,8 +13,8 @@ summary's ``index.html`` last.
 
 from __future__ import annotations
 
-__all__ = ["dataset_description", "write_dataset_description", "status_path", "write_status", "read_statuses",
-           "write_summary", "thumbnail", "SUMMARY_COLUMNS", "BIDS_VERSION"]
+__all__ = ["dataset_description", "check_dataset_description", "write_dataset_description", "status_path",
+           "write_status", "read_statuses", "write_summary", "thumbnail", "SUMMARY_COLUMNS", "BIDS_VERSION"]
 
 import glob
 import html
@@ -52,11 +52,11 @@ def dataset_description(bids_dir: str, source: dict) -> dict:
     }
 
 
-def write_dataset_description(out_root: str, bids_dir: str, source: dict) -> str:
-    """Write ``out_root/dataset_description.json``; refuse a folder that holds another dataset's
-    derivatives (mixing two studies' subjects in one summary would mislead)."""
+def check_dataset_description(out_root: str, bids_dir: str) -> None:
+    """Refuse an output folder that holds another pipeline's or another dataset's derivatives
+    (mixing two studies' subjects in one summary would mislead)."""
     p = os.path.join(out_root, "dataset_description.json")
-    new = dataset_description(bids_dir, source)
+    uri = Path(bids_dir).resolve().as_uri()
     if os.path.exists(p):
         try:
             with open(p, encoding="utf-8") as f:
@@ -70,10 +70,16 @@ def write_dataset_description(out_root: str, bids_dir: str, source: dict) -> str
             raise InputError(p, f"belongs to another pipeline ({', '.join(map(str, gen)) or 'no GeneratedBy'}); "
                                 "choose another OUTPUT_DIR")
         raw = (old.get("DatasetLinks") or {}).get("raw")
-        if raw and raw != new["DatasetLinks"]["raw"]:
+        if raw and raw != uri:
             raise InputError(p, f"holds derivatives of another dataset ({raw}); choose another OUTPUT_DIR")
+
+
+def write_dataset_description(out_root: str, bids_dir: str, source: dict) -> str:
+    """Write ``out_root/dataset_description.json`` (after :func:`check_dataset_description`)."""
+    check_dataset_description(out_root, bids_dir)
     os.makedirs(out_root, exist_ok=True)
-    return atomic_write_text(p, json.dumps(new, indent=2) + "\n")
+    p = os.path.join(out_root, "dataset_description.json")
+    return atomic_write_text(p, json.dumps(dataset_description(bids_dir, source), indent=2) + "\n")
 
 
 def status_path(out_root: str, reldir: str, key: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 __all__ = ["SubjectTask", "run_subject", "is_complete", "fingerprint", "file_id", "quality_from_poses",
            "failure_reason", "CHECKPOINT_FILES"]
 
+import dataclasses
 import json
 import os
 import shutil
@@ -376,6 +377,8 @@ def run_subject(task: SubjectTask) -> dict:
         rc, err = _run_child(cmd, os.path.join(w, "stderr.txt"), threads)
         if rc == 2 and resume and ("--resume" in err or "checkpoint" in err):
             shutil.rmtree(os.path.join(w, "checkpoint"), ignore_errors=True)  # unusable: start afresh
+            task = dataclasses.replace(task, notes=[*task.notes, "its checkpoint could not be resumed ("
+                                                    + failure_reason(err, rc) + "): started afresh"])
             cmd = _command(task, out_vol, False, threads)
             rc, err = _run_child(cmd, os.path.join(w, "stderr.txt"), threads)
         wall = time.time() - t0

@@ -196,6 +196,20 @@ def test_build_tasks_masks_all_or_none_and_inherited_thickness(tmp_path):
     assert t.volume.endswith("out/mgaussian/sub-01/anat/sub-01_rec-mgaussian_T2w.nii.gz")
     (t,) = build_tasks(a, ss, [], {"thicknesses": [4.0]}, str(tmp_path / "out" / "mgaussian"), "r1")
     assert t.thicknesses is None  # the user's --thicknesses (after --) wins
+    # an inherited value for one stack, none anywhere for the other: its slice spacing (header) is passed
+    ds2 = tmp_path / "ds2"
+    _touch(ds2 / "dataset_description.json", "{}")
+    _touch(ds2 / "acq-fast_T2w.json", json.dumps({"SliceThickness": 3.5}))  # applies to acq-fast stacks only
+    anat = ds2 / "sub-01" / "anat"
+    for acq in ("fast", "slow"):
+        anat.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.ones((8, 8, 5), np.float32), np.diag([1.0, 1.0, 2.5, 1.0])),
+                 str(anat / f"sub-01_acq-{acq}_T2w.nii.gz"))
+    (t,) = build_tasks(SimpleNamespace(**{**vars(a), "bids_dir": str(ds2)}), layout.find_sessions(str(ds2)), [],
+                       {"thicknesses": None}, str(tmp_path / "out2" / "mgaussian"), "r1")
+    assert t.thicknesses == [3.5, 2.5]
+    assert t.notes == ["SliceThickness inherited from acq-fast_T2w.json (passed as --thicknesses, slice spacing "
+                       "where no sidecar has one)"]
 
 
 def test_failure_reason_and_quality():

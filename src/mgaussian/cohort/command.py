@@ -203,13 +203,15 @@ def build_tasks(a, sessions, recon_args: list[str], settings: dict, out_root: st
         thick = None
         beside = [th is not None and os.path.splitext(th[1])[0] == _nii_stem(p)
                   for p, th in zip(ses.stacks, ses.thicknesses)]
-        if not given_thickness and not all(beside) and any(th is not None for th in ses.thicknesses):
-            if all(th is not None for th in ses.thicknesses):  # some only from inherited sidecars: pass them all
-                thick = [th[0] for th in ses.thicknesses]
+        inherited = [th for th, b in zip(ses.thicknesses, beside) if th is not None and not b]
+        if not given_thickness and inherited:  # reconstruct reads only the sidecar beside a stack: pass them all
+            thick = [th[0] if th is not None else _slice_spacing(p) for p, th in zip(ses.stacks, ses.thicknesses)]
+            if any(t is None for t in thick):  # an unreadable header: reconstruct will say what is wrong
+                thick = None
             else:
-                notes.append("SliceThickness is in the sidecars of some stacks only: the others take their "
-                             "slice spacing")
-                warn(ses.key, notes[-1])
+                srcs = sorted({os.path.relpath(th[1], a.bids_dir) for th in inherited})
+                notes.append(f"SliceThickness inherited from {', '.join(srcs)} (passed as --thicknesses"
+                             + (", slice spacing where no sidecar has one)" if None in ses.thicknesses else ")"))
         side_files = sorted({p for lst in ses.sidecars for p in lst})
         inputs = [file_id(p, a.bids_dir) for p in ses.stacks] + [file_id(p, a.bids_dir) for p in (masks or [])] \
             + [file_id(p, a.bids_dir) for p in side_files]
@@ -220,6 +222,19 @@ def build_tasks(a, sessions, recon_args: list[str], settings: dict, out_root: st
             thicknesses=thick, recon_args=recon_args, settings=settings, inputs=inputs, threads=threads,
             report=not a.no_report, run_id=run_id, notes=notes))
     return tasks
+
+
+def _slice_spacing(p: str) -> float | None:
+    """The slice spacing reconstruct would take for a stack without a thickness (header only)."""
+    try:
+        import nibabel as nib
+
+        from ..geometry import slice_frames
+
+        img = nib.load(p)
+        return float(slice_frames(img.affine, img.shape[:3]).slice_spacing)
+    except Exception:
+        return None
 
 
 def _nii_stem(p: str) -> str:

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -326,6 +327,8 @@ def test_study_two_done_one_failed_then_rerun_skips(tmp_path, sim):
     for rel in ("sub-01/figures/sub-01_rec-mgaussian_T2w_midplanes.png",
                 "sub-02/ses-02/figures/sub-02_ses-02_rec-mgaussian_T2w_report/index.html"):
         assert f'"{rel}"' in page
+    links = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert len(links) == 5 and all((root / ln).is_file() for ln in links), links  # 2 pictures, 2 reports, the tsv
 
     # a rerun: the done subjects are skipped without touching their files; the failed one is tried again
     done_files = {**_hashes(root / "sub-01" / "anat"), **_hashes(root / "sub-02" / "ses-02" / "figures")}

@@ -375,7 +375,7 @@ def run_subject(task: SubjectTask) -> dict:
         t0 = time.time()
         cmd = _command(task, out_vol, resume, threads)
         rc, err = _run_child(cmd, os.path.join(w, "stderr.txt"), threads)
-        if rc == 2 and resume and ("--resume" in err or "checkpoint" in err):
+        if rc == 2 and resume and failure_reason(err, rc).startswith("--resume: "):  # the checkpoint was refused
             shutil.rmtree(os.path.join(w, "checkpoint"), ignore_errors=True)  # unusable: start afresh
             task = dataclasses.replace(task, notes=[*task.notes, "its checkpoint could not be resumed ("
                                                     + failure_reason(err, rc) + "): started afresh"])

@@ -219,6 +219,12 @@ def _add_demo(sub):
     p.set_defaults(func=cmd_demo)
 
 
+def _add_bids(sub):
+    from .cohort.command import add_parser  # argparse only: Dask is imported when the command runs
+
+    add_parser(sub, _num)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mgaussian",
@@ -234,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_naive(sub)
     _add_inspect(sub)
     _add_demo(sub)
+    _add_bids(sub)
     return parser
 
 
@@ -768,7 +775,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     errors.defer_warnings()  # a later error is then the only line printed
     try:
-        a = parser.parse_args(argv)
+        if (sys.argv[1:] if argv is None else list(argv))[:1] == ["bids"]:  # keeps what follows -- for reconstruct
+            from .cohort.command import parse_args as parse_bids_args
+
+            a = parse_bids_args(parser, sys.argv[1:] if argv is None else list(argv))
+        else:
+            a = parser.parse_args(argv)
         if not getattr(a, "command", None):
             parser.print_help()
             return EXIT_BAD_INPUT

@@ -40,9 +40,12 @@ class ReconConfig:
     # 99th percentile): on noisy data it fits the noise (sb25, 2 % noise: 31.5 dB after the warm
     # start, 25.0 dB after Adam; clean data gain +0.4 dB); above it each level ends after the warm start
     adam_max_noise: float = 0.005
-    # wall-clock budget (s) for fitting, or None: the last level's warm start stops at 60 % of it
-    # and Adam at 100 % (the volume is still rendered and written after it)
-    time_budget_s: float | None = 300.0
+    # wall-clock budget (s) for fitting, or None (the default): the fixed schedule above ends the fit,
+    # so the same inputs and settings give the same volume whatever the machine's load (issue 17).
+    # With a budget the last level's warm start stops at 60 % of it and Adam at 100 % (the volume is
+    # still rendered and written after it), and the result depends on the machine's speed and load:
+    # the log, OUT.config.json (time_budget_cut) and the report say where it cut the fit short
+    time_budget_s: float | None = None
     # learning rates (Adam). The seed's are in a canonical [-1, 1] box: lr_means is in those units
     # and is multiplied by the half-extent of the region in mm. Seed: means 1e-3, intensities 5e-2,
     # scales 5e-3, quats 1e-3, NRF 1e-4. After the least-squares warm start the seed's rates

@@ -25,8 +25,15 @@ from .state import ReconState
 
 
 def _set_threads(n: int | None) -> None:
+    """``n`` threads for the Numba kernels (the renderers and sparse maps, where the time goes);
+    PyTorch's own operations run on one thread. Multi-threaded, PyTorch's element-wise and
+    reduction kernels gave results that differed in the last bit from run to run on a loaded
+    machine (clean sb25 at 2 threads: the Adam parameters diverged within 2 iterations in 3 of 4
+    runs; at 1 thread 4 of 4 identical), and the volume with them. The Numba kernels split their
+    work into a fixed number of chunks, so with this the result does not depend on the thread count
+    or the load (tests/test_determinism.py)."""
     n = n or os.cpu_count() or 1
-    torch.set_num_threads(n)
+    torch.set_num_threads(1)
     try:
         import numba
 

@@ -27,7 +27,11 @@ class ReconConfig:
     scale_factor: float = 0.7  # initial sigma / grid spacing (0.6 -> 0.7: +0.6 dB on sb25, TUNING.md)
     dilate_mm: float | None = None  # grid kept within this distance of the mask (default 2 x spacing)
     # optimisation schedule: iterations per level and slices per iteration
-    iterations: tuple[int, ...] = (0, 60)  # Adam iterations per level (after the warm start)
+    # Adam iterations per level (after the warm start). 60 -> 20 (issue 17): clean sb25-t3.2, fixed
+    # schedule, 2 cores: 0 / 20 / 40 / 60 iterations 38.06 / 38.35 / 38.40 / 38.40 dB, each iteration
+    # ~0.7-1.4 s (the backward pass of the renderer); the last 40 bought 0.05 dB for 2/3 of the time
+    # (batch 32 is no cheaper per dB: 60 x 32 38.38 dB in the time of 35 x 64; benchmarks/SPEED.md)
+    iterations: tuple[int, ...] = (0, 20)
     batch_slices: int = 64  # slices rendered per iteration (all stacks together)
     cg_iterations: int = 30  # conjugate-gradient warm start of the intensities at each level (0: off)
     # lattice-gradient prior lambda/2 sum (c_i - c_j)^2 over neighbouring Gaussians, in the warm start

@@ -68,7 +68,38 @@ def _add_simulate(sub):
     p.add_argument("--motion-translation", type=_num("--motion-translation", nonneg=True), default=0.0, help="max per-slice translation per axis (mm)")
     p.add_argument("--noise", type=_num("--noise", nonneg=True), default=0.0, help="Rician sigma as a fraction of GT's 99th percentile in the mask")
     p.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
+    t = p.add_argument_group("motion over acquisition time (see mgaussian.simulate)")
+    t.add_argument("--slice-order", choices=["interleaved", "sequential"], default="interleaved",
+                   help="acquisition order of each stack's slices (interleaved: Siemens convention, "
+                        "see mgaussian.slice_order)")
+    t.add_argument("--packages", type=_num("--packages", positive=True, integer=True), default=1,
+                   help="packages per stack: slice k in package k mod N, packages acquired one after the other")
+    t.add_argument("--motion-drift", metavar="DEG,MM", type=_pair("--motion-drift"), default=(0.0, 0.0),
+                   help="smooth drift over each stack's acquisition: rotation about a random axis and translation "
+                        "growing to DEG / MM")
+    t.add_argument("--motion-jumps", type=_num("--motion-jumps", nonneg=True, integer=True), default=0,
+                   help="N sudden moves at random acquisition times, each up to --motion-rotation / "
+                        "--motion-translation, persisting (replaces the per-slice motion)")
+    t.add_argument("--stack-motion", metavar="DEG,MM", type=_pair("--stack-motion"), default=(0.0, 0.0),
+                   help="rigid motion of each whole stack: DEG about a random axis and MM in a random direction")
     p.set_defaults(func=cmd_simulate)
+
+
+def _pair(name):
+    def conv(s):
+        parts = s.split(",")
+        try:
+            v = tuple(float(x) for x in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected DEG,MM (two numbers), got {s!r}") from None
+        if len(v) != 2 or not all(math.isfinite(x) and x >= 0 for x in v):
+            raise argparse.ArgumentTypeError(f"expected DEG,MM (two numbers >= 0), got {s!r}")
+        if v[0] > 180:
+            raise argparse.ArgumentTypeError(f"a rotation of {v[0]:g} degrees is more than a half turn")
+        return v
+
+    conv.__name__ = name
+    return conv
 
 
 def _add_evaluate(sub):
@@ -119,6 +150,10 @@ def _add_reconstruct(sub):
     g.add_argument("--no-auto-mask", action="store_true", help="without --stack-masks, use every voxel of every stack instead of the automatic mask")
     g.add_argument("--bias-correction", action="store_true", help="N4 bias-field correction of every stack inside its mask (SimpleITK)")
     g.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm): one for all stacks or one per stack; default: JSON sidecar, else slice spacing")
+    g.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
+                   help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
+                        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
+                        "(Siemens; see mgaussian.slice_order)")
     g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
     g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
@@ -199,6 +234,10 @@ def _add_inspect(sub):
     p.add_argument("--input-stacks", nargs="+", required=True)
     p.add_argument("--stack-masks", nargs="+")
     p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="one value for all stacks, or one per stack (mm)")
+    p.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
+                   help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
+                        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
+                        "(Siemens; see mgaussian.slice_order)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_inspect)
 
@@ -267,15 +306,23 @@ def cmd_simulate(a) -> int:
         _, shp = stack_geometry(gt.shape, aff, perm, ang, pix, a.thickness + a.gap)
         if float(np.prod(shp)) > 600**3:
             raise InputError("--pixel" if a.pixel else "--orientations", f"stack {o} would be absurdly large {shp}")
+        if a.motion_jumps >= shp[2]:
+            raise InputError("--motion-jumps", f"{a.motion_jumps} jumps need more acquisition times than stack {o}'s "
+                                               f"{shp[2]} slices")
+    if a.motion_jumps and not (a.motion_rotation or a.motion_translation):
+        raise InputError("--motion-jumps",
+                         "needs --motion-rotation and/or --motion-translation (the size of each jump)")
     _prepare_output_dir(a.output_dir, [a.ground_truth, a.mask])
     simulate_stacks(
         gt, aff, mask, a.output_dir, orientations=a.orientations, thickness=a.thickness, gap=a.gap,
         pixel=a.pixel, profile=a.profile, motion_rotation=a.motion_rotation,
         motion_translation=a.motion_translation, noise=a.noise, seed=a.seed,
+        slice_order=a.slice_order, packages=a.packages, motion_drift=a.motion_drift,
+        motion_jumps=a.motion_jumps, stack_motion=a.stack_motion,
         inputs=[a.ground_truth, a.mask], gt_path=os.path.abspath(a.ground_truth),
         mask_path=os.path.abspath(a.mask) if a.mask else None,
     )
-    print(f"wrote {len(a.orientations)} stacks, masks and truth.json to {a.output_dir}")
+    print(f"wrote {len(a.orientations)} stacks, masks, sidecars (stack_XX.json) and truth.json to {a.output_dir}")
     return 0
 
 
@@ -556,12 +603,14 @@ def cmd_reconstruct(a) -> int:
         over["renderer"] = "points"
     cfg = cfg.resolved(**over).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
-    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
     validate_stacks(stacks)  # the stacks' own checks come before what is built from them
     prep_lines = []  # shown once every check has passed (an error is the only line otherwise)
+    prep_lines.append("slice acquisition order: " + "; ".join(f"{s.name} {s.slice_order_source}"
+                                                             for s in stacks))
     _prepare_stacks(a, cfg, stacks, prep_lines.append)
     cfg = _check_reconstruct_inputs(a, cfg, stacks)
     if not a.quiet:
@@ -592,7 +641,10 @@ def cmd_reconstruct(a) -> int:
     meta = {
         "mgaussian_version": __version__,
         "command": sys.argv,
-        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"), "thickness_mm": s.thickness, "thickness_from": s.thickness_source} for s in stacks],
+        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"),
+                    "thickness_mm": s.thickness, "thickness_from": s.thickness_source,
+                    "slice_order_ranks": None if s.slice_order is None else [int(r) for r in s.slice_order],
+                    "slice_order_from": s.slice_order_source} for s in stacks],
         "config": res.config.to_dict(),
         "output_volume": os.path.abspath(a.output_volume),
         "output_scale": res.scale,
@@ -711,12 +763,13 @@ def cmd_sample_slices(a) -> int:
 
 def cmd_inspect(a) -> int:
     import nibabel as nib
+    import numpy as np
 
     from .io import load_stacks
 
     from .io import validate_stacks
 
-    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     validate_stacks(stacks)
     rows = []
     for s in stacks:
@@ -731,6 +784,8 @@ def cmd_inspect(a) -> int:
             "gap_mm": round(s.gap, 4),
             "mask": s.mask_path,
             "mask_fraction": round(float(s.mask.mean()), 4),
+            "acquisition_order": [int(i) for i in np.argsort(s.slice_order, kind="stable")],
+            "slice_order_from": s.slice_order_source,
         })
     if a.json:
         print(json.dumps(rows))
@@ -739,7 +794,8 @@ def cmd_inspect(a) -> int:
             print(
                 f"{r['stack']}: {r['shape'][0]}x{r['shape'][1]} pixels x {r['shape'][2]} slices, {r['orientation']}, "
                 f"pixel {r['pixel_mm'][0]}x{r['pixel_mm'][1]} mm, thickness {r['thickness_mm']} mm ({r['thickness_from']}), "
-                f"gap {r['gap_mm']} mm, mask {r['mask_fraction'] * 100:.1f}%"
+                f"gap {r['gap_mm']} mm, mask {r['mask_fraction'] * 100:.1f}%, "
+                f"slice order {r['slice_order_from']}"
             )
     return 0
 

@@ -177,6 +177,8 @@ def _add_reconstruct(sub):
                    "checkpoint_interval_s = 30 s, after each level's warm start and at the end)")
     c.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir "
                    "(same inputs and settings; threads, device, backend and --time-budget may change)")
+    t = p.add_argument_group("atlas space (see mgaussian.atlas and docs/clinical.md)")
+    _template_options(t)
     a = p.add_argument_group("ablations of the seed's components")
     m = p.add_argument_group("motion correction")
     m.add_argument("--no-motion", action="store_true", help="keep every slice at its stack's registered pose")
@@ -242,6 +244,34 @@ def _add_inspect(sub):
     p.set_defaults(func=cmd_inspect)
 
 
+def _template_options(g, required: bool = False) -> None:
+    g.add_argument("--template", required=required, metavar="T",
+                   help="register the volume to this template and write it on the template's grid: a NIfTI file, "
+                        "a shipped fetal template (fetal-ga21, fetal-ga23, fetal-ga25, fetal-ga27, fetal-ga33) or "
+                        "fetal-auto (the best-matching shipped one)")
+    g.add_argument("--template-transform", choices=["rigid", "affine"], default="rigid",
+                   help="rigid (same subject / same size), or affine after rigid (another age or size)")
+    g.add_argument("--template-mask", metavar="M",
+                   help="brain mask of the template (the metric's region); shipped templates bring theirs")
+
+
+def _add_to_template(sub):
+    p = sub.add_parser(
+        "to-template",
+        help="register a volume to a template and resample it onto the template's grid",
+        description=("Register VOLUME (rigidly, or affinely after rigid) to a template and write it on the "
+                     "template's grid and orientation, with OUT.template.json (the 4x4 world map) and OUT.template.tfm "
+                     "(the same map for ITK/ANTs)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("volume", metavar="VOLUME", help="a reconstructed volume (.nii/.nii.gz)")
+    _template_options(p, required=True)
+    p.add_argument("--metric", choices=["correlation", "mattes"], default="correlation",
+                   help="registration metric: correlation (same contrast) or Mattes mutual information")
+    p.add_argument("--output-volume", required=True, help="the volume on the template's grid (.nii/.nii.gz)")
+    p.set_defaults(func=cmd_to_template)
+
+
 def _add_demo(sub):
     p = sub.add_parser(
         "demo",
@@ -267,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_naive(sub)
     _add_inspect(sub)
     _add_demo(sub)
+    _add_to_template(sub)
     return parser
 
 
@@ -603,6 +634,7 @@ def cmd_reconstruct(a) -> int:
         over["renderer"] = "points"
     cfg = cfg.resolved(**over).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
+    template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log], native=True)
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
@@ -637,7 +669,20 @@ def cmd_reconstruct(a) -> int:
         runlog.line(f"failed: {type(exc).__name__}: {exc}")
         runlog.close()
         raise
-    save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    template_info = None
+    if template_outs:  # the native volume is kept beside the one in atlas space (written first)
+        from .atlas import to_template_space, write_transform_files
+
+        save_nifti(res.volume, res.affine, template_outs["native"], inputs=inputs,
+                   header_extra=f"mgaussian {__version__}")
+        vol_t, aff_t, template_info = to_template_space(res.volume, res.affine, a.template, a.template_transform,
+                                                        a.template_mask, log=log)
+        write_transform_files({"mgaussian_version": __version__, "output_volume": os.path.abspath(a.output_volume),
+                               "output_volume_native": os.path.abspath(template_outs["native"]), **template_info},
+                              template_outs["json"], template_outs["tfm"])
+        save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    else:
+        save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     meta = {
         "mgaussian_version": __version__,
         "command": sys.argv,
@@ -653,6 +698,12 @@ def cmd_reconstruct(a) -> int:
         "timings_s": res.timings,
         "wall_s": time.time() - t0,
     }
+    if template_info is not None:
+        meta["output_volume_native"] = os.path.abspath(template_outs["native"])
+        meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
+                                                          "ncc_in_template_mask", "rotation_deg", "chosen",
+                                                          "candidates_ncc") if k in template_info}
+        meta["template"]["transform_json"] = os.path.abspath(template_outs["json"])
     atomic_write_text(config_json, json.dumps(meta, indent=1))
     poses_json = _stem(a.output_volume) + ".poses.json"
     atomic_write_text(poses_json, json.dumps({
@@ -665,8 +716,14 @@ def cmd_reconstruct(a) -> int:
         save_model(a.output_model, res, inputs=inputs)
     done = (f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
             f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s")
+    if template_info is not None:
+        sh = "x".join(str(n) for n in template_info["template"]["shape"])
+        done = (f"wrote {a.output_volume} ({sh}, on the grid of template {template_info['template']['name']}, "
+                f"{template_info['transform']}, NCC {template_info['ncc_in_template_mask']:.4f} in its mask) and the "
+                f"native volume {template_outs['native']} in {time.time() - t0:.1f} s")
     runlog.line("timings_s: " + json.dumps({**res.timings, "wall_s": time.time() - t0}))
-    runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model) if p]))
+    runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model,
+                                                                        *template_outs.values()) if p]))
     runlog.line(done)
     if report_dir is not None:
         t_rep = time.time()
@@ -797,6 +854,49 @@ def cmd_inspect(a) -> int:
                 f"gap {r['gap_mm']} mm, mask {r['mask_fraction'] * 100:.1f}%, "
                 f"slice order {r['slice_order_from']}"
             )
+    return 0
+
+
+def _template_outputs(a, inputs, *, native: bool) -> dict:
+    """Output paths of atlas-space output, checked (and the template loaded once) before any work."""
+    from .atlas import load_templates
+    from .io import check_output_path
+
+    if a.template is None:
+        if a.template_mask:
+            raise InputError("--template-mask", "needs --template")
+        return {}
+    load_templates(a.template, a.template_mask)  # a wrong path or a bad mask fails now, not after the fit
+    stem = _stem(a.output_volume)
+    outs = {"json": stem + ".template.json", "tfm": stem + ".template.tfm"}
+    if native:
+        outs["native"] = stem + "_native" + a.output_volume[len(stem):]
+    taken = list(inputs) + [a.template, a.template_mask]
+    for k, pth in outs.items():
+        check_output_path(pth, taken, what="--output-volume", nifti=(k == "native"))
+    return outs
+
+
+def cmd_to_template(a) -> int:
+    import time
+
+    from .atlas import to_template_space, write_transform_files
+    from .io import check_output_path, load_image, save_nifti
+
+    inputs = [a.volume]
+    check_output_path(a.output_volume, inputs + [a.template, a.template_mask])
+    outs = _template_outputs(a, inputs, native=False)
+    vol, aff, _ = load_image(a.volume, what="volume")
+    t0 = time.time()
+    out, taff, info = to_template_space(vol, aff, a.template, a.template_transform, a.template_mask,
+                                        metric=a.metric, log=lambda s: print(s, file=sys.stderr, flush=True))
+    info = {"mgaussian_version": __version__, "command": _COMMAND_LINE, "volume": os.path.abspath(a.volume),
+            "output_volume": os.path.abspath(a.output_volume), **info}
+    save_nifti(out, taff, a.output_volume, inputs=inputs + [a.template, a.template_mask])
+    write_transform_files(info, outs["json"], outs["tfm"])
+    print(f"wrote {a.output_volume} on the grid of {info['template']['name']} ({info['transform']}, NCC "
+          f"{info['ncc_in_template_mask']:.4f} in its mask, {info['rotation_deg']:.1f} deg) and {outs['json']}, "
+          f"{outs['tfm']} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -184,6 +184,13 @@ def _add_reconstruct(sub):
     m.add_argument("--no-motion", action="store_true", help="keep every slice at its stack's registered pose")
     m.add_argument("--no-registration", action="store_true", help="skip the rigid stack-to-stack registration")
     m.add_argument("--no-robust", action="store_true", help="no outlier weights (every slice and pixel counts fully)")
+    q = p.add_argument_group("stack assessment (see mgaussian.assess and docs/clinical.md)")
+    q.add_argument("--reference-stack", metavar="N", type=_num("--reference-stack", nonneg=True, integer=True),
+                   help="index (from 0) of the stack the others are registered to and whose lattice the output "
+                        "takes; default: the best-assessed stack (the first of equals)")
+    q.add_argument("--stack-exclude", choices=["off", "auto"], default="off",
+                   help="auto: drop stacks scoring below half the median assessment score (3 or more stacks; "
+                        "at least 2 kept; never the --reference-stack)")
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
     a.add_argument("--no-growth", action="store_true", help="train the finest Gaussian grid only")
     a.add_argument("--nrf", action="store_true", help="train the neural residual field (off by default, see benchmarks/TUNING.md)")
@@ -272,6 +279,27 @@ def _add_to_template(sub):
     p.set_defaults(func=cmd_to_template)
 
 
+def _add_assess(sub):
+    p = sub.add_parser(
+        "assess",
+        help="score each stack (motion within it, agreement with the others) and rank them",
+        description=("Score every stack in [0, 1] from the motion within it (neighbouring slices against slices "
+                     "two apart) and its agreement with the other stacks after rigid registration, and rank them "
+                     "(see mgaussian.assess)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input-stacks", nargs="+", required=True)
+    p.add_argument("--stack-masks", nargs="+",
+                   help="one brain mask per stack; default: the automatic mask of reconstruct")
+    p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"),
+                   help="one value for all stacks, or one per stack (mm)")
+    p.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
+                   help="acquisition order of the slices (default: sidecar, else interleaved; "
+                        "see mgaussian.slice_order)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_assess)
+
+
 def _add_demo(sub):
     p = sub.add_parser(
         "demo",
@@ -298,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_demo(sub)
     _add_to_template(sub)
+    _add_assess(sub)
     return parser
 
 
@@ -644,6 +673,7 @@ def cmd_reconstruct(a) -> int:
     prep_lines.append("slice acquisition order: " + "; ".join(f"{s.name} {s.slice_order_source}"
                                                              for s in stacks))
     _prepare_stacks(a, cfg, stacks, prep_lines.append)
+    cfg, stacks, assessment = _assess_for_reconstruct(a, cfg, stacks, prep_lines.append)
     cfg = _check_reconstruct_inputs(a, cfg, stacks)
     if not a.quiet:
         for line in prep_lines:
@@ -698,6 +728,7 @@ def cmd_reconstruct(a) -> int:
         "timings_s": res.timings,
         "wall_s": time.time() - t0,
     }
+    meta["assessment"] = assessment
     if template_info is not None:
         meta["output_volume_native"] = os.path.abspath(template_outs["native"])
         meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
@@ -898,6 +929,70 @@ def cmd_to_template(a) -> int:
           f"{info['ncc_in_template_mask']:.4f} in its mask, {info['rotation_deg']:.1f} deg) and {outs['json']}, "
           f"{outs['tfm']} in {time.time() - t0:.1f} s", file=sys.stderr)
     return 0
+
+
+def cmd_assess(a) -> int:
+    import numpy as np
+
+    from .assess import EXCLUDE_FRACTION, assess_stacks, choose_reference, format_table, stacks_to_exclude
+    from .io import load_stacks, validate_stacks
+
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
+    validate_stacks(stacks)
+    if not a.stack_masks:
+        from .masking import auto_masks
+
+        for st, m in zip(stacks, auto_masks(stacks, log=lambda s: None)):
+            if m.sum() < 10 or not np.any(st.data[m]):
+                raise InputError(st.path, "the automatic mask found no anatomy in this stack; give --stack-masks")
+            st.mask = m
+    rows = assess_stacks(stacks)
+    ref = choose_reference(rows)
+    excl = stacks_to_exclude(rows)
+    if a.json:
+        print(json.dumps({"stacks": rows, "reference_stack": ref, "exclude_auto": excl,
+                          "exclude_fraction_of_median": EXCLUDE_FRACTION,
+                          "masks": "given" if a.stack_masks else "automatic"}))
+    else:
+        print(format_table(rows))
+        print(f"reference: stack {ref} ({stacks[ref].name}); --stack-exclude auto would drop: "
+              + (", ".join(f"{i} ({stacks[i].name})" for i in excl) or "none"))
+    return 0
+
+
+def _assess_for_reconstruct(a, cfg, stacks, log):
+    """The reference stack (--reference-stack, else the best-assessed) and --stack-exclude auto.
+    Returns (config, kept stacks, record for OUT.config.json)."""
+    n = len(stacks)
+    if a.reference_stack is not None and a.reference_stack >= n:
+        raise InputError("--reference-stack", f"{a.reference_stack} is not a stack index (0..{n - 1})")
+    record = {"reference_from": "option" if a.reference_stack is not None else "default", "excluded": []}
+    if n < 2 or (a.reference_stack is not None and a.stack_exclude == "off"):
+        ref = a.reference_stack or 0
+        record["reference_stack"] = stacks[ref].path
+        return cfg.resolved(reference_stack=ref), stacks, record
+    import time
+
+    from .assess import assess_stacks, choose_reference, format_table, stacks_to_exclude
+
+    t0 = time.time()
+    rows = assess_stacks(stacks)
+    for line in format_table(rows).splitlines():
+        log("assess: " + line)
+    drop = [i for i in stacks_to_exclude(rows) if i != a.reference_stack] if a.stack_exclude == "auto" else []
+    keep = [i for i in range(n) if i not in drop]
+    if a.reference_stack is not None:
+        ref = keep.index(a.reference_stack)
+    else:
+        ref = choose_reference([rows[i] for i in keep])  # an index into the kept stacks
+        record["reference_from"] = "assessment"
+    for i in drop:
+        log(f"assess: excluded {stacks[i].name} (score {rows[i]['score']:.2f}, below half the median)")
+    kept = [stacks[i] for i in keep]
+    log(f"assess: reference stack {kept[ref].name} ({record['reference_from']}; {time.time() - t0:.1f} s)")
+    record.update({"reference_stack": kept[ref].path, "excluded": [stacks[i].path for i in drop],
+                   "stacks": rows})
+    return cfg.resolved(reference_stack=ref), kept, record
 
 
 def cmd_demo(a) -> int:

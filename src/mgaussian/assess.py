@@ -50,24 +50,24 @@ from .io import Stack
 # The motion index m = d(1)/d(2) of a still stack, and of a stack that clearly moved. Measured
 # (docs/clinical.md "assess"): clean simulated sb25 stacks (3.2 mm, interleaved) 0.40-0.55; real
 # MIALSRTK runs 3 and 5 0.52 and 0.63; 3 deg / 1.5 mm per-slice motion 0.59-0.74; an interleaved
-# stack with one 5 deg / 2-6 mm jump between its passes 1.13-1.26; MIALSRTK run 1, which moved
-# between its two passes (benchmarks/MOTION.md), 0.85. s_motion falls linearly from 1 at
-# MOTION_STILL to 0 at MOTION_MOVED.
+# stack with one 5 deg / 2-6 mm jump near the middle of its acquisition (between its passes)
+# 1.13-1.26; MIALSRTK run 1, which moved between its two passes (benchmarks/MOTION.md), 0.85.
+# s_motion falls linearly from 1 at MOTION_STILL to 0 at MOTION_MOVED.
 MOTION_STILL = 0.6
 MOTION_MOVED = 1.1
 # Agreement (the better half of a stack's NCCs with the others after rigid registration).
-# Measured (docs/clinical.md "assess"): clean simulated stacks 0.93-0.97; the real MIALSRTK runs
-# 0.65-0.72 (real contrast, bias and motion); an axial stack mirrored front to back 0.44-0.53; an
-# axial stack of the 33-week atlas among 25-week ones 0.19-0.23. s_agreement rises linearly from
+# Measured (docs/clinical.md "assess"): clean simulated stacks 0.92-0.97; the real MIALSRTK runs
+# 0.65-0.72 (real contrast, bias and motion); an axial stack mirrored front to back 0.45-0.53; an
+# axial stack of the 33-week atlas among 25-week ones 0.19-0.24. s_agreement rises linearly from
 # AGREE_NONE (below every good stack, above the mirrored one) to AGREE_FULL.
 AGREE_NONE = 0.4
 AGREE_FULL = 0.8
 # --stack-exclude auto: below this fraction of the median score. The median is the typical stack
 # (robust to the one being judged). With a half, motion alone never excludes a stack whose
-# agreement is intact (it halves the score at most); a stack that agrees with nothing is dropped.
-# Measured: the real MIALSRTK runs score 0.77 / 0.69 / 0.48 (run 3 / 5 / 1): none dropped (0.5 x
-# median 0.34); clean simulated stacks 1.0 with a flipped stack 0.28 and another subject's 0.0:
-# both dropped, a stack with a jump between its passes (0.5) kept.
+# agreement is intact (motion halves the score at most); a stack that agrees with nothing is
+# dropped. Measured: the real MIALSRTK runs score 0.80 / 0.78 / 0.46 (run 3 / 5 / 1): none dropped
+# (0.5 x median = 0.39); clean simulated stacks 1.0 beside a mirrored stack (0.12) and another
+# subject's (0.00): both dropped, while a stack with a jump between its passes (0.50) is kept.
 EXCLUDE_FRACTION = 0.5
 _MIN_PIXELS = 50
 

@@ -43,7 +43,7 @@ def test_sources_in_order(tmp_path):
     sa, sb, sc, sd = load_stacks([a, b, c, d])
     assert sa.slice_order.tolist() == [3, 0, 4, 1, 5, 2] and sa.slice_order_source.startswith("default interleaved")
     assert sb.slice_order.tolist() == [0, 1, 2, 3, 4, 5] and "SliceTiming" in sb.slice_order_source
-    assert sc.slice_order_source.startswith("default")
+    assert sc.slice_order_source == "default interleaved (Siemens; the sidecar's SliceTiming is empty)"
     assert np.array_equal(sd.slice_order[:3], sd.slice_order[3:]) and "Multiband" in sd.slice_order_source
     # the option overrides every sidecar
     for st in load_stacks([a, b], slice_order="sequential"):

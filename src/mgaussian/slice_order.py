@@ -262,5 +262,18 @@ def resolve_slice_orders(stack_paths, counts, explicit: str | None = None) -> li
     out = []
     for p, n in zip(stack_paths, counts):
         got = slice_order_from_sidecar(p, n)
-        out.append(got if got is not None else (order_ranks(n, "interleaved"), "default interleaved (Siemens)"))
+        if got is None:
+            note = "; the sidecar's SliceTiming is empty" if _empty_timing(p) else ""
+            got = (order_ranks(n, "interleaved"), f"default interleaved (Siemens{note})")
+        out.append(got)
     return out
+
+
+def _empty_timing(stack_path: str) -> bool:
+    from .io import sidecar_path
+
+    try:
+        meta = json.loads(sidecar_path(stack_path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("SliceTiming") == []

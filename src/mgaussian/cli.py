@@ -68,7 +68,38 @@ def _add_simulate(sub):
     p.add_argument("--motion-translation", type=_num("--motion-translation", nonneg=True), default=0.0, help="max per-slice translation per axis (mm)")
     p.add_argument("--noise", type=_num("--noise", nonneg=True), default=0.0, help="Rician sigma as a fraction of GT's 99th percentile in the mask")
     p.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
+    t = p.add_argument_group("motion over acquisition time (see mgaussian.simulate)")
+    t.add_argument("--slice-order", choices=["interleaved", "sequential"], default="interleaved",
+                   help="acquisition order of each stack's slices (interleaved: Siemens convention, "
+                        "see mgaussian.slice_order)")
+    t.add_argument("--packages", type=_num("--packages", positive=True, integer=True), default=1,
+                   help="packages per stack: slice k in package k mod N, packages acquired one after the other")
+    t.add_argument("--motion-drift", metavar="DEG,MM", type=_pair("--motion-drift"), default=(0.0, 0.0),
+                   help="smooth drift over each stack's acquisition: rotation about a random axis and translation "
+                        "growing to DEG / MM")
+    t.add_argument("--motion-jumps", type=_num("--motion-jumps", nonneg=True, integer=True), default=0,
+                   help="N sudden moves at random acquisition times, each up to --motion-rotation / "
+                        "--motion-translation, persisting (replaces the per-slice motion)")
+    t.add_argument("--stack-motion", metavar="DEG,MM", type=_pair("--stack-motion"), default=(0.0, 0.0),
+                   help="rigid motion of each whole stack: DEG about a random axis and MM in a random direction")
     p.set_defaults(func=cmd_simulate)
+
+
+def _pair(name):
+    def conv(s):
+        parts = s.split(",")
+        try:
+            v = tuple(float(x) for x in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected DEG,MM (two numbers), got {s!r}") from None
+        if len(v) != 2 or not all(math.isfinite(x) and x >= 0 for x in v):
+            raise argparse.ArgumentTypeError(f"expected DEG,MM (two numbers >= 0), got {s!r}")
+        if v[0] > 180:
+            raise argparse.ArgumentTypeError(f"a rotation of {v[0]:g} degrees is more than a half turn")
+        return v
+
+    conv.__name__ = name
+    return conv
 
 
 def _add_evaluate(sub):
@@ -119,6 +150,10 @@ def _add_reconstruct(sub):
     g.add_argument("--no-auto-mask", action="store_true", help="without --stack-masks, use every voxel of every stack instead of the automatic mask")
     g.add_argument("--bias-correction", action="store_true", help="N4 bias-field correction of every stack inside its mask (SimpleITK)")
     g.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm): one for all stacks or one per stack; default: JSON sidecar, else slice spacing")
+    g.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
+                   help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
+                        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
+                        "(Siemens; see mgaussian.slice_order)")
     g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
     g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
@@ -148,11 +183,20 @@ def _add_reconstruct(sub):
                    "checkpoint_interval_s = 30 s, after each level's warm start and at the end)")
     c.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir "
                    "(same inputs and settings; threads, device, backend and --time-budget may change)")
+    t = p.add_argument_group("atlas space (see mgaussian.atlas and docs/clinical.md)")
+    _template_options(t)
     a = p.add_argument_group("ablations of the seed's components")
     m = p.add_argument_group("motion correction")
     m.add_argument("--no-motion", action="store_true", help="keep every slice at its stack's registered pose")
     m.add_argument("--no-registration", action="store_true", help="skip the rigid stack-to-stack registration")
     m.add_argument("--no-robust", action="store_true", help="no outlier weights (every slice and pixel counts fully)")
+    q = p.add_argument_group("stack assessment (see mgaussian.assess and docs/clinical.md)")
+    q.add_argument("--reference-stack", metavar="N", type=_num("--reference-stack", nonneg=True, integer=True),
+                   help="index (from 0) of the stack the others are registered to and whose lattice the output "
+                        "takes; default: the best-assessed stack (the first of equals)")
+    q.add_argument("--stack-exclude", choices=["off", "auto"], default="off",
+                   help="auto: drop stacks scoring below half the median assessment score (3 or more stacks; "
+                        "at least 2 kept; never the --reference-stack)")
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
     a.add_argument("--no-growth", action="store_true", help="train the finest Gaussian grid only")
     a.add_argument("--nrf", action="store_true", help="train the neural residual field (off by default, see benchmarks/TUNING.md)")
@@ -205,8 +249,61 @@ def _add_inspect(sub):
     p.add_argument("--input-stacks", nargs="+", required=True)
     p.add_argument("--stack-masks", nargs="+")
     p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="one value for all stacks, or one per stack (mm)")
+    p.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
+                   help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
+                        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
+                        "(Siemens; see mgaussian.slice_order)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_inspect)
+
+
+def _template_options(g, required: bool = False) -> None:
+    g.add_argument("--template", required=required, metavar="T",
+                   help="register the volume to this template and write it on the template's grid: a NIfTI file, "
+                        "a shipped fetal template (fetal-ga21, fetal-ga23, fetal-ga25, fetal-ga27, fetal-ga33) or "
+                        "fetal-auto (the best-matching shipped one)")
+    g.add_argument("--template-transform", choices=["rigid", "affine"], default="rigid",
+                   help="rigid (same subject / same size), or affine after rigid (another age or size)")
+    g.add_argument("--template-mask", metavar="M",
+                   help="brain mask of the template (the metric's region); shipped templates bring theirs")
+
+
+def _add_to_template(sub):
+    p = sub.add_parser(
+        "to-template",
+        help="register a volume to a template and resample it onto the template's grid",
+        description=("Register VOLUME (rigidly, or affinely after rigid) to a template and write it on the "
+                     "template's grid and orientation, with OUT.template.json (the 4x4 world map) and OUT.template.tfm "
+                     "(the same map for ITK/ANTs)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("volume", metavar="VOLUME", help="a reconstructed volume (.nii/.nii.gz)")
+    _template_options(p, required=True)
+    p.add_argument("--metric", choices=["correlation", "mattes"], default="correlation",
+                   help="registration metric: correlation (same contrast) or Mattes mutual information")
+    p.add_argument("--output-volume", required=True, help="the volume on the template's grid (.nii/.nii.gz)")
+    p.set_defaults(func=cmd_to_template)
+
+
+def _add_assess(sub):
+    p = sub.add_parser(
+        "assess",
+        help="score each stack (motion within it, agreement with the others) and rank them",
+        description=("Score every stack in [0, 1] from the motion within it (neighbouring slices against slices "
+                     "two apart) and its agreement with the other stacks after rigid registration, and rank them "
+                     "(see mgaussian.assess)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--input-stacks", nargs="+", required=True)
+    p.add_argument("--stack-masks", nargs="+",
+                   help="one brain mask per stack; default: the automatic mask of reconstruct")
+    p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"),
+                   help="one value for all stacks, or one per stack (mm)")
+    p.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
+                   help="acquisition order of the slices (default: sidecar, else interleaved; "
+                        "see mgaussian.slice_order)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_assess)
 
 
 def _add_demo(sub):
@@ -240,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_naive(sub)
     _add_inspect(sub)
     _add_demo(sub)
+    _add_to_template(sub)
+    _add_assess(sub)
     _add_bids(sub)
     return parser
 
@@ -280,15 +379,23 @@ def cmd_simulate(a) -> int:
         _, shp = stack_geometry(gt.shape, aff, perm, ang, pix, a.thickness + a.gap)
         if float(np.prod(shp)) > 600**3:
             raise InputError("--pixel" if a.pixel else "--orientations", f"stack {o} would be absurdly large {shp}")
+        if a.motion_jumps >= shp[2]:
+            raise InputError("--motion-jumps", f"{a.motion_jumps} jumps need more acquisition times than stack {o}'s "
+                                               f"{shp[2]} slices")
+    if a.motion_jumps and not (a.motion_rotation or a.motion_translation):
+        raise InputError("--motion-jumps",
+                         "needs --motion-rotation and/or --motion-translation (the size of each jump)")
     _prepare_output_dir(a.output_dir, [a.ground_truth, a.mask])
     simulate_stacks(
         gt, aff, mask, a.output_dir, orientations=a.orientations, thickness=a.thickness, gap=a.gap,
         pixel=a.pixel, profile=a.profile, motion_rotation=a.motion_rotation,
         motion_translation=a.motion_translation, noise=a.noise, seed=a.seed,
+        slice_order=a.slice_order, packages=a.packages, motion_drift=a.motion_drift,
+        motion_jumps=a.motion_jumps, stack_motion=a.stack_motion,
         inputs=[a.ground_truth, a.mask], gt_path=os.path.abspath(a.ground_truth),
         mask_path=os.path.abspath(a.mask) if a.mask else None,
     )
-    print(f"wrote {len(a.orientations)} stacks, masks and truth.json to {a.output_dir}")
+    print(f"wrote {len(a.orientations)} stacks, masks, sidecars (stack_XX.json) and truth.json to {a.output_dir}")
     return 0
 
 
@@ -570,13 +677,17 @@ def cmd_reconstruct(a) -> int:
         over["renderer"] = "points"
     cfg = cfg.resolved(**over).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
-    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log], native=True)
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
     validate_stacks(stacks)  # the stacks' own checks come before what is built from them
     prep_lines = []  # shown once every check has passed (an error is the only line otherwise)
+    prep_lines.append("slice acquisition order: " + "; ".join(f"{s.name} {s.slice_order_source}"
+                                                             for s in stacks))
     _prepare_stacks(a, cfg, stacks, prep_lines.append)
+    cfg, stacks, assessment = _assess_for_reconstruct(a, cfg, stacks, prep_lines.append)
     cfg = _check_reconstruct_inputs(a, cfg, stacks)
     if not a.quiet:
         for line in prep_lines:
@@ -602,11 +713,27 @@ def cmd_reconstruct(a) -> int:
         runlog.line(f"failed: {type(exc).__name__}: {exc}")
         runlog.close()
         raise
-    save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    template_info = None
+    if template_outs:  # the native volume is kept beside the one in atlas space (written first)
+        from .atlas import to_template_space, write_transform_files
+
+        save_nifti(res.volume, res.affine, template_outs["native"], inputs=inputs,
+                   header_extra=f"mgaussian {__version__}")
+        vol_t, aff_t, template_info = to_template_space(res.volume, res.affine, a.template, a.template_transform,
+                                                        a.template_mask, log=log)
+        write_transform_files({"mgaussian_version": __version__, "output_volume": os.path.abspath(a.output_volume),
+                               "output_volume_native": os.path.abspath(template_outs["native"]), **template_info},
+                              template_outs["json"], template_outs["tfm"])
+        save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    else:
+        save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     meta = {
         "mgaussian_version": __version__,
         "command": sys.argv,
-        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"), "thickness_mm": s.thickness, "thickness_from": s.thickness_source} for s in stacks],
+        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"),
+                    "thickness_mm": s.thickness, "thickness_from": s.thickness_source,
+                    "slice_order_ranks": None if s.slice_order is None else [int(r) for r in s.slice_order],
+                    "slice_order_from": s.slice_order_source} for s in stacks],
         "config": res.config.to_dict(),
         "output_volume": os.path.abspath(a.output_volume),
         "output_scale": res.scale,
@@ -617,6 +744,13 @@ def cmd_reconstruct(a) -> int:
         # empty: the fixed schedule ended the fit (same inputs and settings -> the same volume)
         "time_budget_cut": res.budget_cuts,
     }
+    meta["assessment"] = assessment
+    if template_info is not None:
+        meta["output_volume_native"] = os.path.abspath(template_outs["native"])
+        meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
+                                                          "ncc_in_template_mask", "rotation_deg", "chosen",
+                                                          "candidates_ncc") if k in template_info}
+        meta["template"]["transform_json"] = os.path.abspath(template_outs["json"])
     atomic_write_text(config_json, json.dumps(meta, indent=1))
     poses_json = _stem(a.output_volume) + ".poses.json"
     atomic_write_text(poses_json, json.dumps({
@@ -629,8 +763,14 @@ def cmd_reconstruct(a) -> int:
         save_model(a.output_model, res, inputs=inputs)
     done = (f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
             f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s")
+    if template_info is not None:
+        sh = "x".join(str(n) for n in template_info["template"]["shape"])
+        done = (f"wrote {a.output_volume} ({sh}, on the grid of template {template_info['template']['name']}, "
+                f"{template_info['transform']}, NCC {template_info['ncc_in_template_mask']:.4f} in its mask) and the "
+                f"native volume {template_outs['native']} in {time.time() - t0:.1f} s")
     runlog.line("timings_s: " + json.dumps({**res.timings, "wall_s": time.time() - t0}))
-    runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model) if p]))
+    runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model,
+                                                                        *template_outs.values()) if p]))
     runlog.line(done)
     if report_dir is not None:
         t_rep = time.time()
@@ -727,12 +867,13 @@ def cmd_sample_slices(a) -> int:
 
 def cmd_inspect(a) -> int:
     import nibabel as nib
+    import numpy as np
 
     from .io import load_stacks
 
     from .io import validate_stacks
 
-    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses)
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     validate_stacks(stacks)
     rows = []
     for s in stacks:
@@ -747,6 +888,8 @@ def cmd_inspect(a) -> int:
             "gap_mm": round(s.gap, 4),
             "mask": s.mask_path,
             "mask_fraction": round(float(s.mask.mean()), 4),
+            "acquisition_order": [int(i) for i in np.argsort(s.slice_order, kind="stable")],
+            "slice_order_from": s.slice_order_source,
         })
     if a.json:
         print(json.dumps(rows))
@@ -755,9 +898,117 @@ def cmd_inspect(a) -> int:
             print(
                 f"{r['stack']}: {r['shape'][0]}x{r['shape'][1]} pixels x {r['shape'][2]} slices, {r['orientation']}, "
                 f"pixel {r['pixel_mm'][0]}x{r['pixel_mm'][1]} mm, thickness {r['thickness_mm']} mm ({r['thickness_from']}), "
-                f"gap {r['gap_mm']} mm, mask {r['mask_fraction'] * 100:.1f}%"
+                f"gap {r['gap_mm']} mm, mask {r['mask_fraction'] * 100:.1f}%, "
+                f"slice order {r['slice_order_from']}"
             )
     return 0
+
+
+def _template_outputs(a, inputs, *, native: bool) -> dict:
+    """Output paths of atlas-space output, checked (and the template loaded once) before any work."""
+    from .atlas import load_templates
+    from .io import check_output_path
+
+    if a.template is None:
+        if a.template_mask:
+            raise InputError("--template-mask", "needs --template")
+        return {}
+    load_templates(a.template, a.template_mask)  # a wrong path or a bad mask fails now, not after the fit
+    stem = _stem(a.output_volume)
+    outs = {"json": stem + ".template.json", "tfm": stem + ".template.tfm"}
+    if native:
+        outs["native"] = stem + "_native" + a.output_volume[len(stem):]
+    taken = list(inputs) + [a.template, a.template_mask]
+    for k, pth in outs.items():
+        check_output_path(pth, taken, what="--output-volume", nifti=(k == "native"))
+    return outs
+
+
+def cmd_to_template(a) -> int:
+    import time
+
+    from .atlas import to_template_space, write_transform_files
+    from .io import check_output_path, load_image, save_nifti
+
+    inputs = [a.volume]
+    check_output_path(a.output_volume, inputs + [a.template, a.template_mask])
+    outs = _template_outputs(a, inputs, native=False)
+    vol, aff, _ = load_image(a.volume, what="volume")
+    t0 = time.time()
+    out, taff, info = to_template_space(vol, aff, a.template, a.template_transform, a.template_mask,
+                                        metric=a.metric, log=lambda s: print(s, file=sys.stderr, flush=True))
+    info = {"mgaussian_version": __version__, "command": _COMMAND_LINE, "volume": os.path.abspath(a.volume),
+            "output_volume": os.path.abspath(a.output_volume), **info}
+    save_nifti(out, taff, a.output_volume, inputs=inputs + [a.template, a.template_mask])
+    write_transform_files(info, outs["json"], outs["tfm"])
+    print(f"wrote {a.output_volume} on the grid of {info['template']['name']} ({info['transform']}, NCC "
+          f"{info['ncc_in_template_mask']:.4f} in its mask, {info['rotation_deg']:.1f} deg) and {outs['json']}, "
+          f"{outs['tfm']} in {time.time() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_assess(a) -> int:
+    import numpy as np
+
+    from .assess import EXCLUDE_FRACTION, assess_stacks, choose_reference, format_table, stacks_to_exclude
+    from .io import load_stacks, validate_stacks
+
+    stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
+    validate_stacks(stacks)
+    if not a.stack_masks:
+        from .masking import auto_masks
+
+        for st, m in zip(stacks, auto_masks(stacks, log=lambda s: None)):
+            if m.sum() < 10 or not np.any(st.data[m]):
+                raise InputError(st.path, "the automatic mask found no anatomy in this stack; give --stack-masks")
+            st.mask = m
+    rows = assess_stacks(stacks)
+    ref = choose_reference(rows)
+    excl = stacks_to_exclude(rows)
+    if a.json:
+        print(json.dumps({"stacks": rows, "reference_stack": ref, "exclude_auto": excl,
+                          "exclude_fraction_of_median": EXCLUDE_FRACTION,
+                          "masks": "given" if a.stack_masks else "automatic"}))
+    else:
+        print(format_table(rows))
+        print(f"reference: stack {ref} ({stacks[ref].name}); --stack-exclude auto would drop: "
+              + (", ".join(f"{i} ({stacks[i].name})" for i in excl) or "none"))
+    return 0
+
+
+def _assess_for_reconstruct(a, cfg, stacks, log):
+    """The reference stack (--reference-stack, else the best-assessed) and --stack-exclude auto.
+    Returns (config, kept stacks, record for OUT.config.json)."""
+    n = len(stacks)
+    if a.reference_stack is not None and a.reference_stack >= n:
+        raise InputError("--reference-stack", f"{a.reference_stack} is not a stack index (0..{n - 1})")
+    record = {"reference_from": "option" if a.reference_stack is not None else "default", "excluded": []}
+    if n < 2 or (a.reference_stack is not None and a.stack_exclude == "off"):
+        ref = a.reference_stack or 0
+        record["reference_stack"] = stacks[ref].path
+        return cfg.resolved(reference_stack=ref), stacks, record
+    import time
+
+    from .assess import assess_stacks, choose_reference, format_table, stacks_to_exclude
+
+    t0 = time.time()
+    rows = assess_stacks(stacks)
+    for line in format_table(rows).splitlines():
+        log("assess: " + line)
+    drop = [i for i in stacks_to_exclude(rows) if i != a.reference_stack] if a.stack_exclude == "auto" else []
+    keep = [i for i in range(n) if i not in drop]
+    if a.reference_stack is not None:
+        ref = keep.index(a.reference_stack)
+    else:
+        ref = choose_reference([rows[i] for i in keep])  # an index into the kept stacks
+        record["reference_from"] = "assessment"
+    for i in drop:
+        log(f"assess: excluded {stacks[i].name} (score {rows[i]['score']:.2f}, below half the median)")
+    kept = [stacks[i] for i in keep]
+    log(f"assess: reference stack {kept[ref].name} ({record['reference_from']}; {time.time() - t0:.1f} s)")
+    record.update({"reference_stack": kept[ref].path, "excluded": [stacks[i].path for i in drop],
+                   "stacks": rows})
+    return cfg.resolved(reference_stack=ref), kept, record
 
 
 def cmd_demo(a) -> int:

@@ -142,7 +142,8 @@ def resolve_thickness(path, explicit: float | None, slice_spacing: float) -> tup
         if not np.isfinite(explicit) or explicit <= 0:
             raise InputError("--thicknesses", f"thickness must be a positive number of mm, got {explicit}")
         if explicit > MAX_THICKNESS_MM:
-            raise InputError("--thicknesses", f"implausible slice thickness {explicit:g} mm (> {MAX_THICKNESS_MM:g} mm)")
+            raise InputError("--thicknesses",
+                             f"implausible slice thickness {explicit:g} mm (> {MAX_THICKNESS_MM:g} mm)")
         return float(explicit), "option"
     sc = sidecar_path(path)
     if sc.exists():
@@ -175,6 +176,10 @@ class Stack:
     thickness_source: str
     frames: SliceFrames = field(repr=False)
     mask_path: str | None = None
+    # acquisition time rank of each slice [K] (0 = acquired first; slices acquired together share
+    # a rank) and where it came from (mgaussian.slice_order); None when not resolved
+    slice_order: np.ndarray | None = field(default=None, repr=False)
+    slice_order_source: str | None = None
 
     @property
     def name(self) -> str:
@@ -194,8 +199,10 @@ class Stack:
         return self.frames.slice_spacing - self.thickness
 
 
-def load_stacks(paths, mask_paths=None, thicknesses=None) -> list[Stack]:
-    """Load stacks (and masks) with their thicknesses; checks counts and grids."""
+def load_stacks(paths, mask_paths=None, thicknesses=None, slice_order: str | None = None) -> list[Stack]:
+    """Load stacks (and masks) with their thicknesses and slice acquisition orders; checks counts
+    and grids. ``slice_order`` is ``--slice-order`` (interleaved, sequential or a file); without it
+    the order comes from each stack's sidecar, else the default (see mgaussian.slice_order)."""
     paths = list(paths)
     if not paths:
         raise InputError("--input-stacks", "no stack given")
@@ -238,6 +245,10 @@ def load_stacks(paths, mask_paths=None, thicknesses=None) -> list[Stack]:
         if np.all((data == lo) | (data == hi)):
             warn(p, f"stack holds only two values ({lo:g}, {hi:g}): is it a mask?")
         stacks.append(Stack(str(p), data, affine, m, t, src, fr, mp))
+    from .slice_order import resolve_slice_orders
+
+    for st, (ranks, osrc) in zip(stacks, resolve_slice_orders(paths, [s.n_slices for s in stacks], slice_order)):
+        st.slice_order, st.slice_order_source = ranks, osrc
     return stacks
 
 
@@ -245,7 +256,8 @@ def _world_box(st: Stack) -> tuple[np.ndarray, np.ndarray]:
     """World bounding box of a stack's masked voxels, grown by half a slice and a pixel."""
     idx = np.argwhere(st.mask)
     lo_i, hi_i = idx.min(0), idx.max(0)
-    corners = np.array([[a, b, c] for a in (lo_i[0], hi_i[0]) for b in (lo_i[1], hi_i[1]) for c in (lo_i[2], hi_i[2])], float)
+    corners = np.array([[a, b, c] for a in (lo_i[0], hi_i[0]) for b in (lo_i[1], hi_i[1])
+                        for c in (lo_i[2], hi_i[2])], float)
     w = corners @ st.affine[:3, :3].T + st.affine[:3, 3]
     pad = st.thickness / 2 + max(st.frames.spacing)
     return w.min(0) - pad, w.max(0) + pad
@@ -266,7 +278,7 @@ def validate_stacks(stacks: list[Stack]) -> None:
         return
     boxes = [_world_box(st) for st in stacks]
     alone = [i for i, (lo, hi) in enumerate(boxes)
-             if not any(np.all(lo <= h) and np.all(l <= hi) for j, (l, h) in enumerate(boxes) if j != i)]
+             if not any(np.all(lo <= h) and np.all(lo2 <= hi) for j, (lo2, h) in enumerate(boxes) if j != i)]
     if alone:  # blame a later stack first: the first one anchors the output grid
         i = max(alone) if alone == [0] or len(stacks) == 2 else min(k for k in alone if k > 0)
         raise InputError(stacks[i].path, "does not overlap any other stack in space (check the affines and masks)")

@@ -7,11 +7,35 @@ limit about a uniformly random axis, translation uniform per axis up to the limi
 noise sigma = F x the 99th percentile of the ground truth in its mask. A stack is stored as
 scanners store it: the slice axis is the third voxel axis (affine columns permuted to match, so
 some affines are left-handed). Its mask is the ground-truth mask sampled the same way (> 0.5).
+
+Motion over acquisition time (issue 19). Each slice also has an acquisition time rank
+(``slice_order`` interleaved or sequential, over ``packages``; :mod:`mgaussian.slice_order`) and
+the pose of slice k is the composition, all about the volume centre,
+
+    stack motion  o  drift(t_k)  o  jumps(t_k)  o  per-slice motion,
+
+with t_k = rank / last rank in [0, 1]:
+
+* stack motion (``stack_motion`` = (DEG, MM)): the whole stack turned by exactly DEG about a
+  random axis and shifted by exactly MM in a random direction (the fetus moving between stacks);
+* drift (``motion_drift`` = (DEG, MM)): a rotation about one random axis and a translation along
+  one random direction, both growing from 0 at the first slice acquired to DEG / MM at the last
+  along g(t) = a t + (1 - a) t^2 (a uniform in [0, 1]: smooth and monotone, |g'| <= 2, so slices
+  consecutive in time differ by at most 2 x DEG / (slices - 1));
+* jumps (``motion_jumps`` = N): N sudden moves at distinct random acquisition times, each a
+  rotation uniform up to ``motion_rotation`` about a random axis and a translation uniform per
+  axis up to ``motion_translation``; each persists after it happens (they compose);
+* per-slice motion: the uniform model above, when there are no jumps (with jumps,
+  ``motion_rotation`` / ``motion_translation`` size the jumps instead).
+
+The new parts draw from their own random stream, so with them off a seed gives the same stacks as
+before they existed. Each stack gets a BIDS sidecar ``stack_XX.json`` with ``SliceThickness`` and
+``SliceTiming`` (rank x ``SLICE_DURATION_S``) consistent with the order.
 """
 
 from __future__ import annotations
 
-__all__ = ["parse_orientation", "stack_geometry", "simulate_stacks"]
+__all__ = ["parse_orientation", "stack_geometry", "simulate_stacks", "motion_over_time", "SLICE_DURATION_S"]
 
 import json
 import math
@@ -20,9 +44,14 @@ import os
 import numpy as np
 
 from .errors import InputError
-from .geometry import rigid_matrix, rotvec_to_matrix, slice_frames, voxel_sizes
+from .geometry import matrix_to_rotvec, rigid_matrix, rotvec_to_matrix, slice_frames, voxel_sizes
 from .io import atomic_write_text, save_nifti
 from .sampling import sample_slices
+from .slice_order import ORDER_KINDS, order_ranks
+
+# seconds per slice in the sidecars' SliceTiming: the RepetitionTime (one single-shot slice) of the
+# shipped real HASTE stacks' sidecars (MIALSRTK sub-01, Siemens Aera: 1.2 s)
+SLICE_DURATION_S = 1.2
 
 _BASE = {"axial": (0, 1, 2), "coronal": (0, 2, 1), "sagittal": (1, 2, 0)}
 
@@ -36,7 +65,8 @@ def parse_orientation(tok: str):
         if "," in name and not ang:
             name, ang = "axial", name
         else:
-            raise InputError("--orientations", f"unknown orientation {tok!r} (axial, coronal, sagittal, NAME@RX,RY,RZ or RX,RY,RZ)")
+            raise InputError("--orientations",
+                             f"unknown orientation {tok!r} (axial, coronal, sagittal, NAME@RX,RY,RZ or RX,RY,RZ)")
     angles = (0.0, 0.0, 0.0)
     if ang:
         try:
@@ -97,6 +127,67 @@ def _random_motion(K, max_rot_deg, max_trans_mm, rng):
     return rv, tr
 
 
+def _random_rigid(max_rot_deg: float, max_trans_mm: float, rng, *,
+                  exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(rotvec, translation) of one random rigid move: a random axis, the angle uniform up to the
+    limit (exactly the limit with ``exact``), the translation uniform per axis up to its limit (with
+    ``exact``: that length along a random direction)."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    d = rng.normal(size=3)
+    d /= np.linalg.norm(d)
+    if exact:
+        return axis * math.radians(max_rot_deg), d * max_trans_mm
+    ang = math.radians(rng.uniform(0, max_rot_deg)) if max_rot_deg > 0 else 0.0
+    tr = rng.uniform(-max_trans_mm, max_trans_mm, size=3) if max_trans_mm > 0 else np.zeros(3)
+    return axis * ang, tr
+
+
+def motion_over_time(ranks, centre, rng, *, drift=(0.0, 0.0), jumps: int = 0, jump_rotation: float = 0.0,
+                     jump_translation: float = 0.0, stack_motion=(0.0, 0.0)) -> tuple[np.ndarray, dict]:
+    """Rigid pose [K, 4, 4] (about ``centre``) of each slice from its acquisition rank: stack
+    motion o drift(t) o jumps(t) (module docstring). Returns (poses, description for truth.json)."""
+    ranks = np.asarray(ranks)
+    K = len(ranks)
+    last = int(ranks.max()) if K else 0
+    t = ranks / last if last > 0 else np.zeros(K)
+    c = np.asarray(centre, dtype=np.float64)
+    S = rigid_matrix(*_random_rigid(*stack_motion, rng, exact=True), c) if any(stack_motion) else np.eye(4)
+    poses = np.repeat(S[None], K, axis=0)
+    info = {"stack_motion_matrix": S.tolist()}
+    if any(drift):
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        a_rot, a_tr = rng.uniform(0, 1, size=2)
+        g_rot = a_rot * t + (1 - a_rot) * t**2
+        g_tr = a_tr * t + (1 - a_tr) * t**2
+        D = np.stack([rigid_matrix(axis * math.radians(drift[0]) * gr, d * drift[1] * gt, c)
+                      for gr, gt in zip(g_rot, g_tr)])
+        poses = poses @ D
+        info["drift"] = {"axis": axis.tolist(), "direction": d.tolist(), "rotation_deg": drift[0],
+                         "translation_mm": drift[1], "shape": "g(t) = a t + (1 - a) t^2",
+                         "a_rotation": float(a_rot), "a_translation": float(a_tr)}
+    if jumps > 0:
+        if jumps > last:
+            raise ValueError(f"{jumps} jumps need at least {jumps + 1} acquisition times, the stack has {last + 1}")
+        at = np.sort(rng.choice(np.arange(1, last + 1), size=jumps, replace=False))
+        J = np.eye(4)
+        cum = np.repeat(np.eye(4)[None], K, axis=0)
+        listed = []
+        for r in at:
+            rv, tr = _random_rigid(jump_rotation, jump_translation, rng)
+            M = rigid_matrix(rv, tr, c)
+            J = J @ M
+            cum[ranks >= r] = J
+            listed.append({"at_rank": int(r), "rotvec": rv.tolist(),
+                           "rotation_deg": float(np.degrees(np.linalg.norm(rv))), "translation_mm": tr.tolist()})
+        poses = poses @ cum
+        info["jumps"] = listed
+    return poses, info
+
+
 def simulate_stacks(
     gt: np.ndarray,
     gt_affine: np.ndarray,
@@ -112,13 +203,24 @@ def simulate_stacks(
     motion_translation: float = 0.0,
     noise: float = 0.0,
     seed: int = 0,
+    slice_order: str = "interleaved",
+    packages: int = 1,
+    motion_drift=(0.0, 0.0),
+    motion_jumps: int = 0,
+    stack_motion=(0.0, 0.0),
     inputs=(),
     gt_path: str | None = None,
     mask_path: str | None = None,
     log=print,
 ) -> dict:
-    """Write ``stack_XX.nii.gz``, ``mask_XX.nii.gz`` and ``truth.json`` into ``output_dir``."""
+    """Write ``stack_XX.nii.gz``, ``mask_XX.nii.gz``, their sidecars ``stack_XX.json`` and
+    ``truth.json`` into ``output_dir`` (the motion model: module docstring)."""
+    if slice_order not in ORDER_KINDS:
+        raise ValueError(f"slice_order must be one of {ORDER_KINDS}, got {slice_order!r}")
     rng = np.random.default_rng(seed)
+    # the motion over time draws from its own stream: with it off, a seed gives the same stacks
+    rng_time = np.random.default_rng([int(seed), 19])
+    over_time = any(motion_drift) or motion_jumps > 0 or any(stack_motion)
     if pixel is None:
         pixel = float(min(voxel_sizes(gt_affine)))
     if mask is None:
@@ -143,6 +245,14 @@ def simulate_stacks(
             "noise": noise,
             "noise_sigma": sigma,
             "seed": seed,
+            "slice_order": slice_order,
+            "packages": packages,
+            "motion_drift": [float(v) for v in motion_drift],
+            "motion_jumps": int(motion_jumps),
+            "stack_motion": [float(v) for v in stack_motion],
+            "motion_model": ("stack motion o drift(t) o jumps(t) o per-slice (per-slice only without jumps; "
+                             "t = acquisition rank / last rank)"),
+            "slice_duration_s": SLICE_DURATION_S,
         },
         "pose_convention": "x_true = R (x_header - centre) + centre + t; rotvec in radians (axis*angle)",
         "centre_mm": centre.tolist(),
@@ -153,7 +263,18 @@ def simulate_stacks(
         aff, shape = stack_geometry(gt.shape, gt_affine, perm, angles, pixel, sl_spacing)
         fr = slice_frames(aff, shape)
         K = shape[2]
-        rv, tr = _random_motion(K, motion_rotation, motion_translation, rng)
+        rv, tr = _random_motion(K, motion_rotation, motion_translation, rng)  # drawn always: same stream
+        ranks = order_ranks(K, slice_order, packages=min(packages, K))
+        extra = {}
+        if over_time:
+            if motion_jumps > 0:  # the limits size the jumps; no independent per-slice motion
+                rv, tr = np.zeros((K, 3)), np.zeros((K, 3))
+            T, extra = motion_over_time(ranks, centre, rng_time, drift=motion_drift, jumps=motion_jumps,
+                                        jump_rotation=motion_rotation, jump_translation=motion_translation,
+                                        stack_motion=stack_motion)
+            P = T @ np.stack([rigid_matrix(rv[k], tr[k], centre) for k in range(K)])
+            rv = matrix_to_rotvec(P[:, :3, :3])
+            tr = P[:, :3, 3] - centre + np.einsum("kij,j->ki", P[:, :3, :3], centre)
         R = rotvec_to_matrix(rv)
         o = np.einsum("kij,kj->ki", R, fr.origins - centre) + centre + tr
         ax = fr.axes @ np.transpose(R, (0, 2, 1))
@@ -166,6 +287,12 @@ def simulate_stacks(
         mp = os.path.join(output_dir, f"mask_{si:02d}.nii.gz")
         save_nifti(img, aff, sp, inputs=inputs)
         save_nifti(msk.astype(np.uint8), aff, mp, inputs=inputs, dtype=np.uint8)
+        jp = os.path.join(output_dir, f"stack_{si:02d}.json")
+        atomic_write_text(jp, json.dumps({
+            "SliceThickness": thickness, "SpacingBetweenSlices": sl_spacing,
+            "SliceTiming": [round(float(r) * SLICE_DURATION_S, 4) for r in ranks], "SliceEncodingDirection": "k",
+            "SliceOrder": slice_order, "Packages": int(min(packages, K)),
+            "GeneratedBy": [{"Name": "mgaussian simulate"}]}, indent=1))
         truth["stacks"].append(
             {
                 "file": os.path.basename(sp),
@@ -176,8 +303,14 @@ def simulate_stacks(
                 "affine": aff.tolist(),
                 "thickness_mm": thickness,
                 "slice_spacing_mm": sl_spacing,
+                "sidecar": os.path.basename(jp),
+                "slice_order": slice_order,
+                "packages": int(min(packages, K)),
+                "acquisition_order": [int(s) for s in np.argsort(ranks, kind="stable")],
+                **extra,
                 "slices": [
                     {
+                        "acquisition_rank": int(ranks[k]),
                         "rotvec": rv[k].tolist(),
                         "rotation_deg": float(np.degrees(np.linalg.norm(rv[k]))),
                         "translation_mm": tr[k].tolist(),

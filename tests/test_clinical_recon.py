@@ -1,0 +1,104 @@
+"""reconstruct's clinical options (issue 19): slice order recorded, reference stack and exclusion
+from the assessment, atlas-space output (--template), and their one-line errors."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import write_nifti
+
+from mgaussian.cli import main
+from mgaussian.metrics import score_volume
+from mgaussian.sampling import resample_volume
+from mgaussian.simulate import simulate_stacks
+
+FAST = {"iterations": [0, 10], "cg_iterations": 15}
+
+
+def _phantom(shape=(36, 40, 34), spacing=1.2, seed=0):
+    """A brain-like ellipsoid with asymmetric bright lumps (so that an orientation is defined)."""
+    rng = np.random.default_rng(seed)
+    ii = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+    c0 = (np.array(shape) - 1) / 2
+    brain = (((ii - c0) / (np.array(shape) * 0.36)) ** 2).sum(-1) < 1
+    g = np.where(brain, 40.0, 0.0)
+    for _ in range(8):
+        c = c0 + rng.uniform(-7, 7, 3)
+        g += rng.uniform(20, 60) * np.exp(-((ii - c) ** 2).sum(-1) / (2 * rng.uniform(1.5, 3.5) ** 2)) * brain
+    aff = np.diag([spacing] * 3 + [1.0])
+    aff[:3, 3] = [-20, -25, -18]
+    return g.astype(np.float32), aff, brain
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clinical")
+    g, aff, m = _phantom()
+    # every stack turned 10 degrees (the fetus moved between stacks): the volume is not in the
+    # ground truth's frame, only --template brings it there
+    simulate_stacks(g, aff, m, str(d / "sim"), thickness=3.6, pixel=1.2, seed=0, stack_motion=(10.0, 3.0),
+                    log=lambda s: None)
+    cfg = d / "cfg.json"
+    cfg.write_text(json.dumps(FAST))
+    return {"dir": d, "gt": write_nifti(d / "gt.nii.gz", g, aff),
+            "mask": write_nifti(d / "m.nii.gz", m.astype(np.uint8), aff),
+            "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+            "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)], "cfg": str(cfg)}
+
+
+def _recon(case, out, *extra):
+    return main(["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"],
+                 "--output-volume", str(out), "--config", case["cfg"], "--quiet", "--no-report", *extra])
+
+
+def test_template_output_order_and_assessment_recorded(case, tmp_path):
+    out = tmp_path / "rec.nii.gz"
+    log = tmp_path / "run.log"
+    assert _recon(case, out, "--template", case["gt"], "--template-mask", case["mask"], "--log", str(log)) == 0
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["rec.config.json", "rec.nii.gz", "rec.poses.json", "rec.template.json", "rec.template.tfm",
+                     "rec_native.nii.gz", "run.log"]
+    gt = nib.load(case["gt"])
+    img = nib.load(str(out))
+    assert img.shape == gt.shape and np.allclose(img.affine, gt.affine)
+    g, m = gt.get_fdata(), nib.load(case["mask"]).get_fdata() > 0
+    nat = nib.load(str(tmp_path / "rec_native.nii.gz"))
+    on_template = score_volume(img.get_fdata(), img.affine, g, gt.affine, m)
+    native = score_volume(nat.get_fdata(), nat.affine, g, gt.affine, m)
+    assert on_template["ncc"] > 0.9 and on_template["psnr"] > native["psnr"] + 5  # the native one is turned
+    meta = json.loads((tmp_path / "rec.config.json").read_text())
+    # as good as the native volume put back by the true motion of the reference stack, whose frame it is in
+    truth = json.loads((case["dir"] / "sim" / "truth.json").read_text())
+    ref = case["stacks"].index(meta["assessment"]["reference_stack"])
+    M = np.asarray(truth["stacks"][ref]["stack_motion_matrix"])
+    oracle = resample_volume(nat.get_fdata(), nat.affine, g.shape, np.linalg.inv(M) @ gt.affine)
+    assert on_template["psnr"] > score_volume(oracle, gt.affine, g, gt.affine, m)["psnr"] - 0.5
+    assert meta["template"]["transform"] == "rigid" and meta["output_volume_native"].endswith("rec_native.nii.gz")
+    assert 5.0 < meta["template"]["rotation_deg"] < 15.0
+    for inp in meta["inputs"]:
+        assert inp["slice_order_from"].startswith("sidecar SliceTiming") and len(inp["slice_order_ranks"]) > 5
+    assert meta["assessment"]["reference_from"] == "assessment" and meta["assessment"]["excluded"] == []
+    assert len(meta["assessment"]["stacks"]) == 3
+    text = log.read_text()
+    assert "slice acquisition order:" in text and "assess: reference stack" in text and "template gt.nii.gz" in text
+
+
+def test_reference_and_exclusion_options(case, tmp_path, capsys):
+    out = tmp_path / "r.nii.gz"
+    assert _recon(case, out, "--reference-stack", "2", "--stack-exclude", "auto") == 0
+    meta = json.loads((tmp_path / "r.config.json").read_text())
+    assert meta["config"]["reference_stack"] == 2 and meta["assessment"]["reference_from"] == "option"
+    assert meta["assessment"]["reference_stack"] == case["stacks"][2]
+    capsys.readouterr()
+    for args, line in [
+        (["--reference-stack", "3"], "error: --reference-stack: 3 is not a stack index (0..2)"),
+        (["--template", str(tmp_path / "no.nii.gz")], f"error: {tmp_path / 'no.nii.gz'}: file not found"),
+        (["--template-mask", case["mask"]], "error: --template-mask: needs --template"),
+        (["--stack-exclude", "all"], "error: --stack-exclude: invalid choice: 'all' (choose from 'off', 'auto')"),
+    ]:
+        bad = tmp_path / "bad.nii.gz"
+        assert _recon(case, bad, *args) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [line]
+        assert not bad.exists() and not (tmp_path / "bad_native.nii.gz").exists()

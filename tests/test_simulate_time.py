@@ -1,0 +1,141 @@
+"""Simulated motion over acquisition time (issue 19): order, sidecars, drift, jumps, stack motion."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import blob_volume, write_nifti
+
+from mgaussian.cli import main
+from mgaussian.geometry import matrix_to_rotvec, rigid_matrix
+from mgaussian.io import load_stacks
+from mgaussian.simulate import simulate_stacks
+
+
+def _gt():
+    gt, aff, _ = blob_volume((28, 30, 26), spacing=1.5, sigma=7.0)
+    return gt + 5.0, aff
+
+
+def _sim(tmp_path, **kw):
+    gt, aff = _gt()
+    d = tmp_path / "sim"
+    truth = simulate_stacks(gt, aff, gt > 20, str(d), thickness=2.0, pixel=3.0, seed=4, log=lambda s: None, **kw)
+    return d, truth
+
+
+def _poses_in_time(stack):
+    """The slices' pose matrices [K,4,4] sorted by acquisition rank, and the ranks."""
+    sl = stack["slices"]
+    r = np.array([s["acquisition_rank"] for s in sl])
+    M = np.array([s["matrix"] for s in sl])
+    o = np.argsort(r, kind="stable")
+    return M[o], r[o]
+
+
+def _angle_deg(A, B):
+    return math.degrees(float(np.linalg.norm(matrix_to_rotvec(A[:3, :3] @ B[:3, :3].T))))
+
+
+@pytest.mark.parametrize("order, packages", [("interleaved", 1), ("sequential", 1), ("interleaved", 2)])
+def test_order_and_sidecar_round_trip(tmp_path, order, packages):
+    d, truth = _sim(tmp_path, slice_order=order, packages=packages)
+    paths = [str(d / f"stack_{i:02d}.nii.gz") for i in range(3)]
+    for st, ts in zip(load_stacks(paths), truth["stacks"]):
+        ranks = [s["acquisition_rank"] for s in ts["slices"]]
+        assert st.slice_order.tolist() == ranks and "SliceTiming" in st.slice_order_source
+        assert st.thickness == 2.0 and st.thickness_source == "sidecar"
+        side = json.loads((d / ts["sidecar"]).read_text())
+        assert side["SliceThickness"] == 2.0 and len(side["SliceTiming"]) == st.n_slices
+        assert ts["acquisition_order"] == np.argsort(ranks).tolist()
+        if order == "sequential":
+            assert ranks == list(range(st.n_slices))
+        elif packages == 1:  # Siemens: an even count starts with slice 1, an odd one with slice 0
+            assert ts["acquisition_order"][0] == (1 if st.n_slices % 2 == 0 else 0)
+            assert all(b - a == 2 for a, b in zip(ts["acquisition_order"][:3], ts["acquisition_order"][1:4]))
+        else:  # package 0 (even slices) first
+            n0 = (st.n_slices + 1) // 2
+            assert all(s % 2 == 0 for s in ts["acquisition_order"][:n0])
+
+
+def test_drift_is_smooth_in_time(tmp_path):
+    deg, mm = 8.0, 4.0
+    _, truth = _sim(tmp_path, motion_drift=(deg, mm))
+    for ts in truth["stacks"]:
+        M, r = _poses_in_time(ts)
+        K = len(M)
+        steps = [_angle_deg(M[k + 1], M[k]) for k in range(K - 1)]
+        moves = [float(np.linalg.norm(M[k + 1][:3, 3] - M[k][:3, 3])) for k in range(K - 1)]
+        # g(t) = a t + (1 - a) t^2 has |g'| <= 2: consecutive in time differ by <= 2 x DEG / (K - 1)
+        assert max(steps) <= 2 * deg / (K - 1) + 1e-6
+        assert _angle_deg(M[0], np.eye(4)) < 1e-9 and abs(_angle_deg(M[-1], np.eye(4)) - deg) < 1e-6
+        # neighbours in space, acquired half a stack apart in time, differ much more
+        sl = ts["slices"]
+        spatial = [_angle_deg(np.array(sl[k + 1]["matrix"]), np.array(sl[k]["matrix"])) for k in range(K - 1)]
+        assert np.median(spatial) > 3 * np.median(steps)
+        assert max(moves) < 3 * mm  # the rotation about the volume centre moves points too, but smoothly
+
+
+def test_jumps_persist(tmp_path):
+    _, truth = _sim(tmp_path, motion_jumps=2, motion_rotation=6.0, motion_translation=3.0)
+    for ts in truth["stacks"]:
+        M, r = _poses_in_time(ts)
+        at = [j["at_rank"] for j in ts["jumps"]]
+        assert len(at) == 2 and len(set(at)) == 2
+        changes = [k + 1 for k in range(len(M) - 1) if not np.allclose(M[k + 1], M[k], atol=1e-9)]
+        assert [int(r[k]) for k in changes] == sorted(at)  # constant between jumps, changes only at them
+        assert np.allclose(M[0], np.eye(4))  # before the first jump: where the header says
+        # after each jump the pose is the composition of the jumps so far (they persist)
+        J = [rigid_matrix(j["rotvec"], j["translation_mm"], truth["centre_mm"]) for j in ts["jumps"]]
+        assert np.allclose(M[changes[0]], J[0], atol=1e-9)
+        assert np.allclose(M[-1], J[0] @ J[1], atol=1e-9)
+        assert all(j["rotation_deg"] <= 6.0 and max(abs(v) for v in j["translation_mm"]) <= 3.0 for j in ts["jumps"])
+
+
+def test_stack_motion_moves_whole_stacks(tmp_path):
+    _, truth = _sim(tmp_path, stack_motion=(12.0, 5.0))
+    for ts in truth["stacks"]:
+        M, _ = _poses_in_time(ts)
+        assert np.allclose(M, M[0])  # one rigid map for the whole stack
+        assert abs(_angle_deg(M[0], np.eye(4)) - 12.0) < 1e-6
+        assert np.allclose(M[0], np.array(ts["stack_motion_matrix"]))
+    # each stack moved differently
+    assert _angle_deg(np.array(truth["stacks"][0]["stack_motion_matrix"]),
+                      np.array(truth["stacks"][1]["stack_motion_matrix"])) > 1.0
+
+
+def test_default_model_unchanged_by_new_stream(tmp_path):
+    """Without the new options the per-slice draws are those of the original model."""
+    gt, aff = _gt()
+    a = simulate_stacks(gt, aff, None, str(tmp_path / "a"), thickness=2.0, pixel=3.0, seed=5, motion_rotation=3.0,
+                        log=lambda s: None)
+    b = simulate_stacks(gt, aff, None, str(tmp_path / "b"), thickness=2.0, pixel=3.0, seed=5, motion_rotation=3.0,
+                        slice_order="sequential", log=lambda s: None)
+    for sa, sb in zip(a["stacks"], b["stacks"]):
+        assert all(np.allclose(x["matrix"], y["matrix"]) for x, y in zip(sa["slices"], sb["slices"]))
+
+
+def test_cli_options_and_errors(tmp_path, capsys):
+    gt, aff = _gt()
+    g = write_nifti(tmp_path / "gt.nii.gz", gt, aff)
+    out = tmp_path / "o"
+    rc = main(["simulate", g, "--output-dir", str(out), "--thickness", "2", "--pixel", "3",
+               "--slice-order", "sequential", "--packages", "2", "--motion-drift", "5,2", "--motion-jumps", "1",
+               "--motion-rotation", "4",
+               "--stack-motion", "10,3"])
+    assert rc == 0
+    t = json.loads((out / "truth.json").read_text())
+    assert t["settings"]["motion_drift"] == [5.0, 2.0] and t["settings"]["stack_motion"] == [10.0, 3.0]
+    assert t["stacks"][0]["packages"] == 2 and len(t["stacks"][0]["jumps"]) == 1
+    capsys.readouterr()
+    for args, msg in [
+        (["--motion-drift", "5"], "error: --motion-drift: expected DEG,MM (two numbers >= 0), got '5'"),
+        (["--stack-motion", "200,1"], "error: --stack-motion: a rotation of 200 degrees is more than a half turn"),
+        (["--motion-jumps", "2"], "error: --motion-jumps: needs --motion-rotation and/or --motion-translation"),
+        (["--motion-jumps", "500", "--motion-rotation", "3"], "error: --motion-jumps: 500 jumps need more acquisition"),
+    ]:
+        rc = main(["simulate", g, "--output-dir", str(tmp_path / "x"), "--thickness", "2", "--pixel", "3"] + args)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith(msg), err
+    assert not (tmp_path / "x").exists()

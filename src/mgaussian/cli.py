@@ -616,35 +616,8 @@ def _check_checkpoint_dir(a, outputs) -> None:
             raise InputError("--checkpoint-dir", f"{d} is also an input or output")
 
 
-def cmd_reconstruct(a) -> int:
-    import time
-
-    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti, validate_stacks
-    from .errors import warn
-    from .recon.config import ReconConfig, config_from_dict, load_config_file
-
-    inputs = list(a.input_stacks) + list(a.stack_masks or [])
-    check_output_path(a.output_volume, inputs)
-    if a.output_model:
-        if os.path.realpath(a.output_model) == os.path.realpath(a.output_volume):
-            raise InputError("--output-model", "must differ from --output-volume")
-        check_output_path(a.output_model, inputs + [a.output_volume], what="--output-model", nifti=False)
-    config_json = _stem(a.output_volume) + ".config.json"
-    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json])
-    if a.output_resolution is not None and a.output_resolution < 0.1:
-        raise InputError("--output-resolution", f"{a.output_resolution:g} mm is absurdly fine (>= 0.1 mm)")
-    report_dir = None
-    if a.no_report and a.output_report:
-        raise InputError("--output-report", "conflicts with --no-report")
-    if not a.no_report:
-        from .report import check_report_dir
-
-        report_dir = a.output_report or (_stem(a.output_volume) + "_report")
-        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model], len(a.input_stacks))
-    cfg = ReconConfig()
-    if a.config:
-        cfg = config_from_dict(load_config_file(a.config), where=a.config)
-    # only what the command line gives replaces the --config file's settings
+def _config_overrides(a) -> dict:
+    """The settings the command line gives (they replace the --config file's)."""
     over = {k: v for k, v in (("device", a.device), ("backend", a.backend), ("seed", a.seed)) if v is not None}
     if a.output_resolution is not None:
         over["output_resolution"] = a.output_resolution
@@ -675,7 +648,112 @@ def cmd_reconstruct(a) -> int:
     if a.block_radius is not None:
         over["block_radius"] = a.block_radius
         over["renderer"] = "points"
-    cfg = cfg.resolved(**over).validate("command line")
+    return over
+
+
+def _write_volumes(a, res, inputs, template_outs: dict, log) -> dict | None:
+    """Write the volume (on the template's grid with --template, the native one beside it);
+    returns the template registration's record (None without --template)."""
+    from .io import save_nifti
+
+    template_info = None
+    if template_outs:  # the native volume is kept beside the one in atlas space (written first)
+        from .atlas import to_template_space, write_transform_files
+
+        save_nifti(res.volume, res.affine, template_outs["native"], inputs=inputs,
+                   header_extra=f"mgaussian {__version__}")
+        vol_t, aff_t, template_info = to_template_space(res.volume, res.affine, a.template, a.template_transform,
+                                                        a.template_mask, log=log)
+        write_transform_files({"mgaussian_version": __version__, "output_volume": os.path.abspath(a.output_volume),
+                               "output_volume_native": os.path.abspath(template_outs["native"]), **template_info},
+                              template_outs["json"], template_outs["tfm"])
+        save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    else:
+        save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    return template_info
+
+
+def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: dict, wall_s: float) -> dict:
+    """OUT.config.json: version, command, inputs, resolved settings, timings, assessment, template."""
+    meta = {
+        "mgaussian_version": __version__,
+        "command": sys.argv,
+        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"),
+                    "thickness_mm": s.thickness, "thickness_from": s.thickness_source,
+                    "slice_order_ranks": None if s.slice_order is None else [int(r) for r in s.slice_order],
+                    "slice_order_from": s.slice_order_source} for s in stacks],
+        "config": res.config.to_dict(),
+        "output_volume": os.path.abspath(a.output_volume),
+        "output_scale": res.scale,
+        "output_scale_note": "volume = model value x output_scale: the stacks are divided by their 99th percentile in the mask, the output is multiplied back by the mean of those divisors",
+        "backend": res.backend,
+        "timings_s": res.timings,
+        "wall_s": wall_s,
+        # empty: the fixed schedule ended the fit (same inputs and settings -> the same volume)
+        "time_budget_cut": res.budget_cuts,
+    }
+    meta["assessment"] = assessment
+    if template_info is not None:
+        meta["output_volume_native"] = os.path.abspath(template_outs["native"])
+        meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
+                                                          "ncc_in_template_mask", "rotation_deg", "chosen",
+                                                          "candidates_ncc") if k in template_info}
+        meta["template"]["transform_json"] = os.path.abspath(template_outs["json"])
+    return meta
+
+
+def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float) -> None:
+    """The HTML report beside the volume (a warning, not an error, without matplotlib)."""
+    import time
+
+    from .errors import warn
+
+    t_rep = time.time()
+    try:
+        import matplotlib  # noqa: F401
+
+        from .report import write_report
+    except ImportError as exc:  # matplotlib missing from a partial install
+        warn("--output-report", f"no report written ({exc})")
+    else:
+        extra = {"command": sys.argv, "wall_s": t_rep - t0, "config_json": _stem(a.output_volume) + ".config.json",
+                 "model": a.output_model}
+        idx = write_report(report_dir, res, stacks, a.output_volume, extra=extra,
+                           inputs=[a.output_model, _stem(a.output_volume) + ".config.json"])
+        if not a.quiet:
+            print(f"wrote the report {idx} in {time.time() - t_rep:.1f} s", file=sys.stderr)
+        runlog.line(f"report: {idx}")
+
+
+def cmd_reconstruct(a) -> int:
+    import time
+
+    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti, validate_stacks
+    from .errors import warn
+    from .recon.config import ReconConfig, config_from_dict, load_config_file
+
+    inputs = list(a.input_stacks) + list(a.stack_masks or [])
+    check_output_path(a.output_volume, inputs)
+    if a.output_model:
+        if os.path.realpath(a.output_model) == os.path.realpath(a.output_volume):
+            raise InputError("--output-model", "must differ from --output-volume")
+        check_output_path(a.output_model, inputs + [a.output_volume], what="--output-model", nifti=False)
+    config_json = _stem(a.output_volume) + ".config.json"
+    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json])
+    if a.output_resolution is not None and a.output_resolution < 0.1:
+        raise InputError("--output-resolution", f"{a.output_resolution:g} mm is absurdly fine (>= 0.1 mm)")
+    report_dir = None
+    if a.no_report and a.output_report:
+        raise InputError("--output-report", "conflicts with --no-report")
+    if not a.no_report:
+        from .report import check_report_dir
+
+        report_dir = a.output_report or (_stem(a.output_volume) + "_report")
+        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model], len(a.input_stacks))
+    cfg = ReconConfig()
+    if a.config:
+        cfg = config_from_dict(load_config_file(a.config), where=a.config)
+    cfg = cfg.resolved(**_config_overrides(a)).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
     template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log], native=True)
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
@@ -713,44 +791,8 @@ def cmd_reconstruct(a) -> int:
         runlog.line(f"failed: {type(exc).__name__}: {exc}")
         runlog.close()
         raise
-    template_info = None
-    if template_outs:  # the native volume is kept beside the one in atlas space (written first)
-        from .atlas import to_template_space, write_transform_files
-
-        save_nifti(res.volume, res.affine, template_outs["native"], inputs=inputs,
-                   header_extra=f"mgaussian {__version__}")
-        vol_t, aff_t, template_info = to_template_space(res.volume, res.affine, a.template, a.template_transform,
-                                                        a.template_mask, log=log)
-        write_transform_files({"mgaussian_version": __version__, "output_volume": os.path.abspath(a.output_volume),
-                               "output_volume_native": os.path.abspath(template_outs["native"]), **template_info},
-                              template_outs["json"], template_outs["tfm"])
-        save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
-    else:
-        save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
-    meta = {
-        "mgaussian_version": __version__,
-        "command": sys.argv,
-        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"),
-                    "thickness_mm": s.thickness, "thickness_from": s.thickness_source,
-                    "slice_order_ranks": None if s.slice_order is None else [int(r) for r in s.slice_order],
-                    "slice_order_from": s.slice_order_source} for s in stacks],
-        "config": res.config.to_dict(),
-        "output_volume": os.path.abspath(a.output_volume),
-        "output_scale": res.scale,
-        "output_scale_note": "volume = model value x output_scale: the stacks are divided by their 99th percentile in the mask, the output is multiplied back by the mean of those divisors",
-        "backend": res.backend,
-        "timings_s": res.timings,
-        "wall_s": time.time() - t0,
-        # empty: the fixed schedule ended the fit (same inputs and settings -> the same volume)
-        "time_budget_cut": res.budget_cuts,
-    }
-    meta["assessment"] = assessment
-    if template_info is not None:
-        meta["output_volume_native"] = os.path.abspath(template_outs["native"])
-        meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
-                                                          "ncc_in_template_mask", "rotation_deg", "chosen",
-                                                          "candidates_ncc") if k in template_info}
-        meta["template"]["transform_json"] = os.path.abspath(template_outs["json"])
+    template_info = _write_volumes(a, res, inputs, template_outs, log)
+    meta = _run_record(a, res, stacks, cfg, assessment, template_info, template_outs, time.time() - t0)
     atomic_write_text(config_json, json.dumps(meta, indent=1))
     poses_json = _stem(a.output_volume) + ".poses.json"
     atomic_write_text(poses_json, json.dumps({
@@ -773,21 +815,7 @@ def cmd_reconstruct(a) -> int:
                                                                         *template_outs.values()) if p]))
     runlog.line(done)
     if report_dir is not None:
-        t_rep = time.time()
-        try:
-            import matplotlib  # noqa: F401
-
-            from .report import write_report
-        except ImportError as exc:  # matplotlib missing from a partial install
-            warn("--output-report", f"no report written ({exc})")
-        else:
-            extra = {"command": sys.argv, "wall_s": t_rep - t0, "config_json": _stem(a.output_volume) + ".config.json",
-                     "model": a.output_model}
-            idx = write_report(report_dir, res, stacks, a.output_volume, extra=extra,
-                               inputs=[a.output_model, _stem(a.output_volume) + ".config.json"])
-            if not a.quiet:
-                print(f"wrote the report {idx} in {time.time() - t_rep:.1f} s", file=sys.stderr)
-            runlog.line(f"report: {idx}")
+        _write_run_report(a, res, stacks, report_dir, runlog, t0)
     runlog.close()
     if not a.quiet:
         print(done, file=sys.stderr)

@@ -157,6 +157,9 @@ def _add_reconstruct(sub):
     g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
     g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
+    g.add_argument("--output-confidence", metavar="C.nii.gz",
+                   help="also write a confidence map in [0, 1] on the output grid: how well the data determine "
+                        "each voxel (the intensities' approximate posterior sd; see docs/clinical.md)")
     g.add_argument("--output-report", metavar="DIR", help="folder for the HTML report (index.html and PNGs); default: <output stem>_report beside the volume")
     g.add_argument("--no-report", action="store_true", help="write no report")
     g.add_argument("--config", help="JSON (or TOML) file of settings (see mgaussian.recon.config.ReconConfig)")
@@ -400,8 +403,8 @@ def cmd_simulate(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .io import load_image, load_mask, resolve_thickness
     from .geometry import slice_frames
+    from .io import load_image, load_mask, resolve_thickness
 
     ref_mode = a.reference is not None or a.mask is not None or a.labels is not None
     held_mode = a.heldout_stack is not None or a.stack_mask is not None
@@ -619,8 +622,8 @@ def _check_checkpoint_dir(a, outputs) -> None:
 def cmd_reconstruct(a) -> int:
     import time
 
-    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti, validate_stacks
     from .errors import warn
+    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti, validate_stacks
     from .recon.config import ReconConfig, config_from_dict, load_config_file
 
     inputs = list(a.input_stacks) + list(a.stack_masks or [])
@@ -629,8 +632,14 @@ def cmd_reconstruct(a) -> int:
         if os.path.realpath(a.output_model) == os.path.realpath(a.output_volume):
             raise InputError("--output-model", "must differ from --output-volume")
         check_output_path(a.output_model, inputs + [a.output_volume], what="--output-model", nifti=False)
+    if a.output_confidence:
+        for other, what in ((a.output_volume, "--output-volume"), (a.output_model, "--output-model")):
+            if other and os.path.realpath(a.output_confidence) == os.path.realpath(other):
+                raise InputError("--output-confidence", f"must differ from {what}")
+        check_output_path(a.output_confidence, inputs, what="--output-confidence")
     config_json = _stem(a.output_volume) + ".config.json"
-    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json])
+    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json,
+                                                                    a.output_confidence])
     if a.output_resolution is not None and a.output_resolution < 0.1:
         raise InputError("--output-resolution", f"{a.output_resolution:g} mm is absurdly fine (>= 0.1 mm)")
     report_dir = None
@@ -640,7 +649,8 @@ def cmd_reconstruct(a) -> int:
         from .report import check_report_dir
 
         report_dir = a.output_report or (_stem(a.output_volume) + "_report")
-        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model], len(a.input_stacks))
+        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model, a.output_confidence],
+                         len(a.input_stacks))
     cfg = ReconConfig()
     if a.config:
         cfg = config_from_dict(load_config_file(a.config), where=a.config)
@@ -654,6 +664,8 @@ def cmd_reconstruct(a) -> int:
         over["through_plane_fwhm_factor"] = 1.0 if a.slice_profile == "gaussian" else 0.8
     if a.time_budget is not None:
         over["time_budget_s"] = a.time_budget
+    if a.output_confidence:
+        over["confidence"] = True
     # the --no-X switches: each turns one setting off
     for flag, key in (("no_motion", "motion"), ("no_registration", "register_stacks"), ("no_robust", "robust"),
                       ("no_ssim", "use_ssim"), ("no_growth", "growth"), ("no_anisotropy", "use_anisotropy"),
@@ -677,7 +689,8 @@ def cmd_reconstruct(a) -> int:
         over["renderer"] = "points"
     cfg = cfg.resolved(**over).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
-    template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log], native=True)
+    template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log, a.output_confidence],
+                                     native=True)
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
@@ -727,6 +740,10 @@ def cmd_reconstruct(a) -> int:
         save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     else:
         save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    if a.output_confidence:
+        # on the reconstruction's own grid (with --template: that of the native volume)
+        save_nifti(res.confidence, res.affine, a.output_confidence, inputs=inputs,
+                   header_extra=f"mgaussian {__version__} confidence")
     meta = {
         "mgaussian_version": __version__,
         "command": sys.argv,
@@ -745,6 +762,9 @@ def cmd_reconstruct(a) -> int:
         "time_budget_cut": res.budget_cuts,
     }
     meta["assessment"] = assessment
+    if a.output_confidence:
+        meta["output_confidence"] = os.path.abspath(a.output_confidence)
+        meta["confidence"] = res.confidence_info
     if template_info is not None:
         meta["output_volume_native"] = os.path.abspath(template_outs["native"])
         meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
@@ -770,6 +790,7 @@ def cmd_reconstruct(a) -> int:
                 f"native volume {template_outs['native']} in {time.time() - t0:.1f} s")
     runlog.line("timings_s: " + json.dumps({**res.timings, "wall_s": time.time() - t0}))
     runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model,
+                                                                        a.output_confidence,
                                                                         *template_outs.values()) if p]))
     runlog.line(done)
     if report_dir is not None:
@@ -784,7 +805,7 @@ def cmd_reconstruct(a) -> int:
             extra = {"command": sys.argv, "wall_s": t_rep - t0, "config_json": _stem(a.output_volume) + ".config.json",
                      "model": a.output_model}
             idx = write_report(report_dir, res, stacks, a.output_volume, extra=extra,
-                               inputs=[a.output_model, _stem(a.output_volume) + ".config.json"])
+                               inputs=[a.output_model, _stem(a.output_volume) + ".config.json", a.output_confidence])
             if not a.quiet:
                 print(f"wrote the report {idx} in {time.time() - t_rep:.1f} s", file=sys.stderr)
             runlog.line(f"report: {idx}")
@@ -795,14 +816,14 @@ def cmd_reconstruct(a) -> int:
 
 
 def cmd_sample_volume(a) -> int:
+    import time
+
     import numpy as np
 
     from .io import check_output_path, save_nifti
     from .recon.model_io import load_model
     from .recon.output import render_volume
     from .sampling import resample_volume
-
-    import time
 
     check_output_path(a.output_volume, [a.input_model])
     _check_log_path(a, [a.input_model], [a.output_volume])
@@ -869,9 +890,7 @@ def cmd_inspect(a) -> int:
     import nibabel as nib
     import numpy as np
 
-    from .io import load_stacks
-
-    from .io import validate_stacks
+    from .io import load_stacks, validate_stacks
 
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     validate_stacks(stacks)

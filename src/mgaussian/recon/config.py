@@ -185,7 +185,7 @@ class ReconConfig:
     confidence_ref: float = 0.05
     # the local misfit (robust residuals splatted on the Gaussians) as the noise where it exceeds the
     # slices' noise: off, it made the map rank the errors worse on the test phantom (Spearman of
-    # 1 - confidence with |error| in the mask: 2 % noise 0.62 -> 0.58, clean 0.32 -> 0.31)
+    # 1 - confidence with |error| in the mask: 2 % noise 0.62 -> 0.59, clean 0.32 -> 0.31)
     confidence_misfit: bool = False
     # compute
     # the intensity fits (conjugate gradients) store each stack's render as an explicit sparse map

@@ -157,6 +157,9 @@ def _add_reconstruct(sub):
     g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
     g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
+    g.add_argument("--output-confidence", metavar="C.nii.gz",
+                   help="also write a confidence map in [0, 1] on the output grid: how well the data determine "
+                        "each voxel (the intensities' approximate posterior sd; see docs/clinical.md)")
     g.add_argument("--output-report", metavar="DIR", help="folder for the HTML report (index.html and PNGs); default: <output stem>_report beside the volume")
     g.add_argument("--no-report", action="store_true", help="write no report")
     g.add_argument("--config", help="JSON (or TOML) file of settings (see mgaussian.recon.config.ReconConfig)")
@@ -627,6 +630,8 @@ def _config_overrides(a) -> dict:
         over["through_plane_fwhm_factor"] = 1.0 if a.slice_profile == "gaussian" else 0.8
     if a.time_budget is not None:
         over["time_budget_s"] = a.time_budget
+    if a.output_confidence:
+        over["confidence"] = True
     # the --no-X switches: each turns one setting off
     for flag, key in (("no_motion", "motion"), ("no_registration", "register_stacks"), ("no_robust", "robust"),
                       ("no_ssim", "use_ssim"), ("no_growth", "growth"), ("no_anisotropy", "use_anisotropy"),
@@ -670,6 +675,10 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> dict | None:
         save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     else:
         save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+    if a.output_confidence:
+        # on the reconstruction's own grid (with --template: that of the native volume)
+        save_nifti(res.confidence, res.affine, a.output_confidence, inputs=inputs,
+                   header_extra=f"mgaussian {__version__} confidence")
     return template_info
 
 
@@ -693,6 +702,9 @@ def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: d
         "time_budget_cut": res.budget_cuts,
     }
     meta["assessment"] = assessment
+    if a.output_confidence:
+        meta["output_confidence"] = os.path.abspath(a.output_confidence)
+        meta["confidence"] = res.confidence_info
     if template_info is not None:
         meta["output_volume_native"] = os.path.abspath(template_outs["native"])
         meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
@@ -719,7 +731,7 @@ def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float) -> Non
         extra = {"command": sys.argv, "wall_s": t_rep - t0, "config_json": _stem(a.output_volume) + ".config.json",
                  "model": a.output_model}
         idx = write_report(report_dir, res, stacks, a.output_volume, extra=extra,
-                           inputs=[a.output_model, _stem(a.output_volume) + ".config.json"])
+                           inputs=[a.output_model, _stem(a.output_volume) + ".config.json", a.output_confidence])
         if not a.quiet:
             print(f"wrote the report {idx} in {time.time() - t_rep:.1f} s", file=sys.stderr)
         runlog.line(f"report: {idx}")
@@ -738,8 +750,14 @@ def cmd_reconstruct(a) -> int:
         if os.path.realpath(a.output_model) == os.path.realpath(a.output_volume):
             raise InputError("--output-model", "must differ from --output-volume")
         check_output_path(a.output_model, inputs + [a.output_volume], what="--output-model", nifti=False)
+    if a.output_confidence:
+        for other, what in ((a.output_volume, "--output-volume"), (a.output_model, "--output-model")):
+            if other and os.path.realpath(a.output_confidence) == os.path.realpath(other):
+                raise InputError("--output-confidence", f"must differ from {what}")
+        check_output_path(a.output_confidence, inputs, what="--output-confidence")
     config_json = _stem(a.output_volume) + ".config.json"
-    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json])
+    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json,
+                                                                    a.output_confidence])
     if a.output_resolution is not None and a.output_resolution < 0.1:
         raise InputError("--output-resolution", f"{a.output_resolution:g} mm is absurdly fine (>= 0.1 mm)")
     report_dir = None
@@ -749,13 +767,15 @@ def cmd_reconstruct(a) -> int:
         from .report import check_report_dir
 
         report_dir = a.output_report or (_stem(a.output_volume) + "_report")
-        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model], len(a.input_stacks))
+        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model, a.output_confidence],
+                         len(a.input_stacks))
     cfg = ReconConfig()
     if a.config:
         cfg = config_from_dict(load_config_file(a.config), where=a.config)
     cfg = cfg.resolved(**_config_overrides(a)).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
-    template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log], native=True)
+    template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log, a.output_confidence],
+                                     native=True)
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
@@ -812,6 +832,7 @@ def cmd_reconstruct(a) -> int:
                 f"native volume {template_outs['native']} in {time.time() - t0:.1f} s")
     runlog.line("timings_s: " + json.dumps({**res.timings, "wall_s": time.time() - t0}))
     runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model,
+                                                                        a.output_confidence,
                                                                         *template_outs.values()) if p]))
     runlog.line(done)
     if report_dir is not None:

@@ -32,7 +32,7 @@ _DPI = 80
 
 def report_targets(out_dir: str, n_stacks: int) -> list[str]:
     """Every file the report may write (the PNGs, then index.html)."""
-    names = ["orthogonal.png", "loss.png", "poses.png", "slices.png"] + [f"stack_{i + 1:02d}.png" for i in range(n_stacks)]
+    names = ["orthogonal.png", "confidence.png", "loss.png", "poses.png", "slices.png"] + [f"stack_{i + 1:02d}.png" for i in range(n_stacks)]
     return [os.path.join(out_dir, n) for n in names] + [os.path.join(out_dir, "index.html")]
 
 
@@ -133,6 +133,41 @@ def _ortho_figure(vol, affine, region):
     fig.colorbar(im, ax=list(axs), shrink=0.8, label="intensity")
     fig.suptitle("Reconstruction: planes through the centre of the reconstructed region "
                  "(voxel axes nearest to R, A, S; edge letters: world directions)", fontsize=9)
+    return fig
+
+
+def _confidence_figure(vol, conf, affine, region):
+    """The volume's three planes through the centre of the region (as ``_ortho_figure``) above the
+    same planes of the confidence map (0 to 1)."""
+    import nibabel as nib
+    from matplotlib.figure import Figure
+
+    ornt = nib.orientations.io_orientation(affine)
+    v = nib.orientations.apply_orientation(vol, ornt)
+    cf = nib.orientations.apply_orientation(conf, ornt)
+    r = nib.orientations.apply_orientation(region.astype(np.uint8), ornt).astype(bool) if region is not None else None
+    A = affine @ nib.orientations.inv_ornt_aff(ornt, vol.shape)
+    cols = A[:3, :3]
+    sp = np.linalg.norm(cols, axis=0)
+    if r is not None and r.any():
+        idx = np.argwhere(r)
+        c = ((idx.min(0) + idx.max(0)) // 2).astype(int)
+        hi = float(np.percentile(v[r], 99.5))
+    else:
+        c = (np.asarray(v.shape) // 2).astype(int)
+        hi = float(np.percentile(v, 99.5)) if v.size else 1.0
+    hi = hi if hi > 0 else 1.0
+    ext = [(0, v.shape[i] * sp[i]) for i in range(3)]
+    fig = Figure(figsize=(11, 7.5))
+    axs = fig.subplots(2, 3)
+    for row, (img, kw) in enumerate(((v, {"vmin": 0, "vmax": hi}), (cf, {"vmin": 0, "vmax": 1, "cmap": "viridis"}))):
+        _show(axs[row, 0], img[:, :, c[2]], [*ext[0], *ext[1]], cols[:, 0], cols[:, 1], f"axial (voxel k={c[2]})", **kw)
+        _show(axs[row, 1], img[:, c[1], :], [*ext[0], *ext[2]], cols[:, 0], cols[:, 2], f"coronal (voxel j={c[1]})", **kw)
+        im = _show(axs[row, 2], img[c[0], :, :], [*ext[1], *ext[2]], cols[:, 1], cols[:, 2],
+                   f"sagittal (voxel i={c[0]})", **kw)
+        fig.colorbar(im, ax=list(axs[row]), shrink=0.8, label="intensity" if row == 0 else "confidence")
+    fig.suptitle("Top: the reconstruction; bottom: its confidence map (1: well determined by the data, "
+                 "0: not at all or outside the region)", fontsize=9)
     return fig
 
 
@@ -364,6 +399,16 @@ def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=No
            f"{result.field.num_gaussians} Gaussians, neural residual field {'on' if result.nrf is not None else 'off'}.</p>",
            '<img src="orthogonal.png" alt="orthogonal views of the reconstruction">']
     parts += sec
+    conf = getattr(result, "confidence", None)
+    if conf is not None:
+        _save(_confidence_figure(result.volume, conf, result.affine, result.region), os.path.join(d, "confidence.png"),
+              real_in)
+        info = getattr(result, "confidence_info", None) or {}
+        parts.append("<h3>Confidence</h3><p>How well the data determine each voxel: 1 / (1 + sd / sd_ref), sd the "
+                     "intensity's approximate posterior standard deviation (the slices reaching it, their weights "
+                     f"and the smoothness prior), sd_ref = {_fmt(info.get('sd_ref'))} (docs/clinical.md). Mean "
+                     f"{_fmt(info.get('mean_confidence_in_region'))} in the region.</p>"
+                     '<img src="confidence.png" alt="the reconstruction and its confidence map">')
 
     parts.append("<h2>Input stacks and the model's simulation of them</h2>"
                  "<p>Each slice rendered from the model through the slice profile at its fitted pose "

@@ -4,7 +4,8 @@ intensity fit that every level starts from."""
 
 from __future__ import annotations
 
-__all__ = ["level_schedule", "begin_level", "refit", "warm_start", "robust_refit"]
+__all__ = ["level_schedule", "begin_level", "refit", "warm_start", "robust_refit", "smoothness_weight",
+           "edge_prior_active", "edge_weights"]
 
 import torch
 
@@ -38,6 +39,20 @@ def _deadline(state: ReconState, last: bool, adam_follows: bool) -> float | None
     return state.t_start + share * budget
 
 
+def smoothness_weight(state: ReconState, n_gaussians: int) -> float:
+    """The lattice prior's weight of a level of ``n_gaussians`` (``cfg.cg_smoothness``, or from the
+    slices' noise, see the config)."""
+    cfg = state.cfg
+    if cfg.cg_smoothness is not None:
+        return float(cfg.cg_smoothness)
+    return cfg.smoothness_gain * state.noise_sigma ** 2 * state.n_pix / max(n_gaussians, 1)
+
+
+def edge_prior_active(state: ReconState, level_last: bool, has_prior: bool) -> bool:
+    """Whether the level's prior is made edge-preserving (the last level, on noisy data)."""
+    return level_last and has_prior and state.noise_sigma > state.cfg.adam_max_noise
+
+
 def _level_field(state: ReconState, index: int, spacing: float, resumed: bool) -> None:
     """The level's Gaussians: a checkpoint's, a new grid, or the last level's grown to ``spacing``
     over the region where the slices now put the anatomy."""
@@ -59,10 +74,7 @@ def begin_level(state: ReconState, index: int, count: int, factor: float, iterat
     _level_field(state, index, spacing, resumed)
     fld = state.fld
     state.params = {k: v.detach().clone().requires_grad_(True) for k, v in fld.tensors().items()}
-    if cfg.cg_smoothness is not None:
-        smooth = float(cfg.cg_smoothness)
-    else:
-        smooth = cfg.smoothness_gain * state.noise_sigma ** 2 * state.n_pix / max(fld.num_gaussians, 1)
+    smooth = smoothness_weight(state, fld.num_gaussians)
     pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(state.dev) if smooth > 0 else None
     if smooth > 0:
         state.log(f"  smoothness prior {smooth:.3g} (noise sigma {state.noise_sigma:.4f} of the 99th percentile)")
@@ -93,7 +105,7 @@ def refit(state: ReconState, level: Level, n: int, min_iter: int = 0) -> None:
 
 
 @torch.no_grad()
-def _edge_weights(c: torch.Tensor, pairs: torch.Tensor, k: float) -> torch.Tensor:
+def edge_weights(c: torch.Tensor, pairs: torch.Tensor, k: float) -> torch.Tensor:
     """Huber weights on the lattice differences: min(1, delta / |diff|), delta = k x their median
     (the prior is linear beyond delta: edges are kept)."""
     dabs = (c[pairs[:, 0]] - c[pairs[:, 1]]).abs()
@@ -107,12 +119,11 @@ def warm_start(state: ReconState, level: Level) -> None:
     iterations are shared with ``edge_prior_rounds`` reweighting rounds (on clean data the prior is
     ~0 and Adam follows the warm start)."""
     cfg = state.cfg
-    edge_rounds = cfg.edge_prior_rounds if (level.last and level.pairs is not None
-                                            and state.noise_sigma > cfg.adam_max_noise) else 0
+    edge_rounds = cfg.edge_prior_rounds if edge_prior_active(state, level.last, level.pairs is not None) else 0
     n0 = cfg.cg_iterations // (edge_rounds + 1)
     refit(state, level, n0, min_iter=10 // (edge_rounds + 1))
     for _ in range(edge_rounds):
-        level.edge_w = _edge_weights(state.params["intensities"].detach(), level.pairs, cfg.edge_prior_k)
+        level.edge_w = edge_weights(state.params["intensities"].detach(), level.pairs, cfg.edge_prior_k)
         refit(state, level, n0, min_iter=10 // (edge_rounds + 1))
 
 

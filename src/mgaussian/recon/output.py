@@ -43,6 +43,11 @@ class ReconResult:
     backend: str = "cpu"
     # where a time budget cut the fit short (empty: the fixed schedule ended it, the run is reproducible)
     budget_cuts: list[str] = dc_field(default_factory=list)
+    # with cfg.confidence (recon/confidence.py): the confidence map in [0, 1] on the output grid, the
+    # intensity's standard deviation (output units) and a summary; None otherwise
+    confidence: np.ndarray | None = None
+    confidence_sd: np.ndarray | None = None
+    confidence_info: dict | None = None
 
 
 def render_volume(fld: GaussianField, nrf, shape, affine, region: np.ndarray | None, backend: str = "auto",

@@ -125,4 +125,13 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         checkpointer.save(state.snapshot(len(schedule), 0, done=True))
         state.timings["checkpoint_s"], state.timings["checkpoints_saved"] = checkpointer.save_s, checkpointer.n_saved
     state.timings["train_s"] = time.time() - t_train
-    return result(state)
+    res = result(state)
+    if state.cfg.confidence:
+        from .confidence import confidence_map
+
+        conf = confidence_map(state)
+        res.confidence, res.confidence_sd = conf.confidence, conf.sd
+        res.confidence_info = {"sd_ref": conf.sd_ref, **conf.info}
+        state.log(f"confidence map ({conf.method} diagonal): mean {conf.info['mean_confidence_in_region']:.3f} "
+                  f"in the region, {state.timings['confidence_s']:.1f} s")
+    return res

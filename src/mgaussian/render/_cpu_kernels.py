@@ -818,6 +818,36 @@ def design_normal(ns, height, width, s_off, q_g, q_a0, roff, voff, rows, vals, c
     return _sum_chunks(buf)
 
 
+@njit(**_JIT)
+def _design_dot_sq(weight, s, acc_g, s_off, q_g, q_a0, roff, voff, rows, vals):
+    """acc_g [N] += sum over slice s's terms of weight x value^2 (the diagonal of A^T W A)."""
+    for q in range(s_off[s], s_off[s + 1]):
+        k = voff[q]
+        a = q_a0[q]
+        acc = 0.0
+        for r_ in range(roff[q], roff[q + 1]):
+            b0 = rows[r_, 0]
+            row = weight[a]
+            for b in range(b0, b0 + rows[r_, 1]):
+                v = vals[k]
+                acc += v * v * row[b]
+                k += 1
+            a += 1
+        acc_g[q_g[q]] += acc
+
+
+@njit(parallel=True, **_JIT)
+def design_diag_normal(ns, s_off, q_g, q_a0, roff, voff, rows, vals, weight, n, nchunk):
+    """diag(A^T diag(weight) A) [N]: per Gaussian, sum over its terms of weight x value^2 (each
+    pixel holds at most one term of a Gaussian, so this is exact; per-chunk buffers, race-free)."""
+    buf = np.zeros((nchunk, n))
+    per = (ns + nchunk - 1) // nchunk
+    for ch in prange(nchunk):
+        for s in range(ch * per, min(ns, (ch + 1) * per)):
+            _design_dot_sq(weight[s], s, buf[ch], s_off, q_g, q_a0, roff, voff, rows, vals)
+    return _sum_chunks(buf)
+
+
 # ----------------------------------------------------------------------------------------------
 # points: the seed's block partitioning (uniform cells anchored at the world origin)
 

@@ -26,8 +26,6 @@ from torch import Tensor
 
 from . import _cpu_kernels as K
 
-
-
 # Work split into a fixed number of chunks, not one per thread: the chunks' partial sums are added
 # in chunk order, so the result is the same bit for bit whatever the thread count and the load
 # (issue 17). Enough chunks to keep 16 threads busy on the backward pass; the design's chunks each
@@ -230,6 +228,11 @@ class SliceDesign:
     def normal(self, v: Tensor, weight: Tensor) -> Tensor:
         """A^T diag(weight) A v (weight [S,H,W]), in one pass."""
         return self._out(K.design_normal(self.ns, *self.shape, *self._arrays, _np64(v), _np64(weight), self._nchunk()))
+
+    def diag_normal(self, weight: Tensor) -> Tensor:
+        """diag(A^T diag(weight) A) [N] (weight [S,H,W]): sum_p weight_p A_pi^2 per Gaussian, exact,
+        in one pass over the stored terms (the confidence map's data term, recon/confidence.py)."""
+        return self._out(K.design_diag_normal(self.ns, *self._arrays, _np64(weight), self.n, self._nchunk()))
 
 
 def design_size(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,

@@ -38,8 +38,11 @@ def case(tmp_path_factory):
     kw = dict(thickness=3.2, pixel=2.0, seed=3, log=lambda s: None)
     simulate_stacks(g, aff, m, str(d / "clean"), orientations=ORIENT, **kw)
     simulate_stacks(g, aff, m, str(d / "moved"), orientations=ORIENT, stack_motion=(10.0, 4.0), **kw)
-    out = {"dir": d, "clean": [str(d / "clean" / f"stack_{i:02d}.nii.gz") for i in range(3)],
-           "masks": [str(d / "clean" / f"mask_{i:02d}.nii.gz") for i in range(3)]}
+    out = {
+        "dir": d,
+        "clean": [str(d / "clean" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        "masks": [str(d / "clean" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+    }
     # stack 1 (coronal) with its second pass acquired after the fetus moved 10 degrees and 4 mm
     ranks = json.loads((d / "clean" / "stack_01.json").read_text())["SliceTiming"]
     late = np.asarray(ranks) >= np.median(ranks)
@@ -55,8 +58,9 @@ def case(tmp_path_factory):
     # the axial stack mirrored front to back (a flipped header) under the same affine
     a = nib.load(out["clean"][0])
     out["flipped"] = write_nifti(d / "flipped.nii.gz", a.get_fdata()[:, ::-1].astype(np.float32), a.affine)
-    out["flipped_mask"] = write_nifti(d / "flipped_mask.nii.gz",
-                                      (nib.load(out["masks"][0]).get_fdata()[:, ::-1] > 0).astype(np.uint8), a.affine)
+    out["flipped_mask"] = write_nifti(
+        d / "flipped_mask.nii.gz", (nib.load(out["masks"][0]).get_fdata()[:, ::-1] > 0).astype(np.uint8), a.affine
+    )
     # another subject: the 33-week atlas
     g33, a33, m33 = _atlas("fetal_ga33_t2w.nii.gz", "fetal_ga33_mask.nii.gz", demo_dir().parent / "templates")
     simulate_stacks(g33, a33, m33, str(d / "ga33"), orientations=["axial"], **kw)
@@ -74,8 +78,10 @@ def test_motion_between_passes_raises_the_index(case):
 
 
 def test_moved_stack_scores_below_clean_ones(case):
-    stacks = load_stacks(case["clean"][:1] + [case["passes_moved"]] + case["clean"][2:],
-                         [case["masks"][0], case["passes_moved_mask"], case["masks"][2]])
+    stacks = load_stacks(
+        case["clean"][:1] + [case["passes_moved"]] + case["clean"][2:],
+        [case["masks"][0], case["passes_moved_mask"], case["masks"][2]],
+    )
     rows = assess_stacks(stacks)
     assert rows[1]["score"] < min(rows[0]["score"], rows[2]["score"]) and rows[1]["rank"] == 3
     assert rows[1]["s_motion"] < 0.5 and rows[1]["agreement"] > 0.7  # its bulk still registers
@@ -84,8 +90,9 @@ def test_moved_stack_scores_below_clean_ones(case):
 
 
 def test_flipped_and_other_subject_score_worst(case):
-    stacks = load_stacks(case["clean"] + [case["flipped"], case["other"]],
-                         case["masks"] + [case["flipped_mask"], case["other_mask"]])
+    stacks = load_stacks(
+        case["clean"] + [case["flipped"], case["other"]], case["masks"] + [case["flipped_mask"], case["other_mask"]]
+    )
     rows = assess_stacks(stacks)
     assert {rows[3]["rank"], rows[4]["rank"]} == {4, 5}
     assert max(rows[3]["agreement"], rows[4]["agreement"]) < min(r["agreement"] for r in rows[:3]) - 0.2
@@ -93,14 +100,36 @@ def test_flipped_and_other_subject_score_worst(case):
 
 
 def test_cli_json_fields(case, capsys):
-    rc = main(["assess", "--input-stacks", *case["clean"][:2], case["flipped"], "--stack-masks", *case["masks"][:2],
-               case["flipped_mask"], "--json"])
+    rc = main(
+        [
+            "assess",
+            "--input-stacks",
+            *case["clean"][:2],
+            case["flipped"],
+            "--stack-masks",
+            *case["masks"][:2],
+            case["flipped_mask"],
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"stacks", "reference_stack", "exclude_auto", "exclude_fraction_of_median", "masks"}
     row = out["stacks"][2]
-    for k in ("stack", "score", "rank", "motion_index", "d1", "d2", "passes", "agreement", "agreement_with",
-              "s_motion", "s_agreement", "slice_order_from"):
+    for k in (
+        "stack",
+        "score",
+        "rank",
+        "motion_index",
+        "d1",
+        "d2",
+        "passes",
+        "agreement",
+        "agreement_with",
+        "s_motion",
+        "s_agreement",
+        "slice_order_from",
+    ):
         assert k in row
     assert row["rank"] == 3 and 0.0 <= row["score"] <= 1.0 and out["reference_stack"] in (0, 1)
     assert out["exclude_auto"] == [2]

@@ -44,11 +44,14 @@ def test_shipped_templates_are_complete():
     assert "CC0 1.0" in open(os.path.join(d, "NOTICE")).read() and os.path.exists(os.path.join(d, "LICENSE.txt"))
 
 
-@pytest.mark.parametrize("rotvec_deg, shift", [
-    ((12.0, 16.0, 0.0), (8.0, 0.0, 0.0)),  # 20 degrees and 8 mm
-    ((0.0, 0.0, 90.0), (3.0, -5.0, 2.0)),  # lying on its side
-    ((39.0, -65.0, 105.5), (-6.0, 4.0, 10.0)),  # 130 degrees about an oblique axis
-])
+@pytest.mark.parametrize(
+    "rotvec_deg, shift",
+    [
+        ((12.0, 16.0, 0.0), (8.0, 0.0, 0.0)),  # 20 degrees and 8 mm
+        ((0.0, 0.0, 90.0), (3.0, -5.0, 2.0)),  # lying on its side
+        ((39.0, -65.0, 105.5), (-6.0, 4.0, 10.0)),  # 130 degrees about an oblique axis
+    ],
+)
 def test_rigid_brings_a_moved_volume_back(ga25, rotvec_deg, shift):
     rv = np.radians(rotvec_deg)
     c = np.argwhere(ga25.mask).mean(0) @ ga25.affine[:3, :3].T + ga25.affine[:3, 3]
@@ -126,13 +129,20 @@ def test_cli_to_template_outputs_and_errors(tmp_path, capsys, ga25):
     small = write_nifti(tmp_path / "small.nii.gz", np.ones((5, 5, 5), np.uint8), np.eye(4))
     for args, line in [
         (["--template", str(tmp_path / "missing.nii.gz")], f"error: {tmp_path / 'missing.nii.gz'}: file not found"),
-        (["--template", "fetal-ga99"], "error: --template: unknown template 'fetal-ga99' (fetal-ga21, fetal-ga23, "
-                                       "fetal-ga25, fetal-ga27, fetal-ga33, fetal-auto or a NIfTI file)"),
-        (["--template", "fetal-auto", "--template-mask", mp],
-         "error: --template-mask: cannot be combined with --template fetal-auto (each template has its own)"),
-        (["--template", tp, "--template-mask", small],
-         f"error: {small}: template mask grid (5, 5, 5) differs from the template's (135, 189, 155) (tpl.nii.gz): "
-         "not on the same grid"),
+        (
+            ["--template", "fetal-ga99"],
+            "error: --template: unknown template 'fetal-ga99' (fetal-ga21, fetal-ga23, "
+            "fetal-ga25, fetal-ga27, fetal-ga33, fetal-auto or a NIfTI file)",
+        ),
+        (
+            ["--template", "fetal-auto", "--template-mask", mp],
+            "error: --template-mask: cannot be combined with --template fetal-auto (each template has its own)",
+        ),
+        (
+            ["--template", tp, "--template-mask", small],
+            f"error: {small}: template mask grid (5, 5, 5) differs from the template's (135, 189, 155) (tpl.nii.gz): "
+            "not on the same grid",
+        ),
     ]:
         rc = main(["to-template", vp, "--output-volume", str(tmp_path / "x.nii.gz")] + args)
         err = capsys.readouterr().err.strip().splitlines()

@@ -6,8 +6,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import write_nifti
+
 from mgaussian.cli import main
 
 
@@ -102,15 +102,42 @@ def test_non_positive_thickness(files, capsys):
     for t in ["0", "-3"]:
         line = _run(capsys, ["inspect", "--input-stacks", files["good"], "--thicknesses", t], "--thicknesses")
         assert "positive" in line
-    _run(capsys, ["simulate", files["good"], "--output-dir", str(files["dir"] / "o"), "--thickness", "0"], "--thickness")
-    _run(capsys, ["evaluate", files["good"], "--heldout-stack", files["good2"], "--stack-mask", files["mask"], "--thickness", "-1"], "--thickness")
-    _run(capsys, ["simulate", files["good"], "--output-dir", str(files["dir"] / "o"), "--thickness", "abc"], "--thickness")
+    _run(
+        capsys, ["simulate", files["good"], "--output-dir", str(files["dir"] / "o"), "--thickness", "0"], "--thickness"
+    )
+    _run(
+        capsys,
+        [
+            "evaluate",
+            files["good"],
+            "--heldout-stack",
+            files["good2"],
+            "--stack-mask",
+            files["mask"],
+            "--thickness",
+            "-1",
+        ],
+        "--thickness",
+    )
+    _run(
+        capsys,
+        ["simulate", files["good"], "--output-dir", str(files["dir"] / "o"), "--thickness", "abc"],
+        "--thickness",
+    )
 
 
 def test_count_mismatch(files, capsys):
-    line = _run(capsys, ["inspect", "--input-stacks", files["good"], files["good2"], "--stack-masks", files["mask"]], "--stack-masks")
+    line = _run(
+        capsys,
+        ["inspect", "--input-stacks", files["good"], files["good2"], "--stack-masks", files["mask"]],
+        "--stack-masks",
+    )
     assert "1 masks given for 2 stacks" in line
-    line = _run(capsys, ["inspect", "--input-stacks", files["good"], files["good2"], "--thicknesses", "3", "3", "3"], "--thicknesses")
+    line = _run(
+        capsys,
+        ["inspect", "--input-stacks", files["good"], files["good2"], "--thicknesses", "3", "3", "3"],
+        "--thicknesses",
+    )
     assert "3 thicknesses given for 2 stacks" in line
 
 
@@ -118,10 +145,46 @@ def test_output_is_a_directory_or_an_input(files, capsys):
     d = files["dir"]
     before = _listing(d)
     good_bytes = open(files["good"], "rb").read()
-    _run(capsys, ["naive-average", "--input-stacks", files["good"], "--reference-grid", files["good2"], "--output-volume", str(d)], "--output-volume")
-    line = _run(capsys, ["naive-average", "--input-stacks", files["good"], "--reference-grid", files["good2"], "--output-volume", files["good"]], "--output-volume")
+    _run(
+        capsys,
+        [
+            "naive-average",
+            "--input-stacks",
+            files["good"],
+            "--reference-grid",
+            files["good2"],
+            "--output-volume",
+            str(d),
+        ],
+        "--output-volume",
+    )
+    line = _run(
+        capsys,
+        [
+            "naive-average",
+            "--input-stacks",
+            files["good"],
+            "--reference-grid",
+            files["good2"],
+            "--output-volume",
+            files["good"],
+        ],
+        "--output-volume",
+    )
     assert "input" in line
-    _run(capsys, ["naive-average", "--input-stacks", files["good"], "--reference-grid", files["good2"], "--output-volume", str(d / "missing" / "o.nii.gz")], "--output-volume")
+    _run(
+        capsys,
+        [
+            "naive-average",
+            "--input-stacks",
+            files["good"],
+            "--reference-grid",
+            files["good2"],
+            "--output-volume",
+            str(d / "missing" / "o.nii.gz"),
+        ],
+        "--output-volume",
+    )
     line = _run(capsys, ["simulate", files["good"], "--output-dir", files["good"]], "--output-dir")
     assert _listing(d) == before
     assert open(files["good"], "rb").read() == good_bytes
@@ -139,6 +202,8 @@ def test_command_line_process_exit_code(files, tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "mgaussian", "inspect", "--input-stacks", files["nan"]], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mgaussian", "inspect", "--input-stacks", files["nan"]], capture_output=True, text=True
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

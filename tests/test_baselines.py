@@ -19,8 +19,13 @@ def _phantom():
     ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
     xyz = ijk @ aff[:3, :3].T + aff[:3, 3]
     vol = np.zeros(shape)
-    blobs = [((0, 0, 0), 12.0, 60.0), ((5, -4, 3), 3.0, 50.0), ((-6, 5, -2), 2.5, -30.0),
-             ((3, 6, -6), 2.0, 40.0), ((-4, -5, 5), 3.5, 35.0)]
+    blobs = [
+        ((0, 0, 0), 12.0, 60.0),
+        ((5, -4, 3), 3.0, 50.0),
+        ((-6, 5, -2), 2.5, -30.0),
+        ((3, 6, -6), 2.0, 40.0),
+        ((-4, -5, 5), 3.5, 35.0),
+    ]
     for c, s, a in blobs:
         vol += a * np.exp(-0.5 * ((xyz - np.asarray(c)) ** 2).sum(-1) / s**2)
     mask = vol > 20
@@ -31,8 +36,11 @@ def _case(tmp_path, thickness=4.5):
     gt, aff, mask = _phantom()
     d = tmp_path / "sim"
     simulate_stacks(gt, aff, mask, str(d), thickness=thickness, pixel=1.5, log=lambda s: None)
-    stacks = load_stacks([str(d / f"stack_{i:02d}.nii.gz") for i in range(3)],
-                         [str(d / f"mask_{i:02d}.nii.gz") for i in range(3)], [thickness])
+    stacks = load_stacks(
+        [str(d / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        [str(d / f"mask_{i:02d}.nii.gz") for i in range(3)],
+        [thickness],
+    )
     return gt, aff, mask, stacks
 
 

@@ -56,8 +56,11 @@ def sim(tmp_path_factory):
     simulate_stacks(g, aff, m, str(d), thickness=4.0, pixel=2.0, seed=0, log=lambda s: None)
     cfg = d / "cfg.json"
     cfg.write_text(json.dumps(CFG))
-    return {"stacks": [d / f"stack_{i:02d}.nii.gz" for i in range(3)],
-            "masks": [d / f"mask_{i:02d}.nii.gz" for i in range(3)], "cfg": str(cfg)}
+    return {
+        "stacks": [d / f"stack_{i:02d}.nii.gz" for i in range(3)],
+        "masks": [d / f"mask_{i:02d}.nii.gz" for i in range(3)],
+        "cfg": str(cfg),
+    }
 
 
 def make_dataset(root: Path, sim, subjects, corrupt: str | None = None) -> Path:
@@ -94,8 +97,13 @@ def _hashes(root: Path, skip: str | None = None) -> dict:
 def _bids(*args, timeout=240):
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "mgaussian", "bids", *map(str, args)], capture_output=True, text=True,
-                       env=env, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "mgaussian", "bids", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
     r.wall = time.time() - t0
     return r
 
@@ -116,9 +124,14 @@ def test_parse_name_follows_bids_rules():
     assert n.stem == "sub-01_ses-02_acq-haste_run-2_T2w"
     top = layout.parse_name("T2w.json")  # a dataset-level sidecar: no entities
     assert top.entities == () and top.suffix == "T2w" and top.extension == ".json"
-    for bad in ("sub-01_run-1_T2w_desc-brain_mask.nii.gz",  # a bare token inside the name
-                "sub-01_run-1_run-2_T2w.nii.gz",  # a key twice
-                "sub-01_run-a.b_T2w.nii.gz", "sub-01_T2w", "sub-01_-1_T2w.nii", "sub-01_run-1_T2-w.nii"):
+    for bad in (
+        "sub-01_run-1_T2w_desc-brain_mask.nii.gz",  # a bare token inside the name
+        "sub-01_run-1_run-2_T2w.nii.gz",  # a key twice
+        "sub-01_run-a.b_T2w.nii.gz",
+        "sub-01_T2w",
+        "sub-01_-1_T2w.nii",
+        "sub-01_run-1_T2-w.nii",
+    ):
         assert layout.parse_name(bad) is None, bad
     assert layout.normalise_labels(["sub-01", "02", "01"], "sub", "--participant-label") == ["01", "02"]
     with pytest.raises(InputError, match="not a BIDS label"):
@@ -145,18 +158,34 @@ def test_find_sessions_stacks_masks_sidecars(tmp_path):
     _touch(m / "sub-01_run-1_T2w_desc-brain_mask.nii.gz")  # the MIALSRTK form
     _touch(m / "sub-01_run-2_desc-brain_mask.nii.gz")  # the BIDS-derivatives form
     _touch(m / "sub-01_run-10_desc-other_mask.nii.gz")  # not a brain mask
-    _touch(ds / "derivatives" / "mgaussian" / "sub-02" / "ses-02" / "anat" /
-           "sub-02_ses-02_acq-haste_run-1_desc-brain_mask.nii.gz")  # our own output folder: never searched
+    _touch(
+        ds
+        / "derivatives"
+        / "mgaussian"
+        / "sub-02"
+        / "ses-02"
+        / "anat"
+        / "sub-02_ses-02_acq-haste_run-1_desc-brain_mask.nii.gz"
+    )  # our own output folder: never searched
     warned = []
     ss = layout.find_sessions(str(ds), warn=lambda w, what: warned.append((os.path.basename(w), what)))
     assert [s.key for s in ss] == ["sub-01", "sub-02_ses-02", "sub-02_ses-03"]
     s1 = ss[0]
-    assert [os.path.basename(p) for p in s1.stacks] == ["sub-01_run-1_T2w.nii.gz", "sub-01_run-2_T2w.nii.gz",
-                                                        "sub-01_run-10_T2w.nii.gz"]
+    assert [os.path.basename(p) for p in s1.stacks] == [
+        "sub-01_run-1_T2w.nii.gz",
+        "sub-01_run-2_T2w.nii.gz",
+        "sub-01_run-10_T2w.nii.gz",
+    ]
     assert [os.path.basename(p) if p else None for p in s1.masks] == [
-        "sub-01_run-1_T2w_desc-brain_mask.nii.gz", "sub-01_run-2_desc-brain_mask.nii.gz", None]
+        "sub-01_run-1_T2w_desc-brain_mask.nii.gz",
+        "sub-01_run-2_desc-brain_mask.nii.gz",
+        None,
+    ]
     assert [(t[0], os.path.basename(t[1])) for t in s1.thicknesses] == [
-        (3.0, "sub-01_run-1_T2w.json"), (3.5, "T2w.json"), (3.5, "T2w.json")]
+        (3.0, "sub-01_run-1_T2w.json"),
+        (3.5, "T2w.json"),
+        (3.5, "T2w.json"),
+    ]
     assert ss[1].masks == [None, None] and ss[1].reldir == "sub-02/ses-02"
     assert {w for w, _ in warned} == {"sub-02_run-4_T2w.nii.gz", "sub-01_run-5_extra_T2w.nii.gz", "sub-03"}
     # labels with or without their prefix; sessions filtered
@@ -173,8 +202,11 @@ def test_find_sessions_stacks_masks_sidecars(tmp_path):
     with pytest.raises(InputError, match="several brain masks match it"):
         layout.find_sessions(str(ds), participant_labels=["01"])
     ss = layout.find_sessions(str(ds), participant_labels=["01"], masks_dir=str(ds / "derivatives" / "other"))
-    assert [os.path.basename(p) if p else None for p in ss[0].masks] == ["sub-01_run-1_desc-brain_mask.nii.gz",
-                                                                         None, None]
+    assert [os.path.basename(p) if p else None for p in ss[0].masks] == [
+        "sub-01_run-1_desc-brain_mask.nii.gz",
+        None,
+        None,
+    ]
 
 
 def test_build_tasks_masks_all_or_none_and_inherited_thickness(tmp_path):
@@ -186,14 +218,18 @@ def test_build_tasks_masks_all_or_none_and_inherited_thickness(tmp_path):
     _touch(ds / "sub-01" / "anat" / "sub-01_run-1_T2w.json", json.dumps({"SliceThickness": 3.0}))
     _touch(ds / "derivatives" / "m" / "sub-01" / "anat" / "sub-01_run-1_desc-brain_mask.nii.gz")
     ss = layout.find_sessions(str(ds))
-    a = SimpleNamespace(threads_per_worker=None, scheduler=None, workers=2, suffix="T2w", bids_dir=str(ds),
-                        no_report=True)
+    a = SimpleNamespace(
+        threads_per_worker=None, scheduler=None, workers=2, suffix="T2w", bids_dir=str(ds), no_report=True
+    )
     (t,) = build_tasks(a, ss, [], {"thicknesses": None}, str(tmp_path / "out" / "mgaussian"), "r1")
     assert t.masks is None and "found for 1 of 2 stacks" in t.notes[0]  # reconstruct takes all masks or none
     assert t.thicknesses == [3.0, 3.5]  # the inherited one is passed, so both are
-    assert [i["path"] for i in t.inputs] == ["sub-01/anat/sub-01_run-1_T2w.nii.gz",
-                                             "sub-01/anat/sub-01_run-2_T2w.nii.gz", "T2w.json",
-                                             "sub-01/anat/sub-01_run-1_T2w.json"]
+    assert [i["path"] for i in t.inputs] == [
+        "sub-01/anat/sub-01_run-1_T2w.nii.gz",
+        "sub-01/anat/sub-01_run-2_T2w.nii.gz",
+        "T2w.json",
+        "sub-01/anat/sub-01_run-1_T2w.json",
+    ]
     assert t.volume.endswith("out/mgaussian/sub-01/anat/sub-01_rec-mgaussian_T2w.nii.gz")
     (t,) = build_tasks(a, ss, [], {"thicknesses": [4.0]}, str(tmp_path / "out" / "mgaussian"), "r1")
     assert t.thicknesses is None  # the user's --thicknesses (after --) wins
@@ -204,21 +240,37 @@ def test_build_tasks_masks_all_or_none_and_inherited_thickness(tmp_path):
     anat = ds2 / "sub-01" / "anat"
     for acq in ("fast", "slow"):
         anat.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(np.ones((8, 8, 5), np.float32), np.diag([1.0, 1.0, 2.5, 1.0])),
-                 str(anat / f"sub-01_acq-{acq}_T2w.nii.gz"))
-    (t,) = build_tasks(SimpleNamespace(**{**vars(a), "bids_dir": str(ds2)}), layout.find_sessions(str(ds2)), [],
-                       {"thicknesses": None}, str(tmp_path / "out2" / "mgaussian"), "r1")
+        nib.save(
+            nib.Nifti1Image(np.ones((8, 8, 5), np.float32), np.diag([1.0, 1.0, 2.5, 1.0])),
+            str(anat / f"sub-01_acq-{acq}_T2w.nii.gz"),
+        )
+    (t,) = build_tasks(
+        SimpleNamespace(**{**vars(a), "bids_dir": str(ds2)}),
+        layout.find_sessions(str(ds2)),
+        [],
+        {"thicknesses": None},
+        str(tmp_path / "out2" / "mgaussian"),
+        "r1",
+    )
     assert t.thicknesses == [3.5, 2.5]
-    assert t.notes == ["SliceThickness inherited from acq-fast_T2w.json (passed as --thicknesses, slice spacing "
-                       "where no sidecar has one)"]
+    assert t.notes == [
+        "SliceThickness inherited from acq-fast_T2w.json (passed as --thicknesses, slice spacing "
+        "where no sidecar has one)"
+    ]
 
 
 def test_failure_reason_and_quality():
     assert failure_reason("loading\nerror: a.nii.gz: file is empty\n", 2) == "a.nii.gz: file is empty"
     assert "SIGKILL (out of memory?" in failure_reason("", -9)
     assert failure_reason("Segmentation fault\n", 139) == "reconstruct exited with code 139: Segmentation fault"
-    q = quality_from_poses({"slice_weights": [{"stack": "a", "slices": [1, 2, 3], "excluded": [2]},
-                                              {"stack": "b", "slices": [0, 1], "excluded": []}]})
+    q = quality_from_poses(
+        {
+            "slice_weights": [
+                {"stack": "a", "slices": [1, 2, 3], "excluded": [2]},
+                {"stack": "b", "slices": [0, 1], "excluded": []},
+            ]
+        }
+    )
     assert (q["slices"], q["excluded_slices"], q["per_stack"][0]["excluded"]) == (5, 1, [2])
 
 
@@ -306,7 +358,8 @@ def test_study_two_done_one_failed_then_rerun_skips(tmp_path, sim):
         side = json.loads(Path(str(stem) + ".json").read_text())
         assert side["Masks"] == "given" and [i["thickness_from"] for i in side["Inputs"]] == ["sidecar"] * 3
         assert [s.split(":")[-1] for s in side["Sources"]] == [
-            f"{rel}/anat/{key}{'_acq-haste' if 'ses' in key else ''}_run-{i}_T2w.nii.gz" for i in (1, 2, 3)]
+            f"{rel}/anat/{key}{'_acq-haste' if 'ses' in key else ''}_run-{i}_T2w.nii.gz" for i in (1, 2, 3)
+        ]
         assert side["Quality"]["slices"] == 24 and side["Quality"]["excluded_slices"] == 0
         assert side["Quality"]["shape"] == list(v.shape) and side["Config"]["iterations"] == [0, 4]
         assert side["Settings"]["no_motion"] is True and side["Timings"]["wall_s"] > 0 and side["Attempts"] == 1
@@ -324,8 +377,10 @@ def test_study_two_done_one_failed_then_rerun_skips(tmp_path, sim):
     assert (root / "sub-03" / "log" / "sub-03_rec-mgaussian_T2w.stderr.txt").read_text().strip().endswith(reason)
     page = (root / "index.html").read_text()
     assert "2 done, 1 failed" in page and "truncated or corrupt" in page
-    for rel in ("sub-01/figures/sub-01_rec-mgaussian_T2w_midplanes.png",
-                "sub-02/ses-02/figures/sub-02_ses-02_rec-mgaussian_T2w_report/index.html"):
+    for rel in (
+        "sub-01/figures/sub-01_rec-mgaussian_T2w_midplanes.png",
+        "sub-02/ses-02/figures/sub-02_ses-02_rec-mgaussian_T2w_report/index.html",
+    ):
         assert f'"{rel}"' in page
     links = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert len(links) == 5 and all((root / ln).is_file() for ln in links), links  # 2 pictures, 2 reports, the tsv
@@ -367,9 +422,27 @@ def test_worker_killed_mid_task_is_retried(tmp_path, sim):
     ds = make_dataset(tmp_path / "ds", sim, [("01", None), ("02", None)])
     before = _hashes(ds)
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    p = subprocess.Popen([sys.executable, "-m", "mgaussian", "bids", str(ds), str(ds / "derivatives"), "participant",
-                          "--workers", "2", "--config", sim["cfg"], "--no-report", *RECON],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mgaussian",
+            "bids",
+            str(ds),
+            str(ds / "derivatives"),
+            "participant",
+            "--workers",
+            "2",
+            "--config",
+            sim["cfg"],
+            "--no-report",
+            *RECON,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     att = ds / "derivatives" / "mgaussian" / ".work" / "sub-01" / "attempts.json"
     t0 = time.time()
     try:
@@ -405,11 +478,13 @@ def test_attach_to_a_running_scheduler(tmp_path, sim):
     from distributed import LocalCluster
 
     ds = make_dataset(tmp_path / "ds", sim, [("01", None)])
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+    ) as cluster:
         addr = cluster.scheduler_address
-        r = _bids(ds, tmp_path / "out", "participant", "--scheduler", addr, "--config", sim["cfg"], "--no-report",
-                  *RECON)
+        r = _bids(
+            ds, tmp_path / "out", "participant", "--scheduler", addr, "--config", sim["cfg"], "--no-report", *RECON
+        )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"running on the Dask scheduler {addr} (1 worker now)" in r.stdout
     sub = tmp_path / "out" / "mgaussian" / "sub-01"
@@ -425,8 +500,7 @@ def test_unusable_checkpoint_starts_afresh(tmp_path, sim):
     """A partial subject resumes from its checkpoint; one that cannot be read is started again."""
     ds = make_dataset(tmp_path / "ds", sim, [("01", None)])
     ss = layout.find_sessions(str(ds))
-    a = SimpleNamespace(threads_per_worker=1, scheduler=None, workers=1, suffix="T2w", bids_dir=str(ds),
-                        no_report=True)
+    a = SimpleNamespace(threads_per_worker=1, scheduler=None, workers=1, suffix="T2w", bids_dir=str(ds), no_report=True)
     (t,) = build_tasks(a, ss, ["--config", sim["cfg"], *RECON], {"x": 1}, str(tmp_path / "out" / "mgaussian"), "r")
     from mgaussian.cohort.task import fingerprint
 
@@ -455,14 +529,25 @@ def test_real_mialsrtk_subject(tmp_path):
     if not (ds / "dataset_description.json").is_file():
         pytest.skip("../shared/data/mialsrtk_bids is not here")
     before = _hashes(ds)
-    r = _bids(ds.resolve(), tmp_path / "out", "participant", "--workers", "1", "--time-budget", "60",
-              "--output-resolution", "1.5", timeout=900)
+    r = _bids(
+        ds.resolve(),
+        tmp_path / "out",
+        "participant",
+        "--workers",
+        "1",
+        "--time-budget",
+        "60",
+        "--output-resolution",
+        "1.5",
+        timeout=900,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     root = tmp_path / "out" / "mgaussian"
     side = json.loads((root / "sub-01" / "anat" / "sub-01_rec-mgaussian_T2w.json").read_text())
     assert side["Masks"] == "given"
     assert [os.path.basename(i["mask"]) for i in side["Inputs"]] == [
-        f"sub-01_run-{k}_T2w_desc-brain_mask.nii.gz" for k in (1, 3, 5)]
+        f"sub-01_run-{k}_T2w_desc-brain_mask.nii.gz" for k in (1, 3, 5)
+    ]
     assert [(i["thickness_mm"], i["thickness_from"]) for i in side["Inputs"]] == [(3.0, "sidecar")] * 3
     v = np.asarray(nib.load(str(root / "sub-01" / "anat" / "sub-01_rec-mgaussian_T2w.nii.gz")).dataobj)
     assert min(v.shape) > 40 and np.all(np.isfinite(v)) and v.max() > 0

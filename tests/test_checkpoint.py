@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_recon import _phantom
 
 from mgaussian.cli import main
 from mgaussian.errors import InputError
@@ -19,7 +20,6 @@ from mgaussian.metrics import score_volume
 from mgaussian.recon.checkpoint import CHECKPOINT, PREVIOUS, Checkpointer, inputs_fingerprint
 from mgaussian.recon.config import config_from_dict
 from mgaussian.simulate import simulate_stacks
-from test_recon import _phantom
 
 # every iteration is checkpointed; no time budget, so an interrupted run does the same work
 CFG = {"iterations": [3, 30], "cg_iterations": 8, "time_budget_s": None, "checkpoint_interval_s": 0.0}
@@ -29,13 +29,28 @@ CFG = {"iterations": [3, 30], "cg_iterations": 8, "time_budget_s": None, "checkp
 def case(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
     g, aff, m = _phantom()
-    simulate_stacks(g, aff, m, str(d / "sim"), orientations=["axial", "coronal", "sagittal@8,0,-6"],
-                    thickness=3.6, pixel=1.2, seed=0, log=lambda s: None)
+    simulate_stacks(
+        g,
+        aff,
+        m,
+        str(d / "sim"),
+        orientations=["axial", "coronal", "sagittal@8,0,-6"],
+        thickness=3.6,
+        pixel=1.2,
+        seed=0,
+        log=lambda s: None,
+    )
     cfgp = d / "cfg.json"
     cfgp.write_text(json.dumps(CFG))
-    return {"dir": d, "gt": g, "aff": aff, "mask": m, "cfg": str(cfgp),
-            "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
-            "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]}
+    return {
+        "dir": d,
+        "gt": g,
+        "aff": aff,
+        "mask": m,
+        "cfg": str(cfgp),
+        "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+    }
 
 
 def _fp(case):
@@ -43,8 +58,16 @@ def _fp(case):
 
 
 def _state(level, it):
-    return {"level": level, "iteration": it, "cg_done": True, "done": False, "step": 7, "elapsed_s": 1.5,
-            "t": torch.arange(4.0) * it, "rng": np.random.default_rng(3).bit_generator.state}
+    return {
+        "level": level,
+        "iteration": it,
+        "cg_done": True,
+        "done": False,
+        "step": 7,
+        "elapsed_s": 1.5,
+        "t": torch.arange(4.0) * it,
+        "rng": np.random.default_rng(3).bit_generator.state,
+    }
 
 
 def test_save_load_round_trip_and_interval(case, tmp_path):
@@ -64,8 +87,14 @@ def test_save_load_round_trip_and_interval(case, tmp_path):
     summary = json.loads((tmp_path / "ck" / "checkpoint.json").read_text())
     assert summary["level"] == 1 and summary["iteration"] == 2 and summary["bytes"] > 0
     # compute-only settings may change on resume
-    assert Checkpointer(tmp_path / "ck", cfg.resolved(threads=1, backend="reference", time_budget_s=5.0,
-                                                      checkpoint_interval_s=3.0), _fp(case)).load()["level"] == 1
+    assert (
+        Checkpointer(
+            tmp_path / "ck",
+            cfg.resolved(threads=1, backend="reference", time_budget_s=5.0, checkpoint_interval_s=3.0),
+            _fp(case),
+        ).load()["level"]
+        == 1
+    )
 
 
 def test_corrupt_checkpoint_falls_back_to_previous(case, tmp_path, capsys):
@@ -100,8 +129,20 @@ def test_checkpoint_for_other_settings_or_inputs_is_refused(case, tmp_path):
 
 
 def test_cli_checkpoint_option_errors(case, tmp_path, capsys):
-    base = ["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"], "--thicknesses", "3.6",
-            "--output-volume", str(tmp_path / "o.nii.gz"), "--config", case["cfg"], "--quiet"]
+    base = [
+        "reconstruct",
+        "--input-stacks",
+        *case["stacks"],
+        "--stack-masks",
+        *case["masks"],
+        "--thicknesses",
+        "3.6",
+        "--output-volume",
+        str(tmp_path / "o.nii.gz"),
+        "--config",
+        case["cfg"],
+        "--quiet",
+    ]
     assert main(base + ["--resume"]) == 2
     assert "--resume: needs --checkpoint-dir" in capsys.readouterr().err
     assert main(base + ["--checkpoint-dir", str(tmp_path / "none"), "--resume"]) == 2
@@ -133,15 +174,34 @@ def _wait_for(proc, summary, pred, timeout=120.0):
 
 
 def test_kill_and_resume_matches_uninterrupted_run(case, tmp_path, capsys):
-    args = ["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"], "--thicknesses", "3.6",
-            "--config", case["cfg"]]
+    args = [
+        "reconstruct",
+        "--input-stacks",
+        *case["stacks"],
+        "--stack-masks",
+        *case["masks"],
+        "--thicknesses",
+        "3.6",
+        "--config",
+        case["cfg"],
+    ]
     full = tmp_path / "full.nii.gz"
     assert main(args + ["--output-volume", str(full), "--quiet"]) == 0
 
     out = tmp_path / "out" / "rec.nii.gz"
     out.parent.mkdir()
     ck = tmp_path / "ck"
-    cmd = [sys.executable, "-m", "mgaussian", *args, "--output-volume", str(out), "--checkpoint-dir", str(ck), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mgaussian",
+        *args,
+        "--output-volume",
+        str(out),
+        "--checkpoint-dir",
+        str(ck),
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
         s = _wait_for(proc, ck / "checkpoint.json", lambda s: s["level"] == 1 and s["iteration"] >= 5)
@@ -168,8 +228,10 @@ def test_kill_and_resume_matches_uninterrupted_run(case, tmp_path, capsys):
     b, aff_b, _ = load_image(str(out))
     pa = score_volume(a, aff_a, case["gt"], case["aff"], case["mask"])["psnr"]
     pb = score_volume(b, aff_b, case["gt"], case["aff"], case["mask"])["psnr"]
-    print(f"uninterrupted {pa:.3f} dB, killed at iteration {killed_at['iteration']} + resumed {pb:.3f} dB, "
-          f"max |diff| {np.abs(a - b).max():.3g} of {np.abs(a).max():.3g}")
+    print(
+        f"uninterrupted {pa:.3f} dB, killed at iteration {killed_at['iteration']} + resumed {pb:.3f} dB, "
+        f"max |diff| {np.abs(a - b).max():.3g} of {np.abs(a).max():.3g}"
+    )
     assert abs(pa - pb) <= 0.2, (pa, pb)
     assert np.abs(a - b).max() <= 1e-2 * np.abs(a).max()  # the same batches: equal up to float order
 

@@ -38,19 +38,38 @@ def case(tmp_path_factory):
     g, aff, m = _phantom()
     # every stack turned 10 degrees (the fetus moved between stacks): the volume is not in the
     # ground truth's frame, only --template brings it there
-    simulate_stacks(g, aff, m, str(d / "sim"), thickness=3.6, pixel=1.2, seed=0, stack_motion=(10.0, 3.0),
-                    log=lambda s: None)
+    simulate_stacks(
+        g, aff, m, str(d / "sim"), thickness=3.6, pixel=1.2, seed=0, stack_motion=(10.0, 3.0), log=lambda s: None
+    )
     cfg = d / "cfg.json"
     cfg.write_text(json.dumps(FAST))
-    return {"dir": d, "gt": write_nifti(d / "gt.nii.gz", g, aff),
-            "mask": write_nifti(d / "m.nii.gz", m.astype(np.uint8), aff),
-            "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
-            "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)], "cfg": str(cfg)}
+    return {
+        "dir": d,
+        "gt": write_nifti(d / "gt.nii.gz", g, aff),
+        "mask": write_nifti(d / "m.nii.gz", m.astype(np.uint8), aff),
+        "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+        "cfg": str(cfg),
+    }
 
 
 def _recon(case, out, *extra):
-    return main(["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"],
-                 "--output-volume", str(out), "--config", case["cfg"], "--quiet", "--no-report", *extra])
+    return main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *case["stacks"],
+            "--stack-masks",
+            *case["masks"],
+            "--output-volume",
+            str(out),
+            "--config",
+            case["cfg"],
+            "--quiet",
+            "--no-report",
+            *extra,
+        ]
+    )
 
 
 def test_template_output_order_and_assessment_recorded(case, tmp_path):
@@ -58,8 +77,15 @@ def test_template_output_order_and_assessment_recorded(case, tmp_path):
     log = tmp_path / "run.log"
     assert _recon(case, out, "--template", case["gt"], "--template-mask", case["mask"], "--log", str(log)) == 0
     names = sorted(os.listdir(tmp_path))
-    assert names == ["rec.config.json", "rec.nii.gz", "rec.poses.json", "rec.template.json", "rec.template.tfm",
-                     "rec_native.nii.gz", "run.log"]
+    assert names == [
+        "rec.config.json",
+        "rec.nii.gz",
+        "rec.poses.json",
+        "rec.template.json",
+        "rec.template.tfm",
+        "rec_native.nii.gz",
+        "run.log",
+    ]
     gt = nib.load(case["gt"])
     img = nib.load(str(out))
     assert img.shape == gt.shape and np.allclose(img.affine, gt.affine)

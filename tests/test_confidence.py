@@ -34,8 +34,9 @@ def _designs():
     o, a = (t.double() for t in random_poses(3, seed=6))
     psf = (0.4, 0.4, 1.2)
     cpu = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, psf, backend="cpu", cutoff=3.0)
-    ref = R.AutogradDesign(lambda v: R.render_slices(mu, ls, q, v, o, a, SHAPE, SPACING, psf, backend="reference",
-                                                     cutoff=3.0), c.shape[0])
+    ref = R.AutogradDesign(
+        lambda v: R.render_slices(mu, ls, q, v, o, a, SHAPE, SPACING, psf, backend="reference", cutoff=3.0), c.shape[0]
+    )
     w = torch.rand((3, *SHAPE), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return cpu, ref, w, c.shape[0]
 
@@ -62,8 +63,18 @@ def test_design_diagonal_is_exact_and_the_probes_agree():
 def noisy(tmp_path_factory):
     d = tmp_path_factory.mktemp("conf")
     g, aff, m = _phantom()
-    simulate_stacks(g, aff, m, str(d / "sim"), orientations=["axial", "coronal", "sagittal@8,0,-6"],
-                    thickness=3.6, pixel=1.2, seed=0, noise=0.02, log=lambda s: None)
+    simulate_stacks(
+        g,
+        aff,
+        m,
+        str(d / "sim"),
+        orientations=["axial", "coronal", "sagittal@8,0,-6"],
+        thickness=3.6,
+        pixel=1.2,
+        seed=0,
+        noise=0.02,
+        log=lambda s: None,
+    )
     stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]
     masks = [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]
     return {"dir": d, "gt": g, "aff": aff, "mask": m, "stacks": stacks, "masks": masks}
@@ -81,7 +92,7 @@ def test_confidence_falls_where_slices_are_removed(noisy):
     full = reconstruct(load_stacks(noisy["stacks"], noisy["masks"], [3.6]), cfg, progress=False, log=lambda s: None)
     st = load_stacks(noisy["stacks"], noisy["masks"], [3.6])
     k0 = st[0].n_slices // 2 - 1
-    st[0].mask[:, :, k0:k0 + 3] = False
+    st[0].mask[:, :, k0 : k0 + 3] = False
     cut = reconstruct(st, cfg, progress=False, log=lambda s: None)
     assert full.confidence is not None and full.confidence.dtype == np.float32
     assert 0 <= full.confidence.min() and full.confidence.max() <= 1
@@ -132,15 +143,31 @@ def test_cli_writes_the_confidence_map_and_the_report_shows_it(noisy, tmp_path, 
     conf = tmp_path / "c.nii.gz"
     cfgf = tmp_path / "fast.json"
     cfgf.write_text('{"iterations": [0, 0], "cg_iterations": 10}')
-    base = ["reconstruct", "--input-stacks", *noisy["stacks"], "--stack-masks", *noisy["masks"], "--thicknesses",
-            "3.6", "--no-motion", "--quiet", "--config", str(cfgf)]
+    base = [
+        "reconstruct",
+        "--input-stacks",
+        *noisy["stacks"],
+        "--stack-masks",
+        *noisy["masks"],
+        "--thicknesses",
+        "3.6",
+        "--no-motion",
+        "--quiet",
+        "--config",
+        str(cfgf),
+    ]
     # refused before any work: an input, the volume itself, not NIfTI
     for bad, why in ((noisy["stacks"][1], "an input"), (str(out), "must differ"), (str(tmp_path / "c.txt"), ".nii")):
         assert main(base + ["--output-volume", str(out), "--output-confidence", bad]) == EXIT_BAD_INPUT
         assert why in capsys.readouterr().err
     assert not out.exists()
-    assert main(base + ["--output-volume", str(out), "--output-confidence", str(conf),
-                        "--output-report", str(tmp_path / "rep")]) == 0
+    assert (
+        main(
+            base
+            + ["--output-volume", str(out), "--output-confidence", str(conf), "--output-report", str(tmp_path / "rep")]
+        )
+        == 0
+    )
     img, vol = nib.load(str(conf)), nib.load(str(out))
     data = np.asarray(img.dataobj)
     assert data.shape == vol.shape and np.allclose(img.affine, vol.affine)

@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import write_nifti
-from mgaussian.simulate import simulate_stacks
 from test_recon import _phantom
+
+from mgaussian.simulate import simulate_stacks
 
 
 def _sha(path) -> str:
@@ -22,16 +22,46 @@ def _sha(path) -> str:
 def stacks(tmp_path_factory):
     d = tmp_path_factory.mktemp("determinism")
     g, aff, m = _phantom()
-    simulate_stacks(g, aff, m, str(d / "sim"), orientations=["axial", "coronal", "sagittal@8,0,-6"], thickness=3.6,
-                    pixel=1.2, motion_rotation=1.5, motion_translation=1.0, seed=2, log=lambda s: None)
+    simulate_stacks(
+        g,
+        aff,
+        m,
+        str(d / "sim"),
+        orientations=["axial", "coronal", "sagittal@8,0,-6"],
+        thickness=3.6,
+        pixel=1.2,
+        motion_rotation=1.5,
+        motion_translation=1.0,
+        seed=2,
+        log=lambda s: None,
+    )
     write_nifti(d / "gt.nii.gz", g, aff)
-    return d, [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)], \
-        [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]
+    return (
+        d,
+        [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+    )
 
 
 def _run(out, stacks, masks, threads: int) -> None:
-    cmd = [sys.executable, "-m", "mgaussian", "reconstruct", "--input-stacks", *stacks, "--stack-masks", *masks,
-           "--thicknesses", "3.6", "--output-volume", str(out), "--no-report", "--quiet", "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mgaussian",
+        "reconstruct",
+        "--input-stacks",
+        *stacks,
+        "--stack-masks",
+        *masks,
+        "--thicknesses",
+        "3.6",
+        "--output-volume",
+        str(out),
+        "--no-report",
+        "--quiet",
+        "--threads",
+        str(threads),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
 

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import torch
 
-from mgaussian.field import (GaussianField, anisotropy_penalty, grow_field, init_field_on_grid,
-                             lattice_sum)
+from mgaussian.field import GaussianField, anisotropy_penalty, grow_field, init_field_on_grid, lattice_sum
 from mgaussian.render import render_points
 
 
@@ -20,12 +19,11 @@ def _phantom_case(vox=1.0, n=36):
     world = idx @ affine[:3, :3].T + affine[:3, 3]
     centre = affine[:3, 3] + vox * (n - 1) / 2
     r = (world - centre) / np.array([15.0, 13.0, 12.0])
-    mask = (r ** 2).sum(-1) <= 1.0
+    mask = (r**2).sum(-1) <= 1.0
 
     def phantom(p):
         p = np.asarray(p) - centre
-        return 1.0 + 0.4 * np.sin(p[..., 0] / 5.0) * np.cos(p[..., 1] / 6.0) + 0.2 * np.cos(
-            p[..., 2] / 4.0)
+        return 1.0 + 0.4 * np.sin(p[..., 0] / 5.0) * np.cos(p[..., 1] / 6.0) + 0.2 * np.cos(p[..., 2] / 4.0)
 
     return mask, affine, centre, phantom
 
@@ -41,6 +39,7 @@ def test_init_grid_restricted_to_dilated_mask():
     # within dilate (6 mm) of the mask, and the interior is fully covered
     vox = np.argwhere(mask) @ affine[:3, :3].T + affine[:3, 3]
     from scipy.spatial import cKDTree
+
     d, _ = cKDTree(vox).query(f.means.numpy())
     assert d.max() <= 6.0 + 1e-6
     box = np.prod((vox.max(0) - vox.min(0) + 12.0) / 3.0)
@@ -62,8 +61,11 @@ def test_constant_intensity_renders_nearly_constant_field():
 
 
 def _field_values(f, pts):
-    return render_points(f.means, f.log_scales, f.quats, f.intensities, pts, block_radius=None,
-                         backend="cpu").detach().double()
+    return (
+        render_points(f.means, f.log_scales, f.quats, f.intensities, pts, block_radius=None, backend="cpu")
+        .detach()
+        .double()
+    )
 
 
 def test_grow_keeps_rendered_field_35db():
@@ -73,13 +75,13 @@ def test_grow_keeps_rendered_field_35db():
     assert fine.spacing == 1.5
     # 8x denser, in a thinner dilation shell (2 x the new spacing)
     assert 4 * coarse.num_gaussians < fine.num_gaussians < 8 * coarse.num_gaussians
-    assert torch.allclose(fine.log_scales, torch.full_like(fine.log_scales, math.log(0.9)),
-                          atol=1e-5)
+    assert torch.allclose(fine.log_scales, torch.full_like(fine.log_scales, math.log(0.9)), atol=1e-5)
     # evaluation points: inside the mask, away from its border
     g = np.random.default_rng(1)
     p = centre + (g.random((4000, 3)) - 0.5) * 2 * np.array([15.0, 13.0, 12.0])
-    inner = (((p - centre) / np.array([15.0, 13.0, 12.0]) * np.array([15, 13, 12])
-              / np.array([9.0, 7.0, 6.0])) ** 2).sum(1) <= 1
+    inner = (
+        ((p - centre) / np.array([15.0, 13.0, 12.0]) * np.array([15, 13, 12]) / np.array([9.0, 7.0, 6.0])) ** 2
+    ).sum(1) <= 1
     pts = torch.tensor(p[inner], dtype=torch.float32)
     a, b = _field_values(coarse, pts), _field_values(fine, pts)
     psnr = 10 * math.log10(float(a.max()) ** 2 / float(((a - b) ** 2).mean()))
@@ -88,8 +90,7 @@ def test_grow_keeps_rendered_field_35db():
     truth = torch.tensor(phantom(p[inner]))
     assert float((a - truth).abs().mean()) < 0.05
     # without the scale adjustment the field would change completely
-    wrong = GaussianField(fine.means, fine.log_scales + math.log(2.0), fine.quats,
-                          fine.intensities, 1.5)
+    wrong = GaussianField(fine.means, fine.log_scales + math.log(2.0), fine.quats, fine.intensities, 1.5)
     c = _field_values(wrong, pts)
     assert 10 * math.log10(float(a.max()) ** 2 / float(((a - c) ** 2).mean())) < 20
 
@@ -113,8 +114,7 @@ def test_grow_nlerp_quaternions_and_intensity_interpolation():
 
 
 def test_anisotropy_penalty_values_and_gradient():
-    ls = torch.log(torch.tensor([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0], [1.0, 0.25, 0.5],
-                                 [1.2, 1.0, 1.0]])).requires_grad_()
+    ls = torch.log(torch.tensor([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0], [1.0, 0.25, 0.5], [1.2, 1.0, 1.0]])).requires_grad_()
     p = anisotropy_penalty(ls)
     assert torch.isclose(p, torch.tensor((0 + 0.5 + 2.5 + 0) / 4))
     p.backward()
@@ -128,8 +128,7 @@ def test_field_render_slices_method():
     mask, affine, centre, _ = _phantom_case()
     f = init_field_on_grid(mask, affine, 3.0, init_intensity=1.0)
     o = torch.tensor([[centre[0] - 5, centre[1] - 5, centre[2]]], dtype=torch.float32)
-    img = f.render_slices(o, torch.eye(3)[None], (12, 12), (0.8, 0.8), (0.4, 0.4, 1.4),
-                          backend="cpu", cutoff=5.0)
+    img = f.render_slices(o, torch.eye(3)[None], (12, 12), (0.8, 0.8), (0.4, 0.4, 1.4), backend="cpu", cutoff=5.0)
     assert float((img - 1).abs().max()) < 0.01
 
 
@@ -144,6 +143,7 @@ def test_init_with_oblique_affine():
     assert abs(f1.num_gaussians - f0.num_gaussians) < 0.1 * f0.num_gaussians
     vox = np.argwhere(mask) @ obl[:3, :3].T + obl[:3, 3]
     from scipy.spatial import cKDTree
+
     d, _ = cKDTree(vox).query(f1.means.numpy())
     assert d.max() <= 6.0 + 1.0  # dilate + nearest-voxel rounding (<= half a voxel diagonal)
     # the grid is axis-aligned in world space

@@ -3,7 +3,6 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from mgaussian.render._common import quat_to_rotmat
 from mgaussian.geometry import (
     apply_pose_to_frames,
     rigid_matrix,
@@ -12,6 +11,7 @@ from mgaussian.geometry import (
     voxel_to_world,
     world_to_voxel,
 )
+from mgaussian.render._common import quat_to_rotmat
 
 
 def _affines():
@@ -77,7 +77,9 @@ def test_pose_moves_frames_like_rigid_matrix():
     fr = slice_frames(A, (5, 6, 4))
     rng = np.random.default_rng(4)
     rv, t, c = rng.normal(size=(4, 3)) * 0.2, rng.normal(size=(4, 3)) * 3, np.array([1.0, -2.0, 5.0])
-    o, ax = apply_pose_to_frames(torch.tensor(fr.origins), torch.tensor(fr.axes), torch.tensor(rv), torch.tensor(t), torch.tensor(c))
+    o, ax = apply_pose_to_frames(
+        torch.tensor(fr.origins), torch.tensor(fr.axes), torch.tensor(rv), torch.tensor(t), torch.tensor(c)
+    )
     for k in range(4):
         M = rigid_matrix(rv[k], t[k], c)
         p0 = fr.origins[k] + 2 * fr.spacing[0] * fr.axes[k, 0] + 3 * fr.spacing[1] * fr.axes[k, 1]

@@ -50,11 +50,17 @@ def test_masked_stacks_get_no_rim(tmp_path):
     rng = np.random.default_rng(0)
     inside = 100.0 * m
     edge = np.repeat(((np.hypot(ii - 30, jj - 30) > 15) & (np.hypot(ii - 30, jj - 30) <= 16.5))[:, :, None], 4, 2)
-    cases = {"masked": inside, "noisy": inside + rng.normal(0, 2.0, m.shape) ** 2,
-             "partial volume": inside + 60.0 * edge, "tissue": inside + 60.0 * ~m}
+    cases = {
+        "masked": inside,
+        "noisy": inside + rng.normal(0, 2.0, m.shape) ** 2,
+        "partial volume": inside + 60.0 * edge,
+        "tissue": inside + 60.0 * ~m,
+    }
     grown = {}
     for name, data in cases.items():
-        st = load_stacks(*[[p] for p in _stack(tmp_path, name.replace(" ", "_"), m, aff, data.astype(np.float32))], [3.0])
+        st = load_stacks(
+            *[[p] for p in _stack(tmp_path, name.replace(" ", "_"), m, aff, data.astype(np.float32))], [3.0]
+        )
         grown[name] = int(grow_masks(st, 2.0)[0].mask.sum()) - int(m.sum())
     assert grown["masked"] == grown["noisy"] == grown["partial volume"] == 0
     assert grown["tissue"] > 0.2 * m.sum()
@@ -77,7 +83,9 @@ def test_output_grid_covers_every_stack_mask(tmp_path):
         w = voxel_to_world(aff, np.argwhere(m).astype(float))
         assert np.all(w.min(0) >= lo) and np.all(w.max(0) <= hi)
     reg = region_mask(st, shape, gaff)
-    inside = np.round(voxel_to_world(np.linalg.inv(gaff), voxel_to_world(aff, np.array([[6.0, 20, 10], [33, 20, 10]])))).astype(int)
+    inside = np.round(
+        voxel_to_world(np.linalg.inv(gaff), voxel_to_world(aff, np.array([[6.0, 20, 10], [33, 20, 10]])))
+    ).astype(int)
     assert reg[tuple(inside[0])] and reg[tuple(inside[1])]
 
 
@@ -99,7 +107,9 @@ def test_crop_grid_keeps_the_lattice():
     """Trimming to the region's box keeps every voxel's world position (an oblique grid), with the
     margin on each side, clipped at the grid's edge."""
     rng = np.random.default_rng(0)
-    aff = rigid_matrix(np.array([0.2, -0.1, 0.3]), np.array([4.0, -7.0, 2.0]), np.zeros(3)) @ np.diag([0.8, 0.8, 0.8, 1.0])
+    aff = rigid_matrix(np.array([0.2, -0.1, 0.3]), np.array([4.0, -7.0, 2.0]), np.zeros(3)) @ np.diag(
+        [0.8, 0.8, 0.8, 1.0]
+    )
     reg = np.zeros((40, 50, 30), bool)
     reg[10:20, 2:30, 15:29] = rng.random((10, 28, 14)) > 0.3
     out, shape, a2 = crop_grid(reg, aff, 1.6)  # 2 voxels

@@ -4,8 +4,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import write_nifti
+
 from mgaussian.errors import InputError
 from mgaussian.io import load_image, load_stacks, resolve_thickness, save_nifti
 

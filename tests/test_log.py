@@ -11,8 +11,24 @@ def test_reconstruct_log(small_case, tmp_path, capsys):
     cfg.write_text(json.dumps({"iterations": [0, 2], "cg_iterations": 2}))
     out = tmp_path / "v.nii.gz"
     log = tmp_path / "run.log"
-    rc = main(["reconstruct", "--input-stacks", *small_case["stacks"], "--stack-masks", *small_case["masks"],
-               "--output-volume", str(out), "--config", str(cfg), "--output-resolution", "3", "--quiet", "--log", str(log)])
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *small_case["stacks"],
+            "--stack-masks",
+            *small_case["masks"],
+            "--output-volume",
+            str(out),
+            "--config",
+            str(cfg),
+            "--output-resolution",
+            "3",
+            "--quiet",
+            "--log",
+            str(log),
+        ]
+    )
     capsys.readouterr()
     assert rc == 0 and out.exists()
     text = log.read_text()
@@ -27,7 +43,16 @@ def test_reconstruct_log(small_case, tmp_path, capsys):
 
 
 def test_log_is_refused_over_an_input(small_case, tmp_path, capsys):
-    rc = main(["reconstruct", "--input-stacks", *small_case["stacks"], "--output-volume", str(tmp_path / "v.nii.gz"),
-               "--log", small_case["stacks"][1]])
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *small_case["stacks"],
+            "--output-volume",
+            str(tmp_path / "v.nii.gz"),
+            "--log",
+            small_case["stacks"][1],
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: --log:")

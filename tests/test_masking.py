@@ -5,9 +5,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import write_nifti
 from scipy import ndimage
 
-from conftest import write_nifti
 from mgaussian.cli import main
 from mgaussian.io import load_stacks
 from mgaussian.masking import auto_mask, auto_masks, n4_correct, overlap_region
@@ -41,9 +41,14 @@ def head_case(tmp_path_factory):
     d = tmp_path_factory.mktemp("automask")
     g, aff, head = _head()
     simulate_stacks(g, aff, head, str(d / "sim"), thickness=3.6, pixel=1.2, seed=0, log=lambda s: None)
-    return {"dir": d, "gt": g, "aff": aff, "head": head,
-            "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
-            "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]}
+    return {
+        "dir": d,
+        "gt": g,
+        "aff": aff,
+        "head": head,
+        "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+    }
 
 
 def test_overlap_region_is_the_common_field_of_view():
@@ -74,15 +79,36 @@ def test_reconstruct_without_masks_uses_the_automatic_mask(head_case, tmp_path):
     cfgp.write_text(json.dumps({"iterations": [0, 0], "cg_iterations": 15, "motion": False}))
     out = tmp_path / "rec.nii.gz"
     log = tmp_path / "run.log"
-    rc = main(["reconstruct", "--input-stacks", *head_case["stacks"], "--thicknesses", "3.6", "--output-volume", str(out),
-               "--config", str(cfgp), "--quiet", "--no-report", "--log", str(log)])
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *head_case["stacks"],
+            "--thicknesses",
+            "3.6",
+            "--output-volume",
+            str(out),
+            "--config",
+            str(cfgp),
+            "--quiet",
+            "--no-report",
+            "--log",
+            str(log),
+        ]
+    )
     assert rc == 0
     text = log.read_text()
     assert text.count("automatic mask") == 3
     meta = json.loads((tmp_path / "rec.config.json").read_text())
     assert [i["mask"] for i in meta["inputs"]] == ["automatic"] * 3 and meta["config"]["auto_mask"] is True
     img = nib.load(str(out))
-    sc = score_volume(img.get_fdata(), img.affine, head_case["gt"], head_case["aff"], ndimage.binary_erosion(head_case["head"], iterations=2))
+    sc = score_volume(
+        img.get_fdata(),
+        img.affine,
+        head_case["gt"],
+        head_case["aff"],
+        ndimage.binary_erosion(head_case["head"], iterations=2),
+    )
     assert sc["ncc"] > 0.9, sc
 
 

@@ -19,8 +19,23 @@ def test_estimate_is_monotone():
 def test_refused_over_max_memory(small_case, tmp_path, capsys):
     out = tmp_path / "v.nii.gz"
     before = sorted(os.listdir(tmp_path))
-    rc = main(["reconstruct", "--input-stacks", *small_case["stacks"], "--stack-masks", *small_case["masks"],
-               "--output-volume", str(out), "--max-memory", "0.001", "--output-resolution", "1.5", "--log", str(tmp_path / "r.log")])
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *small_case["stacks"],
+            "--stack-masks",
+            *small_case["masks"],
+            "--output-volume",
+            str(out),
+            "--max-memory",
+            "0.001",
+            "--output-resolution",
+            "1.5",
+            "--log",
+            str(tmp_path / "r.log"),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     line = err[0]

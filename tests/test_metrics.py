@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_nifti
 from skimage.metrics import structural_similarity
 
-from conftest import write_nifti
 from mgaussian.cli import main
 from mgaussian.metrics import gain_offset_match, ncc, psnr, score_volume, ssim
 
@@ -112,8 +112,22 @@ def test_evaluate_cli_json_and_dice(tmp_path, capsys):
 def test_heldout_score_prefers_the_right_volume(small_case, capsys):
     c = small_case
     # the ground truth itself predicts a held-out stack far better than a shifted blob
-    assert main(["evaluate", c["gt"], "--heldout-stack", c["stacks"][1], "--stack-mask", c["masks"][1],
-                 "--thickness", "4.5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                c["gt"],
+                "--heldout-stack",
+                c["stacks"][1],
+                "--stack-mask",
+                c["masks"][1],
+                "--thickness",
+                "4.5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     good = json.loads(capsys.readouterr().out)
     assert good["ncc"] > 0.99
     # per-slice NCC of the slices with >= 50 mask pixels, each as good as the whole
@@ -123,7 +137,20 @@ def test_heldout_score_prefers_the_right_volume(small_case, capsys):
     img = nib.load(c["gt"])
     bad = np.roll(img.get_fdata(), 6, axis=0) ** 2
     bp = write_nifti(c["dir"] / "bad.nii.gz", bad, img.affine)
-    main(["evaluate", bp, "--heldout-stack", c["stacks"][1], "--stack-mask", c["masks"][1], "--thickness", "4.5", "--json", "--no-align"])
+    main(
+        [
+            "evaluate",
+            bp,
+            "--heldout-stack",
+            c["stacks"][1],
+            "--stack-mask",
+            c["masks"][1],
+            "--thickness",
+            "4.5",
+            "--json",
+            "--no-align",
+        ]
+    )
     worse = json.loads(capsys.readouterr().out)
     assert worse["ncc"] < good["ncc"] - 0.05
 
@@ -146,7 +173,9 @@ def _independent_scores(rec, raff, g, gaff, m):
     G = np.where(m, g, 0)
     lo, hi = np.argwhere(m).min(0), np.argwhere(m).max(0) + 1
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    s = structural_similarity(X[box], G[box], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=R)
+    s = structural_similarity(
+        X[box], G[box], gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=R
+    )
     return 10 * np.log10(R**2 / mse), s
 
 
@@ -159,7 +188,9 @@ def test_agrees_with_independent_implementation_on_oblique_grids(seed):
     rng = np.random.default_rng(seed)
     # a "reconstruction": the truth plus noise, stored on an oblique, left-handed, finer grid
     raff = np.eye(4)
-    raff[:3, :3] = Rotation.from_euler("xyz", rng.uniform(-30, 30, 3), degrees=True).as_matrix() @ np.diag([-0.7, 0.7, 0.7])
+    raff[:3, :3] = Rotation.from_euler("xyz", rng.uniform(-30, 30, 3), degrees=True).as_matrix() @ np.diag(
+        [-0.7, 0.7, 0.7]
+    )
     raff[:3, 3] = [28, -3, -2] + rng.normal(0, 1, 3)
     shape = (48, 52, 46)
     from mgaussian.sampling import resample_volume

@@ -15,8 +15,15 @@ from mgaussian.recon.motion import estimate_noise, matrix_to_rotvec, register_st
 from mgaussian.recon.pipeline import reconstruct
 from mgaussian.simulate import simulate_stacks
 
-FAST = {"output_resolution": 1.6, "iterations": [0, 10], "cg_iterations": 15, "motion_rounds": 2, "pose_iterations": 3, "fine_motion_rounds": 1,
-        "fine_pose_iterations": 2}
+FAST = {
+    "output_resolution": 1.6,
+    "iterations": [0, 10],
+    "cg_iterations": 15,
+    "motion_rounds": 2,
+    "pose_iterations": 3,
+    "fine_motion_rounds": 1,
+    "fine_pose_iterations": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +37,11 @@ def atlas_stacks(tmp_path_factory):
 
 
 def _load(sim, k=3):
-    return load_stacks([str(sim / f"stack_{i:02d}.nii.gz") for i in range(k)],
-                       [str(sim / f"mask_{i:02d}.nii.gz") for i in range(k)], [3.2])
+    return load_stacks(
+        [str(sim / f"stack_{i:02d}.nii.gz") for i in range(k)],
+        [str(sim / f"mask_{i:02d}.nii.gz") for i in range(k)],
+        [3.2],
+    )
 
 
 def _centre(st):
@@ -154,8 +164,9 @@ def test_slice_profile_is_chosen_from_the_data(atlas_stacks, tmp_path):
     # the box profile's excess residual is ~0.6 x the Gaussian's: with a margin above 0.4 the
     # evidence is not enough and the first candidate (the header's thickness) stays
     lines = []
-    res = reconstruct(_load(tmp_path / "box"), config_from_dict({**quick, "profile_margin": 0.6}), progress=False,
-                      log=lines.append)
+    res = reconstruct(
+        _load(tmp_path / "box"), config_from_dict({**quick, "profile_margin": 0.6}), progress=False, log=lines.append
+    )
     assert res.config.through_plane_fwhm_factor == 1.0, [s for s in lines if "slice profile" in s]
 
 
@@ -194,16 +205,41 @@ def test_known_slice_poses_are_recovered(tmp_path):
     gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
     m, _, _ = load_image(str(demo_dir() / "mask.nii.gz"))
     sim = tmp_path / "moved"
-    simulate_stacks(gt, aff, m > 0, str(sim), thickness=3.2, motion_rotation=3.0, motion_translation=1.5, seed=1,
-                    log=lambda s: None)
+    simulate_stacks(
+        gt, aff, m > 0, str(sim), thickness=3.2, motion_rotation=3.0, motion_translation=1.5, seed=1, log=lambda s: None
+    )
     st = _load(sim)
-    before = reconstruct(st, config_from_dict({"output_resolution": 1.6, "spacing_factors": [1.0], "iterations": [0],
-                                               "cg_iterations": 5, "motion": False, "register_stacks": False}),
-                         progress=False, log=lambda s: None)
+    before = reconstruct(
+        st,
+        config_from_dict(
+            {
+                "output_resolution": 1.6,
+                "spacing_factors": [1.0],
+                "iterations": [0],
+                "cg_iterations": 5,
+                "motion": False,
+                "register_stacks": False,
+            }
+        ),
+        progress=False,
+        log=lambda s: None,
+    )
     d0, r0 = _slice_pose_errors(before, sim)
-    res = reconstruct(st, config_from_dict({"output_resolution": 0.8, "spacing_factors": [2.0], "iterations": [0],
-                                            "motion_rounds": 16, "motion_stop_mm": 0.01, "motion_stop_deg": 0.01}),
-                      progress=False, log=lambda s: None)
+    res = reconstruct(
+        st,
+        config_from_dict(
+            {
+                "output_resolution": 0.8,
+                "spacing_factors": [2.0],
+                "iterations": [0],
+                "motion_rounds": 16,
+                "motion_stop_mm": 0.01,
+                "motion_stop_deg": 0.01,
+            }
+        ),
+        progress=False,
+        log=lambda s: None,
+    )
     d1, r1 = _slice_pose_errors(res, sim)
     assert d0.mean() > 1.0 and r0.mean() > 1.0, (d0.mean(), r0.mean())
     assert d1.mean() <= 0.5 and r1.mean() <= 0.5, (d1.mean(), r1.mean(), len(d1))
@@ -215,12 +251,19 @@ def test_given_slice_poses_are_used(tmp_path):
     gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
     m, _, _ = load_image(str(demo_dir() / "mask.nii.gz"))
     sim = tmp_path / "moved"
-    simulate_stacks(gt, aff, m > 0, str(sim), thickness=3.2, motion_rotation=3.0, motion_translation=1.5, seed=2,
-                    log=lambda s: None)
+    simulate_stacks(
+        gt, aff, m > 0, str(sim), thickness=3.2, motion_rotation=3.0, motion_translation=1.5, seed=2, log=lambda s: None
+    )
     truth = json.loads((sim / "truth.json").read_text())
     poses = [np.array([sl["matrix"] for sl in s["slices"]]) for s in truth["stacks"]]
-    cfg = {"output_resolution": 1.6, "spacing_factors": [1.0], "iterations": [0], "cg_iterations": 5, "motion": False,
-           "register_stacks": False}
+    cfg = {
+        "output_resolution": 1.6,
+        "spacing_factors": [1.0],
+        "iterations": [0],
+        "cg_iterations": 5,
+        "motion": False,
+        "register_stacks": False,
+    }
     res = reconstruct(_load(sim), config_from_dict(cfg), progress=False, log=lambda s: None, slice_poses=poses)
     d, r = _slice_pose_errors(res, sim, min_fraction=0.0)
     assert len(d) > 50 and d.max() < 1e-3 and r.max() < 1e-3, (len(d), d.max(), r.max())
@@ -245,7 +288,9 @@ def test_binned_slices_are_the_binned_pixels(atlas_stacks):
     g = torch.Generator().manual_seed(0)
     h, w = ss.obs.shape[1:]
     lo = ss.origins[sel].min(0).values - 2.0
-    hi = (ss.origins[sel] + (h * ss.spacing[0]) * ss.axes[sel, 0] + (w * ss.spacing[1]) * ss.axes[sel, 1]).max(0).values + 2.0
+    hi = (ss.origins[sel] + (h * ss.spacing[0]) * ss.axes[sel, 0] + (w * ss.spacing[1]) * ss.axes[sel, 1]).max(
+        0
+    ).values + 2.0
     lo, hi = torch.minimum(lo, hi), torch.maximum(lo, hi)
     n = 3000
     means = lo + (hi - lo) * torch.rand(n, 3, generator=g)
@@ -254,8 +299,19 @@ def test_binned_slices_are_the_binned_pixels(atlas_stacks):
     inten = torch.rand(n, generator=g)
 
     def render(s, psf):
-        return render_slices(means, log_scales, quats, inten, s.origins[sel], s.axes[sel], tuple(s.obs.shape[1:]),
-                             s.spacing, psf, backend="cpu", cutoff=4.0)
+        return render_slices(
+            means,
+            log_scales,
+            quats,
+            inten,
+            s.origins[sel],
+            s.axes[sel],
+            tuple(s.obs.shape[1:]),
+            s.spacing,
+            psf,
+            backend="cpu",
+            cutoff=4.0,
+        )
 
     psf = slice_psf_sigma(ss.spacing, ss.thickness, 1.2)
     full = render(ss, psf)
@@ -268,8 +324,19 @@ def test_binned_slices_are_the_binned_pixels(atlas_stacks):
     err = (binned - want)[whole].abs().max() / want.abs().max()
     assert err < 0.02, float(err)
     # half a pixel off (no centre shift) is far worse: the test sees the geometry
-    shifted = render_slices(means, log_scales, quats, inten, ss.origins[sel], ss.axes[sel], tuple(bs.obs.shape[1:]),
-                            bs.spacing, (*bs.inplane_sigma, psf[2]), backend="cpu", cutoff=4.0)
+    shifted = render_slices(
+        means,
+        log_scales,
+        quats,
+        inten,
+        ss.origins[sel],
+        ss.axes[sel],
+        tuple(bs.obs.shape[1:]),
+        bs.spacing,
+        (*bs.inplane_sigma, psf[2]),
+        backend="cpu",
+        cutoff=4.0,
+    )
     assert (shifted - want)[whole].abs().max() / want.abs().max() > 2 * err
     pw = torch.rand(ss.obs.shape, generator=g)
     assert torch.equal(pool_pixels(expand_pixels(pool_pixels(pw, 2), 2, (h, w)), 2), pool_pixels(pw, 2))
@@ -285,8 +352,14 @@ def test_to_stack_poses_keeps_each_stacks_mean_rigid_map():
     from mgaussian.recon.motion import pose_means, to_stack_poses
 
     g = torch.Generator().manual_seed(3)
-    cents = [torch.randn(9, 3, generator=g, dtype=torch.float64) * 20, torch.randn(5, 3, generator=g, dtype=torch.float64) * 20]
-    rots = [0.02 * torch.randn(9, 3, generator=g, dtype=torch.float64), 0.02 * torch.randn(5, 3, generator=g, dtype=torch.float64)]
+    cents = [
+        torch.randn(9, 3, generator=g, dtype=torch.float64) * 20,
+        torch.randn(5, 3, generator=g, dtype=torch.float64) * 20,
+    ]
+    rots = [
+        0.02 * torch.randn(9, 3, generator=g, dtype=torch.float64),
+        0.02 * torch.randn(5, 3, generator=g, dtype=torch.float64),
+    ]
     trans = [torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)]
     before = [pose_means([r], [t], [c]) for r, t, c in zip(rots, trans, cents)]
     to_stack_poses(rots, trans, cents)
@@ -318,7 +391,10 @@ def _pose_draw(seed, n, pivot, uniform=True):
         t = rng.normal(size=(n, 3)) * 1.5 / math.sqrt(3)
     s = pivot + rng.normal(size=(n, 3)) * 25
     u = np.einsum("kij,kj->ki", rotvec_to_matrix(r), s - pivot) + pivot + t - s
-    f = lambda a: [torch.as_tensor(a[: n // 2].copy()), torch.as_tensor(a[n // 2:].copy())]  # two stacks
+
+    def f(a):
+        return [torch.as_tensor(a[: n // 2].copy()), torch.as_tensor(a[n // 2 :].copy())]  # two stacks
+
     return f(r), f(u), f(s)
 
 
@@ -334,8 +410,10 @@ def test_location_estimator_adapts_to_the_tails():
         err_m.append(np.abs(location(x, "mean") - 7.0).mean())
         err_a.append(np.abs(location(x, "adaptive") - 7.0).mean())
     assert np.mean(err_a) < 0.5 * np.mean(err_m), (np.mean(err_a), np.mean(err_m))
-    same = sum(bool(np.allclose(location(g, "adaptive"), g.mean(0)))
-               for g in (np.random.default_rng(s).normal(size=(60, 3)) for s in range(200)))
+    same = sum(
+        bool(np.allclose(location(g, "adaptive"), g.mean(0)))
+        for g in (np.random.default_rng(s).normal(size=(60, 3)) for s in range(200))
+    )
     assert same >= 190, same  # the mean for normal samples (60 x 3 of them that look light-tailed are rare)
     with pytest.raises(ValueError, match="unknown kind"):
         location(np.zeros((40, 3)), "median")
@@ -422,8 +500,8 @@ def test_small_edge_slice_is_held_to_its_stack(atlas_stacks):
     from mgaussian.field import init_field_on_grid
     from mgaussian.recon.config import ReconConfig
     from mgaussian.recon.data import prepare_slices
-    from mgaussian.recon.motion import slice_centres
     from mgaussian.recon.motion import optimise_poses as _optimise_poses
+    from mgaussian.recon.motion import slice_centres
     from mgaussian.recon.slices import predict_all as _predict_all
 
     gt, aff, _ = load_image(str(demo_dir() / "srr.nii.gz"))
@@ -447,8 +525,9 @@ def test_small_edge_slice_is_held_to_its_stack(atlas_stacks):
     for hold in (0.0, 0.25):
         r = torch.zeros(ss.n, 3)
         t = torch.zeros(ss.n, 3)
-        _optimise_poses(params, [ss], [r], [t], [c], [ss.mask.float()], [torch.ones(ss.n)], cfg, "cpu", 8,
-                        small_slice=hold)
+        _optimise_poses(
+            params, [ss], [r], [t], [c], [ss.mask.float()], [torch.ones(ss.n)], cfg, "cpu", 8, small_slice=hold
+        )
         end[hold] = {k: (math.degrees(float(r[k].norm())), float(t[k].norm())) for k in (small, med)}
     # without the hold both slices go to where they were observed ...
     assert end[0.0][med][0] > 3.0 and end[0.0][small][0] > 2.0, end
@@ -511,7 +590,9 @@ def test_extrapolation_gain_is_the_geometric_tail():
         # a fixed-point iteration x <- rho x carried on by the gain lands on its limit 0
         x = torch.ones(3)
         step = (rho - 1) * x
-        assert torch.allclose(x + step * (1 + _extrapolation_gain(scaled(rho), prev, cap=10.0)), torch.zeros(3), atol=1e-6)
+        assert torch.allclose(
+            x + step * (1 + _extrapolation_gain(scaled(rho), prev, cap=10.0)), torch.zeros(3), atol=1e-6
+        )
     assert _extrapolation_gain(scaled(0.9), prev, cap=2.0) == 2.0
     assert _extrapolation_gain(scaled(-0.5), prev, cap=2.0) == 0.0
     assert _extrapolation_gain(scaled(1.2), prev, cap=2.0) == 0.0

@@ -4,8 +4,8 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import write_nifti
+
 from mgaussian.cli import main
 from mgaussian.io import load_stacks
 from mgaussian.metrics import score_volume
@@ -35,8 +35,17 @@ def _phantom(shape=(36, 40, 34), spacing=1.2, seed=0):
 def case(tmp_path_factory):
     d = tmp_path_factory.mktemp("recon")
     g, aff, m = _phantom()
-    simulate_stacks(g, aff, m, str(d / "sim"), orientations=["axial", "coronal", "sagittal@8,0,-6"],
-                    thickness=3.6, pixel=1.2, seed=0, log=lambda s: None)
+    simulate_stacks(
+        g,
+        aff,
+        m,
+        str(d / "sim"),
+        orientations=["axial", "coronal", "sagittal@8,0,-6"],
+        thickness=3.6,
+        pixel=1.2,
+        seed=0,
+        log=lambda s: None,
+    )
     gp = write_nifti(d / "gt.nii.gz", g, aff)
     mp = write_nifti(d / "m.nii.gz", m.astype(np.uint8), aff)
     stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]
@@ -68,8 +77,12 @@ def test_reconstruct_beats_naive_and_overlays_truth(case):
     # poses are carried per slice (no motion here: they stay near identity) and intensities are
     # in the input units
     assert [len(p["rotvec"]) for p in res.poses] == [len(p["slices"]) for p in res.poses]
-    fixed = reconstruct(st, config_from_dict(dict(FAST, motion=False, register_stacks=False, iterations=[0, 0])),
-                        progress=False, log=lambda s: None)
+    fixed = reconstruct(
+        st,
+        config_from_dict(dict(FAST, motion=False, register_stacks=False, iterations=[0, 0])),
+        progress=False,
+        log=lambda s: None,
+    )
     assert all(np.allclose(p["rotvec"], 0) and np.allclose(p["translation_mm"], 0, atol=1e-5) for p in fixed.poses)
     inside = case["mask"]
     assert 0.7 < np.percentile(res.volume[res.volume > 0], 99) / np.percentile(case["gt"][inside], 99) < 1.3
@@ -89,15 +102,39 @@ def test_cli_reconstruct_outputs_and_sample_volume(case, tmp_path, capsys):
     out = tmp_path / "rec.nii.gz"
     model = tmp_path / "rec.pt"
     before = {p: open(p, "rb").read() for p in case["stacks"]}
-    rc = main(["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"], "--thicknesses", "3.6",
-               "--output-volume", str(out), "--output-model", str(model), "--config", str(cfgp), "--quiet", "--no-nrf"])
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *case["stacks"],
+            "--stack-masks",
+            *case["masks"],
+            "--thicknesses",
+            "3.6",
+            "--output-volume",
+            str(out),
+            "--output-model",
+            str(model),
+            "--config",
+            str(cfgp),
+            "--quiet",
+            "--no-nrf",
+        ]
+    )
     assert rc == 0
     img = nib.load(str(out))
     meta = json.loads((tmp_path / "rec.config.json").read_text())
     assert meta["config"]["use_nrf"] is False and meta["config"]["iterations"] == [0, 15]
     assert meta["config"]["output_resolution"] == pytest.approx(1.2)
     assert all(open(p, "rb").read() == before[p] for p in case["stacks"])
-    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "rec.config.json", "rec.nii.gz", "rec.poses.json", "rec.pt", "rec_report"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "cfg.json",
+        "rec.config.json",
+        "rec.nii.gz",
+        "rec.poses.json",
+        "rec.pt",
+        "rec_report",
+    ]
     poses = json.loads((tmp_path / "rec.poses.json").read_text())
     assert len(poses["poses"]) == 3 and len(poses["slice_weights"]) == 3 and len(poses["centre_mm"]) == 3
     # sample-volume at the same resolution reproduces the volume; at 2.4 mm it still overlays
@@ -106,7 +143,10 @@ def test_cli_reconstruct_outputs_and_sample_volume(case, tmp_path, capsys):
     a, b = img.get_fdata(), nib.load(str(s1)).get_fdata()
     assert np.allclose(a, b, atol=1e-3 * a.max())
     s2 = tmp_path / "s2.nii.gz"
-    assert main(["sample-volume", "--input-model", str(model), "--output-volume", str(s2), "--output-resolution", "2.4"]) == 0
+    assert (
+        main(["sample-volume", "--input-model", str(model), "--output-volume", str(s2), "--output-resolution", "2.4"])
+        == 0
+    )
     i2 = nib.load(str(s2))
     assert np.allclose(np.linalg.norm(i2.affine[:3, :3], axis=0), 2.4)
     sc1 = score_volume(a, img.affine, case["gt"], case["aff"], case["mask"])
@@ -124,7 +164,10 @@ def test_config_errors(case, tmp_path, capsys):
     bad.write_text(json.dumps({"batch_slices": "many"}))
     assert main(["reconstruct", "--input-stacks", *case["stacks"], "--output-volume", out, "--config", str(bad)]) == 2
     assert "wrong type" in capsys.readouterr().err
-    assert main(["reconstruct", "--input-stacks", *case["stacks"], "--output-volume", out, "--output-resolution", "0"]) == 2
+    assert (
+        main(["reconstruct", "--input-stacks", *case["stacks"], "--output-volume", out, "--output-resolution", "0"])
+        == 2
+    )
     assert "--output-resolution" in capsys.readouterr().err
     assert main(["reconstruct", "--input-stacks", *case["stacks"], "--output-volume", case["stacks"][0]]) == 2
     assert not os.path.exists(out)
@@ -157,11 +200,35 @@ def test_cli_off_switches_reach_the_configuration(case, tmp_path):
     cfgp = tmp_path / "cfg.json"
     cfgp.write_text(json.dumps({"iterations": [0, 0], "cg_iterations": 2, "output_resolution": 2.4}))
     out = tmp_path / "rec.nii.gz"
-    switches = {"--no-motion": "motion", "--no-registration": "register_stacks", "--no-robust": "robust",
-                "--no-ssim": "use_ssim", "--no-growth": "growth", "--no-anisotropy": "use_anisotropy", "--no-psf": "use_psf",
-                "--no-nrf": "use_nrf", "--no-auto-mask": "auto_mask"}
-    rc = main(["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"], "--thicknesses", "3.6",
-               "--output-volume", str(out), "--config", str(cfgp), "--quiet", "--no-report", *switches])
+    switches = {
+        "--no-motion": "motion",
+        "--no-registration": "register_stacks",
+        "--no-robust": "robust",
+        "--no-ssim": "use_ssim",
+        "--no-growth": "growth",
+        "--no-anisotropy": "use_anisotropy",
+        "--no-psf": "use_psf",
+        "--no-nrf": "use_nrf",
+        "--no-auto-mask": "auto_mask",
+    }
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *case["stacks"],
+            "--stack-masks",
+            *case["masks"],
+            "--thicknesses",
+            "3.6",
+            "--output-volume",
+            str(out),
+            "--config",
+            str(cfgp),
+            "--quiet",
+            "--no-report",
+            *switches,
+        ]
+    )
     assert rc == 0
     got = json.loads((tmp_path / "rec.config.json").read_text())["config"]
     assert {k: got[k] for k in switches.values()} == {k: False for k in switches.values()}

@@ -6,10 +6,9 @@ import os
 
 import pytest
 import torch
+from test_render_helpers import img_err, random_gaussians, random_poses, rel_err
 
 import mgaussian.render as R
-
-from test_render_helpers import img_err, random_gaussians, random_poses, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -18,6 +17,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 try:
     import triton  # noqa: F401
+
     HAS_TRITON = True
 except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
@@ -87,8 +87,7 @@ def test_cpu_slices_pixel_selection_matches_reference():
 def test_cpu_non_orthonormal_axes_follow_slice_frame_definition():
     params = random_gaussians(60, seed=11)
     o, a = random_poses(3, seed=12)
-    a2 = (a.detach() + 0.05 * torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(1),
-                                         dtype=torch.float64))
+    a2 = a.detach() + 0.05 * torch.randn(3, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     img_r, g_r = _render_and_grad("reference", params, (o, a2), PSFS["shared"], torch.float64)
     img_b, g_b = _render_and_grad("cpu", params, (o, a2), PSFS["shared"], torch.float64)
     assert img_err(img_b, img_r) < 1e-10
@@ -99,8 +98,7 @@ def test_row_spans_and_mask_leave_other_pixels_zero():
     params = random_gaussians(100, seed=1)
     o, a = random_poses(3, seed=2)
     full = R.render_slices(*params, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu").detach()
-    win = R.render_slices(*params, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu",
-                          window=(3, 15, 4, 20)).detach()
+    win = R.render_slices(*params, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu", window=(3, 15, 4, 20)).detach()
     inside = torch.zeros_like(full, dtype=torch.bool)
     inside[:, 3:15, 4:20] = True
     assert torch.equal(win[~inside], torch.zeros_like(win[~inside]))
@@ -128,8 +126,7 @@ def test_cpu_points_match_reference(psf, radius):
         c = None if cov is None else cov.detach().to(dt).requires_grad_()
         v = R.render_points(*p, x, c, block_radius=radius, cell_size=1.0, backend=backend)
         w = torch.linspace(-1, 1, v.numel(), dtype=dt)
-        out.append((v.detach(), torch.autograd.grad((v * w).sum(), p + [x] + ([c] if c is not None
-                                                                                else []))))
+        out.append((v.detach(), torch.autograd.grad((v * w).sum(), p + [x] + ([c] if c is not None else []))))
     (vr, gr), (vb, gb) = out
     assert img_err(vb, vr) <= 1e-4
     for a, b in zip(gb, gr):
@@ -156,8 +153,9 @@ def test_gpu_slices_pixel_mask_match_reference():
 def test_gpu_slices_match_reference_on_cuda():
     params = [t.detach().cuda() for t in random_gaussians(3000, hi=(60, 60, 5), seed=3)]
     o, a = (t.detach().cuda() for t in random_poses(6, seed=4))
-    img_r = R.render_slices(*[p.double() for p in params], o.double(), a.double(), (80, 80),
-                            SPACING, PSFS["shared"], backend="reference")
+    img_r = R.render_slices(
+        *[p.double() for p in params], o.double(), a.double(), (80, 80), SPACING, PSFS["shared"], backend="reference"
+    )
     img_g = R.render_slices(*params, o, a, (80, 80), SPACING, PSFS["shared"], backend="gpu")
     assert img_err(img_g.cpu(), img_r.cpu()) <= 1e-4
 
@@ -205,19 +203,20 @@ def test_empty_and_degenerate_inputs(backend):
     def gaussians(n):
         q = torch.zeros(n, 4, device=dev)
         q[:, 0] = 1
-        return [torch.zeros(n, 3, device=dev).requires_grad_(),
-                torch.zeros(n, 3, device=dev).requires_grad_(), q.requires_grad_(),
-                torch.ones(n, device=dev).requires_grad_()]
+        return [
+            torch.zeros(n, 3, device=dev).requires_grad_(),
+            torch.zeros(n, 3, device=dev).requires_grad_(),
+            q.requires_grad_(),
+            torch.ones(n, device=dev).requires_grad_(),
+        ]
 
     o = torch.zeros(2, 3, device=dev, requires_grad=True)
     a = torch.eye(3, device=dev).repeat(2, 1, 1).requires_grad_()
-    img = R.render_slices(*gaussians(0), o, a, (4, 5), (1.0, 1.0), (0.4, 0.4, 1.3),
-                          backend=backend)
+    img = R.render_slices(*gaussians(0), o, a, (4, 5), (1.0, 1.0), (0.4, 0.4, 1.3), backend=backend)
     assert img.shape == (2, 4, 5) and float(img.detach().abs().sum()) == 0
     g = gaussians(1)
     far = [g[0] + 100.0] + g[1:]
-    assert float(R.render_slices(*far, o, a, (4, 5), (1.0, 1.0), None,
-                                 backend=backend).detach().abs().sum()) == 0
+    assert float(R.render_slices(*far, o, a, (4, 5), (1.0, 1.0), None, backend=backend).detach().abs().sum()) == 0
     one = R.render_slices(*g, o, a, (4, 5), (1.0, 1.0), None, backend=backend)
     assert abs(float(one[0, 0, 0].detach()) - 1.0) < 1e-6  # peak = intensity at the mean, no PSF
     one.sum().backward()
@@ -240,8 +239,7 @@ def test_cpu_rejects_non_finite_gaussians():
     with pytest.raises(ValueError, match="non-finite"):
         R.render_slices(params[0], ls, *params[2:], o, a, SHAPE, SPACING, None, backend="cpu")
     with pytest.raises(ValueError, match="non-finite"):
-        R.render_points(*params, torch.full((2, 3), float("nan"), dtype=torch.float64),
-                        backend="cpu")
+        R.render_points(*params, torch.full((2, 3), float("nan"), dtype=torch.float64), backend="cpu")
 
 
 def test_cpu_matches_reference_at_scale_many_cells():
@@ -285,8 +283,12 @@ def test_cpu_design_matches_the_reference_render_and_its_gradient(psf_key):
     (gc,) = torch.autograd.grad((img * x).sum(), cc)
     assert rel_err(d.rmatvec(x), gc) <= 1e-6
     wt = torch.rand(img.shape, generator=g, dtype=torch.float64)
-    ref = R.AutogradDesign(lambda v: R.render_slices(mu, ls, q, v, o, a, SHAPE, SPACING, psf, backend="reference",
-                                                     cutoff=3.0, row_spans=spans), c.shape[0])
+    ref = R.AutogradDesign(
+        lambda v: R.render_slices(
+            mu, ls, q, v, o, a, SHAPE, SPACING, psf, backend="reference", cutoff=3.0, row_spans=spans
+        ),
+        c.shape[0],
+    )
     assert rel_err(d.normal(c, wt), ref.normal(c, wt)) <= 1e-6
     assert rel_err(d.rmatvec(x), ref.rmatvec(x)) <= 1e-6
 

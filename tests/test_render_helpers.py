@@ -9,8 +9,9 @@ import torch
 from mgaussian.render._common import quat_to_rotmat
 
 
-def random_gaussians(n, lo=(0.0, 0.0, -5.0), hi=(16.0, 18.0, 5.0), dtype=torch.float64, seed=0,
-                     scale=0.25, log_mean=0.1):
+def random_gaussians(
+    n, lo=(0.0, 0.0, -5.0), hi=(16.0, 18.0, 5.0), dtype=torch.float64, seed=0, scale=0.25, log_mean=0.1
+):
     g = torch.Generator().manual_seed(seed)
     lo_t, hi_t = torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
     means = lo_t + torch.rand(n, 3, generator=g, dtype=torch.float64) * (hi_t - lo_t)
@@ -49,8 +50,14 @@ def rot_vec(omega: torch.Tensor) -> torch.Tensor:
     th = omega.norm(dim=1).clamp_min(1e-12)[:, None, None]
     k = omega / th[:, :, 0]
     z = torch.zeros_like(k[:, 0])
-    kx = torch.stack([torch.stack([z, -k[:, 2], k[:, 1]], 1), torch.stack([k[:, 2], z, -k[:, 0]], 1),
-                      torch.stack([-k[:, 1], k[:, 0], z], 1)], 1)
+    kx = torch.stack(
+        [
+            torch.stack([z, -k[:, 2], k[:, 1]], 1),
+            torch.stack([k[:, 2], z, -k[:, 0]], 1),
+            torch.stack([-k[:, 1], k[:, 0], z], 1),
+        ],
+        1,
+    )
     eye = torch.eye(3, dtype=omega.dtype).expand_as(kx)
     return eye + torch.sin(th) * kx + (1 - torch.cos(th)) * kx @ kx
 

@@ -7,12 +7,11 @@ import math
 
 import pytest
 import torch
+from test_render_helpers import img_err, random_gaussians, random_poses, rel_err, rot_vec
 
 import mgaussian.render as R
 from mgaussian.render import reference as ref
 from mgaussian.render._common import covariance
-
-from test_render_helpers import img_err, random_gaussians, random_poses, rel_err, rot_vec
 
 
 def test_gradcheck_reference_slices_float64():
@@ -20,8 +19,7 @@ def test_gradcheck_reference_slices_float64():
     o, a = random_poses(2, seed=2, shift=0.3)
 
     def f(mu, ls, q, c, oo, aa):
-        return ref.render_slices(mu, ls, q, c, oo, aa, (4, 5), (0.7, 0.6), (0.3, 0.25, 0.8),
-                                 cutoff=50.0)
+        return ref.render_slices(mu, ls, q, c, oo, aa, (4, 5), (0.7, 0.6), (0.3, 0.25, 0.8), cutoff=50.0)
 
     assert f(*params, o, a).abs().max() > 1e-3
     assert torch.autograd.gradcheck(f, (*params, o, a), eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -29,8 +27,7 @@ def test_gradcheck_reference_slices_float64():
 
 def test_gradcheck_reference_points_float64():
     params = random_gaussians(5, lo=(0, 0, 0), hi=(3, 3, 3), seed=3, log_mean=-0.1)
-    pts = (torch.rand(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-           * 3).requires_grad_()
+    pts = (torch.rand(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3).requires_grad_()
     m = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 0.4
     cov = (m @ m.T).requires_grad_()
 
@@ -72,8 +69,11 @@ def _world_points(origins, axes, shape, spacing):
     h, w = shape
     a = torch.arange(h, dtype=origins.dtype) * spacing[0]
     b = torch.arange(w, dtype=origins.dtype) * spacing[1]
-    return (origins[:, None, None, :] + a[None, :, None, None] * axes[:, None, None, 0, :]
-            + b[None, None, :, None] * axes[:, None, None, 1, :])
+    return (
+        origins[:, None, None, :]
+        + a[None, :, None, None] * axes[:, None, None, 0, :]
+        + b[None, None, :, None] * axes[:, None, None, 1, :]
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
@@ -84,8 +84,7 @@ def test_points_and_slices_agree_values_and_pose_gradients(backend):
     psf = torch.tensor([0.41, 0.36, 1.36], dtype=torch.float64)
     params = random_gaussians(50, lo=(-2, -2, -3), hi=(8, 8, 3), seed=4)
     o0, a0 = random_poses(2, seed=5, shift=0.5)
-    omega = torch.tensor([[0.05, -0.02, 0.01], [0.0, 0.03, -0.04]], dtype=torch.float64,
-                         requires_grad=True)
+    omega = torch.tensor([[0.05, -0.02, 0.01], [0.0, 0.03, -0.04]], dtype=torch.float64, requires_grad=True)
     o = o0.detach().clone().requires_grad_()
 
     def pose():
@@ -96,10 +95,9 @@ def test_points_and_slices_agree_values_and_pose_gradients(backend):
     gs = torch.autograd.grad((img * img).sum(), [omega, o] + params)
     oo, aa = pose()
     pts = _world_points(oo, aa, shape, spacing)
-    cov = aa.transpose(1, 2) @ torch.diag(psf ** 2) @ aa  # [S,3,3], depends on the pose
+    cov = aa.transpose(1, 2) @ torch.diag(psf**2) @ aa  # [S,3,3], depends on the pose
     cov_pp = cov[:, None, None].expand(-1, shape[0], shape[1], 3, 3).reshape(-1, 3, 3)
-    vals = R.render_points(*params, pts.reshape(-1, 3), cov_pp, block_radius=None,
-                           backend=backend)
+    vals = R.render_points(*params, pts.reshape(-1, 3), cov_pp, block_radius=None, backend=backend)
     vals = vals.reshape(img.shape)
     gp = torch.autograd.grad((vals * vals).sum(), [omega, o] + params)
     assert img_err(img, vals) < 1e-9
@@ -114,8 +112,7 @@ def test_block_partitioning_within_documented_bound():
     for backend in ("reference", "cpu"):
         brute = R.render_points(*params, pts, cov, block_radius=None, backend=backend).detach()
         for radius, cs in [(1, 1.0), (2, 1.0), (5, 0.5)]:
-            blk = R.render_points(*params, pts, cov, block_radius=radius, cell_size=cs,
-                                  backend=backend).detach()
+            blk = R.render_points(*params, pts, cov, block_radius=radius, cell_size=cs, backend=backend).detach()
             bound = R.block_truncation_bound(*params, pts, cov, block_radius=radius, cell_size=cs)
             diff = (blk - brute).abs()
             assert diff.max() > 0  # partitioning really drops Gaussians
@@ -159,14 +156,13 @@ def test_render_volume_matches_points(flip):
     affine[:3, :3] = torch.diag(torch.tensor([0.8, 0.9, 1.1], dtype=torch.float64))
     if flip:  # a reflection (det < 0) and a rotation, as NIfTI affines may have
         rot = rot_vec(torch.tensor([[0.2, -0.1, 0.3]], dtype=torch.float64))[0]
-        affine[:3, :3] = rot @ affine[:3, :3] @ torch.diag(torch.tensor([-1.0, 1, 1],
-                                                                        dtype=torch.float64))
+        affine[:3, :3] = rot @ affine[:3, :3] @ torch.diag(torch.tensor([-1.0, 1, 1], dtype=torch.float64))
     affine[:3, 3] = torch.tensor([-2.0, -1.0, -0.5])
     shape = (9, 8, 5)
-    vol = R.render_volume(*params, affine.numpy(), shape, None, backend="cpu", cutoff=30.0,
-                          slices_per_call=2)
-    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape],
-                                     indexing="ij"), -1).reshape(-1, 3)
+    vol = R.render_volume(*params, affine.numpy(), shape, None, backend="cpu", cutoff=30.0, slices_per_call=2)
+    idx = torch.stack(
+        torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape], indexing="ij"), -1
+    ).reshape(-1, 3)
     pts = idx @ affine[:3, :3].T + affine[:3, 3]
     ref_v = ref.render_points(*params, pts, None, block_radius=None).reshape(shape)
     assert vol.shape == shape

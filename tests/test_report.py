@@ -32,7 +32,9 @@ def _chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         if os.environ.get("CI"):
-            pytest.fail("chromium is not installed (.ci/run installs Debian's chromium); the report's browser check cannot run")
+            pytest.fail(
+                "chromium is not installed (.ci/run installs Debian's chromium); the report's browser check cannot run"
+            )
         pytest.skip("chromium not installed")
     return exe
 
@@ -41,9 +43,21 @@ def _images_ok_in_chromium(index_path):
     """(decoded, total) images of the page after its load event, as its inline script counts them."""
     exe = _chromium()
     with tempfile.TemporaryDirectory() as prof:
-        r = subprocess.run([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                            f"--user-data-dir={prof}", "--dump-dom", "file://" + os.path.abspath(index_path)],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                exe,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={prof}",
+                "--dump-dom",
+                "file://" + os.path.abspath(index_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert "<h1>mgaussian reconstruction report</h1>" in r.stdout, (r.returncode, r.stderr[-2000:])
     m = re.search(r'<body[^>]*data-images-ok="(\d+)/(\d+)"', r.stdout)
     assert m, "the page's load script did not run: " + r.stdout[:500]
@@ -54,8 +68,19 @@ def test_cli_report_beside_the_volume_loads_in_a_browser(small_case, tmp_path, c
     cfgp = tmp_path / "cfg.json"
     cfgp.write_text(json.dumps(QUICK))
     out = tmp_path / "rec.nii.gz"
-    rc = main(["reconstruct", "--input-stacks", *small_case["stacks"], "--stack-masks", *small_case["masks"],
-               "--output-volume", str(out), "--config", str(cfgp)])
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *small_case["stacks"],
+            "--stack-masks",
+            *small_case["masks"],
+            "--output-volume",
+            str(out),
+            "--config",
+            str(cfgp),
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     rep = tmp_path / "rec_report"
@@ -71,9 +96,17 @@ def test_cli_report_beside_the_volume_loads_in_a_browser(small_case, tmp_path, c
     assert not [f for f in os.listdir(rep) if f.startswith(".")]  # no temporary files left
     page = idx.read_text()
     assert "poses.png" in imgs or "No motion correction" in page  # pose traces, or why there are none
-    for text in ("Resolved configuration", "through_plane_fwhm_factor", "cg_iterations",
-                 "Runtime", "train_s", "mgaussian version", "command line",
-                 "stack_00", "NCC"):
+    for text in (
+        "Resolved configuration",
+        "through_plane_fwhm_factor",
+        "cg_iterations",
+        "Runtime",
+        "train_s",
+        "mgaussian version",
+        "command line",
+        "stack_00",
+        "NCC",
+    ):
         assert text in page, text
     # the stacks are simulated well by the model (NCC column of the scores table)
     nccs = [float(v) for v in re.findall(r"<td>([01]\.\d{4})</td><td>\d+\.\d\d</td></tr>", page)]
@@ -99,12 +132,34 @@ def test_report_with_motion_and_weights(small_case, tmp_path):
     st = load_stacks(small_case["stacks"], small_case["masks"])
     res = reconstruct(st, config_from_dict(QUICK), progress=False, log=lambda s: None)
     rng = np.random.default_rng(0)
-    poses = [dict(p, rotvec=(rng.normal(0, 0.01, (len(p["slices"]), 3))).tolist(),
-                  translation_mm=(rng.normal(0, 0.5, (len(p["slices"]), 3))).tolist()) for p in res.poses]
-    weights = [dict(w, weight=rng.uniform(0, 1, len(w["slices"])).tolist(), excluded=[int(w["slices"][1])]) for w in res.slice_weights]
-    ph = [{"step": s, "time_s": 0.1 * s, "stacks": [{"stack": p["stack"], "mean_translation_mm": 0.1 * s,
-                                                     "mean_rotation_deg": 0.2 * s, "mean_weight": 1 - 0.01 * s} for p in poses]}
-          for s in (10, 20, 30)]
+    poses = [
+        dict(
+            p,
+            rotvec=(rng.normal(0, 0.01, (len(p["slices"]), 3))).tolist(),
+            translation_mm=(rng.normal(0, 0.5, (len(p["slices"]), 3))).tolist(),
+        )
+        for p in res.poses
+    ]
+    weights = [
+        dict(w, weight=rng.uniform(0, 1, len(w["slices"])).tolist(), excluded=[int(w["slices"][1])])
+        for w in res.slice_weights
+    ]
+    ph = [
+        {
+            "step": s,
+            "time_s": 0.1 * s,
+            "stacks": [
+                {
+                    "stack": p["stack"],
+                    "mean_translation_mm": 0.1 * s,
+                    "mean_rotation_deg": 0.2 * s,
+                    "mean_weight": 1 - 0.01 * s,
+                }
+                for p in poses
+            ],
+        }
+        for s in (10, 20, 30)
+    ]
     res = dataclasses.replace(res, poses=poses, slice_weights=weights, pose_history=ph)
     vol = tmp_path / "v.nii.gz"
     idx = write_report(tmp_path / "rep", res, st, str(vol), extra={"command": ["mgaussian", "reconstruct", "..."]})
@@ -122,10 +177,12 @@ def test_report_option_errors(small_case, tmp_path, capsys):
     base = ["reconstruct", "--input-stacks", *small_case["stacks"], "--output-volume", str(out)]
     afile = tmp_path / "afile"
     afile.write_text("x")
-    for extra, what in ((["--output-report", str(afile)], "is not a folder"),
-                        (["--output-report", str(tmp_path / "no" / "such")], "does not exist"),
-                        (["--output-report", str(tmp_path / "r"), "--no-report"], "conflicts with --no-report"),
-                        (["--output-report", small_case["stacks"][0]], "not a folder")):
+    for extra, what in (
+        (["--output-report", str(afile)], "is not a folder"),
+        (["--output-report", str(tmp_path / "no" / "such")], "does not exist"),
+        (["--output-report", str(tmp_path / "r"), "--no-report"], "conflicts with --no-report"),
+        (["--output-report", small_case["stacks"][0]], "not a folder"),
+    ):
         rc = main(base + extra)
         e = capsys.readouterr().err.strip()
         assert rc == 2 and e.startswith("error: --output-report:") and what in e and "\n" not in e, e
@@ -138,9 +195,23 @@ def test_pose_traces_follow_the_time_of_the_fit():
     the slices' motion about their stack's mean pose where the records hold it."""
     from mgaussian.report import _pose_traces
 
-    ph = [{"step": 0, "time_s": t, "stacks": [{"stack": "a", "mean_translation_mm": 7.0, "mean_rotation_deg": 20.0,
-                                               "slice_motion_mm": m, "slice_motion_deg": 2 * m, "mean_weight": None}]}
-          for t, m in ((10.0, 1.0), (14.0, 1.5), (19.0, 1.6))]
+    ph = [
+        {
+            "step": 0,
+            "time_s": t,
+            "stacks": [
+                {
+                    "stack": "a",
+                    "mean_translation_mm": 7.0,
+                    "mean_rotation_deg": 20.0,
+                    "slice_motion_mm": m,
+                    "slice_motion_deg": 2 * m,
+                    "mean_weight": None,
+                }
+            ],
+        }
+        for t, m in ((10.0, 1.0), (14.0, 1.5), (19.0, 1.6))
+    ]
     traces, label, titles = _pose_traces(ph)
     xs, tr, ro, we = traces["a"]
     assert label == "time into the fit (s)" and xs == [10.0, 14.0, 19.0]

@@ -1,13 +1,12 @@
 import json
-import os
 
 import nibabel as nib
 import numpy as np
 import pytest
+from test_recon import _phantom
 
 from mgaussian.cli import main
 from mgaussian.simulate import simulate_stacks
-from test_recon import _phantom
 
 QUICK = {"iterations": [0, 3], "cg_iterations": 10}
 
@@ -17,16 +16,41 @@ def fitted(tmp_path_factory):
     """The small simulated case of test_recon, reconstructed quickly with --output-model."""
     d = tmp_path_factory.mktemp("sample_slices")
     g, aff, m = _phantom()
-    simulate_stacks(g, aff, m, str(d / "sim"), orientations=["axial", "coronal", "sagittal@8,0,-6"],
-                    thickness=3.6, pixel=1.2, seed=0, log=lambda s: None)
+    simulate_stacks(
+        g,
+        aff,
+        m,
+        str(d / "sim"),
+        orientations=["axial", "coronal", "sagittal@8,0,-6"],
+        thickness=3.6,
+        pixel=1.2,
+        seed=0,
+        log=lambda s: None,
+    )
     stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]
     masks = [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]
     cfgp = d / "cfg.json"
     cfgp.write_text(json.dumps(QUICK))
     model = d / "rec.pt"
-    rc = main(["reconstruct", "--input-stacks", *stacks, "--stack-masks", *masks, "--thicknesses", "3.6",
-               "--output-volume", str(d / "rec.nii.gz"), "--output-model", str(model), "--config", str(cfgp),
-               "--quiet", "--no-report"])
+    rc = main(
+        [
+            "reconstruct",
+            "--input-stacks",
+            *stacks,
+            "--stack-masks",
+            *masks,
+            "--thicknesses",
+            "3.6",
+            "--output-volume",
+            str(d / "rec.nii.gz"),
+            "--output-model",
+            str(model),
+            "--config",
+            str(cfgp),
+            "--quiet",
+            "--no-report",
+        ]
+    )
     assert rc == 0
     return {"dir": d, "stacks": stacks, "masks": masks, "model": str(model)}
 
@@ -35,8 +59,21 @@ def test_sample_slices_reproduces_the_inputs(fitted, tmp_path, capsys):
     out = tmp_path / "new" / "sims"  # a missing folder is created
     (tmp_path / "new").mkdir()
     before = {p: open(p, "rb").read() for p in fitted["stacks"]}
-    rc = main(["sample-slices", "--input-model", fitted["model"], "--input-stacks", *fitted["stacks"],
-               "--stack-masks", *fitted["masks"], "--thicknesses", "3.6", "--output-dir", str(out)])
+    rc = main(
+        [
+            "sample-slices",
+            "--input-model",
+            fitted["model"],
+            "--input-stacks",
+            *fitted["stacks"],
+            "--stack-masks",
+            *fitted["masks"],
+            "--thicknesses",
+            "3.6",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all("NCC" in ln and "PSNR" in ln for ln in lines)
@@ -58,14 +95,34 @@ def test_sample_slices_reproduces_the_inputs(fitted, tmp_path, capsys):
 def test_sample_slices_errors(fitted, tmp_path, capsys):
     out = tmp_path / "o"
     # fewer stacks than the model's poses
-    rc = main(["sample-slices", "--input-model", fitted["model"], "--input-stacks", *fitted["stacks"][:2],
-               "--output-dir", str(out)])
+    rc = main(
+        [
+            "sample-slices",
+            "--input-model",
+            fitted["model"],
+            "--input-stacks",
+            *fitted["stacks"][:2],
+            "--output-dir",
+            str(out),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: --input-stacks:") and "fitted to 3" in err and "\n" not in err
     # stacks in another order
     st = fitted["stacks"]
-    rc = main(["sample-slices", "--input-model", fitted["model"], "--input-stacks", st[1], st[0], st[2],
-               "--output-dir", str(out)])
+    rc = main(
+        [
+            "sample-slices",
+            "--input-model",
+            fitted["model"],
+            "--input-stacks",
+            st[1],
+            st[0],
+            st[2],
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 2 and "order" in capsys.readouterr().err
     # not a model
     rc = main(["sample-slices", "--input-model", st[0], "--input-stacks", *st, "--output-dir", str(out)])
@@ -84,10 +141,20 @@ def test_simulate_uses_the_fitted_poses(fitted):
 
     fld, nrf, info = load_model(fitted["model"])
     stacks = load_stacks(fitted["stacks"], fitted["masks"], [3.6])
-    zero = [dict(p, rotvec=[[0.0] * 3] * len(p["slices"]), translation_mm=[[0.0] * 3] * len(p["slices"]),
-                 stack_rotvec=[0.0] * 3, stack_translation_mm=[0.0] * 3) for p in info["poses"]]
+    zero = [
+        dict(
+            p,
+            rotvec=[[0.0] * 3] * len(p["slices"]),
+            translation_mm=[[0.0] * 3] * len(p["slices"]),
+            stack_rotvec=[0.0] * 3,
+            stack_translation_mm=[0.0] * 3,
+        )
+        for p in info["poses"]
+    ]
     ones = [dict(w, scale=[1.0] * len(w["slices"])) for w in info["slice_weights"]]
-    info = dict(info, poses=zero, slice_weights=ones)  # fitted poses are near identity here (no motion); start from exact identity
+    info = dict(
+        info, poses=zero, slice_weights=ones
+    )  # fitted poses are near identity here (no motion); start from exact identity
     base = simulate_stacks_from_model(fld, nrf, info, stacks)
     moved = dict(info, poses=[dict(p) for p in info["poses"]])
     p0 = moved["poses"][0]
@@ -105,4 +172,6 @@ def test_simulate_uses_the_fitted_poses(fitted):
     sw[0]["scale"] = [1.0] * len(sw[0]["slices"])
     sw[0]["scale"][3] = 2.0
     sim2 = simulate_stacks_from_model(fld, nrf, dict(info, slice_weights=sw), stacks)
-    assert np.allclose(sim2[0][:, :, k], 2 * base[0][:, :, k]) and np.allclose(sim2[0][:, :, k + 1], base[0][:, :, k + 1])
+    assert np.allclose(sim2[0][:, :, k], 2 * base[0][:, :, k]) and np.allclose(
+        sim2[0][:, :, k + 1], base[0][:, :, k + 1]
+    )

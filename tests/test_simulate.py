@@ -4,9 +4,9 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import blob_volume, write_nifti
 from scipy.special import erf
 
-from conftest import blob_volume, write_nifti
 from mgaussian.cli import main
 from mgaussian.geometry import rigid_matrix, slice_frames
 from mgaussian.psf import FWHM_TO_SIGMA
@@ -28,8 +28,11 @@ def _analytic(xyz, frame_axes, centre, sigma0, amp, pixel, thickness, profile):
         through = math.sqrt(sigma0**2 / t2) * np.exp(-0.5 * dn**2 / t2)
     else:
         h = thickness / 2
-        through = sigma0 * math.sqrt(math.pi / 2) / thickness * (
-            erf((h - dn) / (sigma0 * math.sqrt(2))) + erf((h + dn) / (sigma0 * math.sqrt(2)))
+        through = (
+            sigma0
+            * math.sqrt(math.pi / 2)
+            / thickness
+            * (erf((h - dn) / (sigma0 * math.sqrt(2))) + erf((h + dn) / (sigma0 * math.sqrt(2))))
         )
     return amp * inplane * through
 
@@ -40,9 +43,20 @@ def test_stack_matches_analytic_slice_integral(tmp_path, profile, orient):
     sigma0 = 5.0
     gt, aff, centre = blob_volume((100, 104, 96), spacing=0.5, sigma=sigma0)
     thickness, pixel = 4.0, 1.0
-    truth = simulate_stacks(gt, aff, gt > 1e-3, str(tmp_path), orientations=[orient], thickness=thickness,
-                            pixel=pixel, profile=profile, motion_rotation=4.0, motion_translation=2.0,
-                            seed=3, log=lambda s: None)
+    truth = simulate_stacks(
+        gt,
+        aff,
+        gt > 1e-3,
+        str(tmp_path),
+        orientations=[orient],
+        thickness=thickness,
+        pixel=pixel,
+        profile=profile,
+        motion_rotation=4.0,
+        motion_translation=2.0,
+        seed=3,
+        log=lambda s: None,
+    )
     img = nib.load(str(tmp_path / "stack_00.nii.gz"))
     data = img.get_fdata()
     fr = slice_frames(img.affine, data.shape)
@@ -66,11 +80,31 @@ def test_simulate_cli_outputs_and_truth(tmp_path):
     gt, aff, _ = blob_volume((30, 34, 28), spacing=1.2, sigma=7.0)
     gp = write_nifti(tmp_path / "gt.nii.gz", gt + 10, aff)
     out = tmp_path / "out"
-    rc = main([
-        "simulate", gp, "--output-dir", str(out), "--thickness", "3", "--gap", "0.6",
-        "--motion-rotation", "3", "--motion-translation", "1.5", "--noise", "0.02", "--seed", "7",
-        "--orientations", "axial", "coronal", "sagittal", "15,0,-10",
-    ])
+    rc = main(
+        [
+            "simulate",
+            gp,
+            "--output-dir",
+            str(out),
+            "--thickness",
+            "3",
+            "--gap",
+            "0.6",
+            "--motion-rotation",
+            "3",
+            "--motion-translation",
+            "1.5",
+            "--noise",
+            "0.02",
+            "--seed",
+            "7",
+            "--orientations",
+            "axial",
+            "coronal",
+            "sagittal",
+            "15,0,-10",
+        ]
+    )
     assert rc == 0
     truth = json.loads((out / "truth.json").read_text())
     assert len(truth["stacks"]) == 4
@@ -90,8 +124,31 @@ def test_simulate_cli_outputs_and_truth(tmp_path):
     assert truth["settings"]["noise_sigma"] > 0
     # same seed -> same stacks
     out2 = tmp_path / "out2"
-    main(["simulate", gp, "--output-dir", str(out2), "--thickness", "3", "--gap", "0.6", "--motion-rotation", "3",
-          "--motion-translation", "1.5", "--noise", "0.02", "--seed", "7", "--orientations", "axial", "coronal", "sagittal", "15,0,-10"])
+    main(
+        [
+            "simulate",
+            gp,
+            "--output-dir",
+            str(out2),
+            "--thickness",
+            "3",
+            "--gap",
+            "0.6",
+            "--motion-rotation",
+            "3",
+            "--motion-translation",
+            "1.5",
+            "--noise",
+            "0.02",
+            "--seed",
+            "7",
+            "--orientations",
+            "axial",
+            "coronal",
+            "sagittal",
+            "15,0,-10",
+        ]
+    )
     a = nib.load(str(out / "stack_01.nii.gz")).get_fdata()
     b = nib.load(str(out2 / "stack_01.nii.gz")).get_fdata()
     assert np.array_equal(a, b)
@@ -100,8 +157,17 @@ def test_simulate_cli_outputs_and_truth(tmp_path):
 def test_rician_noise_level(tmp_path):
     gt = np.full((20, 20, 20), 100.0, np.float32)
     aff = np.eye(4)
-    simulate_stacks(gt, aff, np.ones_like(gt, bool), str(tmp_path), orientations=["axial"], thickness=2.0,
-                    noise=0.05, seed=0, log=lambda s: None)
+    simulate_stacks(
+        gt,
+        aff,
+        np.ones_like(gt, bool),
+        str(tmp_path),
+        orientations=["axial"],
+        thickness=2.0,
+        noise=0.05,
+        seed=0,
+        log=lambda s: None,
+    )
     d = nib.load(str(tmp_path / "stack_00.nii.gz")).get_fdata()[5:15, 5:15, 3:7]
     # sigma = 0.05 * 99th percentile (100) = 5; at SNR 20 Rician ~ Gaussian
     assert abs(d.std() - 5.0) < 0.6

@@ -101,17 +101,32 @@ def test_stack_motion_moves_whole_stacks(tmp_path):
         assert abs(_angle_deg(M[0], np.eye(4)) - 12.0) < 1e-6
         assert np.allclose(M[0], np.array(ts["stack_motion_matrix"]))
     # each stack moved differently
-    assert _angle_deg(np.array(truth["stacks"][0]["stack_motion_matrix"]),
-                      np.array(truth["stacks"][1]["stack_motion_matrix"])) > 1.0
+    assert (
+        _angle_deg(
+            np.array(truth["stacks"][0]["stack_motion_matrix"]), np.array(truth["stacks"][1]["stack_motion_matrix"])
+        )
+        > 1.0
+    )
 
 
 def test_default_model_unchanged_by_new_stream(tmp_path):
     """Without the new options the per-slice draws are those of the original model."""
     gt, aff = _gt()
-    a = simulate_stacks(gt, aff, None, str(tmp_path / "a"), thickness=2.0, pixel=3.0, seed=5, motion_rotation=3.0,
-                        log=lambda s: None)
-    b = simulate_stacks(gt, aff, None, str(tmp_path / "b"), thickness=2.0, pixel=3.0, seed=5, motion_rotation=3.0,
-                        slice_order="sequential", log=lambda s: None)
+    a = simulate_stacks(
+        gt, aff, None, str(tmp_path / "a"), thickness=2.0, pixel=3.0, seed=5, motion_rotation=3.0, log=lambda s: None
+    )
+    b = simulate_stacks(
+        gt,
+        aff,
+        None,
+        str(tmp_path / "b"),
+        thickness=2.0,
+        pixel=3.0,
+        seed=5,
+        motion_rotation=3.0,
+        slice_order="sequential",
+        log=lambda s: None,
+    )
     for sa, sb in zip(a["stacks"], b["stacks"]):
         assert all(np.allclose(x["matrix"], y["matrix"]) for x, y in zip(sa["slices"], sb["slices"]))
 
@@ -120,10 +135,30 @@ def test_cli_options_and_errors(tmp_path, capsys):
     gt, aff = _gt()
     g = write_nifti(tmp_path / "gt.nii.gz", gt, aff)
     out = tmp_path / "o"
-    rc = main(["simulate", g, "--output-dir", str(out), "--thickness", "2", "--pixel", "3",
-               "--slice-order", "sequential", "--packages", "2", "--motion-drift", "5,2", "--motion-jumps", "1",
-               "--motion-rotation", "4",
-               "--stack-motion", "10,3"])
+    rc = main(
+        [
+            "simulate",
+            g,
+            "--output-dir",
+            str(out),
+            "--thickness",
+            "2",
+            "--pixel",
+            "3",
+            "--slice-order",
+            "sequential",
+            "--packages",
+            "2",
+            "--motion-drift",
+            "5,2",
+            "--motion-jumps",
+            "1",
+            "--motion-rotation",
+            "4",
+            "--stack-motion",
+            "10,3",
+        ]
+    )
     assert rc == 0
     t = json.loads((out / "truth.json").read_text())
     assert t["settings"]["motion_drift"] == [5.0, 2.0] and t["settings"]["stack_motion"] == [10.0, 3.0]

@@ -72,12 +72,15 @@ def test_order_file_json_and_text(tmp_path):
         load_stacks([a, b], slice_order=str(fj))
 
 
-@pytest.mark.parametrize("sidecar, message", [
-    ({"SliceTiming": [0.0, 1.0, 2.0]}, "SliceTiming has 3 entries for 6 slices"),
-    ({"SliceTiming": [0, "x", 1, 2, 3, 4]}, "SliceTiming must be a list of numbers (seconds per slice)"),
-    ({"SliceTiming": [0, -1, 1, 2, 3, 4]}, "SliceTiming must hold finite times >= 0 (seconds)"),
-    ({"MultibandAccelerationFactor": 4}, "MultibandAccelerationFactor 4 does not divide the 6 slices"),
-])
+@pytest.mark.parametrize(
+    "sidecar, message",
+    [
+        ({"SliceTiming": [0.0, 1.0, 2.0]}, "SliceTiming has 3 entries for 6 slices"),
+        ({"SliceTiming": [0, "x", 1, 2, 3, 4]}, "SliceTiming must be a list of numbers (seconds per slice)"),
+        ({"SliceTiming": [0, -1, 1, 2, 3, 4]}, "SliceTiming must hold finite times >= 0 (seconds)"),
+        ({"MultibandAccelerationFactor": 4}, "MultibandAccelerationFactor 4 does not divide the 6 slices"),
+    ],
+)
 def test_bad_sidecar_is_one_line(tmp_path, capsys, sidecar, message):
     p = _stack(tmp_path, "s", 6, sidecar)
     rc = main(["inspect", "--input-stacks", p])

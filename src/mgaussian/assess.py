@@ -36,8 +36,15 @@ least 3 stacks are given and at least 2 remain (see the constant for why).
 
 from __future__ import annotations
 
-__all__ = ["assess_stacks", "motion_index", "pair_agreement", "choose_reference", "stacks_to_exclude",
-           "format_table", "EXCLUDE_FRACTION"]
+__all__ = [
+    "assess_stacks",
+    "motion_index",
+    "pair_agreement",
+    "choose_reference",
+    "stacks_to_exclude",
+    "format_table",
+    "EXCLUDE_FRACTION",
+]
 
 import itertools
 import math
@@ -155,8 +162,16 @@ def assess_stacks(stacks: list[Stack], log=None) -> list[dict]:
     """One row per stack (in input order): motion index, agreement, the two sub-scores, the score
     and its rank (1 = best). See the module docstring."""
     t0 = time.time()
-    rows = [{"stack": st.path, "name": st.name, "slices": st.n_slices, "slice_order_from": st.slice_order_source,
-             **motion_index(st)} for st in stacks]
+    rows = [
+        {
+            "stack": st.path,
+            "name": st.name,
+            "slices": st.n_slices,
+            "slice_order_from": st.slice_order_source,
+            **motion_index(st),
+        }
+        for st in stacks
+    ]
     n = len(stacks)
     pair = np.full((n, n), np.nan)
     for i, j in itertools.combinations(range(n), 2):
@@ -167,8 +182,9 @@ def assess_stacks(stacks: list[Stack], log=None) -> list[dict]:
         # majority; a plain median is pulled down by the bad ones (two of five: 0.96 -> 0.74)
         r["agreement"] = float(np.mean(others[: (len(others) + 1) // 2])) if others else None
         r["agreement_with"] = {stacks[j].name: round(float(pair[i, j]), 4) for j in range(n) if j != i}
-        r["s_motion"] = 1.0 - _lin(r["motion_index"], MOTION_STILL, MOTION_MOVED) if r["motion_index"] is not None \
-            else 1.0
+        r["s_motion"] = (
+            1.0 - _lin(r["motion_index"], MOTION_STILL, MOTION_MOVED) if r["motion_index"] is not None else 1.0
+        )
         r["s_agreement"] = _lin(r["agreement"], AGREE_NONE, AGREE_FULL)
         r["score"] = r["s_agreement"] * (1.0 + r["s_motion"]) / 2.0
     for rank, i in enumerate(sorted(range(n), key=lambda i: -rows[i]["score"]), start=1):

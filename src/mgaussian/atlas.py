@@ -37,8 +37,16 @@ whose result correlates best with it inside its mask (the age whose brain size a
 
 from __future__ import annotations
 
-__all__ = ["TEMPLATES", "AUTO", "Template", "load_templates", "register_to_template", "to_template_space",
-           "itk_transform_text", "write_transform_files"]
+__all__ = [
+    "TEMPLATES",
+    "AUTO",
+    "Template",
+    "load_templates",
+    "register_to_template",
+    "to_template_space",
+    "itk_transform_text",
+    "write_transform_files",
+]
 
 import itertools
 import json
@@ -55,16 +63,36 @@ from .geometry import matrix_to_rotvec, voxel_sizes
 
 _DATA = Path(__file__).parent / "data"
 TEMPLATES: dict[str, dict] = {
-    "fetal-ga21": {"image": "templates/fetal_ga21_t2w.nii.gz", "mask": "templates/fetal_ga21_mask.nii.gz",
-                   "weeks": 21, "note": "spina bifida aperta, not operated"},
-    "fetal-ga23": {"image": "templates/fetal_ga23_t2w.nii.gz", "mask": "templates/fetal_ga23_mask.nii.gz",
-                   "weeks": 23, "note": "spina bifida aperta, not operated"},
-    "fetal-ga25": {"image": "demo/srr.nii.gz", "mask": "demo/mask.nii.gz",
-                   "weeks": 25, "note": "spina bifida aperta, not operated (the demo atlas)"},
-    "fetal-ga27": {"image": "templates/fetal_ga27_t2w.nii.gz", "mask": "templates/fetal_ga27_mask.nii.gz",
-                   "weeks": 27, "note": "spina bifida aperta, operated"},
-    "fetal-ga33": {"image": "templates/fetal_ga33_t2w.nii.gz", "mask": "templates/fetal_ga33_mask.nii.gz",
-                   "weeks": 33, "note": "spina bifida aperta, operated"},
+    "fetal-ga21": {
+        "image": "templates/fetal_ga21_t2w.nii.gz",
+        "mask": "templates/fetal_ga21_mask.nii.gz",
+        "weeks": 21,
+        "note": "spina bifida aperta, not operated",
+    },
+    "fetal-ga23": {
+        "image": "templates/fetal_ga23_t2w.nii.gz",
+        "mask": "templates/fetal_ga23_mask.nii.gz",
+        "weeks": 23,
+        "note": "spina bifida aperta, not operated",
+    },
+    "fetal-ga25": {
+        "image": "demo/srr.nii.gz",
+        "mask": "demo/mask.nii.gz",
+        "weeks": 25,
+        "note": "spina bifida aperta, not operated (the demo atlas)",
+    },
+    "fetal-ga27": {
+        "image": "templates/fetal_ga27_t2w.nii.gz",
+        "mask": "templates/fetal_ga27_mask.nii.gz",
+        "weeks": 27,
+        "note": "spina bifida aperta, operated",
+    },
+    "fetal-ga33": {
+        "image": "templates/fetal_ga33_t2w.nii.gz",
+        "mask": "templates/fetal_ga33_mask.nii.gz",
+        "weeks": 33,
+        "note": "spina bifida aperta, operated",
+    },
 }
 AUTO = "fetal-auto"
 TRANSFORMS = ("rigid", "affine")
@@ -99,8 +127,14 @@ class Template:
     mask_from: str
 
     def describe(self) -> dict:
-        return {"name": self.name, "path": self.path, "mask": self.mask_path, "mask_from": self.mask_from,
-                "shape": list(self.data.shape), "voxel_mm": [round(float(v), 4) for v in voxel_sizes(self.affine)]}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "mask": self.mask_path,
+            "mask_from": self.mask_from,
+            "shape": list(self.data.shape),
+            "voxel_mm": [round(float(v), 4) for v in voxel_sizes(self.affine)],
+        }
 
 
 def _foreground(vol: np.ndarray, close_vox: int = 0) -> np.ndarray:
@@ -123,8 +157,9 @@ def load_templates(spec: str, mask_path: str | None = None, *, where: str = "--t
 
     if spec == AUTO:
         if mask_path:
-            raise InputError("--template-mask",
-                             f"cannot be combined with --template {AUTO} (each template has its own)")
+            raise InputError(
+                "--template-mask", f"cannot be combined with --template {AUTO} (each template has its own)"
+            )
         return [load_templates(n, where=where)[0] for n in TEMPLATES]
     if spec in TEMPLATES:
         t = TEMPLATES[spec]
@@ -140,8 +175,11 @@ def load_templates(spec: str, mask_path: str | None = None, *, where: str = "--t
     if m_p:
         mdata, maff, _ = load_image(m_p, what="template mask", allow_zero=True)
         if mdata.shape != data.shape or not np.allclose(maff, aff, atol=1e-3, rtol=1e-4):
-            raise InputError(m_p, f"template mask grid {mdata.shape} differs from the template's {data.shape} "
-                                  f"({os.path.basename(img_p)}): not on the same grid")
+            raise InputError(
+                m_p,
+                f"template mask grid {mdata.shape} differs from the template's {data.shape} "
+                f"({os.path.basename(img_p)}): not on the same grid",
+            )
         mask = load_mask(m_p, data.shape, aff, os.path.basename(img_p))
         mask_from = "shipped" if spec in TEMPLATES and not mask_path else "file"
     else:
@@ -182,12 +220,30 @@ def _resampled(img, spacing: float, *, mask: bool = False):
         if max(sig) > 0:
             src = sitk.SmoothingRecursiveGaussian(img, sig)
     origin = np.asarray(img.GetOrigin()) + np.asarray(img.GetDirection()).reshape(3, 3) @ ((spacing - sp) / 2)
-    return sitk.Resample(src, new_size, sitk.Transform(), sitk.sitkNearestNeighbor if mask else sitk.sitkLinear,
-                         [float(v) for v in origin], [spacing] * 3, img.GetDirection(), 0.0, img.GetPixelID())
+    return sitk.Resample(
+        src,
+        new_size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor if mask else sitk.sitkLinear,
+        [float(v) for v in origin],
+        [spacing] * 3,
+        img.GetDirection(),
+        0.0,
+        img.GetPixelID(),
+    )
 
 
-def _method(metric: str, fixed_mask, *, shrink=(1,), smooth=(0.0,), iterations=200, learning_rate=1.0,
-            min_step=2e-3, sampling=None):
+def _method(
+    metric: str,
+    fixed_mask,
+    *,
+    shrink=(1,),
+    smooth=(0.0,),
+    iterations=200,
+    learning_rate=1.0,
+    min_step=2e-3,
+    sampling=None,
+):
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
@@ -198,9 +254,13 @@ def _method(metric: str, fixed_mask, *, shrink=(1,), smooth=(0.0,), iterations=2
     if fixed_mask is not None:
         reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step,
-                                                 numberOfIterations=iterations, relaxationFactor=0.6,
-                                                 gradientMagnitudeTolerance=1e-8)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=learning_rate,
+        minStep=min_step,
+        numberOfIterations=iterations,
+        relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-8,
+    )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(list(shrink))
     reg.SetSmoothingSigmasPerLevel(list(smooth))
@@ -273,9 +333,17 @@ def _euler(R: np.ndarray, centre: np.ndarray, shift: np.ndarray):
     return tx
 
 
-def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Template, *, transform: str = "rigid",
-                         metric: str = "correlation", init: np.ndarray | None = None, coarse_only: bool = False,
-                         log=None) -> tuple[np.ndarray, dict]:
+def register_to_template(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    template: Template,
+    *,
+    transform: str = "rigid",
+    metric: str = "correlation",
+    init: np.ndarray | None = None,
+    coarse_only: bool = False,
+    log=None,
+) -> tuple[np.ndarray, dict]:
     """The world map T (4x4, template mm -> volume mm) that aligns ``volume`` to ``template``, and
     details of the search (module docstring for the method). ``init``: a rigid T to start from
     instead of the search; ``coarse_only``: stop after the 4 x shrunk level, rigid (what
@@ -310,8 +378,19 @@ def register_to_template(volume: np.ndarray, affine: np.ndarray, template: Templ
     moving = _sitk_image(vol, affine)
 
     if init is not None:
-        return _refine(fixed, fmask, moving, template, _rigid_from_matrix(init), transform, metric, t0, {
-            "candidates": 0, "search_metric_value": None, "search_s": 0.0}, coarse_only, log)
+        return _refine(
+            fixed,
+            fmask,
+            moving,
+            template,
+            _rigid_from_matrix(init),
+            transform,
+            metric,
+            t0,
+            {"candidates": 0, "search_metric_value": None, "search_s": 0.0},
+            coarse_only,
+            log,
+        )
     c_f, E_f = _moments(template.data, template.affine, template.mask)
     c_m, E_m = _moments(vol, affine, fg)
     fixed_c = _resampled(fixed, _SEARCH_SPACING_MM)
@@ -359,8 +438,9 @@ def _refine(fixed, fmask, moving, template, tx, transform, metric, t0, search, c
 
     shrink, smooth = ((4,), (2.0,)) if coarse_only else ((4, 2, 1), (2.0, 1.0, 0.0))
     sampling = [1.0, 1.0, _FINE_SAMPLING][: len(shrink)]
-    reg = _method(metric, fmask, shrink=shrink, smooth=smooth, iterations=200, learning_rate=1.0, min_step=2e-3,
-                  sampling=sampling)
+    reg = _method(
+        metric, fmask, shrink=shrink, smooth=smooth, iterations=200, learning_rate=1.0, min_step=2e-3, sampling=sampling
+    )
     reg.SetInitialTransform(tx, inPlace=True)
     reg.Execute(fixed, moving)
     value = float(reg.GetMetricValue())
@@ -371,18 +451,33 @@ def _refine(fixed, fmask, moving, template, tx, transform, metric, t0, search, c
         atx.SetCenter(tx.GetCenter())
         atx.SetMatrix(tx.GetMatrix())
         atx.SetTranslation(tx.GetTranslation())
-        reg = _method(metric, fmask, shrink=(2, 1), smooth=(1.0, 0.0), iterations=200, learning_rate=0.5,
-                      min_step=1e-3, sampling=[1.0, _FINE_SAMPLING])
+        reg = _method(
+            metric,
+            fmask,
+            shrink=(2, 1),
+            smooth=(1.0, 0.0),
+            iterations=200,
+            learning_rate=0.5,
+            min_step=1e-3,
+            sampling=[1.0, _FINE_SAMPLING],
+        )
         reg.SetInitialTransform(atx, inPlace=True)
         reg.Execute(fixed, moving)
         value = float(reg.GetMetricValue())
         T = _matrix(atx)
-    details = {"metric": metric, "metric_value": value, **search, "register_s": round(time.time() - t0, 2),
-               "rigid_matrix": rigid_T.tolist()}
+    details = {
+        "metric": metric,
+        "metric_value": value,
+        **search,
+        "register_s": round(time.time() - t0, 2),
+        "rigid_matrix": rigid_T.tolist(),
+    }
     if log:
         shown = -value if metric == "correlation" else value
-        log(f"template {template.name}: {'coarse ' if coarse_only else ''}{transform} registration, {metric} "
-            f"{shown:.4f} ({search['candidates']} starts, {details['register_s']:.1f} s)")
+        log(
+            f"template {template.name}: {'coarse ' if coarse_only else ''}{transform} registration, {metric} "
+            f"{shown:.4f} ({search['candidates']} starts, {details['register_s']:.1f} s)"
+        )
     return T, details
 
 
@@ -392,14 +487,23 @@ def _describe_transform(T: np.ndarray, template: Template) -> dict:
     u, s, vt = np.linalg.svd(A)
     R = u @ vt
     c = _moments(template.data, template.affine, template.mask)[0]
-    return {"rotation_deg": round(math.degrees(float(np.linalg.norm(matrix_to_rotvec(R)))), 4),
-            "brain_centre_shift_mm": round(float(np.linalg.norm(A @ c + T[:3, 3] - c)), 4),
-            "scales": [round(float(v), 5) for v in s]}
+    return {
+        "rotation_deg": round(math.degrees(float(np.linalg.norm(matrix_to_rotvec(R)))), 4),
+        "brain_centre_shift_mm": round(float(np.linalg.norm(A @ c + T[:3, 3] - c)), 4),
+        "scales": [round(float(v), 5) for v in s],
+    }
 
 
-def to_template_space(volume: np.ndarray, affine: np.ndarray, template_path: str, transform: str = "rigid",
-                      mask: str | None = None, *, metric: str = "correlation",
-                      log=None) -> tuple[np.ndarray, np.ndarray, dict]:
+def to_template_space(
+    volume: np.ndarray,
+    affine: np.ndarray,
+    template_path: str,
+    transform: str = "rigid",
+    mask: str | None = None,
+    *,
+    metric: str = "correlation",
+    log=None,
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """Register ``volume`` (world ``affine``) to a template and resample it onto the template's grid.
 
     ``template_path``: a NIfTI file, a shipped template name or ``fetal-auto`` (every shipped
@@ -450,7 +554,7 @@ def to_template_space(volume: np.ndarray, affine: np.ndarray, template_path: str
         "matrix_template_to_volume": T.tolist(),
         "matrix_volume_to_template": np.linalg.inv(T).tolist(),
         "matrix_convention": "world mm (NIfTI RAS) 4x4: x_volume = M x_template; the output voxel v of the "
-                             "template grid takes the volume's value at M @ template_affine @ v (trilinear)",
+        "template grid takes the volume's value at M @ template_affine @ v (trilinear)",
         "ncc_in_template_mask": round(float(score), 5),
         **_describe_transform(T, tpl),
         **det,
@@ -460,8 +564,11 @@ def to_template_space(volume: np.ndarray, affine: np.ndarray, template_path: str
         info["candidates_ncc"] = {r[1].name: round(float(r[0]), 5) for r in results}
         info["candidates_note"] = "NCC inside each template's mask after the coarse (4 x shrunk) rigid level"
         if log:
-            log(f"template {AUTO}: chose {tpl.name} (NCC in its mask after coarse registration: " + ", ".join(
-                f"{r[1].name} {r[0]:.4f}" for r in results) + ")")
+            log(
+                f"template {AUTO}: chose {tpl.name} (NCC in its mask after coarse registration: "
+                + ", ".join(f"{r[1].name} {r[0]:.4f}" for r in results)
+                + ")"
+            )
     return out, tpl.affine.copy(), info
 
 
@@ -473,8 +580,10 @@ def itk_transform_text(T_ras: np.ndarray) -> str:
     F = np.diag([-1.0, -1.0, 1.0, 1.0])
     M = F @ np.asarray(T_ras, np.float64) @ F
     params = [*M[:3, :3].ravel(), *M[:3, 3]]
-    return ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
-            "Parameters: " + " ".join(f"{v:.12g}" for v in params) + "\nFixedParameters: 0 0 0\n")
+    return (
+        "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+        "Parameters: " + " ".join(f"{v:.12g}" for v in params) + "\nFixedParameters: 0 0 0\n"
+    )
 
 
 def write_transform_files(info: dict, json_path: str, tfm_path: str | None = None) -> None:

@@ -61,9 +61,18 @@ class SliceOperator:
     ``normal(x)`` -> (A x, A^T A x) in one pass per chunk.
     """
 
-    def __init__(self, stacks, out_shape, out_affine, profile: str = "gaussian", *,
-                 inplane_factor: float = 1.2, inplane_nodes: int = 2, step: float | None = None,
-                 chunk_points: int = 2_000_000):
+    def __init__(
+        self,
+        stacks,
+        out_shape,
+        out_affine,
+        profile: str = "gaussian",
+        *,
+        inplane_factor: float = 1.2,
+        inplane_nodes: int = 2,
+        step: float | None = None,
+        chunk_points: int = 2_000_000,
+    ):
         self.shape = tuple(int(s) for s in out_shape)
         A = np.asarray(out_affine, dtype=np.float64)
         inv = np.linalg.inv(A)
@@ -96,15 +105,18 @@ class SliceOperator:
             else:
                 ou, wu, ov, wv = np.zeros(1), np.ones(1), np.zeros(1), np.ones(1)
             on, wn = through_plane_quadrature(float(st.thickness), profile, step)
-            offs = (ou[:, None, None, None] * eu + ov[None, :, None, None] * ev
-                    + on[None, None, :, None] * en).reshape(-1, 3)
+            offs = (ou[:, None, None, None] * eu + ov[None, :, None, None] * ev + on[None, None, :, None] * en).reshape(
+                -1, 3
+            )
             wts = (wu[:, None, None] * wv[None, :, None] * wn[None, None, :]).reshape(-1)
             base = pw @ Mg.T + cg
-            self.groups.append((
-                torch.as_tensor(base, dtype=torch.float32),
-                torch.as_tensor(offs @ Mg.T, dtype=torch.float32),
-                torch.as_tensor(wts, dtype=torch.float32),
-            ))
+            self.groups.append(
+                (
+                    torch.as_tensor(base, dtype=torch.float32),
+                    torch.as_tensor(offs @ Mg.T, dtype=torch.float32),
+                    torch.as_tensor(wts, dtype=torch.float32),
+                )
+            )
             self.n_pixels += len(idx)
         if not self.groups:
             raise ValueError("no masked pixel in any stack")
@@ -116,7 +128,7 @@ class SliceOperator:
         for base, offs, wts in self.groups:
             n = max(1, self.chunk_points // len(wts))
             for i in range(0, len(base), n):
-                b = base[i:i + n]
+                b = base[i : i + n]
                 yield start + i, b, offs, wts
             start += len(base)
 
@@ -130,8 +142,9 @@ class SliceOperator:
         if m * nb != n:
             base = torch.cat([base, base[-1:].expand(m * nb - n, 3)])
         g = (base[:, None, :] + offs[None, :, :]).reshape(nb, 1, m, len(offs), 3)
-        v = F.grid_sample(vol5.expand(nb, *vol5.shape[1:]), g, mode="bilinear", padding_mode="zeros",
-                          align_corners=True)
+        v = F.grid_sample(
+            vol5.expand(nb, *vol5.shape[1:]), g, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
         return (v.reshape(nb * m, len(offs)) @ wts)[:n]  # [n]
 
     def forward(self, x) -> torch.Tensor:
@@ -139,7 +152,7 @@ class SliceOperator:
         out = torch.empty(self.n_pixels, dtype=torch.float32)
         with torch.no_grad():
             for s, b, o, w in self._chunks():
-                out[s:s + len(b)] = self._apply(vol5, b, o, w)
+                out[s : s + len(b)] = self._apply(vol5, b, o, w)
         return out
 
     def adjoint(self, v) -> torch.Tensor:
@@ -149,7 +162,7 @@ class SliceOperator:
         acc = torch.zeros(self.shape, dtype=torch.float32)
         for s, b, o, w in self._chunks():
             y = self._apply(z, b, o, w)
-            (g,) = torch.autograd.grad(y, z, grad_outputs=v[s:s + len(b)])
+            (g,) = torch.autograd.grad(y, z, grad_outputs=v[s : s + len(b)])
             acc += g[0, 0]
         return acc
 
@@ -161,7 +174,7 @@ class SliceOperator:
         for s, b, o, w in self._chunks():
             y = self._apply(z, b, o, w)
             (g,) = torch.autograd.grad(y, z, grad_outputs=y.detach())
-            ax[s:s + len(b)] = y.detach()
+            ax[s : s + len(b)] = y.detach()
             acc += g[0, 0]
         return ax, acc
 
@@ -182,10 +195,21 @@ def _lap(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def lsq_superresolution(stacks, out_shape, out_affine, lam: float = 0.02, iterations: int = 40,
-                        profile: str = "gaussian", *, inplane_nodes: int = 2, init: str = "naive",
-                        history: list | None = None, chunk_points: int = 2_000_000,
-                        threads: int | None = None, log=None) -> np.ndarray:
+def lsq_superresolution(
+    stacks,
+    out_shape,
+    out_affine,
+    lam: float = 0.02,
+    iterations: int = 40,
+    profile: str = "gaussian",
+    *,
+    inplane_nodes: int = 2,
+    init: str = "naive",
+    history: list | None = None,
+    chunk_points: int = 2_000_000,
+    threads: int | None = None,
+    log=None,
+) -> np.ndarray:
     """Classical super-resolution without motion correction (BENCHMARK.md's *lsq*).
 
     Solves ``min_x sum_stacks ||D B x - y||^2 + lam ||grad x||^2`` on the output grid
@@ -202,24 +226,24 @@ def lsq_superresolution(stacks, out_shape, out_affine, lam: float = 0.02, iterat
     Returns float32 [X, Y, Z].
     """
     if threads is None:
-        return _lsq(stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes, init,
-                    history, chunk_points, log)
+        return _lsq(
+            stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes, init, history, chunk_points, log
+        )
     old = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
-        return _lsq(stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes, init,
-                    history, chunk_points, log)
+        return _lsq(
+            stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes, init, history, chunk_points, log
+        )
     finally:
         torch.set_num_threads(old)
 
 
-def _lsq(stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes, init, history,
-         chunk_points, log):
+def _lsq(stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes, init, history, chunk_points, log):
     if profile not in ("gaussian", "box"):
         raise ValueError(f"unknown slice profile {profile!r} (gaussian or box)")
     shape = tuple(int(s) for s in out_shape)
-    op = SliceOperator(stacks, shape, out_affine, profile, inplane_nodes=inplane_nodes,
-                       chunk_points=chunk_points)
+    op = SliceOperator(stacks, shape, out_affine, profile, inplane_nodes=inplane_nodes, chunk_points=chunk_points)
     ys, scales = [], []
     for st in stacks:
         m = np.asarray(st.mask, dtype=bool)
@@ -234,8 +258,13 @@ def _lsq(stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes,
     y = torch.as_tensor(np.concatenate(ys), dtype=torch.float32)
     scale = float(np.mean(scales))
     if init == "naive":
-        x = torch.as_tensor(naive_average([(st.data / sc, st.affine) for st, sc in zip(
-            [s for s in stacks if np.asarray(s.mask).any()], scales)], shape, out_affine))
+        x = torch.as_tensor(
+            naive_average(
+                [(st.data / sc, st.affine) for st, sc in zip([s for s in stacks if np.asarray(s.mask).any()], scales)],
+                shape,
+                out_affine,
+            )
+        )
     elif init == "zero":
         x = torch.zeros(shape, dtype=torch.float32)
     else:
@@ -266,6 +295,8 @@ def _lsq(stacks, out_shape, out_affine, lam, iterations, profile, inplane_nodes,
         if history is not None:
             history.append(float((r.double() ** 2).sum()))
         if log is not None:
-            log(f"lsq it {it + 1}: data {float((r.double() ** 2).sum()):.5g} "
-                f"reg {lam * _grad_sq(x):.5g} |s| {math.sqrt(gamma):.3g}")
+            log(
+                f"lsq it {it + 1}: data {float((r.double() ** 2).sum()):.5g} "
+                f"reg {lam * _grad_sq(x):.5g} |s| {math.sqrt(gamma):.3g}"
+            )
     return (x * scale).numpy().astype(np.float32)

@@ -60,28 +60,73 @@ def _add_simulate(sub):
     p.add_argument("--mask", help="brain mask of GT (default: GT > 0)")
     p.add_argument("--thickness", type=_num("--thickness", positive=True), default=3.0, help="slice thickness (mm)")
     p.add_argument("--gap", type=_num("--gap", nonneg=True), default=0.0, help="gap between slices (mm)")
-    p.add_argument("--pixel", type=_num("--pixel", positive=True), default=None, help="in-plane pixel size (mm); default: GT's finest spacing")
-    p.add_argument("--orientations", nargs="+", default=["axial", "coronal", "sagittal"],
-                   help="one stack each: axial|coronal|sagittal, NAME@RX,RY,RZ (oblique, degrees) or RX,RY,RZ")
+    p.add_argument(
+        "--pixel",
+        type=_num("--pixel", positive=True),
+        default=None,
+        help="in-plane pixel size (mm); default: GT's finest spacing",
+    )
+    p.add_argument(
+        "--orientations",
+        nargs="+",
+        default=["axial", "coronal", "sagittal"],
+        help="one stack each: axial|coronal|sagittal, NAME@RX,RY,RZ (oblique, degrees) or RX,RY,RZ",
+    )
     p.add_argument("--profile", choices=["gaussian", "box"], default="gaussian", help="through-plane slice profile")
-    p.add_argument("--motion-rotation", type=_num("--motion-rotation", nonneg=True), default=0.0, help="max per-slice rotation (degrees)")
-    p.add_argument("--motion-translation", type=_num("--motion-translation", nonneg=True), default=0.0, help="max per-slice translation per axis (mm)")
-    p.add_argument("--noise", type=_num("--noise", nonneg=True), default=0.0, help="Rician sigma as a fraction of GT's 99th percentile in the mask")
+    p.add_argument(
+        "--motion-rotation",
+        type=_num("--motion-rotation", nonneg=True),
+        default=0.0,
+        help="max per-slice rotation (degrees)",
+    )
+    p.add_argument(
+        "--motion-translation",
+        type=_num("--motion-translation", nonneg=True),
+        default=0.0,
+        help="max per-slice translation per axis (mm)",
+    )
+    p.add_argument(
+        "--noise",
+        type=_num("--noise", nonneg=True),
+        default=0.0,
+        help="Rician sigma as a fraction of GT's 99th percentile in the mask",
+    )
     p.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=0)
     t = p.add_argument_group("motion over acquisition time (see mgaussian.simulate)")
-    t.add_argument("--slice-order", choices=["interleaved", "sequential"], default="interleaved",
-                   help="acquisition order of each stack's slices (interleaved: Siemens convention, "
-                        "see mgaussian.slice_order)")
-    t.add_argument("--packages", type=_num("--packages", positive=True, integer=True), default=1,
-                   help="packages per stack: slice k in package k mod N, packages acquired one after the other")
-    t.add_argument("--motion-drift", metavar="DEG,MM", type=_pair("--motion-drift"), default=(0.0, 0.0),
-                   help="smooth drift over each stack's acquisition: rotation about a random axis and translation "
-                        "growing to DEG / MM")
-    t.add_argument("--motion-jumps", type=_num("--motion-jumps", nonneg=True, integer=True), default=0,
-                   help="N sudden moves at random acquisition times, each up to --motion-rotation / "
-                        "--motion-translation, persisting (replaces the per-slice motion)")
-    t.add_argument("--stack-motion", metavar="DEG,MM", type=_pair("--stack-motion"), default=(0.0, 0.0),
-                   help="rigid motion of each whole stack: DEG about a random axis and MM in a random direction")
+    t.add_argument(
+        "--slice-order",
+        choices=["interleaved", "sequential"],
+        default="interleaved",
+        help="acquisition order of each stack's slices (interleaved: Siemens convention, see mgaussian.slice_order)",
+    )
+    t.add_argument(
+        "--packages",
+        type=_num("--packages", positive=True, integer=True),
+        default=1,
+        help="packages per stack: slice k in package k mod N, packages acquired one after the other",
+    )
+    t.add_argument(
+        "--motion-drift",
+        metavar="DEG,MM",
+        type=_pair("--motion-drift"),
+        default=(0.0, 0.0),
+        help="smooth drift over each stack's acquisition: rotation about a random axis and translation "
+        "growing to DEG / MM",
+    )
+    t.add_argument(
+        "--motion-jumps",
+        type=_num("--motion-jumps", nonneg=True, integer=True),
+        default=0,
+        help="N sudden moves at random acquisition times, each up to --motion-rotation / "
+        "--motion-translation, persisting (replaces the per-slice motion)",
+    )
+    t.add_argument(
+        "--stack-motion",
+        metavar="DEG,MM",
+        type=_pair("--stack-motion"),
+        default=(0.0, 0.0),
+        help="rigid motion of each whole stack: DEG about a random axis and MM in a random direction",
+    )
     p.set_defaults(func=cmd_simulate)
 
 
@@ -118,8 +163,17 @@ def _add_evaluate(sub):
     p.add_argument("--labels", help="ground-truth label map for Dice (see mgaussian.metrics)")
     p.add_argument("--heldout-stack", help="a stack the reconstruction did not use")
     p.add_argument("--stack-mask", help="mask of the held-out stack")
-    p.add_argument("--thickness", type=_num("--thickness", positive=True), help="slice thickness of the held-out stack (mm); default: sidecar, else spacing")
-    p.add_argument("--profile", choices=["gaussian", "box"], default="gaussian", help="slice profile used to predict the held-out stack")
+    p.add_argument(
+        "--thickness",
+        type=_num("--thickness", positive=True),
+        help="slice thickness of the held-out stack (mm); default: sidecar, else spacing",
+    )
+    p.add_argument(
+        "--profile",
+        choices=["gaussian", "box"],
+        default="gaussian",
+        help="slice profile used to predict the held-out stack",
+    )
     p.add_argument("--no-align", action="store_true", help="held-out: skip the rigid alignment")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_evaluate)
@@ -145,47 +199,123 @@ def _add_reconstruct(sub):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("inputs and outputs")
-    g.add_argument("--input-stacks", nargs="+", required=True, help="stacks (.nii/.nii.gz); slices along the third voxel axis")
-    g.add_argument("--stack-masks", nargs="+", help="one brain mask per stack; default: an automatic mask (the stacks' common field of view, Otsu, largest component)")
-    g.add_argument("--no-auto-mask", action="store_true", help="without --stack-masks, use every voxel of every stack instead of the automatic mask")
-    g.add_argument("--bias-correction", action="store_true", help="N4 bias-field correction of every stack inside its mask (SimpleITK)")
-    g.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm): one for all stacks or one per stack; default: JSON sidecar, else slice spacing")
-    g.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
-                   help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
-                        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
-                        "(Siemens; see mgaussian.slice_order)")
+    g.add_argument(
+        "--input-stacks", nargs="+", required=True, help="stacks (.nii/.nii.gz); slices along the third voxel axis"
+    )
+    g.add_argument(
+        "--stack-masks",
+        nargs="+",
+        help="one brain mask per stack; default: an automatic mask (the stacks' common field of view, Otsu, largest component)",
+    )
+    g.add_argument(
+        "--no-auto-mask",
+        action="store_true",
+        help="without --stack-masks, use every voxel of every stack instead of the automatic mask",
+    )
+    g.add_argument(
+        "--bias-correction",
+        action="store_true",
+        help="N4 bias-field correction of every stack inside its mask (SimpleITK)",
+    )
+    g.add_argument(
+        "--thicknesses",
+        nargs="+",
+        type=_num("--thicknesses"),
+        help="slice thickness (mm): one for all stacks or one per stack; default: JSON sidecar, else slice spacing",
+    )
+    g.add_argument(
+        "--slice-order",
+        metavar="interleaved|sequential|FILE",
+        help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
+        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
+        "(Siemens; see mgaussian.slice_order)",
+    )
     g.add_argument("--output-volume", required=True, help="reconstructed volume (.nii/.nii.gz)")
-    g.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs")
+    g.add_argument(
+        "--output-resolution",
+        type=_num("--output-resolution", positive=True),
+        help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs",
+    )
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
-    g.add_argument("--output-confidence", metavar="C.nii.gz",
-                   help="also write a confidence map in [0, 1] on the output grid: how well the data determine "
-                        "each voxel (the intensities' approximate posterior sd; see docs/clinical.md)")
-    g.add_argument("--output-report", metavar="DIR", help="folder for the HTML report (index.html and PNGs); default: <output stem>_report beside the volume")
+    g.add_argument(
+        "--output-confidence",
+        metavar="C.nii.gz",
+        help="also write a confidence map in [0, 1] on the output grid: how well the data determine "
+        "each voxel (the intensities' approximate posterior sd; see docs/clinical.md)",
+    )
+    g.add_argument(
+        "--output-report",
+        metavar="DIR",
+        help="folder for the HTML report (index.html and PNGs); default: <output stem>_report beside the volume",
+    )
     g.add_argument("--no-report", action="store_true", help="write no report")
     g.add_argument("--config", help="JSON (or TOML) file of settings (see mgaussian.recon.config.ReconConfig)")
-    g.add_argument("--log", metavar="FILE", help="write a log of the run (version, command, configuration, progress, timings, outputs)")
-    g.add_argument("--slice-profile", choices=["gaussian", "box"], default=None,
-                   help="through-plane slice profile the model assumes: gaussian (FWHM = thickness) or box "
-                        "(modelled as a Gaussian of FWHM 0.8 x thickness, measured best on box-profile data)")
+    g.add_argument(
+        "--log",
+        metavar="FILE",
+        help="write a log of the run (version, command, configuration, progress, timings, outputs)",
+    )
+    g.add_argument(
+        "--slice-profile",
+        choices=["gaussian", "box"],
+        default=None,
+        help="through-plane slice profile the model assumes: gaussian (FWHM = thickness) or box "
+        "(modelled as a Gaussian of FWHM 0.8 x thickness, measured best on box-profile data)",
+    )
+    _add_reconstruct_method_options(p)
+    p.set_defaults(func=cmd_reconstruct)
+
+
+def _add_reconstruct_method_options(p) -> None:
+    """reconstruct's compute, atlas, motion, assessment and ablation options."""
     c = p.add_argument_group("compute")
-    c.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
-                   help="where to fit (default: auto, or the --config file's)")
-    c.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default=None,
-                   help="renderer backend (default: auto, or the --config file's)")
-    c.add_argument("--threads", type=_num("--threads", positive=True, integer=True), help="CPU threads (default: all cores)")
-    c.add_argument("--seed", type=_num("--seed", nonneg=True, integer=True), default=None,
-                   help="random seed of the batches' order (default: 0, or the --config file's)")
-    c.add_argument("--time-budget", type=_num("--time-budget", positive=True),
-                   help="stop fitting after this many seconds (default: none; the fixed schedule ends the fit, so "
-                        "the same inputs give the same volume; with a budget the result depends on the machine's "
-                        "speed and load, and the log and report say when it cut the fit short)")
-    c.add_argument("--max-memory", metavar="GB", type=_num("--max-memory", positive=True), default=8.0,
-                   help="refuse a run whose estimated peak memory is above this (GB); see benchmarks/MEMORY.md")
+    c.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default=None,
+        help="where to fit (default: auto, or the --config file's)",
+    )
+    c.add_argument(
+        "--backend",
+        choices=["auto", "reference", "cpu", "gpu"],
+        default=None,
+        help="renderer backend (default: auto, or the --config file's)",
+    )
+    c.add_argument(
+        "--threads", type=_num("--threads", positive=True, integer=True), help="CPU threads (default: all cores)"
+    )
+    c.add_argument(
+        "--seed",
+        type=_num("--seed", nonneg=True, integer=True),
+        default=None,
+        help="random seed of the batches' order (default: 0, or the --config file's)",
+    )
+    c.add_argument(
+        "--time-budget",
+        type=_num("--time-budget", positive=True),
+        help="stop fitting after this many seconds (default: none; the fixed schedule ends the fit, so "
+        "the same inputs give the same volume; with a budget the result depends on the machine's "
+        "speed and load, and the log and report say when it cut the fit short)",
+    )
+    c.add_argument(
+        "--max-memory",
+        metavar="GB",
+        type=_num("--max-memory", positive=True),
+        default=8.0,
+        help="refuse a run whose estimated peak memory is above this (GB); see benchmarks/MEMORY.md",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    c.add_argument("--checkpoint-dir", help="write checkpoints of the fit here (created if missing; every "
-                   "checkpoint_interval_s = 30 s, after each level's warm start and at the end)")
-    c.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir "
-                   "(same inputs and settings; threads, device, backend and --time-budget may change)")
+    c.add_argument(
+        "--checkpoint-dir",
+        help="write checkpoints of the fit here (created if missing; every "
+        "checkpoint_interval_s = 30 s, after each level's warm start and at the end)",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir "
+        "(same inputs and settings; threads, device, backend and --time-budget may change)",
+    )
     t = p.add_argument_group("atlas space (see mgaussian.atlas and docs/clinical.md)")
     _template_options(t)
     a = p.add_argument_group("ablations of the seed's components")
@@ -194,21 +324,34 @@ def _add_reconstruct(sub):
     m.add_argument("--no-registration", action="store_true", help="skip the rigid stack-to-stack registration")
     m.add_argument("--no-robust", action="store_true", help="no outlier weights (every slice and pixel counts fully)")
     q = p.add_argument_group("stack assessment (see mgaussian.assess and docs/clinical.md)")
-    q.add_argument("--reference-stack", metavar="N", type=_num("--reference-stack", nonneg=True, integer=True),
-                   help="index (from 0) of the stack the others are registered to and whose lattice the output "
-                        "takes; default: the best-assessed stack (the first of equals)")
-    q.add_argument("--stack-exclude", choices=["off", "auto"], default="off",
-                   help="auto: drop stacks scoring below half the median assessment score (3 or more stacks; "
-                        "at least 2 kept; never the --reference-stack)")
+    q.add_argument(
+        "--reference-stack",
+        metavar="N",
+        type=_num("--reference-stack", nonneg=True, integer=True),
+        help="index (from 0) of the stack the others are registered to and whose lattice the output "
+        "takes; default: the best-assessed stack (the first of equals)",
+    )
+    q.add_argument(
+        "--stack-exclude",
+        choices=["off", "auto"],
+        default="off",
+        help="auto: drop stacks scoring below half the median assessment score (3 or more stacks; "
+        "at least 2 kept; never the --reference-stack)",
+    )
     a.add_argument("--no-ssim", action="store_true", help="drop the SSIM loss")
     a.add_argument("--no-growth", action="store_true", help="train the finest Gaussian grid only")
-    a.add_argument("--nrf", action="store_true", help="train the neural residual field (off by default, see benchmarks/TUNING.md)")
+    a.add_argument(
+        "--nrf", action="store_true", help="train the neural residual field (off by default, see benchmarks/TUNING.md)"
+    )
     a.add_argument("--no-nrf", action="store_true", help="drop the neural residual field")
     a.add_argument("--no-anisotropy", action="store_true", help="drop the anisotropy penalty")
     a.add_argument("--no-psf", action="store_true", help="point evaluation instead of the slice PSF")
     a.add_argument("--renderer", choices=["slices", "points"], help="slice tile renderer or the seed's block query")
-    a.add_argument("--block-radius", type=_num("--block-radius", positive=True, integer=True), help="block radius of the points renderer (implies --renderer points)")
-    p.set_defaults(func=cmd_reconstruct)
+    a.add_argument(
+        "--block-radius",
+        type=_num("--block-radius", positive=True, integer=True),
+        help="block radius of the points renderer (implies --renderer points)",
+    )
 
 
 def _add_sample_volume(sub):
@@ -219,7 +362,11 @@ def _add_sample_volume(sub):
     )
     p.add_argument("--input-model", required=True)
     p.add_argument("--output-volume", required=True)
-    p.add_argument("--output-resolution", type=_num("--output-resolution", positive=True), help="voxel size (mm); default: the model's")
+    p.add_argument(
+        "--output-resolution",
+        type=_num("--output-resolution", positive=True),
+        help="voxel size (mm); default: the model's",
+    )
     p.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto")
     p.add_argument("--log", metavar="FILE", help="write a log of the run (version, command, timings, output)")
     p.set_defaults(func=cmd_sample_volume)
@@ -229,15 +376,21 @@ def _add_sample_slices(sub):
     p = sub.add_parser(
         "sample-slices",
         help="simulate the input stacks from a saved model (each slice at its fitted pose)",
-        description=("Render every slice of every input stack from a saved model through the slice profile the fit used, "
-                     "each slice moved by its fitted pose; writes DIR/<stack>_simulated.nii.gz on each stack's grid and "
-                     "prints NCC and PSNR against each stack inside its mask."),
+        description=(
+            "Render every slice of every input stack from a saved model through the slice profile the fit used, "
+            "each slice moved by its fitted pose; writes DIR/<stack>_simulated.nii.gz on each stack's grid and "
+            "prints NCC and PSNR against each stack inside its mask."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--input-model", required=True, help="model saved by reconstruct --output-model")
-    p.add_argument("--input-stacks", nargs="+", required=True, help="the stacks the model was fitted to, in the same order")
+    p.add_argument(
+        "--input-stacks", nargs="+", required=True, help="the stacks the model was fitted to, in the same order"
+    )
     p.add_argument("--stack-masks", nargs="+", help="one mask per stack (for the scores; default: whole stack)")
-    p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm) as given to reconstruct")
+    p.add_argument(
+        "--thicknesses", nargs="+", type=_num("--thicknesses"), help="slice thickness (mm) as given to reconstruct"
+    )
     p.add_argument("--output-dir", required=True, help="folder for <stack>_simulated.nii.gz (created if missing)")
     p.add_argument("--backend", choices=["auto", "reference", "cpu", "gpu"], default="auto")
     p.set_defaults(func=cmd_sample_slices)
@@ -251,39 +404,61 @@ def _add_inspect(sub):
     )
     p.add_argument("--input-stacks", nargs="+", required=True)
     p.add_argument("--stack-masks", nargs="+")
-    p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"), help="one value for all stacks, or one per stack (mm)")
-    p.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
-                   help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
-                        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
-                        "(Siemens; see mgaussian.slice_order)")
+    p.add_argument(
+        "--thicknesses", nargs="+", type=_num("--thicknesses"), help="one value for all stacks, or one per stack (mm)"
+    )
+    p.add_argument(
+        "--slice-order",
+        metavar="interleaved|sequential|FILE",
+        help="acquisition order of the slices: interleaved, sequential or a FILE of orders per stack; "
+        "default: the JSON sidecar (SliceTiming, MultibandAccelerationFactor), else interleaved "
+        "(Siemens; see mgaussian.slice_order)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=cmd_inspect)
 
 
 def _template_options(g, required: bool = False) -> None:
-    g.add_argument("--template", required=required, metavar="T",
-                   help="register the volume to this template and write it on the template's grid: a NIfTI file, "
-                        "a shipped fetal template (fetal-ga21, fetal-ga23, fetal-ga25, fetal-ga27, fetal-ga33) or "
-                        "fetal-auto (the best-matching shipped one)")
-    g.add_argument("--template-transform", choices=["rigid", "affine"], default="rigid",
-                   help="rigid (same subject / same size), or affine after rigid (another age or size)")
-    g.add_argument("--template-mask", metavar="M",
-                   help="brain mask of the template (the metric's region); shipped templates bring theirs")
+    g.add_argument(
+        "--template",
+        required=required,
+        metavar="T",
+        help="register the volume to this template and write it on the template's grid: a NIfTI file, "
+        "a shipped fetal template (fetal-ga21, fetal-ga23, fetal-ga25, fetal-ga27, fetal-ga33) or "
+        "fetal-auto (the best-matching shipped one)",
+    )
+    g.add_argument(
+        "--template-transform",
+        choices=["rigid", "affine"],
+        default="rigid",
+        help="rigid (same subject / same size), or affine after rigid (another age or size)",
+    )
+    g.add_argument(
+        "--template-mask",
+        metavar="M",
+        help="brain mask of the template (the metric's region); shipped templates bring theirs",
+    )
 
 
 def _add_to_template(sub):
     p = sub.add_parser(
         "to-template",
         help="register a volume to a template and resample it onto the template's grid",
-        description=("Register VOLUME (rigidly, or affinely after rigid) to a template and write it on the "
-                     "template's grid and orientation, with OUT.template.json (the 4x4 world map) and OUT.template.tfm "
-                     "(the same map for ITK/ANTs)."),
+        description=(
+            "Register VOLUME (rigidly, or affinely after rigid) to a template and write it on the "
+            "template's grid and orientation, with OUT.template.json (the 4x4 world map) and OUT.template.tfm "
+            "(the same map for ITK/ANTs)."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("volume", metavar="VOLUME", help="a reconstructed volume (.nii/.nii.gz)")
     _template_options(p, required=True)
-    p.add_argument("--metric", choices=["correlation", "mattes"], default="correlation",
-                   help="registration metric: correlation (same contrast) or Mattes mutual information")
+    p.add_argument(
+        "--metric",
+        choices=["correlation", "mattes"],
+        default="correlation",
+        help="registration metric: correlation (same contrast) or Mattes mutual information",
+    )
     p.add_argument("--output-volume", required=True, help="the volume on the template's grid (.nii/.nii.gz)")
     p.set_defaults(func=cmd_to_template)
 
@@ -292,19 +467,25 @@ def _add_assess(sub):
     p = sub.add_parser(
         "assess",
         help="score each stack (motion within it, agreement with the others) and rank them",
-        description=("Score every stack in [0, 1] from the motion within it (neighbouring slices against slices "
-                     "two apart) and its agreement with the other stacks after rigid registration, and rank them "
-                     "(see mgaussian.assess)."),
+        description=(
+            "Score every stack in [0, 1] from the motion within it (neighbouring slices against slices "
+            "two apart) and its agreement with the other stacks after rigid registration, and rank them "
+            "(see mgaussian.assess)."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--input-stacks", nargs="+", required=True)
-    p.add_argument("--stack-masks", nargs="+",
-                   help="one brain mask per stack; default: the automatic mask of reconstruct")
-    p.add_argument("--thicknesses", nargs="+", type=_num("--thicknesses"),
-                   help="one value for all stacks, or one per stack (mm)")
-    p.add_argument("--slice-order", metavar="interleaved|sequential|FILE",
-                   help="acquisition order of the slices (default: sidecar, else interleaved; "
-                        "see mgaussian.slice_order)")
+    p.add_argument(
+        "--stack-masks", nargs="+", help="one brain mask per stack; default: the automatic mask of reconstruct"
+    )
+    p.add_argument(
+        "--thicknesses", nargs="+", type=_num("--thicknesses"), help="one value for all stacks, or one per stack (mm)"
+    )
+    p.add_argument(
+        "--slice-order",
+        metavar="interleaved|sequential|FILE",
+        help="acquisition order of the slices (default: sidecar, else interleaved; see mgaussian.slice_order)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_assess)
 
@@ -383,19 +564,35 @@ def cmd_simulate(a) -> int:
         if float(np.prod(shp)) > 600**3:
             raise InputError("--pixel" if a.pixel else "--orientations", f"stack {o} would be absurdly large {shp}")
         if a.motion_jumps >= shp[2]:
-            raise InputError("--motion-jumps", f"{a.motion_jumps} jumps need more acquisition times than stack {o}'s "
-                                               f"{shp[2]} slices")
+            raise InputError(
+                "--motion-jumps", f"{a.motion_jumps} jumps need more acquisition times than stack {o}'s {shp[2]} slices"
+            )
     if a.motion_jumps and not (a.motion_rotation or a.motion_translation):
-        raise InputError("--motion-jumps",
-                         "needs --motion-rotation and/or --motion-translation (the size of each jump)")
+        raise InputError(
+            "--motion-jumps", "needs --motion-rotation and/or --motion-translation (the size of each jump)"
+        )
     _prepare_output_dir(a.output_dir, [a.ground_truth, a.mask])
     simulate_stacks(
-        gt, aff, mask, a.output_dir, orientations=a.orientations, thickness=a.thickness, gap=a.gap,
-        pixel=a.pixel, profile=a.profile, motion_rotation=a.motion_rotation,
-        motion_translation=a.motion_translation, noise=a.noise, seed=a.seed,
-        slice_order=a.slice_order, packages=a.packages, motion_drift=a.motion_drift,
-        motion_jumps=a.motion_jumps, stack_motion=a.stack_motion,
-        inputs=[a.ground_truth, a.mask], gt_path=os.path.abspath(a.ground_truth),
+        gt,
+        aff,
+        mask,
+        a.output_dir,
+        orientations=a.orientations,
+        thickness=a.thickness,
+        gap=a.gap,
+        pixel=a.pixel,
+        profile=a.profile,
+        motion_rotation=a.motion_rotation,
+        motion_translation=a.motion_translation,
+        noise=a.noise,
+        seed=a.seed,
+        slice_order=a.slice_order,
+        packages=a.packages,
+        motion_drift=a.motion_drift,
+        motion_jumps=a.motion_jumps,
+        stack_motion=a.stack_motion,
+        inputs=[a.ground_truth, a.mask],
+        gt_path=os.path.abspath(a.ground_truth),
         mask_path=os.path.abspath(a.mask) if a.mask else None,
     )
     print(f"wrote {len(a.orientations)} stacks, masks, sidecars (stack_XX.json) and truth.json to {a.output_dir}")
@@ -403,8 +600,8 @@ def cmd_simulate(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from .io import load_image, load_mask, resolve_thickness
     from .geometry import slice_frames
+    from .io import load_image, load_mask, resolve_thickness
 
     ref_mode = a.reference is not None or a.mask is not None or a.labels is not None
     held_mode = a.heldout_stack is not None or a.stack_mask is not None
@@ -556,14 +753,19 @@ def _prepare_stacks(a, cfg, stacks, log) -> None:
                     raise InputError(st.path, "the automatic mask found no anatomy in this stack; give --stack-masks")
                 st.mask = m
         else:
-            warn("--stack-masks", "no masks given: every voxel of every stack is used (slow, and background is reconstructed too)")
+            warn(
+                "--stack-masks",
+                "no masks given: every voxel of every stack is used (slow, and background is reconstructed too)",
+            )
     if cfg.bias_correction:
         for st in stacks:
             t0 = time.time()
             st.data, field = n4_correct(st.data, st.affine, st.mask if not st.mask.all() else None)
             f = field[st.mask] if st.mask.any() else field
-            log(f"stack {st.name}: N4 bias field {float(f.min()):.2f}-{float(f.max()):.2f} in the mask "
-                f"({time.time() - t0:.1f} s)")
+            log(
+                f"stack {st.name}: N4 bias field {float(f.min()):.2f}-{float(f.max()):.2f} in the mask "
+                f"({time.time() - t0:.1f} s)"
+            )
 
 
 def _check_reconstruct_inputs(a, cfg, stacks):
@@ -579,8 +781,9 @@ def _check_reconstruct_inputs(a, cfg, stacks):
     stacks = grow_masks(stacks, cfg.mask_rim_mm)  # the masks the fit will see
     output_grid(stacks, res)  # refuses an absurd grid
     factors = cfg.spacing_factors if cfg.growth else cfg.spacing_factors[-1:]
-    check_memory(stacks, res, a.max_memory, spacing_factors=factors, dilate_mm=cfg.dilate_mm,
-                 batch_slices=cfg.batch_slices)
+    check_memory(
+        stacks, res, a.max_memory, spacing_factors=factors, dilate_mm=cfg.dilate_mm, batch_slices=cfg.batch_slices
+    )
     # the intensity fits' explicit maps stand in for the renderer's autograd plans, which the
     # estimate counts (mni-t4-motion at 1 mm: 5.2 GB measured with 3.1 GB of maps, 7.8 GB estimated)
     return cfg.resolved(design_memory_gb=min(cfg.design_memory_gb, 0.5 * a.max_memory))
@@ -633,9 +836,15 @@ def _config_overrides(a) -> dict:
     if a.output_confidence:
         over["confidence"] = True
     # the --no-X switches: each turns one setting off
-    for flag, key in (("no_motion", "motion"), ("no_registration", "register_stacks"), ("no_robust", "robust"),
-                      ("no_ssim", "use_ssim"), ("no_growth", "growth"), ("no_anisotropy", "use_anisotropy"),
-                      ("no_psf", "use_psf")):
+    for flag, key in (
+        ("no_motion", "motion"),
+        ("no_registration", "register_stacks"),
+        ("no_robust", "robust"),
+        ("no_ssim", "use_ssim"),
+        ("no_growth", "growth"),
+        ("no_anisotropy", "use_anisotropy"),
+        ("no_psf", "use_psf"),
+    ):
         if getattr(a, flag):
             over[key] = False
     if a.no_auto_mask:
@@ -665,20 +874,34 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> dict | None:
     if template_outs:  # the native volume is kept beside the one in atlas space (written first)
         from .atlas import to_template_space, write_transform_files
 
-        save_nifti(res.volume, res.affine, template_outs["native"], inputs=inputs,
-                   header_extra=f"mgaussian {__version__}")
-        vol_t, aff_t, template_info = to_template_space(res.volume, res.affine, a.template, a.template_transform,
-                                                        a.template_mask, log=log)
-        write_transform_files({"mgaussian_version": __version__, "output_volume": os.path.abspath(a.output_volume),
-                               "output_volume_native": os.path.abspath(template_outs["native"]), **template_info},
-                              template_outs["json"], template_outs["tfm"])
+        save_nifti(
+            res.volume, res.affine, template_outs["native"], inputs=inputs, header_extra=f"mgaussian {__version__}"
+        )
+        vol_t, aff_t, template_info = to_template_space(
+            res.volume, res.affine, a.template, a.template_transform, a.template_mask, log=log
+        )
+        write_transform_files(
+            {
+                "mgaussian_version": __version__,
+                "output_volume": os.path.abspath(a.output_volume),
+                "output_volume_native": os.path.abspath(template_outs["native"]),
+                **template_info,
+            },
+            template_outs["json"],
+            template_outs["tfm"],
+        )
         save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     else:
         save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     if a.output_confidence:
         # on the reconstruction's own grid (with --template: that of the native volume)
-        save_nifti(res.confidence, res.affine, a.output_confidence, inputs=inputs,
-                   header_extra=f"mgaussian {__version__} confidence")
+        save_nifti(
+            res.confidence,
+            res.affine,
+            a.output_confidence,
+            inputs=inputs,
+            header_extra=f"mgaussian {__version__} confidence",
+        )
     return template_info
 
 
@@ -687,10 +910,17 @@ def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: d
     meta = {
         "mgaussian_version": __version__,
         "command": sys.argv,
-        "inputs": [{"stack": s.path, "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"),
-                    "thickness_mm": s.thickness, "thickness_from": s.thickness_source,
-                    "slice_order_ranks": None if s.slice_order is None else [int(r) for r in s.slice_order],
-                    "slice_order_from": s.slice_order_source} for s in stacks],
+        "inputs": [
+            {
+                "stack": s.path,
+                "mask": s.mask_path or ("automatic" if cfg.auto_mask else "none"),
+                "thickness_mm": s.thickness,
+                "thickness_from": s.thickness_source,
+                "slice_order_ranks": None if s.slice_order is None else [int(r) for r in s.slice_order],
+                "slice_order_from": s.slice_order_source,
+            }
+            for s in stacks
+        ],
         "config": res.config.to_dict(),
         "output_volume": os.path.abspath(a.output_volume),
         "output_scale": res.scale,
@@ -707,9 +937,19 @@ def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: d
         meta["confidence"] = res.confidence_info
     if template_info is not None:
         meta["output_volume_native"] = os.path.abspath(template_outs["native"])
-        meta["template"] = {k: template_info[k] for k in ("template", "template_requested", "transform",
-                                                          "ncc_in_template_mask", "rotation_deg", "chosen",
-                                                          "candidates_ncc") if k in template_info}
+        meta["template"] = {
+            k: template_info[k]
+            for k in (
+                "template",
+                "template_requested",
+                "transform",
+                "ncc_in_template_mask",
+                "rotation_deg",
+                "chosen",
+                "candidates_ncc",
+            )
+            if k in template_info
+        }
         meta["template"]["transform_json"] = os.path.abspath(template_outs["json"])
     return meta
 
@@ -728,10 +968,20 @@ def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float) -> Non
     except ImportError as exc:  # matplotlib missing from a partial install
         warn("--output-report", f"no report written ({exc})")
     else:
-        extra = {"command": sys.argv, "wall_s": t_rep - t0, "config_json": _stem(a.output_volume) + ".config.json",
-                 "model": a.output_model}
-        idx = write_report(report_dir, res, stacks, a.output_volume, extra=extra,
-                           inputs=[a.output_model, _stem(a.output_volume) + ".config.json", a.output_confidence])
+        extra = {
+            "command": sys.argv,
+            "wall_s": t_rep - t0,
+            "config_json": _stem(a.output_volume) + ".config.json",
+            "model": a.output_model,
+        }
+        idx = write_report(
+            report_dir,
+            res,
+            stacks,
+            a.output_volume,
+            extra=extra,
+            inputs=[a.output_model, _stem(a.output_volume) + ".config.json", a.output_confidence],
+        )
         if not a.quiet:
             print(f"wrote the report {idx} in {time.time() - t_rep:.1f} s", file=sys.stderr)
         runlog.line(f"report: {idx}")
@@ -740,8 +990,8 @@ def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float) -> Non
 def cmd_reconstruct(a) -> int:
     import time
 
-    from .io import atomic_write_text, check_output_path, load_stacks, save_nifti, validate_stacks
     from .errors import warn
+    from .io import atomic_write_text, check_output_path, load_stacks, validate_stacks
     from .recon.config import ReconConfig, config_from_dict, load_config_file
 
     inputs = list(a.input_stacks) + list(a.stack_masks or [])
@@ -756,8 +1006,11 @@ def cmd_reconstruct(a) -> int:
                 raise InputError("--output-confidence", f"must differ from {what}")
         check_output_path(a.output_confidence, inputs, what="--output-confidence")
     config_json = _stem(a.output_volume) + ".config.json"
-    _check_log_path(a, inputs + ([a.config] if a.config else []), [a.output_volume, a.output_model, config_json,
-                                                                    a.output_confidence])
+    _check_log_path(
+        a,
+        inputs + ([a.config] if a.config else []),
+        [a.output_volume, a.output_model, config_json, a.output_confidence],
+    )
     if a.output_resolution is not None and a.output_resolution < 0.1:
         raise InputError("--output-resolution", f"{a.output_resolution:g} mm is absurdly fine (>= 0.1 mm)")
     report_dir = None
@@ -767,23 +1020,24 @@ def cmd_reconstruct(a) -> int:
         from .report import check_report_dir
 
         report_dir = a.output_report or (_stem(a.output_volume) + "_report")
-        check_report_dir(report_dir, inputs + [a.output_volume, a.output_model, a.output_confidence],
-                         len(a.input_stacks))
+        check_report_dir(
+            report_dir, inputs + [a.output_volume, a.output_model, a.output_confidence], len(a.input_stacks)
+        )
     cfg = ReconConfig()
     if a.config:
         cfg = config_from_dict(load_config_file(a.config), where=a.config)
     cfg = cfg.resolved(**_config_overrides(a)).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
-    template_outs = _template_outputs(a, inputs + [a.output_model, config_json, a.log, a.output_confidence],
-                                     native=True)
+    template_outs = _template_outputs(
+        a, inputs + [a.output_model, config_json, a.log, a.output_confidence], native=True
+    )
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
         warn(a.input_stacks[0], "only one stack: the through-plane resolution cannot be recovered")
     validate_stacks(stacks)  # the stacks' own checks come before what is built from them
     prep_lines = []  # shown once every check has passed (an error is the only line otherwise)
-    prep_lines.append("slice acquisition order: " + "; ".join(f"{s.name} {s.slice_order_source}"
-                                                             for s in stacks))
+    prep_lines.append("slice acquisition order: " + "; ".join(f"{s.name} {s.slice_order_source}" for s in stacks))
     _prepare_stacks(a, cfg, stacks, prep_lines.append)
     cfg, stacks, assessment = _assess_for_reconstruct(a, cfg, stacks, prep_lines.append)
     cfg = _check_reconstruct_inputs(a, cfg, stacks)
@@ -815,25 +1069,44 @@ def cmd_reconstruct(a) -> int:
     meta = _run_record(a, res, stacks, cfg, assessment, template_info, template_outs, time.time() - t0)
     atomic_write_text(config_json, json.dumps(meta, indent=1))
     poses_json = _stem(a.output_volume) + ".poses.json"
-    atomic_write_text(poses_json, json.dumps({
-        "pose_convention": "x_true = R (x_header - centre) + centre + t, R from rotvec (axis x angle, rad); "
-                           "slices not listed (outside the masks) take the stack pose",
-        "centre_mm": [float(v) for v in res.centre], "poses": res.poses, "slice_weights": res.slice_weights}))
+    atomic_write_text(
+        poses_json,
+        json.dumps(
+            {
+                "pose_convention": "x_true = R (x_header - centre) + centre + t, R from rotvec (axis x angle, rad); "
+                "slices not listed (outside the masks) take the stack pose",
+                "centre_mm": [float(v) for v in res.centre],
+                "poses": res.poses,
+                "slice_weights": res.slice_weights,
+            }
+        ),
+    )
     if a.output_model:
         from .recon.model_io import save_model
 
         save_model(a.output_model, res, inputs=inputs)
-    done = (f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
-            f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s")
+    done = (
+        f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
+        f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s"
+    )
     if template_info is not None:
         sh = "x".join(str(n) for n in template_info["template"]["shape"])
-        done = (f"wrote {a.output_volume} ({sh}, on the grid of template {template_info['template']['name']}, "
-                f"{template_info['transform']}, NCC {template_info['ncc_in_template_mask']:.4f} in its mask) and the "
-                f"native volume {template_outs['native']} in {time.time() - t0:.1f} s")
+        done = (
+            f"wrote {a.output_volume} ({sh}, on the grid of template {template_info['template']['name']}, "
+            f"{template_info['transform']}, NCC {template_info['ncc_in_template_mask']:.4f} in its mask) and the "
+            f"native volume {template_outs['native']} in {time.time() - t0:.1f} s"
+        )
     runlog.line("timings_s: " + json.dumps({**res.timings, "wall_s": time.time() - t0}))
-    runlog.line("outputs: " + json.dumps([os.path.abspath(p) for p in (a.output_volume, config_json, a.output_model,
-                                                                        a.output_confidence,
-                                                                        *template_outs.values()) if p]))
+    runlog.line(
+        "outputs: "
+        + json.dumps(
+            [
+                os.path.abspath(p)
+                for p in (a.output_volume, config_json, a.output_model, a.output_confidence, *template_outs.values())
+                if p
+            ]
+        )
+    )
     runlog.line(done)
     if report_dir is not None:
         _write_run_report(a, res, stacks, report_dir, runlog, t0)
@@ -844,14 +1117,14 @@ def cmd_reconstruct(a) -> int:
 
 
 def cmd_sample_volume(a) -> int:
+    import time
+
     import numpy as np
 
     from .io import check_output_path, save_nifti
     from .recon.model_io import load_model
     from .recon.output import render_volume
     from .sampling import resample_volume
-
-    import time
 
     check_output_path(a.output_volume, [a.input_model])
     _check_log_path(a, [a.input_model], [a.output_volume])
@@ -861,7 +1134,9 @@ def cmd_sample_volume(a) -> int:
     except InputError:
         raise
     except Exception as exc:  # the right format tag but missing or odd fields
-        raise InputError(a.input_model, f"incomplete or corrupt mgaussian model file ({type(exc).__name__}: {exc})") from None
+        raise InputError(
+            a.input_model, f"incomplete or corrupt mgaussian model file ({type(exc).__name__}: {exc})"
+        ) from None
     if a.output_resolution is not None:
         old = float(np.linalg.norm(aff[:3, 0]))
         r = a.output_resolution
@@ -878,7 +1153,9 @@ def cmd_sample_volume(a) -> int:
     runlog = _RunLog(a.log)
     runlog.header()
     t0 = time.time()
-    vol = render_volume(fld, nrf, shape, aff, region, backend=a.backend, cutoff=float(info["config"].get("cutoff", 3.0)))
+    vol = render_volume(
+        fld, nrf, shape, aff, region, backend=a.backend, cutoff=float(info["config"].get("cutoff", 3.0))
+    )
     vol = np.clip(vol, 0, None) * info["scale"]
     save_nifti(vol, aff, a.output_volume, inputs=[a.input_model])
     runlog.line("timings_s: " + json.dumps({"render_volume_s": time.time() - t0}))
@@ -918,28 +1195,28 @@ def cmd_inspect(a) -> int:
     import nibabel as nib
     import numpy as np
 
-    from .io import load_stacks
-
-    from .io import validate_stacks
+    from .io import load_stacks, validate_stacks
 
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     validate_stacks(stacks)
     rows = []
     for s in stacks:
-        rows.append({
-            "stack": s.path,
-            "shape": list(s.data.shape),
-            "orientation": "".join(nib.aff2axcodes(s.affine)),
-            "pixel_mm": [round(v, 4) for v in s.frames.spacing],
-            "slice_spacing_mm": round(s.frames.slice_spacing, 4),
-            "thickness_mm": s.thickness,
-            "thickness_from": s.thickness_source,
-            "gap_mm": round(s.gap, 4),
-            "mask": s.mask_path,
-            "mask_fraction": round(float(s.mask.mean()), 4),
-            "acquisition_order": [int(i) for i in np.argsort(s.slice_order, kind="stable")],
-            "slice_order_from": s.slice_order_source,
-        })
+        rows.append(
+            {
+                "stack": s.path,
+                "shape": list(s.data.shape),
+                "orientation": "".join(nib.aff2axcodes(s.affine)),
+                "pixel_mm": [round(v, 4) for v in s.frames.spacing],
+                "slice_spacing_mm": round(s.frames.slice_spacing, 4),
+                "thickness_mm": s.thickness,
+                "thickness_from": s.thickness_source,
+                "gap_mm": round(s.gap, 4),
+                "mask": s.mask_path,
+                "mask_fraction": round(float(s.mask.mean()), 4),
+                "acquisition_order": [int(i) for i in np.argsort(s.slice_order, kind="stable")],
+                "slice_order_from": s.slice_order_source,
+            }
+        )
     if a.json:
         print(json.dumps(rows))
     else:
@@ -966,7 +1243,7 @@ def _template_outputs(a, inputs, *, native: bool) -> dict:
     stem = _stem(a.output_volume)
     outs = {"json": stem + ".template.json", "tfm": stem + ".template.tfm"}
     if native:
-        outs["native"] = stem + "_native" + a.output_volume[len(stem):]
+        outs["native"] = stem + "_native" + a.output_volume[len(stem) :]
     taken = list(inputs) + [a.template, a.template_mask]
     for k, pth in outs.items():
         check_output_path(pth, taken, what="--output-volume", nifti=(k == "native"))
@@ -984,15 +1261,30 @@ def cmd_to_template(a) -> int:
     outs = _template_outputs(a, inputs, native=False)
     vol, aff, _ = load_image(a.volume, what="volume")
     t0 = time.time()
-    out, taff, info = to_template_space(vol, aff, a.template, a.template_transform, a.template_mask,
-                                        metric=a.metric, log=lambda s: print(s, file=sys.stderr, flush=True))
-    info = {"mgaussian_version": __version__, "command": _COMMAND_LINE, "volume": os.path.abspath(a.volume),
-            "output_volume": os.path.abspath(a.output_volume), **info}
+    out, taff, info = to_template_space(
+        vol,
+        aff,
+        a.template,
+        a.template_transform,
+        a.template_mask,
+        metric=a.metric,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    info = {
+        "mgaussian_version": __version__,
+        "command": _COMMAND_LINE,
+        "volume": os.path.abspath(a.volume),
+        "output_volume": os.path.abspath(a.output_volume),
+        **info,
+    }
     save_nifti(out, taff, a.output_volume, inputs=inputs + [a.template, a.template_mask])
     write_transform_files(info, outs["json"], outs["tfm"])
-    print(f"wrote {a.output_volume} on the grid of {info['template']['name']} ({info['transform']}, NCC "
-          f"{info['ncc_in_template_mask']:.4f} in its mask, {info['rotation_deg']:.1f} deg) and {outs['json']}, "
-          f"{outs['tfm']} in {time.time() - t0:.1f} s", file=sys.stderr)
+    print(
+        f"wrote {a.output_volume} on the grid of {info['template']['name']} ({info['transform']}, NCC "
+        f"{info['ncc_in_template_mask']:.4f} in its mask, {info['rotation_deg']:.1f} deg) and {outs['json']}, "
+        f"{outs['tfm']} in {time.time() - t0:.1f} s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -1015,13 +1307,23 @@ def cmd_assess(a) -> int:
     ref = choose_reference(rows)
     excl = stacks_to_exclude(rows)
     if a.json:
-        print(json.dumps({"stacks": rows, "reference_stack": ref, "exclude_auto": excl,
-                          "exclude_fraction_of_median": EXCLUDE_FRACTION,
-                          "masks": "given" if a.stack_masks else "automatic"}))
+        print(
+            json.dumps(
+                {
+                    "stacks": rows,
+                    "reference_stack": ref,
+                    "exclude_auto": excl,
+                    "exclude_fraction_of_median": EXCLUDE_FRACTION,
+                    "masks": "given" if a.stack_masks else "automatic",
+                }
+            )
+        )
     else:
         print(format_table(rows))
-        print(f"reference: stack {ref} ({stacks[ref].name}); --stack-exclude auto would drop: "
-              + (", ".join(f"{i} ({stacks[i].name})" for i in excl) or "none"))
+        print(
+            f"reference: stack {ref} ({stacks[ref].name}); --stack-exclude auto would drop: "
+            + (", ".join(f"{i} ({stacks[i].name})" for i in excl) or "none")
+        )
     return 0
 
 
@@ -1055,8 +1357,7 @@ def _assess_for_reconstruct(a, cfg, stacks, log):
         log(f"assess: excluded {stacks[i].name} (score {rows[i]['score']:.2f}, below half the median)")
     kept = [stacks[i] for i in keep]
     log(f"assess: reference stack {kept[ref].name} ({record['reference_from']}; {time.time() - t0:.1f} s)")
-    record.update({"reference_stack": kept[ref].path, "excluded": [stacks[i].path for i in drop],
-                   "stacks": rows})
+    record.update({"reference_stack": kept[ref].path, "excluded": [stacks[i].path for i in drop], "stacks": rows})
     return cfg.resolved(reference_stack=ref), kept, record
 
 
@@ -1102,7 +1403,9 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug: one line, traceback only on request
         if os.environ.get("MGAUSSIAN_DEBUG"):
             raise
-        print(f"error: internal: {type(exc).__name__}: {exc} (set MGAUSSIAN_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"error: internal: {type(exc).__name__}: {exc} (set MGAUSSIAN_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 1
     finally:
         errors.flush_warnings()  # nothing left after an input error (discarded)

@@ -21,7 +21,7 @@ def run_demo(output_dir: str) -> int:
     ``output_dir/demo_scores.json``.
     """
     from .baselines import naive_average
-    from .io import load_image, load_mask, save_nifti, atomic_write_text
+    from .io import atomic_write_text, load_image, load_mask, save_nifti
     from .metrics import score_volume
     from .simulate import simulate_stacks
 
@@ -32,15 +32,30 @@ def run_demo(output_dir: str) -> int:
     os.makedirs(output_dir, exist_ok=True)
     sdir = os.path.join(output_dir, "stacks")
     t0 = time.time()
-    simulate_stacks(gt, aff, mask, sdir, thickness=3.2, pixel=0.8, noise=0.0, seed=0,
-                    inputs=[gt_p, m_p], gt_path=gt_p, mask_path=m_p, log=lambda s: None)
+    simulate_stacks(
+        gt,
+        aff,
+        mask,
+        sdir,
+        thickness=3.2,
+        pixel=0.8,
+        noise=0.0,
+        seed=0,
+        inputs=[gt_p, m_p],
+        gt_path=gt_p,
+        mask_path=m_p,
+        log=lambda s: None,
+    )
     print(f"simulated 3 stacks (0.8 x 0.8 x 3.2 mm) of the demo atlas into {sdir} in {time.time() - t0:.1f} s")
     from .io import load_stacks
     from .recon.config import ReconConfig
     from .recon.pipeline import reconstruct
 
-    stacks = load_stacks([os.path.join(sdir, f"stack_{i:02d}.nii.gz") for i in range(3)],
-                         [os.path.join(sdir, f"mask_{i:02d}.nii.gz") for i in range(3)], [3.2])
+    stacks = load_stacks(
+        [os.path.join(sdir, f"stack_{i:02d}.nii.gz") for i in range(3)],
+        [os.path.join(sdir, f"mask_{i:02d}.nii.gz") for i in range(3)],
+        [3.2],
+    )
     t0 = time.time()
     res = reconstruct(stacks, ReconConfig(), log=lambda s: print(s, flush=True))
     vol, vaff = res.volume, res.affine
@@ -51,8 +66,10 @@ def run_demo(output_dir: str) -> int:
     print(f"reconstructed in {time.time() - t0:.1f} s")
     sc = score_volume(vol, vaff, gt, aff, mask)
     sn = score_volume(naive, aff, gt, aff, mask)
-    atomic_write_text(os.path.join(output_dir, "demo_scores.json"),
-                      json.dumps({"method": method, **sc, "naive_average": sn}, indent=1))
+    atomic_write_text(
+        os.path.join(output_dir, "demo_scores.json"),
+        json.dumps({"method": method, **sc, "naive_average": sn}, indent=1),
+    )
     print("score against the atlas:       " + ", ".join(f"{k} {v:.4f}" for k, v in sc.items()))
     print("naive average, for comparison: " + ", ".join(f"{k} {v:.4f}" for k, v in sn.items()))
     print(f"volume written to {os.path.abspath(out)}")

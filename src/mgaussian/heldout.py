@@ -80,8 +80,9 @@ def register_rigid(fixed, fixed_aff, fixed_mask, moving, moving_aff, iterations:
     return F @ T @ F
 
 
-def refine_alignment(recon, recon_aff, stack, stack_aff, stack_mask, thickness: float, profile: str,
-                     T0: np.ndarray, iterations: int = 6) -> np.ndarray:
+def refine_alignment(
+    recon, recon_aff, stack, stack_aff, stack_mask, thickness: float, profile: str, T0: np.ndarray, iterations: int = 6
+) -> np.ndarray:
     """Refine a rigid alignment ``T0`` (stack world -> reconstruction world) on the score itself:
     the NCC, inside the stack's mask, of the stack simulated through its slice profile.
 
@@ -104,8 +105,17 @@ def refine_alignment(recon, recon_aff, stack, stack_aff, stack_mask, thickness: 
         return T0 @ rigid_matrix(np.deg2rad(p[:3]), p[3:], c)
 
     def residual(p):
-        sim = sample_slices(recon, recon_aff, fr.origins, fr.axes, fr.shape, fr.spacing, thickness, profile,
-                            world_transform=transform(p))
+        sim = sample_slices(
+            recon,
+            recon_aff,
+            fr.origins,
+            fr.axes,
+            fr.shape,
+            fr.spacing,
+            thickness,
+            profile,
+            world_transform=transform(p),
+        )
         return _zscore(sim[M]) - y
 
     p = np.zeros(6)
@@ -134,7 +144,9 @@ def _zscore(v) -> np.ndarray:
     return (v - v.mean()) / (sd if sd > 0 else 1.0)
 
 
-def heldout_score(recon, recon_aff, stack, stack_aff, stack_mask, thickness: float, profile: str = "gaussian", align: bool = True) -> dict:
+def heldout_score(
+    recon, recon_aff, stack, stack_aff, stack_mask, thickness: float, profile: str = "gaussian", align: bool = True
+) -> dict:
     """NCC and PSNR of stack k predicted from a reconstruction that did not see it.
 
     The alignment is a rigid registration (``register_rigid``) refined on the score's own forward
@@ -144,7 +156,9 @@ def heldout_score(recon, recon_aff, stack, stack_aff, stack_mask, thickness: flo
         T = register_rigid(stack, stack_aff, stack_mask, recon, recon_aff)
         T = refine_alignment(recon, recon_aff, stack, stack_aff, stack_mask, thickness, profile, T)
     fr = slice_frames(stack_aff, stack.shape)
-    sim = sample_slices(recon, recon_aff, fr.origins, fr.axes, fr.shape, fr.spacing, thickness, profile, world_transform=T)
+    sim = sample_slices(
+        recon, recon_aff, fr.origins, fr.axes, fr.shape, fr.spacing, thickness, profile, world_transform=T
+    )
     M = stack_mask.astype(bool)
     y = stack[M].astype(np.float64)
     x = gain_offset_match(sim[M], y)

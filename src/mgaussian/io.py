@@ -67,9 +67,7 @@ def load_image(path: str | os.PathLike, *, what: str = "image", allow_zero: bool
         raise InputError(p, f"{what} must be 3D, got {len(shape)}D image of shape {shape}")
     extra = shape[3:]
     if any(s != 1 for s in extra):
-        raise InputError(
-            p, f"{what} must be 3D or hold one volume, got shape {shape} ({int(np.prod(extra))} volumes)"
-        )
+        raise InputError(p, f"{what} must be 3D or hold one volume, got shape {shape} ({int(np.prod(extra))} volumes)")
     if min(shape[:3]) < 1:
         raise InputError(p, f"{what} has an empty dimension: shape {shape}")
     dtype = img.get_data_dtype()
@@ -110,11 +108,16 @@ def load_mask(path: str | os.PathLike, ref_shape=None, ref_affine=None, ref_name
     p = str(path)
     if ref_shape is not None:
         if tuple(data.shape) != tuple(ref_shape[:3]):
-            raise InputError(p, f"mask grid {data.shape} differs from its stack's {tuple(ref_shape[:3])}"
-                             + (f" ({ref_name})" if ref_name else ""))
+            raise InputError(
+                p,
+                f"mask grid {data.shape} differs from its stack's {tuple(ref_shape[:3])}"
+                + (f" ({ref_name})" if ref_name else ""),
+            )
         if ref_affine is not None and not np.allclose(affine, ref_affine, atol=1e-3, rtol=1e-4):
-            raise InputError(p, "mask affine differs from its stack's (not on the same grid)"
-                             + (f" ({ref_name})" if ref_name else ""))
+            raise InputError(
+                p,
+                "mask affine differs from its stack's (not on the same grid)" + (f" ({ref_name})" if ref_name else ""),
+            )
     m = data > 0
     if not m.any():
         raise InputError(p, "mask is empty (no voxel > 0)")
@@ -142,8 +145,9 @@ def resolve_thickness(path, explicit: float | None, slice_spacing: float) -> tup
         if not np.isfinite(explicit) or explicit <= 0:
             raise InputError("--thicknesses", f"thickness must be a positive number of mm, got {explicit}")
         if explicit > MAX_THICKNESS_MM:
-            raise InputError("--thicknesses",
-                             f"implausible slice thickness {explicit:g} mm (> {MAX_THICKNESS_MM:g} mm)")
+            raise InputError(
+                "--thicknesses", f"implausible slice thickness {explicit:g} mm (> {MAX_THICKNESS_MM:g} mm)"
+            )
         return float(explicit), "option"
     sc = sidecar_path(path)
     if sc.exists():
@@ -159,8 +163,11 @@ def resolve_thickness(path, explicit: float | None, slice_spacing: float) -> tup
                 raise InputError(str(sc), f"implausible SliceThickness {t:g} mm (> {MAX_THICKNESS_MM:g} mm)")
             return float(t), "sidecar"
     if slice_spacing > MAX_THICKNESS_MM:
-        raise InputError(str(path), f"implausible slice spacing {slice_spacing:g} mm (> {MAX_THICKNESS_MM:g} mm); "
-                                    "check the header's voxel sizes or give --thicknesses")
+        raise InputError(
+            str(path),
+            f"implausible slice spacing {slice_spacing:g} mm (> {MAX_THICKNESS_MM:g} mm); "
+            "check the header's voxel sizes or give --thicknesses",
+        )
     return float(slice_spacing), "spacing"
 
 
@@ -235,8 +242,10 @@ def load_stacks(paths, mask_paths=None, thicknesses=None, slice_order: str | Non
             m = load_mask(mask_paths[i], data.shape, affine, ref_name=os.path.basename(p))
             mp = mask_paths[i]
             if not np.any(data[m]):
-                raise InputError(mp, f"mask covers only zero voxels of its stack ({os.path.basename(p)}): "
-                                     "it lies outside the anatomy")
+                raise InputError(
+                    mp,
+                    f"mask covers only zero voxels of its stack ({os.path.basename(p)}): it lies outside the anatomy",
+                )
         else:
             m = np.ones(data.shape, dtype=bool)
             mp = None
@@ -256,8 +265,9 @@ def _world_box(st: Stack) -> tuple[np.ndarray, np.ndarray]:
     """World bounding box of a stack's masked voxels, grown by half a slice and a pixel."""
     idx = np.argwhere(st.mask)
     lo_i, hi_i = idx.min(0), idx.max(0)
-    corners = np.array([[a, b, c] for a in (lo_i[0], hi_i[0]) for b in (lo_i[1], hi_i[1])
-                        for c in (lo_i[2], hi_i[2])], float)
+    corners = np.array(
+        [[a, b, c] for a in (lo_i[0], hi_i[0]) for b in (lo_i[1], hi_i[1]) for c in (lo_i[2], hi_i[2])], float
+    )
     w = corners @ st.affine[:3, :3].T + st.affine[:3, 3]
     pad = st.thickness / 2 + max(st.frames.spacing)
     return w.min(0) - pad, w.max(0) + pad
@@ -277,8 +287,11 @@ def validate_stacks(stacks: list[Stack]) -> None:
     if len(stacks) < 2:
         return
     boxes = [_world_box(st) for st in stacks]
-    alone = [i for i, (lo, hi) in enumerate(boxes)
-             if not any(np.all(lo <= h) and np.all(lo2 <= hi) for j, (lo2, h) in enumerate(boxes) if j != i)]
+    alone = [
+        i
+        for i, (lo, hi) in enumerate(boxes)
+        if not any(np.all(lo <= h) and np.all(lo2 <= hi) for j, (lo2, h) in enumerate(boxes) if j != i)
+    ]
     if alone:  # blame a later stack first: the first one anchors the output grid
         i = max(alone) if alone == [0] or len(stacks) == 2 else min(k for k in alone if k > 0)
         raise InputError(stacks[i].path, "does not overlap any other stack in space (check the affines and masks)")

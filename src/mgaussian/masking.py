@@ -58,7 +58,7 @@ def _otsu_threshold(values: np.ndarray) -> float:
 
 def _disk(radius_px: tuple[int, int]) -> np.ndarray:
     ry, rx = (max(int(r), 0) for r in radius_px)
-    a, b = np.mgrid[-ry:ry + 1, -rx:rx + 1]
+    a, b = np.mgrid[-ry : ry + 1, -rx : rx + 1]
     return ((a / max(ry, 1)) ** 2 + (b / max(rx, 1)) ** 2 <= 1.0)[:, :, None]
 
 
@@ -99,8 +99,14 @@ def auto_masks(stacks, log=print) -> list[np.ndarray]:
     return out
 
 
-def n4_correct(data: np.ndarray, affine: np.ndarray, mask: np.ndarray | None = None, shrink: int = 4,
-               iterations: int = 50, levels: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def n4_correct(
+    data: np.ndarray,
+    affine: np.ndarray,
+    mask: np.ndarray | None = None,
+    shrink: int = 4,
+    iterations: int = 50,
+    levels: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
     """N4 bias-field correction of one stack: (corrected data, bias field), both of its shape;
     data = corrected x field. The field is fitted inside ``mask`` (default: Otsu foreground) on a
     copy shrunk ``shrink`` times in plane, and evaluated at full resolution."""

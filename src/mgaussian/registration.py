@@ -10,8 +10,17 @@ __all__ = ["correlation_rigid", "transform_matrix"]
 import numpy as np
 
 
-def correlation_rigid(fixed, moving, init, *, iterations: int, learning_rate: float, min_step: float,
-                      gradient_tolerance: float = 1e-4, fixed_mask=None) -> float:
+def correlation_rigid(
+    fixed,
+    moving,
+    init,
+    *,
+    iterations: int,
+    learning_rate: float,
+    min_step: float,
+    gradient_tolerance: float = 1e-4,
+    fixed_mask=None,
+) -> float:
     """Register ``moving`` to ``fixed`` (SimpleITK images), refining the rigid transform ``init``
     in place; returns the final metric value (-correlation: lower is better)."""
     import SimpleITK as sitk
@@ -21,9 +30,13 @@ def correlation_rigid(fixed, moving, init, *, iterations: int, learning_rate: fl
     if fixed_mask is not None:
         reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(learningRate=learning_rate, minStep=min_step,
-                                                 numberOfIterations=iterations, relaxationFactor=0.6,
-                                                 gradientMagnitudeTolerance=gradient_tolerance)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=learning_rate,
+        minStep=min_step,
+        numberOfIterations=iterations,
+        relaxationFactor=0.6,
+        gradientMagnitudeTolerance=gradient_tolerance,
+    )
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel([4, 2, 1])
     reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])

@@ -32,7 +32,9 @@ _DPI = 80
 
 def report_targets(out_dir: str, n_stacks: int) -> list[str]:
     """Every file the report may write (the PNGs, then index.html)."""
-    names = ["orthogonal.png", "confidence.png", "loss.png", "poses.png", "slices.png"] + [f"stack_{i + 1:02d}.png" for i in range(n_stacks)]
+    names = ["orthogonal.png", "confidence.png", "loss.png", "poses.png", "slices.png"] + [
+        f"stack_{i + 1:02d}.png" for i in range(n_stacks)
+    ]
     return [os.path.join(out_dir, n) for n in names] + [os.path.join(out_dir, "index.html")]
 
 
@@ -73,13 +75,26 @@ def _opp(c: str) -> str:
 def _show(ax, img2d, extent, h_dir, v_dir, title, cmap="gray", vmin=None, vmax=None):
     """Show img2d[h, v] with h along the screen's horizontal (increasing right) and v vertical
     (increasing up); label the four edges with the world directions of h_dir and v_dir."""
-    im = ax.imshow(np.asarray(img2d).T, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, extent=extent,
-                   interpolation="nearest", aspect="equal")
+    im = ax.imshow(
+        np.asarray(img2d).T,
+        origin="lower",
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        extent=extent,
+        interpolation="nearest",
+        aspect="equal",
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=8)
-    kw = {"transform": ax.transAxes, "color": "yellow", "fontsize": 9, "fontweight": "bold",
-          "bbox": {"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"}}
+    kw = {
+        "transform": ax.transAxes,
+        "color": "yellow",
+        "fontsize": 9,
+        "fontweight": "bold",
+        "bbox": {"facecolor": "black", "alpha": 0.5, "pad": 1, "edgecolor": "none"},
+    }
     h, v = _letter(h_dir), _letter(v_dir)
     ax.text(0.01, 0.5, _opp(h), ha="left", va="center", **kw)
     ax.text(0.99, 0.5, h, ha="right", va="center", **kw)
@@ -128,11 +143,18 @@ def _ortho_figure(vol, affine, region):
     fig = Figure(figsize=(11, 4.0))
     axs = fig.subplots(1, 3)
     _show(axs[0], v[:, :, c[2]], [*ext[0], *ext[1]], cols[:, 0], cols[:, 1], f"axial (voxel k={c[2]})", vmin=0, vmax=hi)
-    _show(axs[1], v[:, c[1], :], [*ext[0], *ext[2]], cols[:, 0], cols[:, 2], f"coronal (voxel j={c[1]})", vmin=0, vmax=hi)
-    im = _show(axs[2], v[c[0], :, :], [*ext[1], *ext[2]], cols[:, 1], cols[:, 2], f"sagittal (voxel i={c[0]})", vmin=0, vmax=hi)
+    _show(
+        axs[1], v[:, c[1], :], [*ext[0], *ext[2]], cols[:, 0], cols[:, 2], f"coronal (voxel j={c[1]})", vmin=0, vmax=hi
+    )
+    im = _show(
+        axs[2], v[c[0], :, :], [*ext[1], *ext[2]], cols[:, 1], cols[:, 2], f"sagittal (voxel i={c[0]})", vmin=0, vmax=hi
+    )
     fig.colorbar(im, ax=list(axs), shrink=0.8, label="intensity")
-    fig.suptitle("Reconstruction: planes through the centre of the reconstructed region "
-                 "(voxel axes nearest to R, A, S; edge letters: world directions)", fontsize=9)
+    fig.suptitle(
+        "Reconstruction: planes through the centre of the reconstructed region "
+        "(voxel axes nearest to R, A, S; edge letters: world directions)",
+        fontsize=9,
+    )
     return fig
 
 
@@ -162,12 +184,18 @@ def _confidence_figure(vol, conf, affine, region):
     axs = fig.subplots(2, 3)
     for row, (img, kw) in enumerate(((v, {"vmin": 0, "vmax": hi}), (cf, {"vmin": 0, "vmax": 1, "cmap": "viridis"}))):
         _show(axs[row, 0], img[:, :, c[2]], [*ext[0], *ext[1]], cols[:, 0], cols[:, 1], f"axial (voxel k={c[2]})", **kw)
-        _show(axs[row, 1], img[:, c[1], :], [*ext[0], *ext[2]], cols[:, 0], cols[:, 2], f"coronal (voxel j={c[1]})", **kw)
-        im = _show(axs[row, 2], img[c[0], :, :], [*ext[1], *ext[2]], cols[:, 1], cols[:, 2],
-                   f"sagittal (voxel i={c[0]})", **kw)
+        _show(
+            axs[row, 1], img[:, c[1], :], [*ext[0], *ext[2]], cols[:, 0], cols[:, 2], f"coronal (voxel j={c[1]})", **kw
+        )
+        im = _show(
+            axs[row, 2], img[c[0], :, :], [*ext[1], *ext[2]], cols[:, 1], cols[:, 2], f"sagittal (voxel i={c[0]})", **kw
+        )
         fig.colorbar(im, ax=list(axs[row]), shrink=0.8, label="intensity" if row == 0 else "confidence")
-    fig.suptitle("Top: the reconstruction; bottom: its confidence map (1: well determined by the data, "
-                 "0: not at all or outside the region)", fontsize=9)
+    fig.suptitle(
+        "Top: the reconstruction; bottom: its confidence map (1: well determined by the data, "
+        "0: not at all or outside the region)",
+        fontsize=9,
+    )
     return fig
 
 
@@ -213,11 +241,21 @@ def _stack_figure(st, sim, title):
     axs = fig.subplots(2, 3, gridspec_kw={"height_ratios": [max((b1 - b0) * sp[1], 1), max(st.n_slices * sp[2], 1)]})
     ext_in = [0, (a1 - a0) * sp[0], 0, (b1 - b0) * sp[1]]
     ext_tp = [0, (a1 - a0) * sp[0], 0, st.n_slices * sp[2]]
-    for j, (img, name, cmap, lo, top) in enumerate([(inp, "input", "gray", 0, hi), (sm, "simulated", "gray", 0, hi),
-                                                     (diff, "difference (in mask)", div, -dl, dl)]):
+    for j, (img, name, cmap, lo, top) in enumerate(
+        [(inp, "input", "gray", 0, hi), (sm, "simulated", "gray", 0, hi), (diff, "difference (in mask)", div, -dl, dl)]
+    ):
         im = _show(axs[0, j], img[a0:a1, b0:b1, k], ext_in, cols[:, 0], cols[:, 1], f"{name}, slice {k}", cmap, lo, top)
-        _show(axs[1, j], img[a0:a1, bc, :], ext_tp, cols[:, 0], cols[:, 2], f"{name.split(' (')[0]}, across slices",
-              cmap, lo, top)
+        _show(
+            axs[1, j],
+            img[a0:a1, bc, :],
+            ext_tp,
+            cols[:, 0],
+            cols[:, 2],
+            f"{name.split(' (')[0]}, across slices",
+            cmap,
+            lo,
+            top,
+        )
         if j == 2:
             fig.colorbar(im, ax=list(axs[:, 2]), shrink=0.6)
     fig.suptitle(f"{title}\nrow 1: slice {k} in plane; row 2: all slices along pixel column {bc}", fontsize=9)
@@ -233,7 +271,12 @@ def _history_figure(history):
     for key, lab in (("loss", "total loss"), ("l1", "smooth-L1")):
         ax.plot(steps, [h[key] for h in history], marker=".", label=lab)
     if any(h.get("ssim") is not None for h in history):
-        ax.plot(steps, [1 - h["ssim"] if h.get("ssim") is not None else np.nan for h in history], marker=".", label="1 - SSIM")
+        ax.plot(
+            steps,
+            [1 - h["ssim"] if h.get("ssim") is not None else np.nan for h in history],
+            marker=".",
+            label="1 - SSIM",
+        )
     levels = [h.get("level") for h in history]
     for i in range(1, len(levels)):
         if levels[i] != levels[i - 1]:
@@ -244,7 +287,10 @@ def _history_figure(history):
     ax.set_xlabel("Adam step")
     ax.set_ylabel("loss")
     t = history[-1].get("time_s")
-    ax.set_title("Loss over the fit" + (f" (last record at {t:.1f} s)" if t is not None else "") + "; dashed: next level", fontsize=9)
+    ax.set_title(
+        "Loss over the fit" + (f" (last record at {t:.1f} s)" if t is not None else "") + "; dashed: next level",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -261,8 +307,11 @@ def _pose_traces(ph):
     use_time = all(rec.get("time_s") is not None for rec in ph)
     between = all("slice_motion_mm" in s for rec in ph for s in rec.get("stacks", []))
     keys = ("slice_motion_mm", "slice_motion_deg") if between else ("mean_translation_mm", "mean_rotation_deg")
-    titles = (("slices from their stack's mean pose (mm)", "slices from their stack's mean pose (deg)") if between
-              else ("mean |translation| (mm)", "mean rotation (deg)")) + ("mean slice weight",)
+    titles = (
+        ("slices from their stack's mean pose (mm)", "slices from their stack's mean pose (deg)")
+        if between
+        else ("mean |translation| (mm)", "mean rotation (deg)")
+    ) + ("mean slice weight",)
     traces = {}
     for rec in ph:
         for s in rec.get("stacks", []):
@@ -361,6 +410,84 @@ window.addEventListener('load', function () {
 </script>"""
 
 
+def _poses_section(result, stacks, d: str, real_in: set) -> list[str]:
+    """The slice poses over the fit, the final poses and weights, and the excluded slices."""
+    parts = []
+    parts.append("<h2>Slice poses and weights</h2>")
+    ph = list(result.pose_history or [])
+    if ph:
+        _save(_pose_history_figure(ph), os.path.join(d, "poses.png"), real_in)
+        parts.append(
+            '<p>Means over each stack\'s slices during the fit.</p><img src="poses.png" alt="slice poses over the fit">'
+        )
+    else:
+        parts.append(
+            '<p class="note">No motion correction in this run: the slice poses were not optimised (no pose history).</p>'
+        )
+    poses, weights = list(result.poses or []), list(result.slice_weights or [])
+    moved = any(
+        np.any(np.asarray(p.get("rotvec", []), float)) or np.any(np.asarray(p.get("translation_mm", []), float))
+        for p in poses
+    )
+    weighted = any(np.any(np.asarray(w.get("weight", []), float) != 1.0) or (w.get("excluded") or []) for w in weights)
+    if moved or weighted or ph:
+        _save(_final_slices_figure(stacks, poses, weights), os.path.join(d, "slices.png"), real_in)
+        parts.append('<img src="slices.png" alt="final slice poses and weights">')
+    else:
+        parts.append('<p class="note">Every slice at its nominal pose with weight 1.</p>')
+    ex_rows = [
+        [w.get("stack"), ", ".join(str(k) for k in w.get("excluded") or [])] for w in weights if w.get("excluded")
+    ]
+    parts.append(
+        "<h3>Excluded slices</h3>"
+        + (_table(ex_rows, ["stack", "slice indices"]) if ex_rows else '<p class="note">none</p>')
+    )
+    return parts
+
+
+def _run_sections(result, cfg: dict, extra: dict, timings: dict, volume_path, t0: float) -> list[str]:
+    """Runtime (and how the fit was stopped), the resolved configuration, and the run's record."""
+    e = html.escape
+    parts = []
+    rt = [[k, f"{v:.2f}" if isinstance(v, (int, float)) else str(v)] for k, v in (result.timings or {}).items()]
+    if extra.get("wall_s") is not None:
+        rt.append(["reconstruct command until the report (wall)", f"{extra['wall_s']:.2f}"])
+    rt += [[f"report: {k}", f"{v:.2f}"] for k, v in timings.items()]
+    rt.append(["report: total", f"{time.time() - t0:.2f}"])
+    cuts = list(getattr(result, "budget_cuts", None) or [])
+    if cuts:
+        stop = (
+            f'<p class="note">The time budget ({cfg.get("time_budget_s")} s) cut the fit short: '
+            + e("; ".join(cuts))
+            + ". The result depends on the machine's speed and load.</p>"
+        )
+    else:
+        stop = "<p>The fixed schedule ended the fit: the same inputs and settings give the same volume.</p>"
+    parts.append(
+        "<h2>Runtime (s)</h2>" + _table(rt, ["step", "seconds"]) + stop + f"<p>Backend {e(str(result.backend))}.</p>"
+    )
+    parts.append(
+        "<h2>Resolved configuration</h2>" + _table([[k, _fmt(v)] for k, v in cfg.items()], ["setting", "value"])
+    )
+    cmd = extra.get("command") or sys.argv
+    files = [["volume", os.path.abspath(str(volume_path))]]
+    for k, lab in (("config_json", "settings and timings (JSON)"), ("model", "model")):
+        if extra.get(k):
+            files.append([lab, os.path.abspath(str(extra[k]))])
+    parts.append(
+        "<h2>Run</h2>"
+        + _table(
+            [
+                ["mgaussian version", __version__],
+                ["command line", " ".join(str(c) for c in cmd)],
+                ["written", time.strftime("%Y-%m-%d %H:%M:%S")],
+            ]
+            + files
+        )
+    )
+    return parts
+
+
 def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=None, inputs=()) -> str:
     """Write the report of a reconstruction into ``out_dir``; returns the path of index.html.
 
@@ -394,56 +521,68 @@ def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=No
     figs_t = time.time()
     _save(_ortho_figure(result.volume, result.affine, result.region), os.path.join(d, "orthogonal.png"), real_in)
     cfg = result.config.to_dict()
-    sec = [f"<h2>Reconstruction</h2><p>Volume <code>{e(os.path.abspath(str(volume_path)))}</code>: "
-           f"{' x '.join(str(s) for s in result.volume.shape)} voxels at {_fmt(cfg.get('output_resolution'))} mm, "
-           f"{result.field.num_gaussians} Gaussians, neural residual field {'on' if result.nrf is not None else 'off'}.</p>",
-           '<img src="orthogonal.png" alt="orthogonal views of the reconstruction">']
+    sec = [
+        f"<h2>Reconstruction</h2><p>Volume <code>{e(os.path.abspath(str(volume_path)))}</code>: "
+        f"{' x '.join(str(s) for s in result.volume.shape)} voxels at {_fmt(cfg.get('output_resolution'))} mm, "
+        f"{result.field.num_gaussians} Gaussians, neural residual field {'on' if result.nrf is not None else 'off'}.</p>",
+        '<img src="orthogonal.png" alt="orthogonal views of the reconstruction">',
+    ]
     parts += sec
     conf = getattr(result, "confidence", None)
     if conf is not None:
-        _save(_confidence_figure(result.volume, conf, result.affine, result.region), os.path.join(d, "confidence.png"),
-              real_in)
+        _save(
+            _confidence_figure(result.volume, conf, result.affine, result.region),
+            os.path.join(d, "confidence.png"),
+            real_in,
+        )
         info = getattr(result, "confidence_info", None) or {}
-        parts.append("<h3>Confidence</h3><p>How well the data determine each voxel: 1 / (1 + sd / sd_ref), sd the "
-                     "intensity's approximate posterior standard deviation (the slices reaching it, their weights "
-                     f"and the smoothness prior), sd_ref = {_fmt(info.get('sd_ref'))} (docs/clinical.md). Mean "
-                     f"{_fmt(info.get('mean_confidence_in_region'))} in the region.</p>"
-                     '<img src="confidence.png" alt="the reconstruction and its confidence map">')
+        parts.append(
+            "<h3>Confidence</h3><p>How well the data determine each voxel: 1 / (1 + sd / sd_ref), sd the "
+            "intensity's approximate posterior standard deviation (the slices reaching it, their weights "
+            f"and the smoothness prior), sd_ref = {_fmt(info.get('sd_ref'))} (docs/clinical.md). Mean "
+            f"{_fmt(info.get('mean_confidence_in_region'))} in the region.</p>"
+            '<img src="confidence.png" alt="the reconstruction and its confidence map">'
+        )
 
-    parts.append("<h2>Input stacks and the model's simulation of them</h2>"
-                 "<p>Each slice rendered from the model through the slice profile at its fitted pose "
-                 "(<code>mgaussian sample-slices</code>); scores inside the stack mask (PSNR after a gain/offset match).</p>")
+    parts.append(
+        "<h2>Input stacks and the model's simulation of them</h2>"
+        "<p>Each slice rendered from the model through the slice profile at its fitted pose "
+        "(<code>mgaussian sample-slices</code>); scores inside the stack mask (PSNR after a gain/offset match).</p>"
+    )
     score_rows = []
     for i, (st, sim) in enumerate(zip(stacks, sim_stacks)):
         sc = stack_scores(sim, st)
-        score_rows.append([st.name, "x".join(str(s) for s in st.data.shape), _fmt(st.thickness), f"{sc['ncc']:.4f}", f"{sc['psnr']:.2f}"])
+        score_rows.append(
+            [
+                st.name,
+                "x".join(str(s) for s in st.data.shape),
+                _fmt(st.thickness),
+                f"{sc['ncc']:.4f}",
+                f"{sc['psnr']:.2f}",
+            ]
+        )
         name = f"stack_{i + 1:02d}.png"
-        _save(_stack_figure(st, sim, f"{st.name}: NCC {sc['ncc']:.4f}, PSNR {sc['psnr']:.2f} dB in the mask"),
-              os.path.join(d, name), real_in)
+        _save(
+            _stack_figure(st, sim, f"{st.name}: NCC {sc['ncc']:.4f}, PSNR {sc['psnr']:.2f} dB in the mask"),
+            os.path.join(d, name),
+            real_in,
+        )
     parts.append(_table(score_rows, ["stack", "shape", "thickness (mm)", "NCC", "PSNR (dB)"]))
     for i, st in enumerate(stacks):
-        parts.append(f"<h3>{e(st.name)}</h3><p><code>{e(st.path)}</code>"
-                     + (f", mask <code>{e(st.mask_path)}</code>" if st.mask_path
-                        else ", automatic mask" if not st.mask.all() else ", no mask") + "</p>"
-                     f'<img src="stack_{i + 1:02d}.png" alt="{e(st.name)}: input, simulation, difference">')
+        parts.append(
+            f"<h3>{e(st.name)}</h3><p><code>{e(st.path)}</code>"
+            + (
+                f", mask <code>{e(st.mask_path)}</code>"
+                if st.mask_path
+                else ", automatic mask"
+                if not st.mask.all()
+                else ", no mask"
+            )
+            + "</p>"
+            f'<img src="stack_{i + 1:02d}.png" alt="{e(st.name)}: input, simulation, difference">'
+        )
 
-    parts.append("<h2>Slice poses and weights</h2>")
-    ph = list(result.pose_history or [])
-    if ph:
-        _save(_pose_history_figure(ph), os.path.join(d, "poses.png"), real_in)
-        parts.append('<p>Means over each stack\'s slices during the fit.</p><img src="poses.png" alt="slice poses over the fit">')
-    else:
-        parts.append('<p class="note">No motion correction in this run: the slice poses were not optimised (no pose history).</p>')
-    poses, weights = list(result.poses or []), list(result.slice_weights or [])
-    moved = any(np.any(np.asarray(p.get("rotvec", []), float)) or np.any(np.asarray(p.get("translation_mm", []), float)) for p in poses)
-    weighted = any(np.any(np.asarray(w.get("weight", []), float) != 1.0) or (w.get("excluded") or []) for w in weights)
-    if moved or weighted or ph:
-        _save(_final_slices_figure(stacks, poses, weights), os.path.join(d, "slices.png"), real_in)
-        parts.append('<img src="slices.png" alt="final slice poses and weights">')
-    else:
-        parts.append('<p class="note">Every slice at its nominal pose with weight 1.</p>')
-    ex_rows = [[w.get("stack"), ", ".join(str(k) for k in w.get("excluded") or [])] for w in weights if w.get("excluded")]
-    parts.append("<h3>Excluded slices</h3>" + (_table(ex_rows, ["stack", "slice indices"]) if ex_rows else '<p class="note">none</p>'))
+    parts += _poses_section(result, stacks, d, real_in)
 
     parts.append("<h2>Loss</h2>")
     hist = list(result.history or [])
@@ -454,31 +593,12 @@ def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=No
         parts.append('<p class="note">No optimiser steps were recorded (no Adam iterations).</p>')
     timings["figures_s"] = time.time() - figs_t
 
-    rt = [[k, f"{v:.2f}" if isinstance(v, (int, float)) else str(v)] for k, v in (result.timings or {}).items()]
-    if extra.get("wall_s") is not None:
-        rt.append(["reconstruct command until the report (wall)", f"{extra['wall_s']:.2f}"])
-    rt += [[f"report: {k}", f"{v:.2f}"] for k, v in timings.items()]
-    rt.append(["report: total", f"{time.time() - t0:.2f}"])
-    cuts = list(getattr(result, "budget_cuts", None) or [])
-    if cuts:
-        stop = (f'<p class="note">The time budget ({cfg.get("time_budget_s")} s) cut the fit short: '
-                + e("; ".join(cuts)) + ". The result depends on the machine's speed and load.</p>")
-    else:
-        stop = "<p>The fixed schedule ended the fit: the same inputs and settings give the same volume.</p>"
-    parts.append("<h2>Runtime (s)</h2>" + _table(rt, ["step", "seconds"]) + stop
-                 + f"<p>Backend {e(str(result.backend))}.</p>")
-    parts.append("<h2>Resolved configuration</h2>" + _table([[k, _fmt(v)] for k, v in cfg.items()], ["setting", "value"]))
-    cmd = extra.get("command") or sys.argv
-    files = [["volume", os.path.abspath(str(volume_path))]]
-    for k, lab in (("config_json", "settings and timings (JSON)"), ("model", "model")):
-        if extra.get(k):
-            files.append([lab, os.path.abspath(str(extra[k]))])
-    parts.append("<h2>Run</h2>" + _table([["mgaussian version", __version__],
-                                          ["command line", " ".join(str(c) for c in cmd)],
-                                          ["written", time.strftime("%Y-%m-%d %H:%M:%S")]] + files))
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>mgaussian report: {e(os.path.basename(str(volume_path)))}</title><style>{_CSS}</style></head>\n"
-            f"<body><h1>mgaussian reconstruction report</h1>\n" + "\n".join(parts) + "\n" + _SCRIPT + "\n</body></html>\n")
+    parts += _run_sections(result, cfg, extra, timings, volume_path, t0)
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>mgaussian report: {e(os.path.basename(str(volume_path)))}</title><style>{_CSS}</style></head>\n"
+        f"<body><h1>mgaussian reconstruction report</h1>\n" + "\n".join(parts) + "\n" + _SCRIPT + "\n</body></html>\n"
+    )
     from .io import atomic_write_text
 
     idx = os.path.join(d, "index.html")

@@ -101,7 +101,9 @@ def sample_slices(
         return out
     # world corners of the volume's non-zero box, in the frame where the slices live
     lo, hi = nz.min(0) - 1, nz.max(0) + 1
-    cidx = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])], dtype=np.float64)
+    cidx = np.array(
+        [[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])], dtype=np.float64
+    )
     corners = cidx @ vol_affine[:3, :3].T + vol_affine[:3, 3]
     if world_transform is not None:
         Ti = np.linalg.inv(world_transform)

@@ -65,8 +65,9 @@ def parse_orientation(tok: str):
         if "," in name and not ang:
             name, ang = "axial", name
         else:
-            raise InputError("--orientations",
-                             f"unknown orientation {tok!r} (axial, coronal, sagittal, NAME@RX,RY,RZ or RX,RY,RZ)")
+            raise InputError(
+                "--orientations", f"unknown orientation {tok!r} (axial, coronal, sagittal, NAME@RX,RY,RZ or RX,RY,RZ)"
+            )
     angles = (0.0, 0.0, 0.0)
     if ang:
         try:
@@ -127,8 +128,9 @@ def _random_motion(K, max_rot_deg, max_trans_mm, rng):
     return rv, tr
 
 
-def _random_rigid(max_rot_deg: float, max_trans_mm: float, rng, *,
-                  exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _random_rigid(
+    max_rot_deg: float, max_trans_mm: float, rng, *, exact: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(rotvec, translation) of one random rigid move: a random axis, the angle uniform up to the
     limit (exactly the limit with ``exact``), the translation uniform per axis up to its limit (with
     ``exact``: that length along a random direction)."""
@@ -143,8 +145,17 @@ def _random_rigid(max_rot_deg: float, max_trans_mm: float, rng, *,
     return axis * ang, tr
 
 
-def motion_over_time(ranks, centre, rng, *, drift=(0.0, 0.0), jumps: int = 0, jump_rotation: float = 0.0,
-                     jump_translation: float = 0.0, stack_motion=(0.0, 0.0)) -> tuple[np.ndarray, dict]:
+def motion_over_time(
+    ranks,
+    centre,
+    rng,
+    *,
+    drift=(0.0, 0.0),
+    jumps: int = 0,
+    jump_rotation: float = 0.0,
+    jump_translation: float = 0.0,
+    stack_motion=(0.0, 0.0),
+) -> tuple[np.ndarray, dict]:
     """Rigid pose [K, 4, 4] (about ``centre``) of each slice from its acquisition rank: stack
     motion o drift(t) o jumps(t) (module docstring). Returns (poses, description for truth.json)."""
     ranks = np.asarray(ranks)
@@ -163,12 +174,19 @@ def motion_over_time(ranks, centre, rng, *, drift=(0.0, 0.0), jumps: int = 0, ju
         a_rot, a_tr = rng.uniform(0, 1, size=2)
         g_rot = a_rot * t + (1 - a_rot) * t**2
         g_tr = a_tr * t + (1 - a_tr) * t**2
-        D = np.stack([rigid_matrix(axis * math.radians(drift[0]) * gr, d * drift[1] * gt, c)
-                      for gr, gt in zip(g_rot, g_tr)])
+        D = np.stack(
+            [rigid_matrix(axis * math.radians(drift[0]) * gr, d * drift[1] * gt, c) for gr, gt in zip(g_rot, g_tr)]
+        )
         poses = poses @ D
-        info["drift"] = {"axis": axis.tolist(), "direction": d.tolist(), "rotation_deg": drift[0],
-                         "translation_mm": drift[1], "shape": "g(t) = a t + (1 - a) t^2",
-                         "a_rotation": float(a_rot), "a_translation": float(a_tr)}
+        info["drift"] = {
+            "axis": axis.tolist(),
+            "direction": d.tolist(),
+            "rotation_deg": drift[0],
+            "translation_mm": drift[1],
+            "shape": "g(t) = a t + (1 - a) t^2",
+            "a_rotation": float(a_rot),
+            "a_translation": float(a_tr),
+        }
     if jumps > 0:
         if jumps > last:
             raise ValueError(f"{jumps} jumps need at least {jumps + 1} acquisition times, the stack has {last + 1}")
@@ -181,11 +199,38 @@ def motion_over_time(ranks, centre, rng, *, drift=(0.0, 0.0), jumps: int = 0, ju
             M = rigid_matrix(rv, tr, c)
             J = J @ M
             cum[ranks >= r] = J
-            listed.append({"at_rank": int(r), "rotvec": rv.tolist(),
-                           "rotation_deg": float(np.degrees(np.linalg.norm(rv))), "translation_mm": tr.tolist()})
+            listed.append(
+                {
+                    "at_rank": int(r),
+                    "rotvec": rv.tolist(),
+                    "rotation_deg": float(np.degrees(np.linalg.norm(rv))),
+                    "translation_mm": tr.tolist(),
+                }
+            )
         poses = poses @ cum
         info["jumps"] = listed
     return poses, info
+
+
+def _write_sidecar(output_dir: str, si: int, thickness: float, spacing: float, ranks, order: str, packages: int) -> str:
+    """A stack's BIDS sidecar: SliceThickness and SliceTiming consistent with the acquisition order."""
+    jp = os.path.join(output_dir, f"stack_{si:02d}.json")
+    atomic_write_text(
+        jp,
+        json.dumps(
+            {
+                "SliceThickness": thickness,
+                "SpacingBetweenSlices": spacing,
+                "SliceTiming": [round(float(r) * SLICE_DURATION_S, 4) for r in ranks],
+                "SliceEncodingDirection": "k",
+                "SliceOrder": order,
+                "Packages": int(packages),
+                "GeneratedBy": [{"Name": "mgaussian simulate"}],
+            },
+            indent=1,
+        ),
+    )
+    return jp
 
 
 def simulate_stacks(
@@ -250,8 +295,10 @@ def simulate_stacks(
             "motion_drift": [float(v) for v in motion_drift],
             "motion_jumps": int(motion_jumps),
             "stack_motion": [float(v) for v in stack_motion],
-            "motion_model": ("stack motion o drift(t) o jumps(t) o per-slice (per-slice only without jumps; "
-                             "t = acquisition rank / last rank)"),
+            "motion_model": (
+                "stack motion o drift(t) o jumps(t) o per-slice (per-slice only without jumps; "
+                "t = acquisition rank / last rank)"
+            ),
             "slice_duration_s": SLICE_DURATION_S,
         },
         "pose_convention": "x_true = R (x_header - centre) + centre + t; rotvec in radians (axis*angle)",
@@ -269,9 +316,16 @@ def simulate_stacks(
         if over_time:
             if motion_jumps > 0:  # the limits size the jumps; no independent per-slice motion
                 rv, tr = np.zeros((K, 3)), np.zeros((K, 3))
-            T, extra = motion_over_time(ranks, centre, rng_time, drift=motion_drift, jumps=motion_jumps,
-                                        jump_rotation=motion_rotation, jump_translation=motion_translation,
-                                        stack_motion=stack_motion)
+            T, extra = motion_over_time(
+                ranks,
+                centre,
+                rng_time,
+                drift=motion_drift,
+                jumps=motion_jumps,
+                jump_rotation=motion_rotation,
+                jump_translation=motion_translation,
+                stack_motion=stack_motion,
+            )
             P = T @ np.stack([rigid_matrix(rv[k], tr[k], centre) for k in range(K)])
             rv = matrix_to_rotvec(P[:, :3, :3])
             tr = P[:, :3, 3] - centre + np.einsum("kij,j->ki", P[:, :3, :3], centre)
@@ -287,12 +341,7 @@ def simulate_stacks(
         mp = os.path.join(output_dir, f"mask_{si:02d}.nii.gz")
         save_nifti(img, aff, sp, inputs=inputs)
         save_nifti(msk.astype(np.uint8), aff, mp, inputs=inputs, dtype=np.uint8)
-        jp = os.path.join(output_dir, f"stack_{si:02d}.json")
-        atomic_write_text(jp, json.dumps({
-            "SliceThickness": thickness, "SpacingBetweenSlices": sl_spacing,
-            "SliceTiming": [round(float(r) * SLICE_DURATION_S, 4) for r in ranks], "SliceEncodingDirection": "k",
-            "SliceOrder": slice_order, "Packages": int(min(packages, K)),
-            "GeneratedBy": [{"Name": "mgaussian simulate"}]}, indent=1))
+        jp = _write_sidecar(output_dir, si, thickness, sl_spacing, ranks, slice_order, min(packages, K))
         truth["stacks"].append(
             {
                 "file": os.path.basename(sp),

@@ -170,8 +170,9 @@ def slice_order_from_sidecar(stack_path: str, n: int) -> tuple[np.ndarray, str] 
         if n % mb:
             raise InputError(str(sc), f"MultibandAccelerationFactor {mb} does not divide the {n} slices")
         if mb > 1:
-            return order_ranks(n, "interleaved", multiband=mb), \
-                f"sidecar MultibandAccelerationFactor {mb}, groups in default interleaved order ({sc})"
+            return order_ranks(
+                n, "interleaved", multiband=mb
+            ), f"sidecar MultibandAccelerationFactor {mb}, groups in default interleaved order ({sc})"
     return None
 
 
@@ -244,8 +245,10 @@ def _order_file(path: str, stack_paths: list[str], counts: list[int]) -> list[tu
             raise InputError(path, f"{len(entries)} slice orders given for {len(stack_paths)} stacks")
     else:
         raise InputError(path, "expected a list (one entry per stack) or an object keyed by stack file name")
-    return [(_entry_ranks(e, n, f"{path}: stack {i} ({os.path.basename(p)})"), f"file {path}")
-            for i, (e, p, n) in enumerate(zip(entries, stack_paths, counts))]
+    return [
+        (_entry_ranks(e, n, f"{path}: stack {i} ({os.path.basename(p)})"), f"file {path}")
+        for i, (e, p, n) in enumerate(zip(entries, stack_paths, counts))
+    ]
 
 
 def resolve_slice_orders(stack_paths, counts, explicit: str | None = None) -> list[tuple[np.ndarray, str]]:

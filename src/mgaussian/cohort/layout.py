@@ -28,8 +28,18 @@ What it accepts, on purpose:
 
 from __future__ import annotations
 
-__all__ = ["BidsName", "Session", "parse_name", "check_dataset", "find_sessions", "find_mask",
-           "inherited_value", "mask_roots", "normalise_labels", "NIFTI_EXTENSIONS"]
+__all__ = [
+    "BidsName",
+    "Session",
+    "parse_name",
+    "check_dataset",
+    "find_sessions",
+    "find_mask",
+    "inherited_value",
+    "mask_roots",
+    "normalise_labels",
+    "NIFTI_EXTENSIONS",
+]
 
 import json
 import os
@@ -95,7 +105,7 @@ def normalise_labels(labels, prefix: str, option: str) -> list[str] | None:
         return None
     out = []
     for lab in labels:
-        v = lab[len(prefix) + 1:] if lab.startswith(prefix + "-") else lab
+        v = lab[len(prefix) + 1 :] if lab.startswith(prefix + "-") else lab
         if not _ALNUM.match(v):
             raise InputError(option, f"{lab!r} is not a BIDS label (letters and digits only)")
         if v not in out:
@@ -208,8 +218,9 @@ def find_mask(stack: str, roots: list[str], subject: str, session: str | None) -
                     found.append(os.path.join(dirpath, fn))
     uniq = sorted({os.path.realpath(p): p for p in found}.values())
     if len(uniq) > 1:
-        raise InputError(stack, "several brain masks match it (" + ", ".join(uniq)
-                         + "); choose one folder with --masks-dir")
+        raise InputError(
+            stack, "several brain masks match it (" + ", ".join(uniq) + "); choose one folder with --masks-dir"
+        )
     return os.path.abspath(uniq[0]) if uniq else None
 
 
@@ -277,8 +288,16 @@ def _stacks_in(folder: str, subject: str, session: str | None, suffix: str, warn
     return sorted(out, key=lambda t: _sort_key(t[0]))
 
 
-def find_sessions(bids_dir: str, *, participant_labels=None, session_labels=None, suffix: str = "T2w",
-                  masks_dir: str | None = None, exclude_roots: tuple[str, ...] = (), warn=None) -> list[Session]:
+def find_sessions(
+    bids_dir: str,
+    *,
+    participant_labels=None,
+    session_labels=None,
+    suffix: str = "T2w",
+    masks_dir: str | None = None,
+    exclude_roots: tuple[str, ...] = (),
+    warn=None,
+) -> list[Session]:
     """Every subject-session to reconstruct, with its stacks, masks and sidecar thicknesses.
 
     Labels asked for that are not there, or that hold no stack, are errors (a typo must not
@@ -288,8 +307,11 @@ def find_sessions(bids_dir: str, *, participant_labels=None, session_labels=None
     sess = normalise_labels(session_labels, "ses", "--session-label")
     if not _ALNUM.match(suffix):
         raise InputError("--suffix", f"{suffix!r} is not a BIDS suffix (letters and digits only)")
-    present = sorted(n[4:] for n in os.listdir(bids_dir)
-                     if n.startswith("sub-") and _ALNUM.match(n[4:]) and os.path.isdir(os.path.join(bids_dir, n)))
+    present = sorted(
+        n[4:]
+        for n in os.listdir(bids_dir)
+        if n.startswith("sub-") and _ALNUM.match(n[4:]) and os.path.isdir(os.path.join(bids_dir, n))
+    )
     if subs is not None:
         missing = [s for s in subs if s not in present]
         if missing:
@@ -298,8 +320,11 @@ def find_sessions(bids_dir: str, *, participant_labels=None, session_labels=None
     out: list[Session] = []
     for s in subs if subs is not None else present:
         sdir = os.path.join(bids_dir, f"sub-{s}")
-        ses_here = sorted(n[4:] for n in os.listdir(sdir)
-                          if n.startswith("ses-") and _ALNUM.match(n[4:]) and os.path.isdir(os.path.join(sdir, n)))
+        ses_here = sorted(
+            n[4:]
+            for n in os.listdir(sdir)
+            if n.startswith("ses-") and _ALNUM.match(n[4:]) and os.path.isdir(os.path.join(sdir, n))
+        )
         folders = [(t, os.path.join(sdir, f"ses-{t}")) for t in ses_here] if ses_here else [(None, sdir)]
         if sess is not None:
             folders = [(t, f) for t, f in folders if t in sess]

@@ -44,14 +44,22 @@ def open_client(workers: int | None, scheduler: str | None, log=print):
                 why = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 raise InputError("--scheduler", f"cannot connect to {scheduler}: {why}") from None
         else:
-            cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
-                                   silence_logs=logging.ERROR, dashboard_address=":8787")
+            cluster = LocalCluster(
+                n_workers=workers or 1,
+                threads_per_worker=1,
+                processes=True,
+                silence_logs=logging.ERROR,
+                dashboard_address=":8787",
+            )
             client = Client(cluster)
     try:
         link = client.dashboard_link
         n = len(client.scheduler_info().get("workers", {}))
-        where = (f"a local Dask cluster of {n} worker process{'es' if n != 1 else ''}" if cluster
-                 else f"the Dask scheduler {scheduler} ({n} worker{'s' if n != 1 else ''} now)")
+        where = (
+            f"a local Dask cluster of {n} worker process{'es' if n != 1 else ''}"
+            if cluster
+            else f"the Dask scheduler {scheduler} ({n} worker{'s' if n != 1 else ''} now)"
+        )
         if not link:
             log(f"running on {where}; no dashboard")
         elif cluster is not None and importlib.util.find_spec("bokeh") is None:
@@ -76,15 +84,23 @@ def format_eta(seconds: float) -> str:
 
 def _crash_record(task: SubjectTask, exc: BaseException) -> dict:
     msg = " ".join(str(exc).split())[:400] or type(exc).__name__
-    return {"key": task.key, "reldir": task.reldir, "participant_id": f"sub-{task.subject}",
-            "session_id": f"ses-{task.session}" if task.session else None, "stacks": len(task.stacks),
-            "masks": "given" if task.masks else "automatic", "status": "failed", "this_run": "failed",
-            "error": f"the task failed on the cluster ({type(exc).__name__}: {msg})",
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "key": task.key,
+        "reldir": task.reldir,
+        "participant_id": f"sub-{task.subject}",
+        "session_id": f"ses-{task.session}" if task.session else None,
+        "stacks": len(task.stacks),
+        "masks": "given" if task.masks else "automatic",
+        "status": "failed",
+        "this_run": "failed",
+        "error": f"the task failed on the cluster ({type(exc).__name__}: {msg})",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
-def run_tasks(client, tasks: list[SubjectTask], *, retries: int = 2, run_id: str = "", on_record=None,
-              log=print) -> list[dict]:
+def run_tasks(
+    client, tasks: list[SubjectTask], *, retries: int = 2, run_id: str = "", on_record=None, log=print
+) -> list[dict]:
     """Submit one task per subject-session; as each ends, call ``on_record(record)`` and print a
     progress line with the ETA (from the mean time between finished subjects so far)."""
     from distributed import as_completed
@@ -118,5 +134,7 @@ def describe(rec: dict) -> str:
     if rec.get("this_run") == "skipped":
         return "already done (skipped)"
     ex = rec.get("excluded_slices")
-    return (f"done in {rec.get('wall_s') or 0:.1f} s ({rec.get('stacks')} stacks, "
-            f"{'?' if ex is None else ex} of {rec.get('slices', '?')} slices excluded{att})")
+    return (
+        f"done in {rec.get('wall_s') or 0:.1f} s ({rec.get('stacks')} stacks, "
+        f"{'?' if ex is None else ex} of {rec.get('slices', '?')} slices excluded{att})"
+    )

@@ -13,8 +13,18 @@ summary's ``index.html`` last.
 
 from __future__ import annotations
 
-__all__ = ["dataset_description", "check_dataset_description", "write_dataset_description", "status_path",
-           "write_status", "read_statuses", "write_summary", "thumbnail", "SUMMARY_COLUMNS", "BIDS_VERSION"]
+__all__ = [
+    "dataset_description",
+    "check_dataset_description",
+    "write_dataset_description",
+    "status_path",
+    "write_status",
+    "read_statuses",
+    "write_summary",
+    "thumbnail",
+    "SUMMARY_COLUMNS",
+    "BIDS_VERSION",
+]
 
 import glob
 import html
@@ -29,9 +39,25 @@ from ..errors import InputError
 from ..io import atomic_write_text
 
 BIDS_VERSION = "1.9.0"
-SUMMARY_COLUMNS = ("participant_id", "session_id", "status", "error", "excluded_slices", "slices", "stacks",
-                   "masks", "resolution_mm", "shape", "wall_s", "attempts", "this_run", "finished", "volume",
-                   "report", "thumbnail")
+SUMMARY_COLUMNS = (
+    "participant_id",
+    "session_id",
+    "status",
+    "error",
+    "excluded_slices",
+    "slices",
+    "stacks",
+    "masks",
+    "resolution_mm",
+    "shape",
+    "wall_s",
+    "attempts",
+    "this_run",
+    "finished",
+    "volume",
+    "report",
+    "thumbnail",
+)
 
 
 def dataset_description(bids_dir: str, source: dict) -> dict:
@@ -45,8 +71,13 @@ def dataset_description(bids_dir: str, source: dict) -> dict:
         "Name": f"mgaussian reconstructions of {name}",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "mgaussian", "Version": __version__,
-                         "Description": "slice-to-volume reconstruction with magnetic 3D Gaussians (mgaussian bids)"}],
+        "GeneratedBy": [
+            {
+                "Name": "mgaussian",
+                "Version": __version__,
+                "Description": "slice-to-volume reconstruction with magnetic 3D Gaussians (mgaussian bids)",
+            }
+        ],
         "SourceDatasets": [src],
         "DatasetLinks": {"raw": uri},
     }
@@ -67,8 +98,11 @@ def check_dataset_description(out_root: str, bids_dir: str) -> None:
             raise InputError(p, "exists but is not a JSON object: not an mgaussian derivative folder")
         gen = [g.get("Name") for g in old.get("GeneratedBy", []) if isinstance(g, dict)]
         if "mgaussian" not in gen:
-            raise InputError(p, f"belongs to another pipeline ({', '.join(map(str, gen)) or 'no GeneratedBy'}); "
-                                "choose another OUTPUT_DIR")
+            raise InputError(
+                p,
+                f"belongs to another pipeline ({', '.join(map(str, gen)) or 'no GeneratedBy'}); "
+                "choose another OUTPUT_DIR",
+            )
         raw = (old.get("DatasetLinks") or {}).get("raw")
         if raw and raw != uri:
             raise InputError(p, f"holds derivatives of another dataset ({raw}); choose another OUTPUT_DIR")
@@ -129,9 +163,11 @@ def write_summary(out_root: str, records: list[dict] | None = None) -> tuple[str
     return tsv, page
 
 
-_CSS = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:middle;text-align:left}"
-        ".done{color:#060}.failed{color:#a00;font-weight:bold}img{height:90px;display:block}")
+_CSS = (
+    "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:middle;text-align:left}"
+    ".done{color:#060}.failed{color:#a00;font-weight:bold}img{height:90px;display:block}"
+)
 
 
 def _html(out_root: str, recs: list[dict]) -> str:
@@ -145,8 +181,19 @@ def _html(out_root: str, recs: list[dict]) -> str:
     except (OSError, ValueError):
         pass
     src = ", ".join(s.get("URL", "") for s in desc.get("SourceDatasets", []) if isinstance(s, dict))
-    head = ["subject", "session", "volume", "status", "excluded slices", "stacks", "masks", "resolution",
-            "shape", "time", "attempts"]
+    head = [
+        "subject",
+        "session",
+        "volume",
+        "status",
+        "excluded slices",
+        "stacks",
+        "masks",
+        "resolution",
+        "shape",
+        "time",
+        "attempts",
+    ]
     body = []
     for r in recs:
         thumb, report, vol = r.get("thumbnail"), r.get("report"), r.get("volume")
@@ -160,8 +207,19 @@ def _html(out_root: str, recs: list[dict]) -> str:
         ex = "" if r.get("excluded_slices") is None else f'{r["excluded_slices"]} of {r.get("slices", "?")}'
         res = "" if r.get("resolution_mm") is None else f'{r["resolution_mm"]:g} mm'
         wall = "" if r.get("wall_s") is None else f'{r["wall_s"]:.0f} s'
-        cells = [r.get("participant_id", ""), r.get("session_id") or "", None, None, ex, r.get("stacks", ""),
-                 r.get("masks", ""), res, _cell(r.get("shape")) if r.get("shape") else "", wall, r.get("attempts", "")]
+        cells = [
+            r.get("participant_id", ""),
+            r.get("session_id") or "",
+            None,
+            None,
+            ex,
+            r.get("stacks", ""),
+            r.get("masks", ""),
+            res,
+            _cell(r.get("shape")) if r.get("shape") else "",
+            wall,
+            r.get("attempts", ""),
+        ]
         tds = [cell if i == 2 else st if i == 3 else e(str(c)) for i, c in enumerate(cells)]
         body.append("<tr>" + "".join(f"<td>{t}</td>" for t in tds) + "</tr>")
     return (
@@ -171,7 +229,10 @@ def _html(out_root: str, recs: list[dict]) -> str:
         f"mgaussian {e(__version__)}; written {e(time.strftime('%Y-%m-%d %H:%M:%S'))}. "
         "Each picture shows the volume's three mid-planes and links to the subject's report. "
         '<a href="summary.tsv">summary.tsv</a></p>\n'
-        "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>\n" + "\n".join(body)
+        "<table><tr>"
+        + "".join(f"<th>{e(h)}</th>" for h in head)
+        + "</tr>\n"
+        + "\n".join(body)
         + "\n</table>\n</body></html>\n"
     )
 
@@ -192,16 +253,20 @@ def thumbnail(volume_path: str, png_path: str, height_in: float = 1.6, dpi: int 
     z = [float(x) for x in img.header.get_zooms()[:3]]
     finite = v[np.isfinite(v)]
     hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-    planes = [(v[v.shape[0] // 2, :, :], z[2] / z[1]), (v[:, v.shape[1] // 2, :], z[2] / z[0]),
-              (v[:, :, v.shape[2] // 2], z[1] / z[0])]
+    planes = [
+        (v[v.shape[0] // 2, :, :], z[2] / z[1]),
+        (v[:, v.shape[1] // 2, :], z[2] / z[0]),
+        (v[:, :, v.shape[2] // 2], z[1] / z[0]),
+    ]
     widths = [p.shape[0] / (p.shape[1] * a) for p, a in planes]
     fig = Figure(figsize=(height_in * sum(widths), height_in), dpi=dpi)
     FigureCanvasAgg(fig)
     x0 = 0.0
     for (p, a), w in zip(planes, widths):
         ax = fig.add_axes((x0 / sum(widths), 0, w / sum(widths), 1))
-        ax.imshow(p.T, cmap="gray", origin="lower", vmin=0, vmax=hi if hi > 0 else None, aspect=a,
-                  interpolation="nearest")
+        ax.imshow(
+            p.T, cmap="gray", origin="lower", vmin=0, vmax=hi if hi > 0 else None, aspect=a, interpolation="nearest"
+        )
         ax.set_axis_off()
         x0 += w
     fig.set_facecolor("black")

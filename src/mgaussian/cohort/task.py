@@ -18,8 +18,16 @@ subject at once.
 
 from __future__ import annotations
 
-__all__ = ["SubjectTask", "run_subject", "is_complete", "fingerprint", "file_id", "quality_from_poses",
-           "failure_reason", "CHECKPOINT_FILES"]
+__all__ = [
+    "SubjectTask",
+    "run_subject",
+    "is_complete",
+    "fingerprint",
+    "file_id",
+    "quality_from_poses",
+    "failure_reason",
+    "CHECKPOINT_FILES",
+]
 
 import dataclasses
 import json
@@ -121,10 +129,18 @@ def quality_from_poses(poses: dict) -> dict:
     """Slices fitted and excluded (robust weights), in total and per stack, from ``OUT.poses.json``."""
     per = []
     for w in poses.get("slice_weights") or []:
-        per.append({"stack": w.get("stack"), "slices": len(w.get("slices") or []),
-                    "excluded": [int(k) for k in (w.get("excluded") or [])]})
-    return {"slices": sum(p["slices"] for p in per), "excluded_slices": sum(len(p["excluded"]) for p in per),
-            "per_stack": per}
+        per.append(
+            {
+                "stack": w.get("stack"),
+                "slices": len(w.get("slices") or []),
+                "excluded": [int(k) for k in (w.get("excluded") or [])],
+            }
+        )
+    return {
+        "slices": sum(p["slices"] for p in per),
+        "excluded_slices": sum(len(p["excluded"]) for p in per),
+        "per_stack": per,
+    }
 
 
 def _load_json(p: str):
@@ -160,7 +176,7 @@ def failure_reason(stderr_text: str, returncode: int) -> str:
     lines = [ln.strip() for ln in stderr_text.splitlines() if ln.strip()]
     errs = [ln for ln in lines if ln.startswith("error: ")]
     if errs:
-        return errs[-1][len("error: "):]
+        return errs[-1][len("error: ") :]
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -229,8 +245,17 @@ def _command(task: SubjectTask, out_vol: str, resume: bool, threads: int) -> lis
         cmd += ["--stack-masks", *task.masks]
     if task.thicknesses:
         cmd += ["--thicknesses", *[f"{t:g}" for t in task.thicknesses]]
-    cmd += ["--output-volume", out_vol, "--checkpoint-dir", os.path.join(w, "checkpoint"),
-            "--log", os.path.join(w, "reconstruct.log"), "--quiet", "--threads", str(threads)]
+    cmd += [
+        "--output-volume",
+        out_vol,
+        "--checkpoint-dir",
+        os.path.join(w, "checkpoint"),
+        "--log",
+        os.path.join(w, "reconstruct.log"),
+        "--quiet",
+        "--threads",
+        str(threads),
+    ]
     cmd += ["--output-report", os.path.join(w, "report")] if task.report else ["--no-report"]
     if resume:
         cmd.append("--resume")
@@ -242,8 +267,14 @@ def _run_child(cmd: list[str], stderr_path: str, threads: int) -> tuple[int, str
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[k] = str(threads)  # Dask's nanny sets them to 1 for its workers; the child has `threads` CPUs
     with open(stderr_path, "w", encoding="utf-8") as err:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT, env=env,
-                             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        p = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         try:
             rc = p.wait()
         except BaseException:
@@ -266,23 +297,38 @@ def _replace_dir(src: str, dst: str) -> None:
 
 
 def _base_record(task: SubjectTask) -> dict:
-    return {"key": task.key, "reldir": task.reldir, "participant_id": f"sub-{task.subject}",
-            "session_id": f"ses-{task.session}" if task.session else None, "stacks": len(task.stacks),
-            "masks": "given" if task.masks else "automatic"}
+    return {
+        "key": task.key,
+        "reldir": task.reldir,
+        "participant_id": f"sub-{task.subject}",
+        "session_id": f"ses-{task.session}" if task.session else None,
+        "stacks": len(task.stacks),
+        "masks": "given" if task.masks else "automatic",
+    }
 
 
 def record_from_sidecar(task: SubjectTask, side: dict, this_run: str) -> dict:
     """The status record of a complete subject, from its sidecar."""
     q = side.get("Quality", {})
     rep = task.report_dir if os.path.isfile(os.path.join(task.report_dir, "index.html")) else None
-    return {**_base_record(task), "status": "done", "error": None, "this_run": this_run,
-            "excluded_slices": q.get("excluded_slices"), "slices": q.get("slices"), "shape": q.get("shape"),
-            "resolution_mm": q.get("resolution_mm"), "wall_s": side.get("Timings", {}).get("wall_s"),
-            "attempts": side.get("Attempts"), "finished": side.get("Finished"),
-            "volume": task.rel(task.volume), "sidecar": task.rel(task.sidecar),
-            "report": task.rel(os.path.join(rep, "index.html")) if rep else None,
-            "thumbnail": task.rel(task.thumbnail) if os.path.isfile(task.thumbnail) else None,
-            "notes": side.get("Notes", [])}
+    return {
+        **_base_record(task),
+        "status": "done",
+        "error": None,
+        "this_run": this_run,
+        "excluded_slices": q.get("excluded_slices"),
+        "slices": q.get("slices"),
+        "shape": q.get("shape"),
+        "resolution_mm": q.get("resolution_mm"),
+        "wall_s": side.get("Timings", {}).get("wall_s"),
+        "attempts": side.get("Attempts"),
+        "finished": side.get("Finished"),
+        "volume": task.rel(task.volume),
+        "sidecar": task.rel(task.sidecar),
+        "report": task.rel(os.path.join(rep, "index.html")) if rep else None,
+        "thumbnail": task.rel(task.thumbnail) if os.path.isfile(task.thumbnail) else None,
+        "notes": side.get("Notes", []),
+    }
 
 
 def _finish(task: SubjectTask, out_vol: str, attempt: int, wall: float, threads: int, cmd: list[str]) -> dict:
@@ -298,8 +344,12 @@ def _finish(task: SubjectTask, out_vol: str, attempt: int, wall: float, threads:
     if os.path.exists(task.sidecar):
         os.unlink(task.sidecar)  # a stale sidecar must never describe the new volume
     os.replace(out_vol, task.volume)
-    for src, name in ((stem_w + ".config.json", ".config.json"), (stem_w + ".poses.json", ".poses.json"),
-                      (os.path.join(w, "reconstruct.log"), ".log"), (os.path.join(w, "stderr.txt"), ".stderr.txt")):
+    for src, name in (
+        (stem_w + ".config.json", ".config.json"),
+        (stem_w + ".poses.json", ".poses.json"),
+        (os.path.join(w, "reconstruct.log"), ".log"),
+        (os.path.join(w, "stderr.txt"), ".stderr.txt"),
+    ):
         if os.path.exists(src):
             os.replace(src, os.path.join(task.log_dir, task.stem + name))
     rep = None
@@ -311,12 +361,15 @@ def _finish(task: SubjectTask, out_vol: str, attempt: int, wall: float, threads:
 
     img = nib.load(task.volume)
     quality = quality_from_poses(poses)
-    quality.update(shape=[int(s) for s in img.shape[:3]], resolution_mm=float(img.header.get_zooms()[0]),
-                   output_scale=meta.get("output_scale"))
+    quality.update(
+        shape=[int(s) for s in img.shape[:3]],
+        resolution_mm=float(img.header.get_zooms()[0]),
+        output_scale=meta.get("output_scale"),
+    )
     cfg = meta.get("config", {})
     side = {
         "Description": "Volume reconstructed from thick-slice stacks by mgaussian (slice-to-volume, magnetic "
-                       "3D Gaussians)",
+        "3D Gaussians)",
         "Sources": [f"bids:raw:{os.path.relpath(s, task.bids_dir)}" for s in task.stacks],
         "SkullStripped": False,
         "Resolution": f"isotropic {quality['resolution_mm']:g} mm",
@@ -377,18 +430,30 @@ def run_subject(task: SubjectTask) -> dict:
         rc, err = _run_child(cmd, os.path.join(w, "stderr.txt"), threads)
         if rc == 2 and resume and failure_reason(err, rc).startswith("--resume: "):  # the checkpoint was refused
             shutil.rmtree(os.path.join(w, "checkpoint"), ignore_errors=True)  # unusable: start afresh
-            task = dataclasses.replace(task, notes=[*task.notes, "its checkpoint could not be resumed ("
-                                                    + failure_reason(err, rc) + "): started afresh"])
+            task = dataclasses.replace(
+                task,
+                notes=[
+                    *task.notes,
+                    "its checkpoint could not be resumed (" + failure_reason(err, rc) + "): started afresh",
+                ],
+            )
             cmd = _command(task, out_vol, False, threads)
             rc, err = _run_child(cmd, os.path.join(w, "stderr.txt"), threads)
         wall = time.time() - t0
         if rc != 0 or not os.path.isfile(out_vol):
             os.makedirs(task.log_dir, exist_ok=True)
             atomic_write_text(os.path.join(task.log_dir, task.stem + ".stderr.txt"), err)
-            return {**_base_record(task), "status": "failed", "error": failure_reason(err, rc),
-                    "this_run": "failed", "returncode": rc, "wall_s": wall, "attempts": attempt,
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "stderr": task.rel(os.path.join(task.log_dir, task.stem + ".stderr.txt"))}
+            return {
+                **_base_record(task),
+                "status": "failed",
+                "error": failure_reason(err, rc),
+                "this_run": "failed",
+                "returncode": rc,
+                "wall_s": wall,
+                "attempts": attempt,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "stderr": task.rel(os.path.join(task.log_dir, task.stem + ".stderr.txt")),
+            }
         return _finish(task, out_vol, attempt, wall, threads, cmd)
     finally:
         lock.__exit__()

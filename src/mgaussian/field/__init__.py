@@ -19,7 +19,8 @@ removes ~2.9 % of every Gaussian's mass (P(chi2_3 > 9)), i.e. renders ~2.9 % low
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Callable
 
 import numpy as np
@@ -27,8 +28,14 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-__all__ = ["GaussianField", "init_field_on_grid", "grow_field", "anisotropy_penalty",
-           "lattice_sum", "DEFAULT_SCALE_FACTOR"]
+__all__ = [
+    "GaussianField",
+    "init_field_on_grid",
+    "grow_field",
+    "anisotropy_penalty",
+    "lattice_sum",
+    "DEFAULT_SCALE_FACTOR",
+]
 
 DEFAULT_SCALE_FACTOR = 0.6
 
@@ -56,8 +63,12 @@ class GaussianField:
         return int(self.means.shape[0])
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"means": self.means, "log_scales": self.log_scales, "quats": self.quats,
-                "intensities": self.intensities}
+        return {
+            "means": self.means,
+            "log_scales": self.log_scales,
+            "quats": self.quats,
+            "intensities": self.intensities,
+        }
 
     def requires_grad_(self, flag: bool = True) -> "GaussianField":
         for t in self.tensors().values():
@@ -65,35 +76,50 @@ class GaussianField:
         return self
 
     def detach(self) -> "GaussianField":
-        return GaussianField(self.means.detach().clone(), self.log_scales.detach().clone(),
-                             self.quats.detach().clone(), self.intensities.detach().clone(),
-                             self.spacing, self.grid_origin.copy(),
-                             None if self.grid_index is None else self.grid_index.copy(),
-                             self.grid_shape)
+        return GaussianField(
+            self.means.detach().clone(),
+            self.log_scales.detach().clone(),
+            self.quats.detach().clone(),
+            self.intensities.detach().clone(),
+            self.spacing,
+            self.grid_origin.copy(),
+            None if self.grid_index is None else self.grid_index.copy(),
+            self.grid_shape,
+        )
 
     def to(self, *args, **kwargs) -> "GaussianField":
         t = {k: v.detach().to(*args, **kwargs) for k, v in self.tensors().items()}
-        return GaussianField(t["means"], t["log_scales"], t["quats"], t["intensities"], self.spacing,
-                             self.grid_origin, self.grid_index, self.grid_shape)
+        return GaussianField(
+            t["means"],
+            t["log_scales"],
+            t["quats"],
+            t["intensities"],
+            self.spacing,
+            self.grid_origin,
+            self.grid_index,
+            self.grid_shape,
+        )
 
     def render_slices(self, origins, axes, shape, spacing, psf_sigma=None, **kw) -> Tensor:
         """:func:`mgaussian.render.render_slices` of this field."""
         from ..render import render_slices
-        return render_slices(self.means, self.log_scales, self.quats, self.intensities, origins,
-                             axes, shape, spacing, psf_sigma, **kw)
+
+        return render_slices(
+            self.means, self.log_scales, self.quats, self.intensities, origins, axes, shape, spacing, psf_sigma, **kw
+        )
 
     def render_points(self, points, psf_cov=None, **kw) -> Tensor:
         """:func:`mgaussian.render.render_points` of this field (cell size = spacing by default)."""
         from ..render import render_points
+
         kw.setdefault("cell_size", self.spacing)
-        return render_points(self.means, self.log_scales, self.quats, self.intensities, points,
-                             psf_cov, **kw)
+        return render_points(self.means, self.log_scales, self.quats, self.intensities, points, psf_cov, **kw)
 
 
 def lattice_sum(scale_factor: float) -> float:
     """sum over the integer lattice Z^3 of exp(-|k|^2 / (2 f^2)): field of unit intensities at a node."""
     k = np.arange(-int(10 * scale_factor) - 3, int(10 * scale_factor) + 4)
-    return float(np.exp(-(k ** 2) / (2.0 * scale_factor ** 2)).sum() ** 3)
+    return float(np.exp(-(k**2) / (2.0 * scale_factor**2)).sum() ** 3)
 
 
 def _grid_for_mask(mask: np.ndarray, affine: np.ndarray, spacing: float, dilate: float):
@@ -139,11 +165,16 @@ def _sample_intensity(init_intensity, pts: np.ndarray, affine: np.ndarray) -> np
     raise ValueError("init_intensity: float, callable(points [N,3]) -> [N], volume like mask, or [N]")
 
 
-def init_field_on_grid(mask: np.ndarray, affine: np.ndarray, spacing_mm: float,
-                       dilate_mm: float | None = None,
-                       init_intensity: float | np.ndarray | Tensor | Callable = 1.0,
-                       scale_factor: float = DEFAULT_SCALE_FACTOR, dtype=torch.float32,
-                       device="cpu") -> GaussianField:
+def init_field_on_grid(
+    mask: np.ndarray,
+    affine: np.ndarray,
+    spacing_mm: float,
+    dilate_mm: float | None = None,
+    init_intensity: float | np.ndarray | Tensor | Callable = 1.0,
+    scale_factor: float = DEFAULT_SCALE_FACTOR,
+    dtype=torch.float32,
+    device="cpu",
+) -> GaussianField:
     """Gaussians on a regular world-axis-aligned grid at ``spacing_mm`` over the mask.
 
     mask: bool (X,Y,Z) voxel mask; affine: (4,4) voxel -> world mm. The grid covers the mask's world
@@ -165,11 +196,16 @@ def init_field_on_grid(mask: np.ndarray, affine: np.ndarray, spacing_mm: float,
         log_scales=torch.full((n, 3), math.log(scale_factor * h), dtype=dtype, device=device),
         quats=quats,
         intensities=torch.as_tensor(vals, dtype=dtype, device=device),
-        spacing=h, grid_origin=lo, grid_index=gi, grid_shape=shape)
+        spacing=h,
+        grid_origin=lo,
+        grid_index=gi,
+        grid_shape=shape,
+    )
 
 
-def grow_field(field: GaussianField, new_spacing_mm: float, mask: np.ndarray, affine: np.ndarray,
-               dilate_mm: float | None = None) -> GaussianField:
+def grow_field(
+    field: GaussianField, new_spacing_mm: float, mask: np.ndarray, affine: np.ndarray, dilate_mm: float | None = None
+) -> GaussianField:
     """Next level of the progressive grid, initialised from ``field`` (the paper's growth step).
 
     The new level is :func:`init_field_on_grid`'s grid at ``new_spacing_mm``; at each new node the
@@ -229,6 +265,7 @@ def grow_field(field: GaussianField, new_spacing_mm: float, mask: np.ndarray, af
     none = acc_w <= 1e-12
     if none.any():
         from scipy.spatial import cKDTree
+
         old_pos = field.grid_origin + gi0 * h0
         _, nn = cKDTree(old_pos).query(pts1[none])
         acc_w[none] = 1.0
@@ -244,7 +281,11 @@ def grow_field(field: GaussianField, new_spacing_mm: float, mask: np.ndarray, af
         log_scales=torch.as_tensor(s1, dtype=dtype, device=device),
         quats=torch.as_tensor(q1, dtype=dtype, device=device),
         intensities=torch.as_tensor(c1, dtype=dtype, device=device),
-        spacing=h1, grid_origin=lo1, grid_index=gi1, grid_shape=shape1)
+        spacing=h1,
+        grid_origin=lo1,
+        grid_index=gi1,
+        grid_shape=shape1,
+    )
 
 
 def anisotropy_penalty(field: GaussianField | Tensor, max_ratio: float = 1.5) -> Tensor:

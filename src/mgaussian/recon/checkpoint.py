@@ -45,8 +45,16 @@ def _file_id(p: str | None):
 def inputs_fingerprint(stacks) -> list[dict]:
     """What identifies the inputs of a run: per stack its file and mask file (real path, size,
     modification time), voxel shape and slice thickness."""
-    return [{"stack": _file_id(s.path), "mask": _file_id(s.mask_path), "shape": [int(x) for x in s.data.shape],
-             "mask_shape": [int(x) for x in s.mask.shape], "thickness_mm": float(s.thickness)} for s in stacks]
+    return [
+        {
+            "stack": _file_id(s.path),
+            "mask": _file_id(s.mask_path),
+            "shape": [int(x) for x in s.data.shape],
+            "mask_shape": [int(x) for x in s.mask.shape],
+            "thickness_mm": float(s.thickness),
+        }
+        for s in stacks
+    ]
 
 
 def _settings_key(config) -> dict:
@@ -109,8 +117,14 @@ class Checkpointer:
         """Write ``state`` atomically as the newest checkpoint (the older one becomes PREVIOUS)."""
         t0 = time.time()
         os.makedirs(self.dir, exist_ok=True)
-        d = {"format": FORMAT, "version": __version__, "saved_at": time.time(), "settings": self.settings,
-             "inputs": self.inputs, "state": state}
+        d = {
+            "format": FORMAT,
+            "version": __version__,
+            "saved_at": time.time(),
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "state": state,
+        }
         fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT}.", suffix=".partial", dir=self.dir)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -182,7 +196,10 @@ class Checkpointer:
                 errors.append(f"{os.path.basename(p)}: {type(exc).__name__}")
                 continue
             if errors:
-                warn("--resume", f"{errors[0]} is unreadable; resuming from the previous checkpoint {os.path.basename(p)}")
+                warn(
+                    "--resume",
+                    f"{errors[0]} is unreadable; resuming from the previous checkpoint {os.path.basename(p)}",
+                )
             self._check(d)
             return d["state"]
         raise InputError("--resume", f"no readable checkpoint in {self.dir} ({'; '.join(errors)})")
@@ -197,5 +214,7 @@ class Checkpointer:
                 diffs += _differences(a, b, prefix=f"stack {i + 1} ")
         if diffs:
             more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
-            raise InputError("--resume", f"checkpoint in {self.dir} was written for other inputs/settings: "
-                                         f"{'; '.join(diffs[:3])}{more}")
+            raise InputError(
+                "--resume",
+                f"checkpoint in {self.dir} was written for other inputs/settings: {'; '.join(diffs[:3])}{more}",
+            )

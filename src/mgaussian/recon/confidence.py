@@ -121,8 +121,11 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None) -> Confid
     if smooth > 0:
         pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(c.device)
         # the last level's prior as its warm start left it: edge-preserving on noisy data
-        pw = (edge_weights(c, pairs, cfg.edge_prior_k) if edge_prior_active(state, True, True)
-              and cfg.edge_prior_rounds > 0 else torch.ones(len(pairs), dtype=c.dtype, device=c.device))
+        pw = (
+            edge_weights(c, pairs, cfg.edge_prior_k)
+            if edge_prior_active(state, True, True) and cfg.edge_prior_rounds > 0
+            else torch.ones(len(pairs), dtype=c.dtype, device=c.device)
+        )
         prec = pooled_precision(d, pairs, smooth * pw.to(c.dtype))
     sigma2 = float(state.noise_sigma) ** 2
     # no weighted data reaching a Gaussian: its misfit is unknown, the noise stands in for it
@@ -132,10 +135,26 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None) -> Confid
     var = s2 / (prec + 1e-6)
     sd_g = var.sqrt()
     shape, aff, region = state.shape, state.aff, state.region
-    sd_fld = GaussianField(fld.means, fld.log_scales, fld.quats, sd_g.to(fld.intensities.dtype), fld.spacing,
-                           fld.grid_origin, fld.grid_index, fld.grid_shape)
-    one_fld = GaussianField(fld.means, fld.log_scales, fld.quats, torch.ones_like(fld.intensities), fld.spacing,
-                            fld.grid_origin, fld.grid_index, fld.grid_shape)
+    sd_fld = GaussianField(
+        fld.means,
+        fld.log_scales,
+        fld.quats,
+        sd_g.to(fld.intensities.dtype),
+        fld.spacing,
+        fld.grid_origin,
+        fld.grid_index,
+        fld.grid_shape,
+    )
+    one_fld = GaussianField(
+        fld.means,
+        fld.log_scales,
+        fld.quats,
+        torch.ones_like(fld.intensities),
+        fld.spacing,
+        fld.grid_origin,
+        fld.grid_index,
+        fld.grid_shape,
+    )
     num = render_volume(sd_fld, None, shape, aff, region, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
     den = render_volume(one_fld, None, shape, aff, region, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
     inside = region & (den > 1e-3 * max(float(den.max()), 1e-12))
@@ -145,9 +164,14 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None) -> Confid
     conf = np.zeros(shape, np.float32)
     conf[inside] = 1.0 / (1.0 + sd[inside] / ref)
     scale = float(state.scale)
-    info = {"median_data_term": float(d.median()), "smoothness": smooth, "noise_sigma": float(state.noise_sigma),
-            "median_misfit_sd": float(misfit.sqrt().median()), "median_sd": float(sd_g.median()) * scale,
-            "mean_confidence_in_region": float(conf[inside].mean()) if inside.any() else 0.0,
-            "method": "+".join(sorted(methods))}
+    info = {
+        "median_data_term": float(d.median()),
+        "smoothness": smooth,
+        "noise_sigma": float(state.noise_sigma),
+        "median_misfit_sd": float(misfit.sqrt().median()),
+        "median_sd": float(sd_g.median()) * scale,
+        "mean_confidence_in_region": float(conf[inside].mean()) if inside.any() else 0.0,
+        "method": "+".join(sorted(methods)),
+    }
     state.timings["confidence_s"] = time.time() - t0
     return Confidence(conf, sd * scale, ref * scale, info["method"], info)

@@ -96,7 +96,9 @@ class ReconConfig:
     renderer: str = "slices"  # "slices" (tile renderer) or "points" (the seed's block query)
     block_radius: int = 5  # for renderer="points"
     # neural residual field
-    use_nrf: bool = False  # off by default: +0.0 dB on sb25-t3.2 at 5x the time (benchmarks/TUNING.md); --nrf turns it on
+    use_nrf: bool = (
+        False  # off by default: +0.0 dB on sb25-t3.2 at 5x the time (benchmarks/TUNING.md); --nrf turns it on
+    )
     nrf_start: float = 0.5  # fraction of the last level's iterations after which the NRF trains
     nrf_bands: int = 6
     nrf_width: int = 64
@@ -236,7 +238,9 @@ class ReconConfig:
             bad("pose_jacobian_every", f"must be an integer >= 1, got {self.pose_jacobian_every}")
         if not (isinstance(self.coarse_binning, int) and self.coarse_binning >= 1):
             bad("coarse_binning", f"must be an integer >= 1, got {self.coarse_binning}")
-        if self.output_resolution is not None and not (self.output_resolution > 0 and math.isfinite(self.output_resolution)):
+        if self.output_resolution is not None and not (
+            self.output_resolution > 0 and math.isfinite(self.output_resolution)
+        ):
             bad("output_resolution", f"must be > 0 mm, got {self.output_resolution}")
         if self.output_resolution is not None and self.output_resolution < 0.1:
             bad("output_resolution", f"{self.output_resolution} mm is absurdly fine (>= 0.1 mm)")
@@ -333,8 +337,11 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise TypeError
                 v = float(v)
-            elif cur is None and v is not None and k in ("output_resolution", "dilate_mm", "cg_smoothness",
-                                                             "through_plane_fwhm_factor"):
+            elif (
+                cur is None
+                and v is not None
+                and k in ("output_resolution", "dilate_mm", "cg_smoothness", "through_plane_fwhm_factor")
+            ):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise TypeError
                 v = float(v)

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["SliceSet", "prepare_slices", "grow_masks", "output_grid", "crop_grid", "region_mask", "region_from_slices",
-           "naive_init"]
+__all__ = [
+    "SliceSet",
+    "prepare_slices",
+    "grow_masks",
+    "output_grid",
+    "crop_grid",
+    "region_mask",
+    "region_from_slices",
+    "naive_init",
+]
 
 import math
 from dataclasses import dataclass, replace
@@ -128,18 +136,20 @@ def prepare_slices(stacks: list[Stack], margin: int = 2, dtype=torch.float32, sc
         obs = st.data[a0:a1, b0:b1][:, :, ks] / scale
         msk = m[a0:a1, b0:b1][:, :, ks]
         org = fr.origins[ks] + a0 * du * fr.axes[ks, 0] + b0 * dv * fr.axes[ks, 1]
-        out.append(SliceSet(
-            name=st.name,
-            obs=torch.as_tensor(np.ascontiguousarray(obs.transpose(2, 0, 1)), dtype=dtype),
-            mask=torch.as_tensor(np.ascontiguousarray(msk.transpose(2, 0, 1))),
-            origins=torch.as_tensor(org, dtype=dtype),
-            axes=torch.as_tensor(fr.axes[ks], dtype=dtype),
-            index=ks,
-            spacing=(float(du), float(dv)),
-            thickness=float(st.thickness),
-            scale=scale,
-            window=(int(a0), int(a1), int(b0), int(b1)),
-        ))
+        out.append(
+            SliceSet(
+                name=st.name,
+                obs=torch.as_tensor(np.ascontiguousarray(obs.transpose(2, 0, 1)), dtype=dtype),
+                mask=torch.as_tensor(np.ascontiguousarray(msk.transpose(2, 0, 1))),
+                origins=torch.as_tensor(org, dtype=dtype),
+                axes=torch.as_tensor(fr.axes[ks], dtype=dtype),
+                index=ks,
+                spacing=(float(du), float(dv)),
+                thickness=float(st.thickness),
+                scale=scale,
+                window=(int(a0), int(a1), int(b0), int(b1)),
+            )
+        )
     return out
 
 
@@ -187,9 +197,21 @@ def bin_slices(ss: SliceSet, f: int, inplane_fwhm_factor: float) -> SliceSet:
     origins = ss.origins + shift * du * ax[:, 0] + shift * dv * ax[:, 1]
     var = (f * f - 1) / 12.0
     sig = tuple(math.sqrt((inplane_fwhm_factor * d * FWHM_TO_SIGMA) ** 2 + var * d * d) for d in (du, dv))
-    out = SliceSet(name=ss.name, obs=obs, mask=mask, origins=origins, axes=ax, index=ss.index,
-                   spacing=(f * du, f * dv), thickness=ss.thickness, scale=ss.scale, window=ss.window,
-                   inplane_sigma=sig, pixel_weight=float(f * f), binning=f)
+    out = SliceSet(
+        name=ss.name,
+        obs=obs,
+        mask=mask,
+        origins=origins,
+        axes=ax,
+        index=ss.index,
+        spacing=(f * du, f * dv),
+        thickness=ss.thickness,
+        scale=ss.scale,
+        window=ss.window,
+        inplane_sigma=sig,
+        pixel_weight=float(f * f),
+        binning=f,
+    )
     if ss.row_spans is not None:
         from ..render import mask_to_row_spans
 
@@ -255,7 +277,7 @@ def crop_grid(region: np.ndarray, affine: np.ndarray, margin_mm: float):
     hi = np.minimum(idx.max(0) + 1 + pad, region.shape)
     A = np.array(affine, dtype=np.float64, copy=True)
     A[:3, 3] = A[:3, :3] @ lo + A[:3, 3]
-    reg = region[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    reg = region[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     return reg, tuple(int(v) for v in reg.shape), A
 
 
@@ -272,7 +294,9 @@ def region_mask(stacks: list[Stack], shape, affine) -> np.ndarray:
     return m
 
 
-def region_from_slices(sets: list[SliceSet], frames, shape, affine, candidates: np.ndarray, reach: int = 2) -> np.ndarray:
+def region_from_slices(
+    sets: list[SliceSet], frames, shape, affine, candidates: np.ndarray, reach: int = 2
+) -> np.ndarray:
     """:func:`region_mask` with every slice where its pose puts it: output voxels that most of the
     stacks covering them call brain, read from the slice masks at the slices' (moved) frames.
 

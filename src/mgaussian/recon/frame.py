@@ -9,8 +9,16 @@ the slice masks where the poses put them.
 
 from __future__ import annotations
 
-__all__ = ["reliable_slices", "fov_centre", "location", "pose_centre", "anchor_poses", "hold_frame",
-           "current_region", "choose_frame"]
+__all__ = [
+    "reliable_slices",
+    "fov_centre",
+    "location",
+    "pose_centre",
+    "anchor_poses",
+    "hold_frame",
+    "current_region",
+    "choose_frame",
+]
 
 import math
 import time
@@ -33,8 +41,9 @@ def reliable_slices(sets, fraction: float = 0.5) -> np.ndarray:
 def fov_centre(stacks) -> np.ndarray:
     """The mean centre of the stacks' fields of view (world mm): where the acquisitions were
     centred, the pivot of the headers' frame (a simulator turns its slices about the volume it samples)."""
-    return np.mean([((np.array(st.data.shape[:3]) - 1) / 2) @ st.affine[:3, :3].T + st.affine[:3, 3] for st in stacks],
-                   axis=0)
+    return np.mean(
+        [((np.array(st.data.shape[:3]) - 1) / 2) @ st.affine[:3, :3].T + st.affine[:3, 3] for st in stacks], axis=0
+    )
 
 
 def location(x: np.ndarray, kind: str = "mean", light_tail_kurtosis: float = 2.3, k: int = 3) -> np.ndarray:
@@ -56,15 +65,16 @@ def location(x: np.ndarray, kind: str = "mean", light_tail_kurtosis: float = 2.3
     var = (d * d).mean(0)
     if not np.all(var > 0):
         return m
-    kurt = float(((d ** 4).mean(0) / (var * var)).mean())
+    kurt = float(((d**4).mean(0) / (var * var)).mean())
     if kurt >= light_tail_kurtosis:
         return m
     s = np.sort(x, axis=0)
     return np.mean([(s[j] + s[-1 - j]) / 2 for j in range(k)], axis=0)
 
 
-def pose_centre(rots, trans, centres, pivot: np.ndarray, kind: str = "mean",
-                reliable=None) -> tuple[np.ndarray, np.ndarray]:
+def pose_centre(
+    rots, trans, centres, pivot: np.ndarray, kind: str = "mean", reliable=None
+) -> tuple[np.ndarray, np.ndarray]:
     """The centre of the slice poses written about one ``pivot`` p, x -> R (x - p) + p + t: the mean
     rotation vector and the :func:`location` of the translations t (per world axis), over the
     ``reliable`` slices only when given (a bool array over all slices in order): a range's ends
@@ -92,9 +102,15 @@ def _move_all(rots, trans, centres, G: np.ndarray, pivot: np.ndarray, shift: np.
 
 
 @torch.no_grad()
-def anchor_poses(rots: list[torch.Tensor], trans: list[torch.Tensor], centres: list[torch.Tensor],
-                 targets: tuple[np.ndarray, np.ndarray], pivot: np.ndarray | None = None, kind: str = "mean",
-                 reliable=None):
+def anchor_poses(
+    rots: list[torch.Tensor],
+    trans: list[torch.Tensor],
+    centres: list[torch.Tensor],
+    targets: tuple[np.ndarray, np.ndarray],
+    pivot: np.ndarray | None = None,
+    kind: str = "mean",
+    reliable=None,
+):
     """Remove the global rigid drift that joint fitting leaves free (moving every slice and the
     volume together changes nothing): the mean pose over ALL slices is held at its start
     ``targets`` = (mean rotvec, mean slice-centre displacement) by a global rigid map G about the
@@ -124,8 +140,15 @@ REGION_REACH_MM = 6.0
 
 def hold_frame(state) -> None:
     """Put the slices' common frame back where ``state.anchor`` (and ``state.anchor_pivot``) hold it."""
-    anchor_poses(state.rots, state.trans, state.cents, state.anchor, state.anchor_pivot,
-                 state.cfg.header_gauge_location, state.anchor_reliable)
+    anchor_poses(
+        state.rots,
+        state.trans,
+        state.cents,
+        state.anchor,
+        state.anchor_pivot,
+        state.cfg.header_gauge_location,
+        state.anchor_reliable,
+    )
 
 
 def choose_frame(state) -> None:
@@ -139,11 +162,15 @@ def choose_frame(state) -> None:
     if sp_mm <= cfg.header_gauge_mm and sp_deg <= cfg.header_gauge_deg:
         state.anchor, state.anchor_pivot = (np.zeros(3), np.zeros(3)), state.fov_pivot
         hold_frame(state)
-        state.log(f"  the stacks' mean poses agree within {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume is "
-                  "put in the headers' frame")
+        state.log(
+            f"  the stacks' mean poses agree within {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume is "
+            "put in the headers' frame"
+        )
     else:
-        state.log(f"  the stacks' mean poses differ by up to {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume "
-                  "stays in the registration's frame")
+        state.log(
+            f"  the stacks' mean poses differ by up to {sp_mm:.2f} mm, {sp_deg:.2f} deg: the volume "
+            "stays in the registration's frame"
+        )
 
 
 def _moved_from_start(state) -> bool:
@@ -181,7 +208,9 @@ def current_region(state) -> np.ndarray:
     reg = region_from_slices(state.sets, frames, state.shape, state.aff, cand)
     if not reg.any():
         return state.region0
-    state.log(f"  region from the slices' poses: {int(reg.sum())} voxels (nominal {int(state.region0.sum())}; "
-              f"{time.time() - t1:.1f} s)")
+    state.log(
+        f"  region from the slices' poses: {int(reg.sum())} voxels (nominal {int(state.region0.sum())}; "
+        f"{time.time() - t1:.1f} s)"
+    )
     state.region_cache.update(key=key, region=reg)
     return reg

@@ -55,14 +55,20 @@ def _designs(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: 
     others = {k: v.detach() for k, v in params.items() if k != "intensities"}
     key = None
     if cache is not None:
-        key = (tuple(id(ss) for ss in sets), cfg.through_plane_fwhm_factor, cfg.cutoff, cfg.use_psf, cfg.renderer,
-               tuple((v.data_ptr(), v._version) for k, v in sorted(params.items()) if k != "intensities"))
+        key = (
+            tuple(id(ss) for ss in sets),
+            cfg.through_plane_fwhm_factor,
+            cfg.cutoff,
+            cfg.use_psf,
+            cfg.renderer,
+            tuple((v.data_ptr(), v._version) for k, v in sorted(params.items()) if k != "intensities"),
+        )
         if cache.get("key") != key or not all(torch.equal(a, b) for a, b in zip(cache["poses"], (*rots, *trans))):
             cache.clear()
     designs = cache.get("designs") if cache else None
     if designs is not None:
         return designs
-    budget = cfg.design_memory_gb * 1024 ** 3
+    budget = cfg.design_memory_gb * 1024**3
     t_build = time.time()
     designs = []
     for si, ss in enumerate(sets):
@@ -72,15 +78,31 @@ def _designs(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: 
         budget = max(0.0, budget - d.nbytes)
         designs.append(d)
     if cache is not None:
-        cache.update(key=key, designs=designs, poses=[x.detach().clone() for x in (*rots, *trans)],
-                     build_s=time.time() - t_build)
+        cache.update(
+            key=key, designs=designs, poses=[x.detach().clone() for x in (*rots, *trans)], build_s=time.time() - t_build
+        )
     return designs
 
 
-def cg_intensities(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, n_iter: int,
-                   pairs: torch.Tensor | None = None, smooth: float = 0.0, ridge: float = 1e-6,
-                   deadline: float | None = None, min_iter: int = 0, pair_w: torch.Tensor | None = None,
-                   cache: dict | None = None) -> int:
+def cg_intensities(
+    params: dict,
+    sets,
+    rots,
+    trans,
+    cents,
+    wts,
+    scs,
+    cfg: ReconConfig,
+    backend: str,
+    n_iter: int,
+    pairs: torch.Tensor | None = None,
+    smooth: float = 0.0,
+    ridge: float = 1e-6,
+    deadline: float | None = None,
+    min_iter: int = 0,
+    pair_w: torch.Tensor | None = None,
+    cache: dict | None = None,
+) -> int:
     """Least-squares intensities for fixed Gaussian shapes and slice poses: conjugate gradients
     on the weighted normal equations (A^T W A + ridge) c = A^T W y over all masked pixels; A c
     renders slices (linear in c) times each slice's intensity scale; W holds the robust pixel x

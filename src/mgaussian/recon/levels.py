@@ -4,8 +4,16 @@ intensity fit that every level starts from."""
 
 from __future__ import annotations
 
-__all__ = ["level_schedule", "begin_level", "refit", "warm_start", "robust_refit", "smoothness_weight",
-           "edge_prior_active", "edge_weights"]
+__all__ = [
+    "level_schedule",
+    "begin_level",
+    "refit",
+    "warm_start",
+    "robust_refit",
+    "smoothness_weight",
+    "edge_prior_active",
+    "edge_weights",
+]
 
 import torch
 
@@ -45,7 +53,7 @@ def smoothness_weight(state: ReconState, n_gaussians: int) -> float:
     cfg = state.cfg
     if cfg.cg_smoothness is not None:
         return float(cfg.cg_smoothness)
-    return cfg.smoothness_gain * state.noise_sigma ** 2 * state.n_pix / max(n_gaussians, 1)
+    return cfg.smoothness_gain * state.noise_sigma**2 * state.n_pix / max(n_gaussians, 1)
 
 
 def edge_prior_active(state: ReconState, level_last: bool, has_prior: bool) -> bool:
@@ -60,8 +68,15 @@ def _level_field(state: ReconState, index: int, spacing: float, resumed: bool) -
     if resumed:  # [checkpoint] state.fld is the restored field of this level
         return
     if state.fld is None:
-        state.fld = init_field_on_grid(state.region, state.aff, spacing, dilate_mm=cfg.dilate_mm,
-                                       init_intensity=state.init, scale_factor=cfg.scale_factor, device=state.dev)
+        state.fld = init_field_on_grid(
+            state.region,
+            state.aff,
+            spacing,
+            dilate_mm=cfg.dilate_mm,
+            init_intensity=state.init,
+            scale_factor=cfg.scale_factor,
+            device=state.dev,
+        )
         return
     state.region = current_region(state)
     state.fld = grow_field(state.fld, spacing, state.region, state.aff, dilate_mm=cfg.dilate_mm).to(state.dev)
@@ -86,20 +101,46 @@ def begin_level(state: ReconState, index: int, count: int, factor: float, iterat
     if index == 0 and not last and cfg.coarse_binning > 1:
         lsets = [bin_for_grid(ss, spacing, cfg) for ss in state.sets]
         if any(b.binning > 1 for b in lsets):
-            state.log(f"  warm start and pose rounds on binned slices ({', '.join(str(b.binning) for b in lsets)} "
-                      f"px): {int(sum(int(b.mask.sum()) for b in lsets))} pixels")
+            state.log(
+                f"  warm start and pose rounds on binned slices ({', '.join(str(b.binning) for b in lsets)} "
+                f"px): {int(sum(int(b.mask.sum()) for b in lsets))} pixels"
+            )
     lwts = loss_weights(lsets, state.pws, state.sws) if lsets is not state.sets else state.wts
-    return Level(index=index, count=count, spacing=spacing, iterations=iterations, lsets=lsets, lwts=lwts,
-                 smooth=smooth, pairs=pairs, deadline=_deadline(state, last, adam_follows), resumed=resumed)
+    return Level(
+        index=index,
+        count=count,
+        spacing=spacing,
+        iterations=iterations,
+        lsets=lsets,
+        lwts=lwts,
+        smooth=smooth,
+        pairs=pairs,
+        deadline=_deadline(state, last, adam_follows),
+        resumed=resumed,
+    )
 
 
 def refit(state: ReconState, level: Level, n: int, min_iter: int = 0) -> None:
     """``n`` conjugate-gradient iterations of the intensities under the level's own prior."""
     if n > 0:
-        done = cg_intensities(state.params, level.lsets, state.rots, state.trans, state.cents, level.lwts,
-                              state.scs, state.cfg, state.backend, n, level.pairs, level.smooth,
-                              deadline=level.deadline, min_iter=min(n, min_iter), pair_w=level.edge_w,
-                              cache=level.dcache)
+        done = cg_intensities(
+            state.params,
+            level.lsets,
+            state.rots,
+            state.trans,
+            state.cents,
+            level.lwts,
+            state.scs,
+            state.cfg,
+            state.backend,
+            n,
+            level.pairs,
+            level.smooth,
+            deadline=level.deadline,
+            min_iter=min(n, min_iter),
+            pair_w=level.edge_w,
+            cache=level.dcache,
+        )
         if done < n:
             state.note_budget(f"level {level.index + 1}'s intensity fit")
 
@@ -129,6 +170,16 @@ def warm_start(state: ReconState, level: Level) -> None:
 
 def robust_refit(state: ReconState, level: Level) -> None:
     """Without slice motion: the robust weights and slice scales once, then a third of a warm start."""
-    level.lwts, _ = update_robust(state.params, level.lsets, state.rots, state.trans, state.cents, state.scs,
-                                  state.sws, state.pws, state.cfg, state.backend)
+    level.lwts, _ = update_robust(
+        state.params,
+        level.lsets,
+        state.rots,
+        state.trans,
+        state.cents,
+        state.scs,
+        state.sws,
+        state.pws,
+        state.cfg,
+        state.backend,
+    )
     refit(state, level, max(state.cfg.cg_iterations // 3, 1))

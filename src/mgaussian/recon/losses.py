@@ -4,7 +4,6 @@ from __future__ import annotations
 
 __all__ = ["ssim_map", "masked_ssim", "masked_smooth_l1"]
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,9 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, sigma: f
     return s[:, 0]
 
 
-def masked_ssim(pred: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_ssim(
+    pred: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean SSIM over the masked pixels of whole slices; outside the mask both images are 0."""
     m = mask.to(pred.dtype)
     s = ssim_map(pred * m, obs * m)
@@ -63,8 +64,9 @@ def masked_ssim(pred: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor, weigh
     return (s * w).sum() / w.sum().clamp_min(1.0)
 
 
-def masked_smooth_l1(pred: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor, beta: float = 1.0,
-                     weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_smooth_l1(
+    pred: torch.Tensor, obs: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     m = mask.to(pred.dtype)
     w = m if weight is None else m * weight
     l = F.smooth_l1_loss(pred, obs, reduction="none", beta=beta)

@@ -71,8 +71,14 @@ def _crop_pixels(st, margin: int = 2) -> int:
     return int(h * w * len(ks))
 
 
-def run_sizes(stacks, resolution: float, spacing_factors=(2.0, 1.0), dilate_mm: float | None = None,
-              batch_slices: int = 64, output_shape=None) -> RunSizes:
+def run_sizes(
+    stacks,
+    resolution: float,
+    spacing_factors=(2.0, 1.0),
+    dilate_mm: float | None = None,
+    batch_slices: int = 64,
+    output_shape=None,
+) -> RunSizes:
     """The counts the estimate needs, computed cheaply from the loaded stacks.
 
     Gaussians at the finest level: the anatomy's volume (median over the stacks of their mask
@@ -102,12 +108,18 @@ def run_sizes(stacks, resolution: float, spacing_factors=(2.0, 1.0), dilate_mm: 
     )
 
 
-def estimate_peak_bytes(n_gaussians: int, rendered_pixels: int, output_voxels: int, stack_voxels: int = 0,
-                        coeffs: dict | None = None) -> float:
+def estimate_peak_bytes(
+    n_gaussians: int, rendered_pixels: int, output_voxels: int, stack_voxels: int = 0, coeffs: dict | None = None
+) -> float:
     """Predicted peak resident memory (bytes) of ``reconstruct`` on the CPU."""
     c = COEFFS if coeffs is None else coeffs
-    s = (c["base"] + c["per_gaussian"] * n_gaussians + c["per_pixel"] * rendered_pixels
-         + c["per_output_voxel"] * output_voxels + c["per_stack_voxel"] * stack_voxels)
+    s = (
+        c["base"]
+        + c["per_gaussian"] * n_gaussians
+        + c["per_pixel"] * rendered_pixels
+        + c["per_output_voxel"] * output_voxels
+        + c["per_stack_voxel"] * stack_voxels
+    )
     return float(s * c["margin"])
 
 
@@ -127,8 +139,9 @@ def suggest_resolution(stacks, resolution: float, limit_bytes: float, **kw) -> f
     return None
 
 
-def check_memory(stacks, resolution: float, max_gb: float, spacing_factors=(2.0, 1.0), dilate_mm=None,
-                 batch_slices: int = 64) -> tuple[float, RunSizes]:
+def check_memory(
+    stacks, resolution: float, max_gb: float, spacing_factors=(2.0, 1.0), dilate_mm=None, batch_slices: int = 64
+) -> tuple[float, RunSizes]:
     """Refuse (InputError on ``--max-memory``) a run whose estimated peak exceeds ``max_gb``."""
     kw = dict(spacing_factors=spacing_factors, dilate_mm=dilate_mm, batch_slices=batch_slices)
     sizes = run_sizes(stacks, resolution, **kw)

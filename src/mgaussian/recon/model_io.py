@@ -50,10 +50,18 @@ def save_model(path: str, result, inputs=()) -> str:
     }
     if result.nrf is not None:
         n = result.nrf
-        d["nrf"] = {"state": {k: v.cpu() for k, v in n.state_dict().items()},
-                    "lo": n.lo.cpu().numpy(), "hi": n.hi.cpu().numpy(),
-                    "bands": cfg.nrf_bands, "width": cfg.nrf_width, "depth": cfg.nrf_depth, "scale": cfg.nrf_scale}
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(p)}.", suffix=".partial", dir=os.path.dirname(os.path.abspath(p)))
+        d["nrf"] = {
+            "state": {k: v.cpu() for k, v in n.state_dict().items()},
+            "lo": n.lo.cpu().numpy(),
+            "hi": n.hi.cpu().numpy(),
+            "bands": cfg.nrf_bands,
+            "width": cfg.nrf_width,
+            "depth": cfg.nrf_depth,
+            "scale": cfg.nrf_scale,
+        }
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{os.path.basename(p)}.", suffix=".partial", dir=os.path.dirname(os.path.abspath(p))
+    )
     os.close(fd)
     try:
         torch.save(d, tmp)
@@ -76,8 +84,16 @@ def load_model(path: str):
         raise InputError(p, f"not a readable mgaussian model ({type(exc).__name__})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise InputError(p, "not an mgaussian model file")
-    f = GaussianField(d["means"], d["log_scales"], d["quats"], d["intensities"], d["spacing"],
-                      np.asarray(d["grid_origin"]), d["grid_index"], d["grid_shape"])
+    f = GaussianField(
+        d["means"],
+        d["log_scales"],
+        d["quats"],
+        d["intensities"],
+        d["spacing"],
+        np.asarray(d["grid_origin"]),
+        d["grid_index"],
+        d["grid_shape"],
+    )
     nrf = None
     if d.get("nrf"):
         n = d["nrf"]
@@ -86,7 +102,15 @@ def load_model(path: str):
         nrf.eval()
     shape = tuple(d["shape"])
     region = np.unpackbits(d["region"])[: int(np.prod(shape))].reshape(shape).astype(bool)
-    info = {"scale": float(d["scale"]), "affine": np.asarray(d["affine"]), "shape": shape, "region": region,
-            "config": d["config"], "version": d.get("version"), "centre": np.asarray(d.get("centre", np.zeros(3))),
-            "poses": d.get("poses", []), "slice_weights": d.get("slice_weights", [])}
+    info = {
+        "scale": float(d["scale"]),
+        "affine": np.asarray(d["affine"]),
+        "shape": shape,
+        "region": region,
+        "config": d["config"],
+        "version": d.get("version"),
+        "centre": np.asarray(d.get("centre", np.zeros(3))),
+        "poses": d.get("poses", []),
+        "slice_weights": d.get("slice_weights", []),
+    }
     return f, nrf, info

@@ -50,8 +50,17 @@ class ReconResult:
     confidence_info: dict | None = None
 
 
-def render_volume(fld: GaussianField, nrf, shape, affine, region: np.ndarray | None, backend: str = "auto",
-                  chunk: int = 16, dilate_vox: int = 2, cutoff: float = 3.0) -> np.ndarray:
+def render_volume(
+    fld: GaussianField,
+    nrf,
+    shape,
+    affine,
+    region: np.ndarray | None,
+    backend: str = "auto",
+    chunk: int = 16,
+    dilate_vox: int = 2,
+    cutoff: float = 3.0,
+) -> np.ndarray:
     """Point-evaluate the model (Gaussians + NRF) on a voxel grid, slice by slice (bounded memory).
 
     Only voxels within ``dilate_vox`` of ``region`` are rendered; the rest is 0."""
@@ -65,8 +74,19 @@ def render_volume(fld: GaussianField, nrf, shape, affine, region: np.ndarray | N
         reg = np.ones(shape, bool)
     dev = fld.means.device
     with torch.no_grad():
-        vol = render_gaussians(fld.means, fld.log_scales, fld.quats, fld.intensities, affine, shape, None,
-                               backend=backend, cutoff=cutoff, slices_per_call=chunk, mask=reg)
+        vol = render_gaussians(
+            fld.means,
+            fld.log_scales,
+            fld.quats,
+            fld.intensities,
+            affine,
+            shape,
+            None,
+            backend=backend,
+            cutoff=cutoff,
+            slices_per_call=chunk,
+            mask=reg,
+        )
         m = torch.as_tensor(reg, device=dev)
         if nrf is not None and bool(m.any()):
             A = torch.as_tensor(np.asarray(affine, dtype=np.float64))
@@ -83,17 +103,31 @@ def _poses_and_weights(state: ReconState) -> tuple[list[dict], list[dict]]:
     stack's registered pose; the slices' weights, intensity scales and the excluded slices."""
     c = state.centre.cpu().numpy().astype(np.float64)
     poses, weights = [], []
-    for ss, r, u, cs, P, sc, sw in zip(state.sets, state.rots, state.trans, state.cents, state.stack_poses,
-                                       state.scs, state.sws):
+    for ss, r, u, cs, P, sc, sw in zip(
+        state.sets, state.rots, state.trans, state.cents, state.stack_poses, state.scs, state.sws
+    ):
         rn = r.detach().cpu().numpy().astype(np.float64)
         t = to_centre_convention(rn, u.detach().cpu().numpy(), cs.cpu().numpy(), c)
-        poses.append({"stack": ss.name, "slices": ss.index.tolist(), "rotvec": rn.tolist(), "translation_mm": t.tolist(),
-                      "stack_rotvec": matrix_to_rotvec(P[:3, :3]).tolist(),
-                      "stack_translation_mm": (P[:3, 3] + P[:3, :3] @ c - c).tolist()})
+        poses.append(
+            {
+                "stack": ss.name,
+                "slices": ss.index.tolist(),
+                "rotvec": rn.tolist(),
+                "translation_mm": t.tolist(),
+                "stack_rotvec": matrix_to_rotvec(P[:3, :3]).tolist(),
+                "stack_translation_mm": (P[:3, 3] + P[:3, :3] @ c - c).tolist(),
+            }
+        )
         wl = sw.cpu().numpy().astype(float)
-        weights.append({"stack": ss.name, "slices": ss.index.tolist(), "weight": wl.tolist(),
-                        "scale": sc.cpu().numpy().astype(float).tolist(),
-                        "excluded": [int(k) for k, w in zip(ss.index, wl) if w <= 0]})
+        weights.append(
+            {
+                "stack": ss.name,
+                "slices": ss.index.tolist(),
+                "weight": wl.tolist(),
+                "scale": sc.cpu().numpy().astype(float).tolist(),
+                "excluded": [int(k) for k, w in zip(ss.index, wl) if w <= 0],
+            }
+        )
     return poses, weights
 
 
@@ -102,12 +136,27 @@ def result(state: ReconState) -> ReconResult:
     intensity units, and gather what the outputs report."""
     t0 = time.time()
     state.region = current_region(state)
-    vol = render_volume(state.fld, state.nrf, state.shape, state.aff, state.region, backend=state.backend,
-                        cutoff=state.cfg.cutoff)
+    vol = render_volume(
+        state.fld, state.nrf, state.shape, state.aff, state.region, backend=state.backend, cutoff=state.cfg.cutoff
+    )
     vol = np.clip(vol, 0, None) * state.scale
     state.timings["render_volume_s"] = time.time() - t0
     state.timings["total_s"] = state.elapsed()
     poses, weights = _poses_and_weights(state)
-    return ReconResult(vol, state.aff, state.fld, state.nrf, state.cfg, state.region, state.scale,
-                       state.centre.cpu().numpy(), poses, state.history, weights, state.pose_history, state.timings,
-                       state.backend, list(state.budget_cuts))
+    return ReconResult(
+        vol,
+        state.aff,
+        state.fld,
+        state.nrf,
+        state.cfg,
+        state.region,
+        state.scale,
+        state.centre.cpu().numpy(),
+        poses,
+        state.history,
+        weights,
+        state.pose_history,
+        state.timings,
+        state.backend,
+        list(state.budget_cuts),
+    )

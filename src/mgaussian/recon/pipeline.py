@@ -31,8 +31,10 @@ def _log_resume(state: ReconState, resume_state: dict) -> None:
     if resume_state["done"]:
         state.log(f"resuming a finished fit (step {state.step}): rendering the volume")
     else:
-        state.log(f"resuming from level {resume_state['level'] + 1} iteration {resume_state['iteration']} "
-                  f"(step {state.step}, {resume_state['elapsed_s']:.0f} s of fitting done)")
+        state.log(
+            f"resuming from level {resume_state['level'] + 1} iteration {resume_state['iteration']} "
+            f"(step {state.step}, {resume_state['elapsed_s']:.0f} s of fitting done)"
+        )
 
 
 def _initial_profile(state: ReconState, resume_state: dict | None) -> bool:
@@ -69,8 +71,9 @@ def _correct_motion(state: ReconState, level: Level, profile_deferred: bool) -> 
         refit(state, level, n_re, min_iter=n_re)
 
 
-def _fit_levels(state: ReconState, resume_state: dict | None, checkpointer, history_every: int,
-                profile_deferred: bool) -> None:
+def _fit_levels(
+    state: ReconState, resume_state: dict | None, checkpointer, history_every: int, profile_deferred: bool
+) -> None:
     """The progressive growth: each level's Gaussians, warm start, pose rounds and refinement."""
     schedule = level_schedule(state.cfg)
     start = resume_state["level"] if resume_state is not None else 0
@@ -95,9 +98,16 @@ def _fit_levels(state: ReconState, resume_state: dict | None, checkpointer, hist
         state.add_time(f"level{index + 1}_refine_s", t0)
 
 
-def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool = True, history_every: int = 10,
-                checkpointer=None, resume_state: dict | None = None,
-                slice_poses: list[np.ndarray] | None = None) -> ReconResult:
+def reconstruct(
+    stacks: list[Stack],
+    cfg: ReconConfig,
+    log=print,
+    progress: bool = True,
+    history_every: int = 10,
+    checkpointer=None,
+    resume_state: dict | None = None,
+    slice_poses: list[np.ndarray] | None = None,
+) -> ReconResult:
     """Reconstruct a volume from loaded stacks with the given configuration.
 
     ``checkpointer`` (recon.checkpoint.Checkpointer) saves the state after each level's warm
@@ -132,6 +142,8 @@ def reconstruct(stacks: list[Stack], cfg: ReconConfig, log=print, progress: bool
         conf = confidence_map(state)
         res.confidence, res.confidence_sd = conf.confidence, conf.sd
         res.confidence_info = {"sd_ref": conf.sd_ref, **conf.info}
-        state.log(f"confidence map ({conf.method} diagonal): mean {conf.info['mean_confidence_in_region']:.3f} "
-                  f"in the region, {state.timings['confidence_s']:.1f} s")
+        state.log(
+            f"confidence map ({conf.method} diagonal): mean {conf.info['mean_confidence_in_region']:.3f} "
+            f"in the region, {state.timings['confidence_s']:.1f} s"
+        )
     return res

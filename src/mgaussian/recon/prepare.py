@@ -76,7 +76,7 @@ def _start_poses(sets, cents, stack_poses, slice_poses, dev):
                 continue
             M = np.asarray(M, dtype=np.float64)
             cs = cs.cpu().numpy().astype(np.float64)
-            ru = [slice_pose_from_matrix(M[int(k)], cs[j:j + 1]) for j, k in enumerate(ss.index)]
+            ru = [slice_pose_from_matrix(M[int(k)], cs[j : j + 1]) for j, k in enumerate(ss.index)]
             rots[si] = torch.as_tensor(np.concatenate([a for a, _ in ru]), dtype=torch.float32, device=dev)
             trans[si] = torch.as_tensor(np.concatenate([b for _, b in ru]), dtype=torch.float32, device=dev)
     return rots, trans, start
@@ -93,8 +93,13 @@ def _grid_and_region(placed, sets, cfg: ReconConfig):
     return shape, aff, region, np.where(region, init, 0.0)
 
 
-def prepare(stacks: list[Stack], cfg: ReconConfig, log, resume_state: dict | None = None,
-            slice_poses: list[np.ndarray] | None = None) -> ReconState:
+def prepare(
+    stacks: list[Stack],
+    cfg: ReconConfig,
+    log,
+    resume_state: dict | None = None,
+    slice_poses: list[np.ndarray] | None = None,
+) -> ReconState:
     """Everything before fitting; ``cfg`` is resolved here (output resolution, device, backend)."""
     t_start = time.time()
     cfg.validate()
@@ -134,22 +139,47 @@ def prepare(stacks: list[Stack], cfg: ReconConfig, log, resume_state: dict | Non
     cents = [slice_centres(ss) for ss in sets]
     rots, trans, start = _start_poses(sets, cents, stack_poses, slice_poses, dev)
     state = ReconState(
-        cfg=cfg, dev=dev, backend=backend, log=log, t_start=t_start, given=given, stacks=stacks,
-        stack_poses=stack_poses, sets=sets, cents=cents, noise_sigma=0.0, n_pix=0, shape=shape, aff=aff,
-        region0=region, region=region, init=init, scale=float(np.mean([ss.scale for ss in sets])),
-        centre=torch.as_tensor((wlo + whi) / 2, dtype=torch.float32, device=dev), wlo=wlo, whi=whi,
-        rots=rots, trans=trans, start_poses=start,
+        cfg=cfg,
+        dev=dev,
+        backend=backend,
+        log=log,
+        t_start=t_start,
+        given=given,
+        stacks=stacks,
+        stack_poses=stack_poses,
+        sets=sets,
+        cents=cents,
+        noise_sigma=0.0,
+        n_pix=0,
+        shape=shape,
+        aff=aff,
+        region0=region,
+        region=region,
+        init=init,
+        scale=float(np.mean([ss.scale for ss in sets])),
+        centre=torch.as_tensor((wlo + whi) / 2, dtype=torch.float32, device=dev),
+        wlo=wlo,
+        whi=whi,
+        rots=rots,
+        trans=trans,
+        start_poses=start,
         scs=[torch.ones(ss.n, device=dev) for ss in sets],  # per-slice intensity scales
         sws=[torch.ones(ss.n, device=dev) for ss in sets],  # slice weights
         pws=[torch.ones(ss.obs.shape, device=dev) for ss in sets],  # pixel weights
         wts=[ss.mask.float() for ss in sets],  # loss weights: mask x pixel x slice weight
         motion=cfg.motion and (len(sets) > 1 or any(ss.n > 1 for ss in sets)),
         anchor=pose_means(rots, trans, cents)[:2],  # the mean slice pose stays where registration put it
-        anchor_pivot=None, fov_pivot=fov_centre(stacks), anchor_reliable=reliable_slices(sets),
-        rng=rng, timings=timings)
+        anchor_pivot=None,
+        fov_pivot=fov_centre(stacks),
+        anchor_reliable=reliable_slices(sets),
+        rng=rng,
+        timings=timings,
+    )
     timings["prepare_s"] = time.time() - t0
     state.n_pix = int(sum(int(ss.mask.sum()) for ss in sets))
     state.noise_sigma = estimate_noise(prepare_slices(given) if cfg.mask_rim_mm > 0 else sets)
-    log(f"{len(sets)} stacks, {sum(ss.n for ss in sets)} slices, {state.n_pix} pixels in masks; output grid "
-        f"{shape} at {res:g} mm; backend {backend} on {dev.type}")
+    log(
+        f"{len(sets)} stacks, {sum(ss.n for ss in sets)} slices, {state.n_pix} pixels in masks; output grid "
+        f"{shape} at {res:g} mm; backend {backend} on {dev.type}"
+    )
     return state

@@ -20,8 +20,9 @@ from .slices import predict_all
 def bin_for_grid(ss: SliceSet, grid: float, cfg) -> SliceSet:
     """The slices binned for a field at ``grid`` mm (f x f pixels -> one, f = grid / pixel, at
     most cfg.coarse_binning): a coarse grid cannot hold finer detail, and f^2 fewer pixels render."""
-    return bin_slices(ss, max(1, min(cfg.coarse_binning, int(math.floor(grid / max(ss.spacing) + 1e-3)))),
-                      cfg.inplane_fwhm_factor)
+    return bin_slices(
+        ss, max(1, min(cfg.coarse_binning, int(math.floor(grid / max(ss.spacing) + 1e-3)))), cfg.inplane_fwhm_factor
+    )
 
 
 def choose_profile(state, n_iter: int = 12) -> float:
@@ -42,8 +43,15 @@ def choose_profile(state, n_iter: int = 12) -> float:
     grid = 2.0 * min(min(ss.spacing) for ss in state.sets)
     sets = [bin_for_grid(ss, grid, cfg) for ss in state.sets]
     wts = loss_weights(sets, state.pws, state.sws)
-    fld = init_field_on_grid(state.region0, state.aff, grid, dilate_mm=cfg.dilate_mm, init_intensity=state.init,
-                             scale_factor=cfg.scale_factor, device=state.dev)
+    fld = init_field_on_grid(
+        state.region0,
+        state.aff,
+        grid,
+        dilate_mm=cfg.dilate_mm,
+        init_intensity=state.init,
+        scale_factor=cfg.scale_factor,
+        device=state.dev,
+    )
     wsum = float(sum(w.sum() for w in wts)) or 1.0
     scores = {}
     for f in cfg.profile_candidates:
@@ -51,16 +59,23 @@ def choose_profile(state, n_iter: int = 12) -> float:
         params = {k: v.detach().clone().requires_grad_(True) for k, v in fld.tensors().items()}
         cg_intensities(params, sets, state.rots, state.trans, state.cents, wts, state.scs, c, state.backend, n_iter)
         preds = predict_all(params, sets, state.rots, state.trans, state.cents, c, state.backend)
-        scores[float(f)] = sum(float(((p * sc[:, None, None] - ss.obs) ** 2 * w).sum())
-                               for p, ss, w, sc in zip(preds, sets, wts, state.scs)) / wsum
-    binned = float(np.mean([ss.binning ** 2 for ss in sets]))
-    floor = state.noise_sigma ** 2 / binned
+        scores[float(f)] = (
+            sum(
+                float(((p * sc[:, None, None] - ss.obs) ** 2 * w).sum())
+                for p, ss, w, sc in zip(preds, sets, wts, state.scs)
+            )
+            / wsum
+        )
+    binned = float(np.mean([ss.binning**2 for ss in sets]))
+    floor = state.noise_sigma**2 / binned
     excess = {f: max(r - floor, 0.0) for f, r in scores.items()}
     first = float(cfg.profile_candidates[0])
     best = min(excess, key=excess.get)
     if excess[best] > (1.0 - cfg.profile_margin) * excess[first]:
         best = first
-    state.log("slice profile: through-plane FWHM " + ", ".join(f"{f:g} x thickness -> residual {r:.3g}"
-                                                                for f, r in scores.items())
-              + f" (noise floor {floor:.3g}); using {best:g}")
+    state.log(
+        "slice profile: through-plane FWHM "
+        + ", ".join(f"{f:g} x thickness -> residual {r:.3g}" for f, r in scores.items())
+        + f" (noise floor {floor:.3g}); using {best:g}"
+    )
     return best

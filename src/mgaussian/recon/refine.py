@@ -31,8 +31,10 @@ def _param_groups(state: ReconState) -> list[dict]:
         for r, t in zip(state.rots, state.trans):
             r.requires_grad_(True)
             t.requires_grad_(True)
-        groups += [{"params": state.rots, "lr": cfg.lr_pose_rotation * cfg.joint_pose_lr, "name": "pose_rot"},
-                   {"params": state.trans, "lr": cfg.lr_pose_translation * cfg.joint_pose_lr, "name": "pose_trans"}]
+        groups += [
+            {"params": state.rots, "lr": cfg.lr_pose_rotation * cfg.joint_pose_lr, "name": "pose_rot"},
+            {"params": state.trans, "lr": cfg.lr_pose_translation * cfg.joint_pose_lr, "name": "pose_trans"},
+        ]
     return groups
 
 
@@ -77,15 +79,23 @@ def _batch_loss(state: ReconState, batch) -> tuple[torch.Tensor, float, float, i
     return loss / max(npx, 1), l1_sum, ssim_sum, npx
 
 
-def _adam_iteration(state: ReconState, level: Level, opt, it: int, base_lr: list[float], nrf_from: int | None,
-                    history_every: int, pose_groups: bool) -> None:
+def _adam_iteration(
+    state: ReconState,
+    level: Level,
+    opt,
+    it: int,
+    base_lr: list[float],
+    nrf_from: int | None,
+    history_every: int,
+    pose_groups: bool,
+) -> None:
     """One Adam iteration of the level (learning rates decayed and warmed up, NRF started on time)."""
     cfg, params = state.cfg, state.params
     n_it = level.iterations
     frac = it / max(n_it - 1, 1)
     warm_up = min(1.0, (it + 1) / cfg.lr_warmup) if cfg.lr_warmup > 0 else 1.0
     for g, lr0 in zip(opt.param_groups, base_lr):
-        g["lr"] = lr0 * (cfg.lr_decay ** frac) * warm_up
+        g["lr"] = lr0 * (cfg.lr_decay**frac) * warm_up
     if nrf_from is not None and it == nrf_from and state.nrf is None:
         state.nrf = state.make_nrf()
         state.nrf_opt = torch.optim.Adam(state.nrf.parameters(), lr=cfg.lr_nrf)
@@ -106,8 +116,14 @@ def _adam_iteration(state: ReconState, level: Level, opt, it: int, base_lr: list
     if state.nrf_opt is not None:
         state.nrf_opt.step()
     state.step += 1
-    rec = {"step": state.step, "level": level.index, "loss": float(loss.detach()), "l1": l1_sum / max(npx, 1),
-           "ssim": ssim_sum / max(npx, 1) if cfg.use_ssim else None, "time_s": state.elapsed()}
+    rec = {
+        "step": state.step,
+        "level": level.index,
+        "loss": float(loss.detach()),
+        "l1": l1_sum / max(npx, 1),
+        "ssim": ssim_sum / max(npx, 1) if cfg.use_ssim else None,
+        "time_s": state.elapsed(),
+    }
     if state.step % history_every == 0 or state.step == state.total_steps:
         state.history.append(rec)
     state.progress.update(state.step, loss=float(loss.detach()), level=f"{level.index + 1}/{level.count}")
@@ -128,11 +144,15 @@ def refine(state: ReconState, level: Level, resume_state: dict | None, checkpoin
     elif checkpointer is not None:  # [checkpoint] after the warm start
         checkpointer.save(state.snapshot(level.index, 0))
     nrf_from = int(cfg.nrf_start * level.iterations) if (cfg.use_nrf and level.last) else None
-    state.log(f"level {level.index + 1}/{level.count}: {state.fld.num_gaussians} Gaussians at {level.spacing:g} mm, "
-              f"{level.iterations} iterations (warm start done at {state.elapsed():.0f} s)")
+    state.log(
+        f"level {level.index + 1}/{level.count}: {state.fld.num_gaussians} Gaussians at {level.spacing:g} mm, "
+        f"{level.iterations} iterations (warm start done at {state.elapsed():.0f} s)"
+    )
     if state.noise_sigma > cfg.adam_max_noise and level.iterations > 0:
-        state.log(f"  noisy slices (sigma {state.noise_sigma:.3f} > {cfg.adam_max_noise:g}): the warm start is "
-                  "final, no Adam iterations")
+        state.log(
+            f"  noisy slices (sigma {state.noise_sigma:.3f} > {cfg.adam_max_noise:g}): the warm start is "
+            "final, no Adam iterations"
+        )
         state.total_steps -= level.iterations
         state.progress.total = max(1, state.total_steps)
         level.iterations = 0
@@ -151,6 +171,13 @@ def refine(state: ReconState, level: Level, resume_state: dict | None, checkpoin
         hold_frame(state)
         record_poses(state)
     p = state.params
-    state.fld = GaussianField(p["means"].detach(), p["log_scales"].detach(), p["quats"].detach(),
-                              p["intensities"].detach(), state.fld.spacing, state.fld.grid_origin,
-                              state.fld.grid_index, state.fld.grid_shape)
+    state.fld = GaussianField(
+        p["means"].detach(),
+        p["log_scales"].detach(),
+        p["quats"].detach(),
+        p["intensities"].detach(),
+        state.fld.spacing,
+        state.fld.grid_origin,
+        state.fld.grid_index,
+        state.fld.grid_shape,
+    )

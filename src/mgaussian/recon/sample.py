@@ -28,14 +28,26 @@ def model_view(info_or_result) -> dict:
     if isinstance(info_or_result, dict):
         d = info_or_result
         cfg = dict(d.get("config") or {})
-        return {"config": cfg, "scale": float(d["scale"]), "centre": np.asarray(d.get("centre", np.zeros(3)), float),
-                "poses": list(d.get("poses") or []), "slice_weights": list(d.get("slice_weights") or []),
-                "affine": np.asarray(d.get("affine")) if d.get("affine") is not None else None,
-                "region": d.get("region")}
+        return {
+            "config": cfg,
+            "scale": float(d["scale"]),
+            "centre": np.asarray(d.get("centre", np.zeros(3)), float),
+            "poses": list(d.get("poses") or []),
+            "slice_weights": list(d.get("slice_weights") or []),
+            "affine": np.asarray(d.get("affine")) if d.get("affine") is not None else None,
+            "region": d.get("region"),
+        }
     r = info_or_result
     cfg = r.config.to_dict() if hasattr(r.config, "to_dict") else dict(r.config)
-    return {"config": cfg, "scale": float(r.scale), "centre": np.asarray(r.centre, float), "poses": list(r.poses or []),
-            "slice_weights": list(r.slice_weights or []), "affine": np.asarray(r.affine), "region": r.region}
+    return {
+        "config": cfg,
+        "scale": float(r.scale),
+        "centre": np.asarray(r.centre, float),
+        "poses": list(r.poses or []),
+        "slice_weights": list(r.slice_weights or []),
+        "affine": np.asarray(r.affine),
+        "region": r.region,
+    }
 
 
 def _match(stacks, poses, where: str) -> None:
@@ -77,12 +89,17 @@ def _nrf_on_slices(nrf, o, ax, hw, spacing, cfg, thickness, region_test):
     """The neural residual field on every pixel of the (moved) slices, through the slice PSF
     along the normal as in training (3-point Gauss-Hermite), only where ``region_test`` is True."""
     from ..psf import FWHM_TO_SIGMA
-    from .slices import GH_NODES as _GH_NODES, GH_WEIGHTS as _GH_WEIGHTS
+    from .slices import GH_NODES as _GH_NODES
+    from .slices import GH_WEIGHTS as _GH_WEIGHTS
 
     h, w = hw
     a = torch.arange(h, dtype=o.dtype) * spacing[0]
     b = torch.arange(w, dtype=o.dtype) * spacing[1]
-    pts = o[:, None, None, :] + a[None, :, None, None] * ax[:, None, None, 0] + b[None, None, :, None] * ax[:, None, None, 1]
+    pts = (
+        o[:, None, None, :]
+        + a[None, :, None, None] * ax[:, None, None, 0]
+        + b[None, None, :, None] * ax[:, None, None, 1]
+    )
     m = torch.as_tensor(region_test(pts.reshape(-1, 3).numpy()).reshape(pts.shape[:3]))
     out = torch.zeros(pts.shape[:3], dtype=o.dtype)
     if not bool(m.any()):
@@ -118,8 +135,9 @@ def _region_test(view, dilate_vox: int = 2):
     return test
 
 
-def simulate_stacks_from_model(field, nrf, info_or_result, stacks, backend: str = "auto", chunk: int = 16,
-                               where: str = "--input-stacks") -> list[np.ndarray]:
+def simulate_stacks_from_model(
+    field, nrf, info_or_result, stacks, backend: str = "auto", chunk: int = 16, where: str = "--input-stacks"
+) -> list[np.ndarray]:
     """Render every slice of every stack (its full grid) from the model, as the fit saw it.
 
     ``field``: GaussianField; ``nrf``: NeuralResidualField or None; ``info_or_result``: load_model's
@@ -149,21 +167,40 @@ def simulate_stacks_from_model(field, nrf, info_or_result, stacks, backend: str 
             H, W = fr.shape
             K = st.n_slices
             rot, tr = _slice_poses(pose, K)
-            o, ax = apply_pose_to_frames(torch.as_tensor(fr.origins, dtype=torch.float64),
-                                         torch.as_tensor(fr.axes, dtype=torch.float64),
-                                         torch.as_tensor(rot), torch.as_tensor(tr), centre)
-            psf = (slice_psf_sigma(fr.spacing, st.thickness * cfg["through_plane_fwhm_factor"], cfg["inplane_fwhm_factor"])
-                   if cfg["use_psf"] else None)
+            o, ax = apply_pose_to_frames(
+                torch.as_tensor(fr.origins, dtype=torch.float64),
+                torch.as_tensor(fr.axes, dtype=torch.float64),
+                torch.as_tensor(rot),
+                torch.as_tensor(tr),
+                centre,
+            )
+            psf = (
+                slice_psf_sigma(fr.spacing, st.thickness * cfg["through_plane_fwhm_factor"], cfg["inplane_fwhm_factor"])
+                if cfg["use_psf"]
+                else None
+            )
             sim = np.zeros((K, H, W), np.float32)
             for k0 in range(0, K, max(1, int(chunk))):
                 k1 = min(K, k0 + int(chunk))
                 oc = o[k0:k1].to(device=dev, dtype=dtype)
                 ac = ax[k0:k1].to(device=dev, dtype=dtype).contiguous()
-                pred = render_slices(field.means, field.log_scales, field.quats, field.intensities, oc, ac, (H, W),
-                                     fr.spacing, psf, backend=name, cutoff=float(cfg["cutoff"])).cpu()
+                pred = render_slices(
+                    field.means,
+                    field.log_scales,
+                    field.quats,
+                    field.intensities,
+                    oc,
+                    ac,
+                    (H, W),
+                    fr.spacing,
+                    psf,
+                    backend=name,
+                    cutoff=float(cfg["cutoff"]),
+                ).cpu()
                 if nrf is not None:
-                    pred = pred + _nrf_on_slices(nrf, o[k0:k1].to(dtype), ax[k0:k1].to(dtype), (H, W), fr.spacing,
-                                                 cfg, st.thickness, region_test)
+                    pred = pred + _nrf_on_slices(
+                        nrf, o[k0:k1].to(dtype), ax[k0:k1].to(dtype), (H, W), fr.spacing, cfg, st.thickness, region_test
+                    )
                 sim[k0:k1] = pred.numpy()
             sim = np.clip(sim, 0, None) * view["scale"]
             sim *= _slice_scales(sw, K)[:, None, None].astype(np.float32)

@@ -8,8 +8,17 @@ Shapes: a stack's slice set holds ``K`` slices of ``h x w`` pixels; ``sel`` pick
 
 from __future__ import annotations
 
-__all__ = ["GH_NODES", "GH_WEIGHTS", "slice_frames", "stack_psf", "stack_design", "render_stack_slices",
-           "pixel_points", "nrf_slices", "predict_all"]
+__all__ = [
+    "GH_NODES",
+    "GH_WEIGHTS",
+    "slice_frames",
+    "stack_psf",
+    "stack_design",
+    "render_stack_slices",
+    "pixel_points",
+    "nrf_slices",
+    "predict_all",
+]
 
 import math
 
@@ -43,31 +52,58 @@ def stack_psf(ss: SliceSet, cfg: ReconConfig):
     return psf
 
 
-def stack_design(fld: dict, ss: SliceSet, o: torch.Tensor, ax: torch.Tensor, cfg: ReconConfig, backend: str,
-                 max_bytes: float | None):
+def stack_design(
+    fld: dict, ss: SliceSet, o: torch.Tensor, ax: torch.Tensor, cfg: ReconConfig, backend: str, max_bytes: float | None
+):
     """The render of all of a stack's slices (frames ``o``, ``ax``) as a linear map of the
     intensities (render.slice_design: explicit on the cpu backend within ``max_bytes``)."""
     if cfg.renderer == "points":
         sel = torch.arange(ss.n, device=o.device)
         others = {k: v.detach() for k, v in fld.items() if k != "intensities"}
-        return AutogradDesign(lambda c: render_stack_slices(dict(others, intensities=c), ss, sel, o, ax, cfg, backend),
-                              fld["intensities"].shape[0])
+        return AutogradDesign(
+            lambda c: render_stack_slices(dict(others, intensities=c), ss, sel, o, ax, cfg, backend),
+            fld["intensities"].shape[0],
+        )
     h, w = ss.obs.shape[1:]
-    return slice_design(fld["means"].detach(), fld["log_scales"].detach(), fld["quats"].detach(), o, ax, (h, w),
-                        ss.spacing, stack_psf(ss, cfg), backend=backend, cutoff=cfg.cutoff, row_spans=ss.row_spans,
-                        max_bytes=max_bytes)
+    return slice_design(
+        fld["means"].detach(),
+        fld["log_scales"].detach(),
+        fld["quats"].detach(),
+        o,
+        ax,
+        (h, w),
+        ss.spacing,
+        stack_psf(ss, cfg),
+        backend=backend,
+        cutoff=cfg.cutoff,
+        row_spans=ss.row_spans,
+        max_bytes=max_bytes,
+    )
 
 
-def render_stack_slices(fld: dict, ss: SliceSet, sel: torch.Tensor, o: torch.Tensor, ax: torch.Tensor,
-                        cfg: ReconConfig, backend: str) -> torch.Tensor:
+def render_stack_slices(
+    fld: dict, ss: SliceSet, sel: torch.Tensor, o: torch.Tensor, ax: torch.Tensor, cfg: ReconConfig, backend: str
+) -> torch.Tensor:
     """The Gaussians' prediction [b,h,w] of the selected slices at frames ``o``, ``ax``."""
     h, w = ss.obs.shape[1:]
     psf = stack_psf(ss, cfg)
     if cfg.renderer == "points":
         return _render_points_path(fld, ss, sel, o, ax, psf, cfg, backend)
     spans = ss.row_spans[sel] if ss.row_spans is not None else None
-    return render_slices(fld["means"], fld["log_scales"], fld["quats"], fld["intensities"], o, ax, (h, w), ss.spacing,
-                         psf, backend=backend, cutoff=cfg.cutoff, row_spans=spans)
+    return render_slices(
+        fld["means"],
+        fld["log_scales"],
+        fld["quats"],
+        fld["intensities"],
+        o,
+        ax,
+        (h, w),
+        ss.spacing,
+        psf,
+        backend=backend,
+        cutoff=cfg.cutoff,
+        row_spans=spans,
+    )
 
 
 def pixel_points(ss: SliceSet, sel: torch.Tensor, o: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:
@@ -76,8 +112,11 @@ def pixel_points(ss: SliceSet, sel: torch.Tensor, o: torch.Tensor, ax: torch.Ten
     du, dv = ss.spacing
     a = torch.arange(h, dtype=o.dtype, device=o.device) * du
     b = torch.arange(w, dtype=o.dtype, device=o.device) * dv
-    return (o[:, None, None, :] + a[None, :, None, None] * ax[:, None, None, 0]
-            + b[None, None, :, None] * ax[:, None, None, 1])
+    return (
+        o[:, None, None, :]
+        + a[None, :, None, None] * ax[:, None, None, 0]
+        + b[None, None, :, None] * ax[:, None, None, 1]
+    )
 
 
 def _render_points_path(fld, ss, sel, o, ax, psf, cfg, backend):
@@ -91,13 +130,22 @@ def _render_points_path(fld, ss, sel, o, ax, psf, cfg, backend):
         s2 = torch.as_tensor(psf, dtype=o.dtype, device=o.device) ** 2
         covs = ax.transpose(-1, -2) @ torch.diag_embed(s2.expand(ax.shape[0], 3)) @ ax  # [b,3,3]
         cov = covs[:, None, None].expand(*m.shape, 3, 3)[m]
-    vals = render_points(fld["means"], fld["log_scales"], fld["quats"], fld["intensities"], pts[m], cov,
-                         block_radius=cfg.block_radius, backend=backend)
+    vals = render_points(
+        fld["means"],
+        fld["log_scales"],
+        fld["quats"],
+        fld["intensities"],
+        pts[m],
+        cov,
+        block_radius=cfg.block_radius,
+        backend=backend,
+    )
     return out.index_put(m.nonzero(as_tuple=True), vals)
 
 
-def nrf_slices(nrf: NeuralResidualField, ss: SliceSet, sel: torch.Tensor, o: torch.Tensor, ax: torch.Tensor,
-               cfg: ReconConfig) -> torch.Tensor:
+def nrf_slices(
+    nrf: NeuralResidualField, ss: SliceSet, sel: torch.Tensor, o: torch.Tensor, ax: torch.Tensor, cfg: ReconConfig
+) -> torch.Tensor:
     """The neural residual field's prediction [b,h,w] of the selected slices (through-plane PSF by
     three Gauss-Hermite nodes)."""
     pts = pixel_points(ss, sel, o, ax)
@@ -114,8 +162,16 @@ def nrf_slices(nrf: NeuralResidualField, ss: SliceSet, sel: torch.Tensor, o: tor
 
 
 @torch.no_grad()
-def predict_all(params: dict, sets: list[SliceSet], rots, trans, cents, cfg: ReconConfig, backend: str,
-                nrf: NeuralResidualField | None = None) -> list[torch.Tensor]:
+def predict_all(
+    params: dict,
+    sets: list[SliceSet],
+    rots,
+    trans,
+    cents,
+    cfg: ReconConfig,
+    backend: str,
+    nrf: NeuralResidualField | None = None,
+) -> list[torch.Tensor]:
     """The model's prediction of every slice of every stack at its pose: [K,h,w] per stack."""
     out = []
     fld = {k: v.detach() for k, v in params.items()}

@@ -108,8 +108,9 @@ class ReconState:
 
     def make_nrf(self) -> NeuralResidualField:
         c = self.cfg
-        return NeuralResidualField(self.wlo - 5, self.whi + 5, c.nrf_bands, c.nrf_width, c.nrf_depth,
-                                   c.nrf_scale).to(self.dev)
+        return NeuralResidualField(self.wlo - 5, self.whi + 5, c.nrf_bands, c.nrf_width, c.nrf_depth, c.nrf_scale).to(
+            self.dev
+        )
 
     def elapsed(self) -> float:
         return time.time() - self.t_start
@@ -118,27 +119,45 @@ class ReconState:
         """The loop state at an iteration boundary (``iteration`` = the next one to run in ``level``;
         ``level`` = number of levels when fitting is done), as CPU tensors and plain Python values."""
         fld, params = self.fld, self.params
-        motion_state = {"scs": self.scs, "sws": self.sws, "pws": self.pws, "pose_history": self.pose_history,
-                        "stack_poses": [P.tolist() for P in self.stack_poses],
-                        "anchor": [np.asarray(a).tolist() for a in self.anchor],
-                        "anchor_pivot": None if self.anchor_pivot is None else np.asarray(self.anchor_pivot).tolist()}
+        motion_state = {
+            "scs": self.scs,
+            "sws": self.sws,
+            "pws": self.pws,
+            "pose_history": self.pose_history,
+            "stack_poses": [P.tolist() for P in self.stack_poses],
+            "anchor": [np.asarray(a).tolist() for a in self.anchor],
+            "anchor_pivot": None if self.anchor_pivot is None else np.asarray(self.anchor_pivot).tolist(),
+        }
         return {
-            "level": level, "iteration": iteration, "cg_done": cg_done, "done": done, "step": self.step,
-            "elapsed_s": self.elapsed(), "history": list(self.history),
-            "field": {**{k: v.detach().cpu().clone() for k, v in params.items()}, "spacing": fld.spacing,
-                      "grid_origin": np.asarray(fld.grid_origin), "grid_index": fld.grid_index,
-                      "grid_shape": fld.grid_shape},
+            "level": level,
+            "iteration": iteration,
+            "cg_done": cg_done,
+            "done": done,
+            "step": self.step,
+            "elapsed_s": self.elapsed(),
+            "history": list(self.history),
+            "field": {
+                **{k: v.detach().cpu().clone() for k, v in params.items()},
+                "spacing": fld.spacing,
+                "grid_origin": np.asarray(fld.grid_origin),
+                "grid_index": fld.grid_index,
+                "grid_shape": fld.grid_shape,
+            },
             "opt": self.opt.state_dict() if self.opt is not None else None,  # Adam moments and step counts
-            "nrf": {k: v.detach().cpu().clone() for k, v in self.nrf.state_dict().items()} if self.nrf is not None else None,
+            "nrf": {k: v.detach().cpu().clone() for k, v in self.nrf.state_dict().items()}
+            if self.nrf is not None
+            else None,
             "nrf_opt": self.nrf_opt.state_dict() if self.nrf_opt is not None else None,
-            "rng": self.rng.bit_generator.state, "order": list(self.order),  # batch order: RNG + the rest of the epoch
+            "rng": self.rng.bit_generator.state,
+            "order": list(self.order),  # batch order: RNG + the rest of the epoch
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "rots": [r.detach().cpu().clone() for r in self.rots],
             "trans": [t.detach().cpu().clone() for t in self.trans],
             # stack poses, slice scales / weights, pixel weights, pose history
-            "motion": {k: ([x.detach().cpu().clone() for x in v] if k in _TENSOR_LISTS else v)
-                       for k, v in motion_state.items()},
+            "motion": {
+                k: ([x.detach().cpu().clone() for x in v] if k in _TENSOR_LISTS else v) for k, v in motion_state.items()
+            },
         }
 
     def restore(self, st: dict) -> None:
@@ -146,8 +165,13 @@ class ReconState:
         history and the time already spent (the caller builds the level's Adam from ``st["opt"]``)."""
         dev = self.dev
         f = st["field"]
-        self.fld = GaussianField(*(f[k].to(dev) for k in ("means", "log_scales", "quats", "intensities")),
-                                 f["spacing"], np.asarray(f["grid_origin"]), f["grid_index"], f["grid_shape"])
+        self.fld = GaussianField(
+            *(f[k].to(dev) for k in ("means", "log_scales", "quats", "intensities")),
+            f["spacing"],
+            np.asarray(f["grid_origin"]),
+            f["grid_index"],
+            f["grid_shape"],
+        )
         self.nrf = self.nrf_opt = None
         if st["nrf"] is not None:
             self.nrf = self.make_nrf()

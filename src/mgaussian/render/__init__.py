@@ -42,9 +42,19 @@ from torch import Tensor
 
 from ._common import FWHM_TO_SIGMA, mask_to_row_spans, resolve_row_spans, slice_psf_sigma
 
-__all__ = ["render_slices", "slice_design", "AutogradDesign", "render_points", "render_volume", "available_backends",
-           "resolve_backend", "slice_psf_sigma", "mask_to_row_spans", "block_truncation_bound",
-           "FWHM_TO_SIGMA"]
+__all__ = [
+    "render_slices",
+    "slice_design",
+    "AutogradDesign",
+    "render_points",
+    "render_volume",
+    "available_backends",
+    "resolve_backend",
+    "slice_psf_sigma",
+    "mask_to_row_spans",
+    "block_truncation_bound",
+    "FWHM_TO_SIGMA",
+]
 
 _BACKENDS = ("reference", "cpu", "gpu")
 
@@ -80,20 +90,17 @@ def resolve_backend(name: str = "auto") -> str:
             return "gpu"
         if _has("numba"):
             return "cpu"
-        warnings.warn("numba is not installed: the 'reference' renderer is used (slow)",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn("numba is not installed: the 'reference' renderer is used (slow)", RuntimeWarning, stacklevel=2)
         return "reference"
     if name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose auto, " + ", ".join(_BACKENDS))
     if name == "gpu" and not _gpu_usable():
         why = "triton is not installed" if not _has("triton") else "no CUDA device"
         fb = "cpu" if _has("numba") else "reference"
-        warnings.warn(f"gpu backend unavailable ({why}); falling back to {fb!r}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(f"gpu backend unavailable ({why}); falling back to {fb!r}", RuntimeWarning, stacklevel=2)
         return fb
     if name == "cpu" and not _has("numba"):
-        warnings.warn("numba is not installed: falling back to 'reference'", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn("numba is not installed: falling back to 'reference'", RuntimeWarning, stacklevel=2)
         return "reference"
     return name
 
@@ -103,8 +110,9 @@ def _for_tensors(backend: str, t: Tensor) -> str:
     name = resolve_backend(backend)
     if name == "gpu" and t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         if backend != "auto":
-            warnings.warn("gpu backend needs CUDA tensors; using 'cpu' for these CPU tensors",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "gpu backend needs CUDA tensors; using 'cpu' for these CPU tensors", RuntimeWarning, stacklevel=3
+            )
         name = "cpu" if _has("numba") else "reference"
     return name
 
@@ -119,11 +127,24 @@ def _module(name: str):
     return m
 
 
-def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  origins: Tensor, axes: Tensor, shape: tuple[int, int],
-                  spacing: tuple[float, float], psf_sigma=None, backend: str = "auto",
-                  cutoff: float = 3.0, *, pixel_mask=None, row_spans=None, window=None,
-                  stats: dict | None = None) -> Tensor:
+def render_slices(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    backend: str = "auto",
+    cutoff: float = 3.0,
+    *,
+    pixel_mask=None,
+    row_spans=None,
+    window=None,
+    stats: dict | None = None,
+) -> Tensor:
     """Render whole slices through the Gaussian field, differentiably.
 
     Args:
@@ -154,9 +175,20 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     n_slices = origins.shape[0]
     spans = resolve_row_spans(row_spans, pixel_mask, window, n_slices, tuple(shape))
     kw = {"stats": stats} if name == "cpu" else {}
-    return _module(name).render_slices(means, log_scales, quats, intensities, origins, axes,
-                                       tuple(shape), tuple(spacing), psf_sigma, float(cutoff),
-                                       spans, **kw)
+    return _module(name).render_slices(
+        means,
+        log_scales,
+        quats,
+        intensities,
+        origins,
+        axes,
+        tuple(shape),
+        tuple(spacing),
+        psf_sigma,
+        float(cutoff),
+        spans,
+        **kw,
+    )
 
 
 class AutogradDesign:
@@ -189,10 +221,21 @@ class AutogradDesign:
         return g
 
 
-def slice_design(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,
-                 shape: tuple[int, int], spacing: tuple[float, float], psf_sigma=None,
-                 backend: str = "auto", cutoff: float = 3.0, *, row_spans=None,
-                 max_bytes: float | None = None):
+def slice_design(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    backend: str = "auto",
+    cutoff: float = 3.0,
+    *,
+    row_spans=None,
+    max_bytes: float | None = None,
+):
     """The render of these slices as a linear map of the intensities, for conjugate-gradient fits:
     an object with ``matvec(c)`` -> [S,H,W], ``rmatvec(x)`` -> [N], ``normal(v, weight)`` = A^T
     diag(weight) A v, and ``nbytes``. On the cpu backend the map is stored explicitly (one pass to
@@ -204,19 +247,32 @@ def slice_design(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tens
     if name == "cpu":
         from .cpu import build_design
 
-        d = build_design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, spans,
-                         max_bytes=max_bytes)
+        d = build_design(
+            means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, spans, max_bytes=max_bytes
+        )
         if d is not None:
             return d
     m, ls, q = means.detach(), log_scales.detach(), quats.detach()
     o, ax = origins.detach(), axes.detach()
-    return AutogradDesign(lambda c: render_slices(m, ls, q, c, o, ax, shape, spacing, psf_sigma, name, cutoff,
-                                                  row_spans=spans), means.shape[0])
+    return AutogradDesign(
+        lambda c: render_slices(m, ls, q, c, o, ax, shape, spacing, psf_sigma, name, cutoff, row_spans=spans),
+        means.shape[0],
+    )
 
 
-def render_volume(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  affine, shape: tuple[int, int, int], psf_sigma=None, backend: str = "auto",
-                  cutoff: float = 3.0, slices_per_call: int = 32, mask=None) -> Tensor:
+def render_volume(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    affine,
+    shape: tuple[int, int, int],
+    psf_sigma=None,
+    backend: str = "auto",
+    cutoff: float = 3.0,
+    slices_per_call: int = 32,
+    mask=None,
+) -> Tensor:
     """Render the field on a voxel grid through the slice path: volume [X,Y,Z].
 
     Voxel (i,j,k) sits at ``affine @ (i,j,k,1)``; plane k is rendered as a slice with e_u, e_v the
@@ -243,11 +299,23 @@ def render_volume(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
         ks = torch.arange(k0, min(nz, k0 + int(slices_per_call)), dtype=torch.float64)
         origins = (aff[:3, 3][None] + ks[:, None] * cols[:, 2][None]).to(means.device, means.dtype)
         axes = axes_one.to(means.device).expand(len(ks), 3, 3).contiguous()
-        pm = None if mask is None else np.moveaxis(np.asarray(mask, bool)[:, :, k0:k0 + len(ks)],
-                                                   2, 0)
-        out.append(render_slices(means, log_scales, quats, intensities, origins, axes, (nx, ny),
-                                 (du, dv), psf_sigma, backend=backend, cutoff=cutoff,
-                                 pixel_mask=pm))
+        pm = None if mask is None else np.moveaxis(np.asarray(mask, bool)[:, :, k0 : k0 + len(ks)], 2, 0)
+        out.append(
+            render_slices(
+                means,
+                log_scales,
+                quats,
+                intensities,
+                origins,
+                axes,
+                (nx, ny),
+                (du, dv),
+                psf_sigma,
+                backend=backend,
+                cutoff=cutoff,
+                pixel_mask=pm,
+            )
+        )
     if not out:
         return means.new_zeros(nx, ny, 0)
     return torch.cat(out).permute(1, 2, 0)
@@ -263,9 +331,17 @@ def default_cell_size(means: Tensor) -> float:
     return float((ext.prod() / n) ** (1.0 / 3.0))
 
 
-def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  points: Tensor, psf_cov: Tensor | None = None, block_radius: int | None = 5,
-                  cell_size: float | None = None, backend: str = "auto") -> Tensor:
+def render_points(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    points: Tensor,
+    psf_cov: Tensor | None = None,
+    block_radius: int | None = 5,
+    cell_size: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
     """f(p) at arbitrary points [P] with the seed's block partitioning.
 
     Args:
@@ -282,16 +358,23 @@ def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     """
     name = _for_tensors(backend, means)
     cs = default_cell_size(means) if cell_size is None else float(cell_size)
-    return _module(name).render_points(means, log_scales, quats, intensities, points, psf_cov,
-                                       block_radius, cs)
+    return _module(name).render_points(means, log_scales, quats, intensities, points, psf_cov, block_radius, cs)
 
 
-def block_truncation_bound(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                           points: Tensor, psf_cov: Tensor | None = None,
-                           block_radius: int = 5, cell_size: float = 1.0) -> Tensor:
+def block_truncation_bound(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    points: Tensor,
+    psf_cov: Tensor | None = None,
+    block_radius: int = 5,
+    cell_size: float = 1.0,
+) -> Tensor:
     """Per point [P], an upper bound of |brute force - block partitioned| (see module docstring)."""
     from ._common import covariance
     from .reference import cell_coords
+
     with torch.no_grad():
         sig = covariance(log_scales, quats)
         m = sig if psf_cov is None or psf_cov.ndim == 3 else sig + psf_cov
@@ -302,5 +385,5 @@ def block_truncation_bound(means: Tensor, log_scales: Tensor, quats: Tensor, int
         bound = amp * torch.exp(-((block_radius * cell_size) ** 2) / (2.0 * lam))
         cg = cell_coords(means, cell_size)
         cp = cell_coords(points, cell_size)
-        far = ((cp[:, None, :] - cg[None]).abs().amax(-1) > block_radius)
+        far = (cp[:, None, :] - cg[None]).abs().amax(-1) > block_radius
         return (far * bound[None]).sum(1)

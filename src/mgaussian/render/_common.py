@@ -30,9 +30,15 @@ def quat_to_rotmat(quats: Tensor) -> Tensor:
     w, x, y, z = q.unbind(-1)
     r = torch.stack(
         [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
         ],
         dim=-1,
     )
@@ -95,15 +101,19 @@ def psf_variances(psf_sigma, n_slices: int, dtype, device) -> Tensor:
     return (p * p).contiguous()
 
 
-def slice_psf_sigma(pixel_spacing: tuple[float, float], thickness: float,
-                    inplane_fwhm_factor: float = 1.2) -> tuple[float, float, float]:
+def slice_psf_sigma(
+    pixel_spacing: tuple[float, float], thickness: float, inplane_fwhm_factor: float = 1.2
+) -> tuple[float, float, float]:
     """The package's slice PSF: in-plane FWHM = 1.2 x pixel size, through-plane FWHM = thickness.
 
     Returns (sigma_u, sigma_v, sigma_n) in mm, ready for ``psf_sigma``.
     """
     du, dv = pixel_spacing
-    return (inplane_fwhm_factor * du * FWHM_TO_SIGMA, inplane_fwhm_factor * dv * FWHM_TO_SIGMA,
-            thickness * FWHM_TO_SIGMA)
+    return (
+        inplane_fwhm_factor * du * FWHM_TO_SIGMA,
+        inplane_fwhm_factor * dv * FWHM_TO_SIGMA,
+        thickness * FWHM_TO_SIGMA,
+    )
 
 
 def mask_to_row_spans(pixel_mask, n_slices: int, shape: tuple[int, int]) -> np.ndarray:
@@ -144,8 +154,7 @@ def resolve_row_spans(row_spans, pixel_mask, window, n_slices: int, shape: tuple
         if spans is None:
             spans = ms
         else:
-            spans = np.stack([np.maximum(spans[..., 0], ms[..., 0]),
-                              np.minimum(spans[..., 1], ms[..., 1])], -1)
+            spans = np.stack([np.maximum(spans[..., 0], ms[..., 0]), np.minimum(spans[..., 1], ms[..., 1])], -1)
     if window is not None:
         wi = window.detach().cpu().numpy() if isinstance(window, Tensor) else np.asarray(window)
         wi = np.broadcast_to(wi.astype(np.int64), (n_slices, 4))

@@ -255,9 +255,12 @@ def _plane_test(mu, sig, i, org, ax, psf2, s, cut2):
     n1 = ax[s, 2, 1]
     n2 = ax[s, 2, 2]
     d2 = n0 * (mu[i, 0] - org[s, 0]) + n1 * (mu[i, 1] - org[s, 1]) + n2 * (mu[i, 2] - org[s, 2])
-    c22 = (n0 * (n0 * sig[i, 0] + n1 * sig[i, 1] + n2 * sig[i, 2])
-           + n1 * (n0 * sig[i, 1] + n1 * sig[i, 3] + n2 * sig[i, 4])
-           + n2 * (n0 * sig[i, 2] + n1 * sig[i, 4] + n2 * sig[i, 5]) + psf2[s, 2])
+    c22 = (
+        n0 * (n0 * sig[i, 0] + n1 * sig[i, 1] + n2 * sig[i, 2])
+        + n1 * (n0 * sig[i, 1] + n1 * sig[i, 3] + n2 * sig[i, 4])
+        + n2 * (n0 * sig[i, 2] + n1 * sig[i, 4] + n2 * sig[i, 5])
+        + psf2[s, 2]
+    )
     return d2 * d2 <= cut2 * c22
 
 
@@ -281,8 +284,9 @@ def count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, 
 
 
 @njit(parallel=True, **_JIT)
-def fill_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv,
-               goff, gcnt, p_sl, p_dat, p_rows):
+def fill_pairs(
+    mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv, goff, gcnt, p_sl, p_dat, p_rows
+):
     """Exact cull + projection; pairs of sorted Gaussian t at goff[t] .. goff[t] + gcnt[t]."""
     for j in prange(cells.shape[0]):
         c = cells[j]
@@ -389,8 +393,7 @@ def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv
             thr = p_dat[p, 6]
             r2 = math.exp(-k11 * dv * dv)
             for a in range(a0, a1):
-                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans,
-                                          has_spans)
+                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans, has_spans)
                 if b_hi <= b_lo:
                     continue
                 e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
@@ -416,8 +419,7 @@ def _pair_moments(gimg, a0, a1, s, mu_, mv_, k00, k01, k11, thr, du, dv, idv, wi
     Sxy = 0.0
     Syy = 0.0
     for a in range(a0, a1 + 1):
-        b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width,
-                                  spans, has_spans)
+        b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans, has_spans)
         if b_hi <= b_lo:
             continue
         e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
@@ -560,8 +562,9 @@ def _pair_gradient(mu, sig, w, i, org, ax, psf2, s, alpha, k00, k01, k11, S0, Sx
 
 
 @njit(parallel=True, **_JIT)
-def raster_backward(grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du,
-                    dv, spans, has_spans, nchunk):
+def raster_backward(
+    grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du, dv, spans, has_spans, nchunk
+):
     n = order.shape[0]
     ns = org.shape[0]
     width = grad.shape[2]
@@ -594,12 +597,29 @@ def raster_backward(grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, or
                 k11 = p_dat[p, 4]
                 alpha = p_dat[p, 5]
                 thr = p_dat[p, 6]
-                S0, Sx, Sy, Sxx, Sxy, Syy = _pair_moments(grad[s], p_rows[p, 0], p_rows[p, 1], s, mu_, mv_, k00, k01,
-                                                         k11, thr, du, dv, idv, width, spans, has_spans)
+                S0, Sx, Sy, Sxx, Sxy, Syy = _pair_moments(
+                    grad[s],
+                    p_rows[p, 0],
+                    p_rows[p, 1],
+                    s,
+                    mu_,
+                    mv_,
+                    k00,
+                    k01,
+                    k11,
+                    thr,
+                    du,
+                    dv,
+                    idv,
+                    width,
+                    spans,
+                    has_spans,
+                )
                 if S0 == 0.0 and Sx == 0.0 and Sy == 0.0 and Sxx == 0.0 and Sxy == 0.0 and Syy == 0.0:
                     continue
-                q0, q1, q2, d0, d1, d2, d3, d4, d5, dw = _pair_gradient(mu, sig, w, i, org, ax, psf2, s, alpha, k00,
-                                                                       k01, k11, S0, Sx, Sy, Sxx, Sxy, Syy, buf)
+                q0, q1, q2, d0, d1, d2, d3, d4, d5, dw = _pair_gradient(
+                    mu, sig, w, i, org, ax, psf2, s, alpha, k00, k01, k11, S0, Sx, Sy, Sxx, Sxy, Syy, buf
+                )
                 gww += dw
                 gs0 += d0
                 gs1 += d1
@@ -638,8 +658,21 @@ def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, h
         s = p_sl[p]
         k = 0
         for a in range(p_rows[p, 0], p_rows[p, 1] + 1):
-            b_lo, b_hi, x = _row_span(a, s, p_dat[p, 0], p_dat[p, 1], p_dat[p, 2], p_dat[p, 3],
-                                      p_dat[p, 4], p_dat[p, 6], du, 1.0 / dv, width, spans, has_spans)
+            b_lo, b_hi, x = _row_span(
+                a,
+                s,
+                p_dat[p, 0],
+                p_dat[p, 1],
+                p_dat[p, 2],
+                p_dat[p, 3],
+                p_dat[p, 4],
+                p_dat[p, 6],
+                du,
+                1.0 / dv,
+                width,
+                spans,
+                has_spans,
+            )
             if b_hi > b_lo:
                 k += b_hi - b_lo
         tot += k
@@ -681,8 +714,21 @@ def design_count(ns, height, width, s_off, s_idx, p_dat, p_rows, du, dv, spans, 
                 continue
             k = 0
             for a in range(a0, a1 + 1):
-                b_lo, b_hi, x = _row_span(a, s, p_dat[p, 0], p_dat[p, 1], p_dat[p, 2], p_dat[p, 3],
-                                          p_dat[p, 4], p_dat[p, 6], du, idv, width, spans, has_spans)
+                b_lo, b_hi, x = _row_span(
+                    a,
+                    s,
+                    p_dat[p, 0],
+                    p_dat[p, 1],
+                    p_dat[p, 2],
+                    p_dat[p, 3],
+                    p_dat[p, 4],
+                    p_dat[p, 6],
+                    du,
+                    idv,
+                    width,
+                    spans,
+                    has_spans,
+                )
                 if b_hi > b_lo:
                     k += b_hi - b_lo
             nrow[q] = a1 - a0 + 1
@@ -691,8 +737,9 @@ def design_count(ns, height, width, s_off, s_idx, p_dat, p_rows, du, dv, spans, 
 
 
 @njit(parallel=True, **_JIT)
-def design_fill(ns, height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv, spans, has_spans,
-                roff, voff, q_g, q_a0, rows, vals):
+def design_fill(
+    ns, height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv, spans, has_spans, roff, voff, q_g, q_a0, rows, vals
+):
     """Fill the design of design_count's sizes (roff / voff: exclusive prefix sums, length Q + 1)."""
     idv = 1.0 / dv
     for s in prange(ns):
@@ -714,8 +761,7 @@ def design_fill(ns, height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv,
             k = voff[q]
             r_ = roff[q]
             for a in range(a0, a0 + roff[q + 1] - roff[q]):
-                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans,
-                                          has_spans)
+                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k00, k01, k11, thr, du, idv, width, spans, has_spans)
                 if b_hi <= b_lo:
                     rows[r_, 0] = 0
                     rows[r_, 1] = 0
@@ -977,8 +1023,7 @@ def _point_term_any(mu, sig, i, pts, j, psf, pj, pre, ginv):
 
 
 @njit(parallel=True, **_JIT)
-def points_forward(mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims,
-                   p_cells, rad):
+def points_forward(mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad):
     npt = pts.shape[0]
     out = np.zeros(npt)
     for j in prange(npt):
@@ -1002,8 +1047,9 @@ def points_forward(mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start,
 
 
 @njit(parallel=True, **_JIT)
-def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_cells, p_order,
-                              p_start, p_lo, p_dims, rad):
+def points_backward_gaussians(
+    grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_cells, p_order, p_start, p_lo, p_dims, rad
+):
     n = mu.shape[0]
     g_mu = np.zeros((n, 3))
     g_sig = np.zeros((n, 6))
@@ -1032,7 +1078,8 @@ def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, pre, ginv, 
                     j = p_order[t]
                     pj = j * per_point
                     e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term_any(
-                        mu, sig, i, pts, j, psf, pj, pre, ginv)
+                        mu, sig, i, pts, j, psf, pj, pre, ginv
+                    )
                     ge = grad[j] * e
                     gw += ge
                     gv = ge * w[i]
@@ -1060,8 +1107,9 @@ def points_backward_gaussians(grad, mu, sig, w, pts, psf, per_point, pre, ginv, 
 
 
 @njit(parallel=True, **_JIT)
-def points_backward_points(grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start,
-                           g_lo, g_dims, p_cells, rad):
+def points_backward_points(
+    grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad
+):
     """dL/dpoints [P,3] and dL/dM [P,6] (symmetric-matrix entries xx,xy,xz,yy,yz,zz of the
     gradient w.r.t. the point's PSF covariance)."""
     npt = pts.shape[0]
@@ -1090,7 +1138,8 @@ def points_backward_points(grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_o
                 for t in range(g_start[base + z0], g_start[base + z1 + 1]):
                     i = g_order[t]
                     e, q0, q1, q2, i00, i01, i02, i11, i12, i22 = _point_term_any(
-                        mu, sig, i, pts, j, psf, pj, pre, ginv)
+                        mu, sig, i, pts, j, psf, pj, pre, ginv
+                    )
                     gv = grad[j] * w[i] * e
                     a0 -= gv * q0
                     a1 -= gv * q1
@@ -1125,10 +1174,22 @@ def _rotmat(q0, q1, q2, q3):
     x = q1 / nrm
     y = q2 / nrm
     z = q3 / nrm
-    return (w, x, y, z, nrm,
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y))
+    return (
+        w,
+        x,
+        y,
+        z,
+        nrm,
+        1 - 2 * (y * y + z * z),
+        2 * (x * y - w * z),
+        2 * (x * z + w * y),
+        2 * (x * y + w * z),
+        1 - 2 * (x * x + z * z),
+        2 * (y * z - w * x),
+        2 * (x * z - w * y),
+        2 * (y * z + w * x),
+        1 - 2 * (x * x + y * y),
+    )
 
 
 @njit(parallel=True, **_JIT)
@@ -1161,16 +1222,22 @@ def gauss_prep_backward(ls, q, c, g_sig, g_w):
     g_q = np.empty((n, 4))
     g_c = np.empty(n)
     for i in prange(n):
-        if (g_w[i] == 0.0 and g_sig[i, 0] == 0.0 and g_sig[i, 1] == 0.0 and g_sig[i, 2] == 0.0
-                and g_sig[i, 3] == 0.0 and g_sig[i, 4] == 0.0 and g_sig[i, 5] == 0.0):
+        if (
+            g_w[i] == 0.0
+            and g_sig[i, 0] == 0.0
+            and g_sig[i, 1] == 0.0
+            and g_sig[i, 2] == 0.0
+            and g_sig[i, 3] == 0.0
+            and g_sig[i, 4] == 0.0
+            and g_sig[i, 5] == 0.0
+        ):
             for k in range(3):
                 g_ls[i, k] = 0.0
             for k in range(4):
                 g_q[i, k] = 0.0
             g_c[i] = 0.0
             continue
-        w, x, y, z, nrm, r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rotmat(
-            q[i, 0], q[i, 1], q[i, 2], q[i, 3])
+        w, x, y, z, nrm, r00, r01, r02, r10, r11, r12, r20, r21, r22 = _rotmat(q[i, 0], q[i, 1], q[i, 2], q[i, 3])
         e0 = math.exp(2 * ls[i, 0])
         e1 = math.exp(2 * ls[i, 1])
         e2 = math.exp(2 * ls[i, 2])
@@ -1212,12 +1279,9 @@ def gauss_prep_backward(ls, q, c, g_sig, g_w):
         a21 = 2 * u21 * e1
         a22 = 2 * u22 * e2
         gw_ = 2 * (-z * a01 + y * a02 + z * a10 - x * a12 - y * a20 + x * a21)
-        gx_ = 2 * (y * a01 + z * a02 + y * a10 - 2 * x * a11 - w * a12 + z * a20 + w * a21
-                   - 2 * x * a22)
-        gy_ = 2 * (-2 * y * a00 + x * a01 + w * a02 + x * a10 + z * a12 - w * a20 + z * a21
-                   - 2 * y * a22)
-        gz_ = 2 * (-2 * z * a00 - w * a01 + x * a02 + w * a10 - 2 * z * a11 + y * a12 + x * a20
-                   + y * a21)
+        gx_ = 2 * (y * a01 + z * a02 + y * a10 - 2 * x * a11 - w * a12 + z * a20 + w * a21 - 2 * x * a22)
+        gy_ = 2 * (-2 * y * a00 + x * a01 + w * a02 + x * a10 + z * a12 - w * a20 + z * a21 - 2 * y * a22)
+        gz_ = 2 * (-2 * z * a00 - w * a01 + x * a02 + w * a10 - 2 * z * a11 + y * a12 + x * a20 + y * a21)
         dot = w * gw_ + x * gx_ + y * gy_ + z * gz_
         g_q[i, 0] = (gw_ - w * dot) / nrm
         g_q[i, 1] = (gx_ - x * dot) / nrm

@@ -33,6 +33,7 @@ from . import _cpu_kernels as K
 _RASTER_CHUNKS = 64
 _DESIGN_CHUNKS = 8
 
+
 def set_threads(n: int | None = None) -> int:
     """Use n threads (default: all cores) for the Numba kernels. Returns the number set."""
     n = n or numba.config.NUMBA_NUM_THREADS
@@ -86,17 +87,37 @@ def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_si
     ext = _extents(spans, ns, h, wd, du, dv)
     cut = float(cutoff)
     order, cstart, cells, lo, dims, r2max, cell_size = K.build_cells(
-        mu, sig, -1.0 if cell_size is None else float(cell_size), 24.0)
+        mu, sig, -1.0 if cell_size is None else float(cell_size), 24.0
+    )
     cl_off, cl_sl = K.cell_slice_lists(cells, lo, dims, cell_size, r2max, org, ax, psf2, ext, cut)
-    goff = K.count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext,
-                         cut * cut, du, dv)
+    goff = K.count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut * cut, du, dv)
     nbound = int(goff[-1])
     p_sl = np.empty(nbound, np.int32)
     p_dat = np.empty((nbound, 7))
     p_rows = np.empty((nbound, 2), np.int64)
     gcnt = np.empty(n, np.int64)
-    K.fill_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut * cut,
-                 du, dv, goff, gcnt, p_sl, p_dat, p_rows)
+    K.fill_pairs(
+        mu,
+        sig,
+        w,
+        order,
+        cstart,
+        cells,
+        cl_off,
+        cl_sl,
+        org,
+        ax,
+        psf2,
+        ext,
+        cut * cut,
+        du,
+        dv,
+        goff,
+        gcnt,
+        p_sl,
+        p_dat,
+        p_rows,
+    )
     s_off, s_idx = K.slice_index(goff, gcnt, p_sl, ns)
     plan.gcnt = gcnt
     plan.n_pairs = int(s_off[-1])
@@ -126,8 +147,7 @@ def _to_torch(a: np.ndarray, dtype: torch.dtype) -> Tensor:
 
 class _RenderSlicesCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, means, log_scales, quats, intensities, origins, axes, psf2, shape, spacing,
-                cutoff, spans, stats):
+    def forward(ctx, means, log_scales, quats, intensities, origins, axes, psf2, shape, spacing, cutoff, spans, stats):
         h, wd = shape
         du, dv = spacing
         a_mu, a_ls, a_q, a_c = (_np64(t) for t in (means, log_scales, quats, intensities))
@@ -139,17 +159,16 @@ class _RenderSlicesCPU(torch.autograd.Function):
         sp = spans if has else _dummy_spans()
         threads = numba.get_num_threads()
         nband = max(1, min(h, -(-4 * threads // max(ns, 1))))
-        img = K.raster_forward(ns, h, wd, nband, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows,
-                               du, dv, sp, has)
+        img = K.raster_forward(ns, h, wd, nband, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, du, dv, sp, has)
         if stats is not None:
             stats["pairs"] = plan.n_pairs
             stats["candidates"] = plan.n_candidates
             if stats.get("count_pixel_pairs"):
-                stats["pixel_pairs"] = int(K.count_pixel_pairs(
-                    plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, plan.p_sl, du, dv, wd, sp, has))
+                stats["pixel_pairs"] = int(
+                    K.count_pixel_pairs(plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, plan.p_sl, du, dv, wd, sp, has)
+                )
         ctx.saved = (plan, a_mu, a_ls, a_q, a_c, a_sig, a_w, a_org, a_ax, psf2, du, dv, sp, has)
-        ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype,
-                      origins.dtype, axes.dtype)
+        ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype, origins.dtype, axes.dtype)
         ctx.devices = [t.device for t in (means, log_scales, quats, intensities, origins, axes)]
         return _to_torch(img, means.dtype).to(means.device)
 
@@ -159,10 +178,26 @@ class _RenderSlicesCPU(torch.autograd.Function):
         plan, a_mu, a_ls, a_q, a_c, a_sig, a_w, a_org, a_ax, psf2, du, dv, sp, has = ctx.saved
         g = _np64(grad)
         nchunk = max(1, min(a_mu.shape[0], _RASTER_CHUNKS))
-        g_mu, g_sig, g_w, g_sl = K.raster_backward(g, plan.order, plan.goff, plan.gcnt, plan.p_sl,
-                                                   plan.p_dat,
-                                                   plan.p_rows, a_mu, a_sig, a_w, a_org, a_ax,
-                                                   psf2, du, dv, sp, has, nchunk)
+        g_mu, g_sig, g_w, g_sl = K.raster_backward(
+            g,
+            plan.order,
+            plan.goff,
+            plan.gcnt,
+            plan.p_sl,
+            plan.p_dat,
+            plan.p_rows,
+            a_mu,
+            a_sig,
+            a_w,
+            a_org,
+            a_ax,
+            psf2,
+            du,
+            dv,
+            sp,
+            has,
+            nchunk,
+        )
         g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, g_sig, g_w)
         d = ctx.dtypes
         grads = (g_mu, g_ls, g_q, g_c, g_sl[:, 0:3], g_sl[:, 3:12].reshape(-1, 3, 3))
@@ -179,20 +214,40 @@ def _psf_variances(psf_sigma, ns: int) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(p * p, (ns, 3)))
 
 
-def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  origins: Tensor, axes: Tensor, shape: tuple[int, int], spacing: tuple[float, float],
-                  psf_sigma=None, cutoff: float = 3.0, row_spans=None, stats: dict | None = None
-                  ) -> Tensor:
+def render_slices(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    cutoff: float = 3.0,
+    row_spans=None,
+    stats: dict | None = None,
+) -> Tensor:
     """CPU render of slices [S,H,W]; see :func:`mgaussian.render.render_slices`.
 
     ``row_spans``: None or int32 numpy [S,H,2]; ``stats``: optional dict filled with 'pairs',
     'candidates' (and 'pixel_pairs' if it holds count_pixel_pairs=True).
     """
     psf2 = _psf_variances(psf_sigma, origins.shape[0])
-    return _RenderSlicesCPU.apply(means, log_scales, quats, intensities, origins, axes, psf2,
-                                  (int(shape[0]), int(shape[1])),
-                                  (float(spacing[0]), float(spacing[1])), float(cutoff),
-                                  row_spans, stats)
+    return _RenderSlicesCPU.apply(
+        means,
+        log_scales,
+        quats,
+        intensities,
+        origins,
+        axes,
+        psf2,
+        (int(shape[0]), int(shape[1])),
+        (float(spacing[0]), float(spacing[1])),
+        float(cutoff),
+        row_spans,
+        stats,
+    )
 
 
 class SliceDesign:
@@ -235,20 +290,40 @@ class SliceDesign:
         return self._out(K.design_diag_normal(self.ns, *self._arrays, _np64(weight), self.n, self._nchunk()))
 
 
-def design_size(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,
-                shape, spacing, psf_sigma=None, cutoff: float = 3.0, row_spans=None):
+def design_size(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape,
+    spacing,
+    psf_sigma=None,
+    cutoff: float = 3.0,
+    row_spans=None,
+):
     """(bytes a :class:`SliceDesign` of these slices takes, terms), by the counting pass alone."""
-    return _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans,
-                   max_bytes=0)[1:]
+    return _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans, max_bytes=0)[
+        1:
+    ]
 
 
-def build_design(means: Tensor, log_scales: Tensor, quats: Tensor, origins: Tensor, axes: Tensor,
-                 shape, spacing, psf_sigma=None, cutoff: float = 3.0, row_spans=None,
-                 max_bytes: float | None = None):
+def build_design(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape,
+    spacing,
+    psf_sigma=None,
+    cutoff: float = 3.0,
+    row_spans=None,
+    max_bytes: float | None = None,
+):
     """The :class:`SliceDesign` of these slices (arguments as :func:`render_slices`, intensities
     excepted), or None when it would take more than ``max_bytes``."""
-    return _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans,
-                   max_bytes)[0]
+    return _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans, max_bytes)[0]
 
 
 def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans, max_bytes):
@@ -280,8 +355,26 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
     rows = np.empty((n_rows, 2), rdt)
     vals = np.empty(n_terms, np.float32)
     p_g = K.pair_gaussians(plan.order, plan.goff, plan.gcnt, plan.p_sl.shape[0])
-    K.design_fill(ns, h, wd, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, p_g, du, dv, sp, has,
-                  roff, voff, q_g, q_a0, rows, vals)
+    K.design_fill(
+        ns,
+        h,
+        wd,
+        plan.s_off,
+        plan.s_idx,
+        plan.p_dat,
+        plan.p_rows,
+        p_g,
+        du,
+        dv,
+        sp,
+        has,
+        roff,
+        voff,
+        q_g,
+        q_a0,
+        rows,
+        vals,
+    )
     d = SliceDesign(ns, (h, wd), plan.s_off, q_g, q_a0, roff, voff, rows, vals, n, means.dtype, means.device)
     return d, d.nbytes, n_terms
 
@@ -318,14 +411,33 @@ class _RenderPointsCPU(torch.autograd.Function):
         _check_cells(g_dims)
         if not np.isfinite(a_pts).all():
             raise ValueError("non-finite query point")
-        p_cells = np.floor(a_pts / cell_size).astype(np.int64) if a_pts.size else np.zeros((0, 3),
-                                                                                             np.int64)
+        p_cells = np.floor(a_pts / cell_size).astype(np.int64) if a_pts.size else np.zeros((0, 3), np.int64)
         pre = not per_point
         ginv = K.shared_inverses(a_sig, psf) if pre else np.zeros((1, 7))
-        out = K.points_forward(a_mu, a_sig, a_w, a_pts, psf, per_point, pre, ginv, g_order, g_start,
-                               g_lo, g_dims, p_cells, rad)
-        ctx.saved = (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, pre, ginv, rad,
-                     cell_size, g_order, g_start, g_lo, g_dims, g_cells, p_cells)
+        out = K.points_forward(
+            a_mu, a_sig, a_w, a_pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad
+        )
+        ctx.saved = (
+            a_mu,
+            a_ls,
+            a_q,
+            a_c,
+            a_sig,
+            a_w,
+            a_pts,
+            psf,
+            per_point,
+            pre,
+            ginv,
+            rad,
+            cell_size,
+            g_order,
+            g_start,
+            g_lo,
+            g_dims,
+            g_cells,
+            p_cells,
+        )
         ctx.dtypes = (means.dtype, log_scales.dtype, quats.dtype, intensities.dtype, pts.dtype)
         ctx.devices = [t.device for t in (means, log_scales, quats, intensities, pts)]
         ctx.psf_meta = (None, None) if psf_cov is None else (psf_cov.dtype, psf_cov.device)
@@ -334,24 +446,43 @@ class _RenderPointsCPU(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (a_mu, a_ls, a_q, a_c, a_sig, a_w, a_pts, psf, per_point, pre, ginv, rad, cs, g_order,
-         g_start, g_lo, g_dims, g_cells, p_cells) = ctx.saved
+        (
+            a_mu,
+            a_ls,
+            a_q,
+            a_c,
+            a_sig,
+            a_w,
+            a_pts,
+            psf,
+            per_point,
+            pre,
+            ginv,
+            rad,
+            cs,
+            g_order,
+            g_start,
+            g_lo,
+            g_dims,
+            g_cells,
+            p_cells,
+        ) = ctx.saved
         g = _np64(grad)
         d = ctx.dtypes
         g_mu = g_ls = g_q = g_c = g_pts = None
         if any(ctx.needs_input_grad[:4]):
             p_order, p_start, p_lo, p_dims, _ = K.cell_sort(a_pts, cs)
             _check_cells(p_dims)
-            gm, gs, gw = K.points_backward_gaussians(g, a_mu, a_sig, a_w, a_pts, psf, per_point,
-                                                     pre, ginv, g_cells, p_order, p_start, p_lo,
-                                                     p_dims, rad)
+            gm, gs, gw = K.points_backward_gaussians(
+                g, a_mu, a_sig, a_w, a_pts, psf, per_point, pre, ginv, g_cells, p_order, p_start, p_lo, p_dims, rad
+            )
             g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, gs, gw)
-            g_mu, g_ls, g_q, g_c = (_to_torch(x, t).to(dev) for x, t, dev in
-                                    zip((gm, g_ls, g_q, g_c), d, ctx.devices))
+            g_mu, g_ls, g_q, g_c = (_to_torch(x, t).to(dev) for x, t, dev in zip((gm, g_ls, g_q, g_c), d, ctx.devices))
         g_psf = None
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            gp, gm = K.points_backward_points(g, a_mu, a_sig, a_w, a_pts, psf, per_point, pre,
-                                              ginv, g_order, g_start, g_lo, g_dims, p_cells, rad)
+            gp, gm = K.points_backward_points(
+                g, a_mu, a_sig, a_w, a_pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad
+            )
             if ctx.needs_input_grad[4]:
                 g_pts = _to_torch(gp, d[4]).to(ctx.devices[4])
             if ctx.needs_input_grad[5]:
@@ -363,9 +494,17 @@ class _RenderPointsCPU(torch.autograd.Function):
         return g_mu, g_ls, g_q, g_c, g_pts, g_psf, None, None
 
 
-def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  points: Tensor, psf_cov: Tensor | None = None, block_radius: int | None = 5,
-                  cell_size: float = 1.0) -> Tensor:
+def render_points(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    points: Tensor,
+    psf_cov: Tensor | None = None,
+    block_radius: int | None = 5,
+    cell_size: float = 1.0,
+) -> Tensor:
     """CPU f(p) with block partitioning; see :func:`mgaussian.render.render_points`."""
-    return _RenderPointsCPU.apply(means, log_scales, quats, intensities, points, psf_cov,
-                                  block_radius, float(cell_size))
+    return _RenderPointsCPU.apply(
+        means, log_scales, quats, intensities, points, psf_cov, block_radius, float(cell_size)
+    )

@@ -19,7 +19,6 @@ inputs' device (dense, chunked).
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
@@ -40,8 +39,22 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def fwd_kernel(out_ptr, mask_ptr, tstart_ptr, tpairs_ptr, pdat_ptr, H, W, TH, TW, du, dv,
-                   BH: tl.constexpr, BW: tl.constexpr, HAS_MASK: tl.constexpr):
+    def fwd_kernel(
+        out_ptr,
+        mask_ptr,
+        tstart_ptr,
+        tpairs_ptr,
+        pdat_ptr,
+        H,
+        W,
+        TH,
+        TW,
+        du,
+        dv,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+    ):
         tid = tl.program_id(0)
         per = TH * TW
         s = tid // per
@@ -76,8 +89,23 @@ def _kernels():
         tl.store(out_ptr + offs, acc, mask=inb)
 
     @triton.jit
-    def bwd_kernel(grad_ptr, mask_ptr, tstart_ptr, tpairs_ptr, pdat_ptr, gpair_ptr, H, W, TH, TW,
-                   du, dv, BH: tl.constexpr, BW: tl.constexpr, HAS_MASK: tl.constexpr):
+    def bwd_kernel(
+        grad_ptr,
+        mask_ptr,
+        tstart_ptr,
+        tpairs_ptr,
+        pdat_ptr,
+        gpair_ptr,
+        H,
+        W,
+        TH,
+        TW,
+        du,
+        dv,
+        BH: tl.constexpr,
+        BW: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+    ):
         tid = tl.program_id(0)
         per = TH * TW
         s = tid // per
@@ -137,8 +165,9 @@ class _Raster(torch.autograd.Function):
         mk = mask if has else out
         ntile = S * TH * TW
         if ntile:
-            fwd[(ntile,)](out, mk, tstart, tpairs, pdat, H, W, TH, TW, float(du), float(dv),
-                          BH=BLOCK_H, BW=BLOCK_W, HAS_MASK=has)
+            fwd[(ntile,)](
+                out, mk, tstart, tpairs, pdat, H, W, TH, TW, float(du), float(dv), BH=BLOCK_H, BW=BLOCK_W, HAS_MASK=has
+            )
         ctx.save_for_backward(pdat, tstart, tpairs)
         ctx.mask = mask
         ctx.meta = (S, H, W, TH, TW, du, dv)
@@ -155,8 +184,23 @@ class _Raster(torch.autograd.Function):
         mk = ctx.mask if has else g
         ntile = S * TH * TW
         if ntile and pdat.shape[0]:
-            bwd[(ntile,)](g, mk, tstart, tpairs, pdat, gp, H, W, TH, TW, float(du), float(dv),
-                          BH=BLOCK_H, BW=BLOCK_W, HAS_MASK=has)
+            bwd[(ntile,)](
+                g,
+                mk,
+                tstart,
+                tpairs,
+                pdat,
+                gp,
+                H,
+                W,
+                TH,
+                TW,
+                float(du),
+                float(dv),
+                BH=BLOCK_H,
+                BW=BLOCK_W,
+                HAS_MASK=has,
+            )
         gp = gp.double()
         pd = pdat.double()
         k00, k01, k11, alpha = pd[:, 2], pd[:, 3], pd[:, 4], pd[:, 5]
@@ -165,8 +209,22 @@ class _Raster(torch.autograd.Function):
         g_m = torch.stack([alpha * (k00 * sx + k01 * sy), alpha * (k01 * sx + k11 * sy)], 1)
         g_k = torch.stack([-0.5 * alpha * sxx, -alpha * sxy, -0.5 * alpha * syy], 1)
         dt = grad.dtype
-        return (g_m.to(dt), g_k.to(dt), g_alpha.to(dt), None, None, None, None, None, None, None,
-                None, None, None, None)
+        return (
+            g_m.to(dt),
+            g_k.to(dt),
+            g_alpha.to(dt),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _pairs(means, sig, origins, axes, psf2, cut2):
@@ -178,9 +236,9 @@ def _pairs(means, sig, origins, axes, psf2, cut2):
     out_g = [torch.zeros(0, dtype=torch.long, device=means.device)]
     with torch.no_grad():
         for a in range(0, ns, step):
-            nrm = axes[a:a + step, 2]  # [s,3]
-            dn = ((means[None] - origins[a:a + step, None]) * nrm[:, None]).sum(-1)  # [s,N]
-            cnn = torch.einsum("si,nij,sj->sn", nrm, sig, nrm) + psf2[a:a + step, 2:3]
+            nrm = axes[a : a + step, 2]  # [s,3]
+            dn = ((means[None] - origins[a : a + step, None]) * nrm[:, None]).sum(-1)  # [s,N]
+            cnn = torch.einsum("si,nij,sj->sn", nrm, sig, nrm) + psf2[a : a + step, 2:3]
             keep = (dn * dn <= cut2 * cnn) & (cnn > 0)
             si, gi = keep.nonzero(as_tuple=True)
             out_s.append(si + a)
@@ -188,11 +246,22 @@ def _pairs(means, sig, origins, axes, psf2, cut2):
     return torch.cat(out_s), torch.cat(out_g)
 
 
-def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  origins: Tensor, axes: Tensor, shape: tuple[int, int], spacing: tuple[float, float],
-                  psf_sigma=None, cutoff: float = 3.0, row_spans=None) -> Tensor:
+def render_slices(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    cutoff: float = 3.0,
+    row_spans=None,
+) -> Tensor:
     """Triton render of slices [S,H,W]; see :func:`mgaussian.render.render_slices`."""
     from ._common import spans_to_mask
+
     h, w = shape
     du, dv = float(spacing[0]), float(spacing[1])
     dev = means.device
@@ -252,9 +321,15 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     return _Raster.apply(m, kc, alpha, thr.float(), tstart, tpairs, mask, ns, h, w, th, tw, du, dv)
 
 
-def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  points: Tensor, psf_cov: Tensor | None = None, block_radius: int | None = 5,
-                  cell_size: float = 1.0) -> Tensor:
+def render_points(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    points: Tensor,
+    psf_cov: Tensor | None = None,
+    block_radius: int | None = 5,
+    cell_size: float = 1.0,
+) -> Tensor:
     """Points on the gpu backend: the reference ops on the inputs' device (dense, chunked)."""
-    return _ref.render_points(means, log_scales, quats, intensities, points, psf_cov,
-                              block_radius, cell_size)
+    return _ref.render_points(means, log_scales, quats, intensities, points, psf_cov, block_radius, cell_size)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 from torch.utils.checkpoint import checkpoint
 
 from ._common import covariance, psf_variances, spans_to_mask, weights
@@ -28,15 +27,24 @@ def _slice_block(r_pix, dk, cinv, amp, cut2):
 
 def _run(fn, *args):
     """Evaluate a block; under autograd, checkpointed so memory stays bounded by one block."""
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                       for a in args):
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
 
-def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  origins: Tensor, axes: Tensor, shape: tuple[int, int], spacing: tuple[float, float],
-                  psf_sigma=None, cutoff: float = 3.0, row_spans=None) -> Tensor:
+def render_slices(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    cutoff: float = 3.0,
+    row_spans=None,
+) -> Tensor:
     """Render slices [S,H,W]; see :func:`mgaussian.render.render_slices`.
 
     ``row_spans``: None or numpy int32 [S,H,2]; pixels outside the spans are 0.
@@ -50,8 +58,9 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
     psf2 = psf_variances(psf_sigma, n_slices, dtype, dev)
     cut2 = float(cutoff) ** 2
     sel = torch.from_numpy(spans_to_mask(row_spans, n_slices, shape)).to(dev)
-    aa, bb = torch.meshgrid(torch.arange(h, device=dev, dtype=dtype) * du,
-                            torch.arange(w, device=dev, dtype=dtype) * dv, indexing="ij")
+    aa, bb = torch.meshgrid(
+        torch.arange(h, device=dev, dtype=dtype) * du, torch.arange(w, device=dev, dtype=dtype) * dv, indexing="ij"
+    )
     grid = torch.stack([aa, bb, torch.zeros_like(aa)], -1).reshape(-1, 3)  # [H*W,3]
     images = []
     for s in range(n_slices):
@@ -71,7 +80,7 @@ def render_slices(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
         step = max(1, _CHUNK // keep.numel())
         vals = []
         for i in range(0, pix.numel(), step):
-            vals.append(_run(_slice_block, grid[pix[i:i + step]], dk, cinv, amp, cut2))
+            vals.append(_run(_slice_block, grid[pix[i : i + step]], dk, cinv, amp, cut2))
         img = img.index_put((pix,), torch.cat(vals))
         images.append(img)
     if not images:
@@ -84,9 +93,16 @@ def cell_coords(x: Tensor, cell_size: float) -> Tensor:
     return torch.floor(x.detach().double() / cell_size).long()
 
 
-def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities: Tensor,
-                  points: Tensor, psf_cov: Tensor | None = None, block_radius: int | None = 5,
-                  cell_size: float = 1.0) -> Tensor:
+def render_points(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    points: Tensor,
+    psf_cov: Tensor | None = None,
+    block_radius: int | None = 5,
+    cell_size: float = 1.0,
+) -> Tensor:
     """f(p) at points [P] with block partitioning; see :func:`mgaussian.render.render_points`.
 
     Gaussian i is summed at point p iff ``max_k |cell(p)_k - cell(mu_i)_k| <= block_radius``
@@ -121,12 +137,12 @@ def render_points(means: Tensor, log_scales: Tensor, quats: Tensor, intensities:
         return term.sum(1)
 
     for i in range(0, points.shape[0], step):
-        p = points[i:i + step]
+        p = points[i : i + step]
         near = None
         if cg is not None:
             cp = cell_coords(p, cell_size)
-            near = ((cp[:, None, :] - cg[None]).abs().amax(-1) <= block_radius)
-        pc = None if shared else psf_cov[i:i + step]
+            near = (cp[:, None, :] - cg[None]).abs().amax(-1) <= block_radius
+        pc = None if shared else psf_cov[i : i + step]
         out.append(block(p, pc, near))
     if not out:
         return points.new_zeros(0)

@@ -7,17 +7,48 @@ in is :mod:`mgaussian.recon.frame`'s."""
 from __future__ import annotations
 
 from .lm import optimise_poses
-from .poses import (matrix_to_rotvec, moved_by_mean, pose_means, slice_centres, slice_motion, slice_pose_from_matrix,
-                    stack_pose_spread, to_centre_convention, to_stack_poses)
+from .poses import (
+    matrix_to_rotvec,
+    moved_by_mean,
+    pose_means,
+    slice_centres,
+    slice_motion,
+    slice_pose_from_matrix,
+    stack_pose_spread,
+    to_centre_convention,
+    to_stack_poses,
+)
 from .registration import moved_stack, register_stacks
 from .robust import estimate_noise, fit_slice_scales, loss_weights, robust_weights, update_robust
 from .rounds import extrapolation_gain, pose_rounds, record_poses
 
-__all__ = ["register_stacks", "moved_stack", "slice_centres", "slice_pose_from_matrix", "to_centre_convention",
-           "slice_motion", "anchor_poses", "pose_means", "pose_centre", "location", "fov_centre", "reliable_slices",
-           "moved_by_mean", "to_stack_poses", "stack_pose_spread", "fit_slice_scales", "robust_weights",
-           "estimate_noise", "update_robust", "loss_weights", "matrix_to_rotvec", "optimise_poses",
-           "extrapolation_gain", "pose_rounds", "record_poses"]
+__all__ = [
+    "register_stacks",
+    "moved_stack",
+    "slice_centres",
+    "slice_pose_from_matrix",
+    "to_centre_convention",
+    "slice_motion",
+    "anchor_poses",
+    "pose_means",
+    "pose_centre",
+    "location",
+    "fov_centre",
+    "reliable_slices",
+    "moved_by_mean",
+    "to_stack_poses",
+    "stack_pose_spread",
+    "fit_slice_scales",
+    "robust_weights",
+    "estimate_noise",
+    "update_robust",
+    "loss_weights",
+    "matrix_to_rotvec",
+    "optimise_poses",
+    "extrapolation_gain",
+    "pose_rounds",
+    "record_poses",
+]
 
 
 _FRAME_NAMES = ("anchor_poses", "fov_centre", "location", "pose_centre", "reliable_slices")

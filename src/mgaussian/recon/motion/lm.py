@@ -15,11 +15,30 @@ from ..slices import render_stack_slices, slice_frames
 from .poses import moved_by_mean, pose_means
 
 
-def optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconConfig, backend: str, iters: int,
-                    deadline: float | None = None, skip=(), eps_rot: float = 2e-3, eps_trans: float = 0.05,
-                    max_rot: float = 0.035, max_trans: float = 2.0, prior: float = 1e-3, rot_axes=(0, 1, 2),
-                    small_slice: float = 0.0, jac_every: int = 1, jac_reuse_mm: float = 0.2,
-                    jac_reuse_rad: float = 0.0035):
+def optimise_poses(
+    params: dict,
+    sets,
+    rots,
+    trans,
+    cents,
+    wts,
+    scs,
+    cfg: ReconConfig,
+    backend: str,
+    iters: int,
+    deadline: float | None = None,
+    skip=(),
+    eps_rot: float = 2e-3,
+    eps_trans: float = 0.05,
+    max_rot: float = 0.035,
+    max_trans: float = 2.0,
+    prior: float = 1e-3,
+    rot_axes=(0, 1, 2),
+    small_slice: float = 0.0,
+    jac_every: int = 1,
+    jac_reuse_mm: float = 0.2,
+    jac_reuse_rad: float = 0.0035,
+):
     """Levenberg-Marquardt on every slice's rigid pose (6 parameters) with the field fixed.
 
     Slices are independent given the field, so one render with parameter j of every slice
@@ -68,7 +87,8 @@ def optimise_poses(params: dict, sets, rots, trans, cents, wts, scs, cfg: ReconC
 
             def prior_cost(rr, tt, axr):
                 dev = torch.cat([torch.einsum("kjc,kc->kj", axr, rr.double() - tgt_r), tt.double() - tgt_t], 1)
-                return (p_d * dev ** 2).sum(1), dev
+                return (p_d * dev**2).sum(1), dev
+
         J = None
         for it in range(iters):
             if deadline is not None and time.time() > deadline:

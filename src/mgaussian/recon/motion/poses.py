@@ -9,8 +9,17 @@ simulator's convention about one volume centre c: x -> R(x - c) + c + t with t =
 
 from __future__ import annotations
 
-__all__ = ["matrix_to_rotvec", "slice_centres", "slice_pose_from_matrix", "to_centre_convention", "slice_motion",
-           "pose_means", "moved_by_mean", "to_stack_poses", "stack_pose_spread"]
+__all__ = [
+    "matrix_to_rotvec",
+    "slice_centres",
+    "slice_pose_from_matrix",
+    "to_centre_convention",
+    "slice_motion",
+    "pose_means",
+    "moved_by_mean",
+    "to_stack_poses",
+    "stack_pose_spread",
+]
 
 import math
 
@@ -120,5 +129,7 @@ def stack_pose_spread(rots, trans, centres) -> tuple[float, float]:
         pts = c.detach().cpu().numpy().astype(np.float64)
         gap = moved_by_mean(pts, *stack) - moved_by_mean(pts, *everyone)
         worst_mm = max(worst_mm, float(np.linalg.norm(gap, axis=1).mean()))
-        worst_deg = max(worst_deg, math.degrees(float(np.linalg.norm(matrix_to_rotvec(rotvec_to_matrix(stack[0]) @ Rg.T)))))
+        worst_deg = max(
+            worst_deg, math.degrees(float(np.linalg.norm(matrix_to_rotvec(rotvec_to_matrix(stack[0]) @ Rg.T))))
+        )
     return worst_mm, worst_deg

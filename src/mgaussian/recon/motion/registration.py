@@ -64,13 +64,15 @@ def _register_pair(fixed, moving, start_rotvec=(0.0, 0.0, 0.0), iterations: int 
     if any(start_rotvec):
         R = rotvec_to_matrix(np.asarray(start_rotvec, dtype=np.float64))
         init.SetMatrix([float(v) for v in R.ravel()])
-    value = correlation_rigid(fixed, moving, init, iterations=iterations, learning_rate=2.0, min_step=1e-3,
-                              gradient_tolerance=1e-8)
+    value = correlation_rigid(
+        fixed, moving, init, iterations=iterations, learning_rate=2.0, min_step=1e-3, gradient_tolerance=1e-8
+    )
     return value, init
 
 
-def register_stacks(stacks: list[Stack], reference: int = 0, spacing: float | None = None, log=print,
-                    good_correlation: float = 0.85) -> list[np.ndarray]:
+def register_stacks(
+    stacks: list[Stack], reference: int = 0, spacing: float | None = None, log=print, good_correlation: float = 0.85
+) -> list[np.ndarray]:
     """Rigid pose (4x4, header -> reference frame) of every stack; the reference's is identity.
 
     Robust to offsets of >= 10 mm and >= 15 degrees: the start aligns the brains' centres of mass
@@ -93,8 +95,12 @@ def register_stacks(stacks: list[Stack], reference: int = 0, spacing: float | No
         best = _register_pair(fixed, moving)
         if -best[0] < good_correlation:
             a = math.radians(25.0)
-            starts = [(s * a, 0, 0) for s in (1, -1)] + [(0, s * a, 0) for s in (1, -1)] + \
-                     [(0, 0, s * a) for s in (1, -1)] + [(a / 1.7, a / 1.7, a / 1.7), (-a / 1.7, -a / 1.7, -a / 1.7)]
+            starts = (
+                [(s * a, 0, 0) for s in (1, -1)]
+                + [(0, s * a, 0) for s in (1, -1)]
+                + [(0, 0, s * a) for s in (1, -1)]
+                + [(a / 1.7, a / 1.7, a / 1.7), (-a / 1.7, -a / 1.7, -a / 1.7)]
+            )
             for r0 in starts:
                 cand = _register_pair(fixed, moving, r0)
                 if cand[0] < best[0]:
@@ -102,8 +108,10 @@ def register_stacks(stacks: list[Stack], reference: int = 0, spacing: float | No
         M = transform_matrix(best[1])  # reference point -> moving stack's header point
         P = np.linalg.inv(M)  # moving header -> reference frame: the stack's pose
         ang = math.degrees(np.linalg.norm(matrix_to_rotvec(P[:3, :3])))
-        log(f"stack {st.name}: registered to {stacks[reference].name} (correlation {-best[0]:.3f}; "
-            f"{ang:.1f} deg, {np.linalg.norm(P[:3, 3] + P[:3, :3] @ _centre(st) - _centre(st)):.1f} mm at its centre)")
+        log(
+            f"stack {st.name}: registered to {stacks[reference].name} (correlation {-best[0]:.3f}; "
+            f"{ang:.1f} deg, {np.linalg.norm(P[:3, 3] + P[:3, :3] @ _centre(st) - _centre(st)):.1f} mm at its centre)"
+        )
         poses.append(P)
     del sitk
     return poses

@@ -15,8 +15,9 @@ from ..slices import predict_all
 
 
 @torch.no_grad()
-def fit_slice_scales(pred: torch.Tensor, obs: torch.Tensor, w: torch.Tensor, lo: float = 0.5, hi: float = 2.0,
-                     shrink: float = 0.1) -> torch.Tensor:
+def fit_slice_scales(
+    pred: torch.Tensor, obs: torch.Tensor, w: torch.Tensor, lo: float = 0.5, hi: float = 2.0, shrink: float = 0.1
+) -> torch.Tensor:
     """Least-squares intensity scale per slice [K] (obs ~ s pred), shrunk toward 1 and clipped."""
     num = (w * pred * obs).sum((1, 2))
     den = (w * pred * pred).sum((1, 2))
@@ -26,8 +27,14 @@ def fit_slice_scales(pred: torch.Tensor, obs: torch.Tensor, w: torch.Tensor, lo:
 
 
 @torch.no_grad()
-def robust_weights(resid: list[torch.Tensor], masks: list[torch.Tensor], ncc: list[torch.Tensor],
-                   pixel_c: float = 3.0, slice_z: float = 3.5, min_ncc: float = 0.5):
+def robust_weights(
+    resid: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    ncc: list[torch.Tensor],
+    pixel_c: float = 3.0,
+    slice_z: float = 3.5,
+    min_ncc: float = 0.5,
+):
     """Pixel weights (Cauchy on residual / robust sigma) and slice weights from per-slice errors.
 
     resid [K,h,w] per stack (scaled prediction - observation), masks bool, ncc [K] per slice.
@@ -85,8 +92,10 @@ def loss_weights(sets, pws, sws=None) -> list[torch.Tensor]:
     because it is far from its pose must still be moved to it, or it stays excluded for good."""
     if sws is None:
         return [ss.mask.to(pw.dtype) * pool_pixels(pw, ss.binning) * ss.pixel_weight for ss, pw in zip(sets, pws)]
-    return [ss.mask.to(pw.dtype) * pool_pixels(pw, ss.binning) * sw[:, None, None] * ss.pixel_weight
-            for ss, pw, sw in zip(sets, pws, sws)]
+    return [
+        ss.mask.to(pw.dtype) * pool_pixels(pw, ss.binning) * sw[:, None, None] * ss.pixel_weight
+        for ss, pw, sw in zip(sets, pws, sws)
+    ]
 
 
 def _slice_ncc(p: torch.Tensor, obs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -96,7 +105,7 @@ def _slice_ncc(p: torch.Tensor, obs: torch.Tensor, m: torch.Tensor) -> torch.Ten
     om = (obs * m).sum((1, 2)) / cnt
     pc = (p - pm[:, None, None]) * m
     oc = (obs - om[:, None, None]) * m
-    return (pc * oc).sum((1, 2)) / ((pc ** 2).sum((1, 2)) * (oc ** 2).sum((1, 2))).sqrt().clamp_min(1e-12)
+    return (pc * oc).sum((1, 2)) / ((pc**2).sum((1, 2)) * (oc**2).sum((1, 2))).sqrt().clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -115,8 +124,9 @@ def update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend:
         resid.append((p - ss.obs) * m)
         nccs.append(_slice_ncc(p, ss.obs, m))
     if cfg.robust:
-        pw, sw, _ = robust_weights(resid, [ss.mask for ss in sets], nccs, cfg.pixel_outlier_c,
-                                   cfg.slice_outlier_z, cfg.slice_min_ncc)
+        pw, sw, _ = robust_weights(
+            resid, [ss.mask for ss in sets], nccs, cfg.pixel_outlier_c, cfg.slice_outlier_z, cfg.slice_min_ncc
+        )
         for si, ss in enumerate(sets):  # pixel weights are kept per source pixel (a bin's weight to each of its pixels)
             pws[si].copy_(expand_pixels(pw[si], ss.binning, tuple(pws[si].shape[1:])))
             sws[si].copy_(sw[si])

@@ -32,8 +32,8 @@ def extrapolation_gain(step, prev, cap: float, arm_mm: float = 40.0) -> float:
     the edge of a slice; per slice it is too noisy). The gain is capped at ``cap``; 0 unless
     0 < rho < 1 (the rounds turn back, or do not settle). ``step``, ``prev``: per stack (rotation
     [n, 3] rad, translation [n, 3] mm)."""
-    num = sum(float((a[0] * b[0]).sum()) * arm_mm ** 2 + float((a[1] * b[1]).sum()) for a, b in zip(step, prev))
-    den = sum(float((b[0] * b[0]).sum()) * arm_mm ** 2 + float((b[1] * b[1]).sum()) for b in prev)
+    num = sum(float((a[0] * b[0]).sum()) * arm_mm**2 + float((a[1] * b[1]).sum()) for a, b in zip(step, prev))
+    den = sum(float((b[0] * b[0]).sum()) * arm_mm**2 + float((b[1] * b[1]).sum()) for b in prev)
     rho = num / den if den > 0 else 0.0
     return min(rho / (1.0 - rho), cap) if 0.0 < rho < 1.0 else 0.0
 
@@ -97,23 +97,61 @@ def pose_rounds(state, level) -> bool:
         # each slice's pose is fitted whatever its slice weight (its pixel weights still apply):
         # a slice excluded while far from its pose must still be moved to it (benchmarks/MOTION.md,
         # session 6: slices of 1700-2700 pixels, 4 mm off, were excluded and never moved)
-        optimise_poses(state.params, level.lsets, state.rots, state.trans, state.cents,
-                       loss_weights(level.lsets, state.pws), state.scs, cfg, state.backend, steps,
-                       deadline=level.deadline, rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,),
-                       small_slice=cfg.pose_small_slice, jac_every=cfg.pose_jacobian_every)
+        optimise_poses(
+            state.params,
+            level.lsets,
+            state.rots,
+            state.trans,
+            state.cents,
+            loss_weights(level.lsets, state.pws),
+            state.scs,
+            cfg,
+            state.backend,
+            steps,
+            deadline=level.deadline,
+            rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,),
+            small_slice=cfg.pose_small_slice,
+            jac_every=cfg.pose_jacobian_every,
+        )
         frame.hold_frame(state)
         step_now = [(r - b[0], t - b[1]) for r, t, b in zip(state.rots, state.trans, before)]
         gain = _carry_on(state, step_now, prev_step)
         prev_step = step_now
         d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(state.trans, before)]).mean())
         d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(state.rots, before)]).mean()) * 180 / math.pi
-        state.log(f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average"
-                  + (f" (carried on x {1 + gain:.2f})" if gain > 0 else "") + f" ({state.elapsed():.0f} s)")
-        level.lwts, _ = update_robust(state.params, level.lsets, state.rots, state.trans, state.cents, state.scs,
-                                      state.sws, state.pws, cfg, state.backend)
-        done = cg_intensities(state.params, level.lsets, state.rots, state.trans, state.cents, level.lwts,
-                              state.scs, cfg, state.backend, cfg.motion_refit_iterations, level.pairs, smooth_m,
-                              deadline=level.deadline, cache=level.dcache)
+        state.log(
+            f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average"
+            + (f" (carried on x {1 + gain:.2f})" if gain > 0 else "")
+            + f" ({state.elapsed():.0f} s)"
+        )
+        level.lwts, _ = update_robust(
+            state.params,
+            level.lsets,
+            state.rots,
+            state.trans,
+            state.cents,
+            state.scs,
+            state.sws,
+            state.pws,
+            cfg,
+            state.backend,
+        )
+        done = cg_intensities(
+            state.params,
+            level.lsets,
+            state.rots,
+            state.trans,
+            state.cents,
+            level.lwts,
+            state.scs,
+            cfg,
+            state.backend,
+            cfg.motion_refit_iterations,
+            level.pairs,
+            smooth_m,
+            deadline=level.deadline,
+            cache=level.dcache,
+        )
         if done < cfg.motion_refit_iterations:
             state.note_budget(f"level {level.index + 1}'s pose rounds")
         record_poses(state)
@@ -145,9 +183,14 @@ def record_poses(state) -> None:
         un, sn = u.detach().cpu().numpy().astype(np.float64), cs.cpu().numpy().astype(np.float64)
         t = to_centre_convention(rn, un, sn, c)
         mm, deg = slice_motion(rn, un, sn)
-        row["stacks"].append({"stack": ss.name, "mean_translation_mm": float(np.linalg.norm(t, axis=1).mean()),
-                              "mean_rotation_deg": float(np.degrees(np.linalg.norm(rn, axis=1)).mean()),
-                              "slice_motion_mm": float(mm.mean()) if len(mm) else 0.0,
-                              "slice_motion_deg": float(deg.mean()) if len(deg) else 0.0,
-                              "mean_weight": float(w.mean())})
+        row["stacks"].append(
+            {
+                "stack": ss.name,
+                "mean_translation_mm": float(np.linalg.norm(t, axis=1).mean()),
+                "mean_rotation_deg": float(np.degrees(np.linalg.norm(rn, axis=1)).mean()),
+                "slice_motion_mm": float(mm.mean()) if len(mm) else 0.0,
+                "slice_motion_deg": float(deg.mean()) if len(deg) else 0.0,
+                "mean_weight": float(w.mean()),
+            }
+        )
     state.pose_history.append(row)

@@ -9,9 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import write_nifti
-from test_recon import _phantom
-
-from mgaussian.simulate import simulate_stacks
+from test_recon import simulate_phantom
 
 
 def _sha(path) -> str:
@@ -21,26 +19,9 @@ def _sha(path) -> str:
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory):
     d = tmp_path_factory.mktemp("determinism")
-    g, aff, m = _phantom()
-    simulate_stacks(
-        g,
-        aff,
-        m,
-        str(d / "sim"),
-        orientations=["axial", "coronal", "sagittal@8,0,-6"],
-        thickness=3.6,
-        pixel=1.2,
-        motion_rotation=1.5,
-        motion_translation=1.0,
-        seed=2,
-        log=lambda s: None,
-    )
+    g, aff, _, st, ms = simulate_phantom(d, motion_rotation=1.5, motion_translation=1.0, seed=2)
     write_nifti(d / "gt.nii.gz", g, aff)
-    return (
-        d,
-        [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
-        [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)],
-    )
+    return d, st, ms
 
 
 def _run(out, stacks, masks, threads: int) -> None:

@@ -31,9 +31,9 @@ def _phantom(shape=(36, 40, 34), spacing=1.2, seed=0):
     return g.astype(np.float32), aff, brain
 
 
-@pytest.fixture(scope="module")
-def case(tmp_path_factory):
-    d = tmp_path_factory.mktemp("recon")
+def simulate_phantom(d, **kw):
+    """The phantom's three stacks (axial, coronal, oblique sagittal; 3.6 mm slices, 1.2 mm pixels)
+    simulated into ``d/sim`` with the simulator's options ``kw``: (gt, affine, mask, stacks, masks)."""
     g, aff, m = _phantom()
     simulate_stacks(
         g,
@@ -43,9 +43,18 @@ def case(tmp_path_factory):
         orientations=["axial", "coronal", "sagittal@8,0,-6"],
         thickness=3.6,
         pixel=1.2,
-        seed=0,
         log=lambda s: None,
+        **kw,
     )
+    stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]
+    masks = [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]
+    return g, aff, m, stacks, masks
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    d = tmp_path_factory.mktemp("recon")
+    g, aff, m, _, _ = simulate_phantom(d, seed=0)
     gp = write_nifti(d / "gt.nii.gz", g, aff)
     mp = write_nifti(d / "m.nii.gz", m.astype(np.uint8), aff)
     stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]

@@ -5,13 +5,12 @@ mgaussian computes: if that is intended, say so in the commit and update the num
 
 import numpy as np
 import pytest
-from test_recon import _phantom
+from test_recon import simulate_phantom
 
 from mgaussian.io import load_stacks
 from mgaussian.metrics import score_volume
 from mgaussian.recon.config import config_from_dict
 from mgaussian.recon.pipeline import reconstruct
-from mgaussian.simulate import simulate_stacks
 
 # measured with the single-function reconstruct of commit 96aceaa and with the stages alike
 PINNED_PSNR = 24.401742486301252
@@ -20,27 +19,8 @@ PINNED_PSNR = 24.401742486301252
 @pytest.fixture(scope="module")
 def moved_case(tmp_path_factory):
     d = tmp_path_factory.mktemp("regression")
-    g, aff, m = _phantom()
-    simulate_stacks(
-        g,
-        aff,
-        m,
-        str(d / "sim"),
-        orientations=["axial", "coronal", "sagittal@8,0,-6"],
-        thickness=3.6,
-        pixel=1.2,
-        motion_rotation=2.0,
-        motion_translation=1.0,
-        noise=0.01,
-        seed=3,
-        log=lambda s: None,
-    )
-    stacks = load_stacks(
-        [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
-        [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)],
-        [3.6],
-    )
-    return g, aff, m, stacks
+    g, aff, m, st, ms = simulate_phantom(d, motion_rotation=2.0, motion_translation=1.0, noise=0.01, seed=3)
+    return g, aff, m, load_stacks(st, ms, [3.6])
 
 
 def test_fixed_schedule_reproduces_the_pinned_psnr(moved_case):

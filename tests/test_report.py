@@ -166,6 +166,9 @@ def test_report_with_motion_and_weights(small_case, tmp_path):
     page = open(idx).read()
     imgs = _images(idx)
     assert {"poses.png", "slices.png"} <= set(imgs) and "No motion correction" not in page
+    # every stack has an acquisition order (the simulator's sidecars, else the default): the poses
+    # over acquisition time are drawn (issue 19)
+    assert all(s.slice_order is not None for s in st) and "trajectory.png" in imgs
     for name in imgs:
         _png_size(tmp_path / "rep" / name)
     assert f"<td>{weights[0]['stack']}</td><td>{weights[0]['excluded'][0]}</td>" in page

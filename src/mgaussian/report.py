@@ -373,6 +373,51 @@ def _final_slices_figure(stacks, poses, weights):
     return fig
 
 
+def _trajectory_figure(stacks, poses):
+    """Per stack, each slice's pose against its acquisition time rank: the rotation (deg) and the
+    displacement (mm) from the stack's mean pose, so a drift over time or a jump between slices
+    acquired one after another shows as a curve or a step (issue 19). None when no stack has an
+    acquisition order or a fitted pose per slice."""
+    from matplotlib.figure import Figure
+
+    from .geometry import rotvec_to_matrix
+    from .recon.motion.poses import matrix_to_rotvec
+
+    rows = []
+    for i, st in enumerate(stacks):
+        p = poses[i] if i < len(poses) else {}
+        sl = np.asarray(p.get("slices", []), int)
+        order = getattr(st, "slice_order", None)
+        if order is None or sl.size < 2:
+            continue
+        rv = np.asarray(p.get("rotvec", []), float).reshape(-1, 3)
+        t = np.asarray(p.get("translation_mm", []), float).reshape(-1, 3)
+        R_mean = rotvec_to_matrix(rv.mean(0))
+        turn = np.degrees(
+            np.linalg.norm(matrix_to_rotvec(np.einsum("kij,lj->kil", rotvec_to_matrix(rv), R_mean)), axis=1)
+        )
+        shift = np.linalg.norm(t - t.mean(0), axis=1)
+        rank = np.asarray(order, float)[sl]
+        k = np.argsort(rank, kind="stable")
+        rows.append((st.name, rank[k], turn[k], shift[k]))
+    if not rows:
+        return None
+    fig = Figure(figsize=(9, 4.8))
+    axs = fig.subplots(2, 1, sharex=True)
+    for nm, rank, turn, shift in rows:
+        ln = axs[0].plot(rank, turn, marker=".", label=nm)[0]
+        axs[1].plot(rank, shift, marker=".", color=ln.get_color())
+    axs[0].set_ylabel("turn from the stack's mean (deg)", fontsize=8)
+    axs[1].set_ylabel("shift from the stack's mean (mm)", fontsize=8)
+    axs[1].set_xlabel("acquisition time rank within the stack")
+    for ax in axs:
+        ax.grid(alpha=0.3)
+    axs[0].legend(fontsize=7)
+    axs[0].set_title("Slice poses over acquisition time", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 # ----------------------------------------------------------------------------- html
 
 
@@ -435,6 +480,10 @@ def _poses_section(result, stacks, d: str, real_in: set) -> list[str]:
         parts.append('<img src="slices.png" alt="final slice poses and weights">')
     else:
         parts.append('<p class="note">Every slice at its nominal pose with weight 1.</p>')
+    traj = _trajectory_figure(stacks, poses) if (moved or ph) else None
+    if traj is not None:
+        _save(traj, os.path.join(d, "trajectory.png"), real_in)
+        parts.append('<img src="trajectory.png" alt="slice poses over acquisition time">')
     ex_rows = [
         [w.get("stack"), ", ".join(str(k) for k in w.get("excluded") or [])] for w in weights if w.get("excluded")
     ]

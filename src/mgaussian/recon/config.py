@@ -143,6 +143,13 @@ class ReconConfig:
     # the LM Jacobian (6 renders) is recomputed every this many iterations of a round and reused in
     # between (sb25-t3.2-motion seed 2: 3 -> 29.89 dB in 40 s, 1 -> 29.84 dB in 52 s)
     pose_jacobian_every: int = 3
+    # motion as a trajectory in acquisition time (issue 19): each slice pulled toward the slices of its
+    # stack acquired just before and after it (Cauchy weights on their pose difference at this scale,
+    # so a jump between two slices costs little), x the median slice's curvature; needs the slices'
+    # acquisition order (sidecar SliceTiming, --slice-order, else the default interleaved). 0: off
+    # (benchmarks/MOTION.md, session 11)
+    pose_time_prior: float = 0.0
+    pose_time_scale_mm: float = 1.0
     pose_tilt: bool = True  # estimate the slices' tilts (rotations about in-plane axes), not only the in-plane turn
     fine_pose_iterations: int = 3
     # rounds at each later level, when the time budget holds them (sb25-t3.2-motion seeds 1 / 2 / 3:
@@ -230,6 +237,10 @@ class ReconConfig:
             bad("confidence_ref", f"must be a number > 0, got {self.confidence_ref}")
         if not (0 <= self.pose_small_slice <= 1):
             bad("pose_small_slice", f"must be in [0, 1], got {self.pose_small_slice}")
+        if not (self.pose_time_prior >= 0):
+            bad("pose_time_prior", f"must be >= 0, got {self.pose_time_prior}")
+        if not (self.pose_time_scale_mm > 0):
+            bad("pose_time_scale_mm", f"must be > 0 mm, got {self.pose_time_scale_mm}")
         if not (self.mask_rim_mm >= 0 and math.isfinite(self.mask_rim_mm)):
             bad("mask_rim_mm", f"must be a number >= 0 (mm), got {self.mask_rim_mm}")
         if not (self.design_memory_gb >= 0 and math.isfinite(self.design_memory_gb)):

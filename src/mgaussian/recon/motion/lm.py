@@ -38,6 +38,9 @@ def optimise_poses(
     jac_every: int = 1,
     jac_reuse_mm: float = 0.2,
     jac_reuse_rad: float = 0.0035,
+    time_ranks=None,
+    time_prior: float = 0.0,
+    time_scale_mm: float = 1.0,
 ):
     """Levenberg-Marquardt on every slice's rigid pose (6 parameters) with the field fixed.
 
@@ -61,7 +64,14 @@ def optimise_poses(
 
     ``jac_every``: the Jacobian (6 renders) is recomputed every this many iterations and reused
     in between (the step and its check still see the current residual), unless a slice of the
-    stack moved by more than ``jac_reuse_mm`` or ``jac_reuse_rad`` at the last step."""
+    stack moved by more than ``jac_reuse_mm`` or ``jac_reuse_rad`` at the last step.
+
+    ``time_prior`` > 0 with ``time_ranks`` (per stack, each fitted slice's acquisition time rank):
+    motion is a trajectory in time, so each slice is pulled toward the slices acquired just before
+    and after it (their poses at the call's start: the rounds update them), with a Cauchy weight
+    1 / (1 + (d / ``time_scale_mm``)^2) on their pose difference d (rotations as their arc at
+    40 mm), so that a sudden jump between two slices costs little; the pull is ``time_prior`` x the
+    median slice's curvature per parameter (like ``small_slice``)."""
     fld = {k: v.detach() for k, v in params.items()}
 
     def render(si, r, t):
@@ -85,9 +95,18 @@ def optimise_poses(
             tgt_r = torch.as_tensor(mean[0], dtype=torch.float64, device=r.device)[None, :]
             p_d = None  # [6] prior weight per parameter (rotations about the slice axes, translations), from the first Jacobian
 
-            def prior_cost(rr, tt, axr):
-                dev = torch.cat([torch.einsum("kjc,kc->kj", axr, rr.double() - tgt_r), tt.double() - tgt_t], 1)
-                return (p_d * dev**2).sum(1), dev
+        tt_target = None
+        if time_prior > 0 and time_ranks is not None and time_ranks[si] is not None and ss.n > 2:
+            tt_target = _time_neighbour_targets(r, t, cents[si], np.asarray(time_ranks[si]), time_scale_mm)
+            use_prior = True
+            if not (small_slice > 0):
+                p_d = None
+                tgt_r = torch.zeros((1, 3), dtype=torch.float64, device=r.device)
+                tgt_t = torch.zeros((ss.n, 3), dtype=torch.float64, device=r.device)
+
+        def prior_cost(rr, tt, axr):
+            dev = torch.cat([torch.einsum("kjc,kc->kj", axr, rr.double() - tgt_r), tt.double() - tgt_t], 1)
+            return (p_d * dev**2).sum(1), dev
 
         J = None
         for it in range(iters):
@@ -121,8 +140,12 @@ def optimise_poses(
                     Wk = wd.sum((1, 2))
                     Wmed = Wk.median().clamp_min(1e-12)
                     per = (dH / Wk.clamp_min(1e-12)[:, None]).median(0).values  # curvature per unit of pixel weight
-                    small = (Wk < small_slice * Wmed).to(per.dtype)[:, None]
+                    small = (Wk < small_slice * Wmed).to(per.dtype)[:, None] if small_slice > 0 else 0.0 * Wk[:, None]
                     p_d = small * (Wmed * per)[None, :]  # [K,6]: a small slice weighs like a median one
+                    if tt_target is not None:  # the two quadratic pulls as one: summed weights, weighted target
+                        p_t = time_prior * tt_target[2][:, None] * (Wmed * per)[None, :]
+                        tgt_r, tgt_t = _combine_targets(p_d, tgt_r, tgt_t, p_t, tt_target, len(rot_axes), axr)
+                        p_d = p_d + p_t
                 pc, dev = prior_cost(r, t, axr)  # axes fixed for this step
                 cost = dcost + pc
                 g = g + p_d * dev
@@ -148,3 +171,44 @@ def optimise_poses(
             big = ok & ((sr.norm(dim=1) > jac_reuse_rad) | (st.norm(dim=1) > jac_reuse_mm))
             if bool(big.any()):
                 J = None
+
+
+def _time_neighbour_targets(
+    r: torch.Tensor, t: torch.Tensor, c: torch.Tensor, ranks: np.ndarray, scale_mm: float, arm_mm: float = 40.0
+):
+    """Each slice's pull toward the slices acquired just before and after it: (target rotation
+    vectors [K,3], target displacements [K,3], summed Cauchy weights [K]) from the poses now. A
+    neighbour's target is its own rigid map evaluated at this slice's centre ``c`` (poses are about
+    each slice's centre: the same rigid motion displaces two centres differently)."""
+    from ...geometry import rotvec_to_matrix
+
+    K = len(ranks)
+    order = np.argsort(ranks, kind="stable")
+    rd, td, cd = r.detach().double(), t.detach().double(), c.detach().double()
+    R = torch.as_tensor(rotvec_to_matrix(rd.cpu().numpy()), dtype=torch.float64, device=r.device)
+    num_r = torch.zeros_like(rd)
+    num_t = torch.zeros_like(td)
+    wsum = torch.zeros(K, dtype=torch.float64, device=r.device)
+    for a, b in zip(order[:-1], order[1:]):  # neighbours in acquisition time
+        for k, j in ((a, b), (b, a)):
+            u_jk = R[j] @ (cd[k] - cd[j]) + cd[j] + td[j] - cd[k]  # j's map, displacing k's centre
+            d = torch.sqrt(((rd[k] - rd[j]) * arm_mm).pow(2).sum() + (td[k] - u_jk).pow(2).sum())
+            w = 1.0 / (1.0 + (d / scale_mm) ** 2)
+            num_r[k] += w * rd[j]
+            num_t[k] += w * u_jk
+            wsum[k] += w
+    safe = wsum.clamp_min(1e-12)[:, None]
+    return num_r / safe, num_t / safe, wsum
+
+
+def _combine_targets(p_s, tgt_r, tgt_t, p_t, tt_target, n_rot: int, axr):
+    """The target of the sum of two quadratic pulls, per parameter: (p_s tgt_s + p_t tgt_t) / (p_s + p_t).
+    Rotations are combined as rotation vectors (small differences), by the mean of the rotation
+    parameters' weights."""
+    w_s = p_s[:, :n_rot].mean(1, keepdim=True) if n_rot else p_s[:, :1]
+    w_t = p_t[:, :n_rot].mean(1, keepdim=True) if n_rot else p_t[:, :1]
+    den = (w_s + w_t).clamp_min(1e-30)
+    r_new = (w_s * tgt_r.expand_as(tt_target[0]) + w_t * tt_target[0]) / den
+    den_t = (p_s[:, n_rot:] + p_t[:, n_rot:]).clamp_min(1e-30)
+    t_new = (p_s[:, n_rot:] * tgt_t + p_t[:, n_rot:] * tt_target[1]) / den_t
+    return r_new, t_new

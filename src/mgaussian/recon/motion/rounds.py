@@ -111,6 +111,9 @@ def pose_rounds(state, level) -> bool:
             deadline=level.deadline,
             rot_axes=(0, 1, 2) if cfg.pose_tilt else (2,),
             small_slice=cfg.pose_small_slice,
+            time_ranks=_time_ranks(state, level) if cfg.pose_time_prior > 0 else None,
+            time_prior=cfg.pose_time_prior,
+            time_scale_mm=cfg.pose_time_scale_mm,
             jac_every=cfg.pose_jacobian_every,
         )
         frame.hold_frame(state)
@@ -194,3 +197,12 @@ def record_poses(state) -> None:
             }
         )
     state.pose_history.append(row)
+
+
+def _time_ranks(state, level) -> list:
+    """Each fitted slice's acquisition time rank, per stack (None where the order is unknown)."""
+    out = []
+    for st, ss in zip(state.stacks, level.lsets):
+        order = getattr(st, "slice_order", None)
+        out.append(None if order is None else [float(order[int(k)]) for k in ss.index])
+    return out

@@ -605,3 +605,29 @@ def test_extrapolation_gain_is_the_geometric_tail():
     rot_prev = [(torch.full((7, 3), 0.01), torch.zeros(7, 3)) for _ in prev]
     rot_now = [(torch.full((7, 3), 0.005), torch.zeros(7, 3)) for _ in prev]
     assert _extrapolation_gain(rot_now, rot_prev, cap=2.0) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_time_neighbour_targets_follow_the_trajectory_and_discount_a_jump():
+    """The acquisition-time prior's target for a slice is its time neighbours' rigid maps evaluated at
+    its own centre, and a neighbour past a jump weighs little (Cauchy)."""
+    import torch
+
+    from mgaussian.recon.motion.lm import _time_neighbour_targets
+
+    c = torch.tensor([[0.0, 0.0, z] for z in (0.0, 6.0, 3.0, 9.0)], dtype=torch.float64)  # interleaved centres
+    ranks = np.array([0, 2, 1, 3])  # slice 0, then 2, then 1, then 3 in time
+    r = torch.zeros(4, 3, dtype=torch.float64)
+    t = torch.tensor([[0.5, 0, 0], [0.5, 0, 0], [0.5, 0, 0], [8.5, 0, 0]], dtype=torch.float64)  # slice 3 jumped
+    tr, tt, w = _time_neighbour_targets(r, t, c, ranks, scale_mm=1.0)
+    # slice 2 (acquired second) sits between slices 0 and 1 in time, which agree: its target is their shift
+    assert torch.allclose(tt[2], torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64))
+    # slice 1's neighbours are slice 2 (agrees, weight 1) and slice 3 (8 mm away: weight 1/65)
+    assert w[1] == pytest.approx(1.0 + 1.0 / 65.0)
+    assert float(tt[1, 0]) == pytest.approx((0.5 + 8.5 / 65.0) / (1.0 + 1.0 / 65.0))
+    # a rotated neighbour's map displaces another centre: the target includes (R - I)(c_k - c_j)
+    r2 = r.clone()
+    r2[0] = torch.tensor([0.1, 0.0, 0.0], dtype=torch.float64)
+    _, tt2, _ = _time_neighbour_targets(r2, torch.zeros(4, 3, dtype=torch.float64), c, ranks, scale_mm=100.0)
+    R = torch.tensor([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]], dtype=torch.float64)
+    # half from slice 0 (turned: its map at slice 2's centre), half from slice 1 (at rest); weights ~1 at 100 mm
+    assert torch.allclose(tt2[2] * 2, R @ (c[2] - c[0]) - (c[2] - c[0]), atol=1e-3)

@@ -117,16 +117,7 @@ def optimise_poses(
             ax_now = slice_frames(ss, torch.arange(ss.n, device=r.device), r, t, cents[si])[1]
             wd = w.double()
             if J is None or it % jac_every == 0:
-                dirs = [ax_now[:, i] for i in rot_axes] + [None] * 3
-                cols = []
-                for j, dj in enumerate(dirs):
-                    rr, tt = r.clone(), t.clone()
-                    if j < len(rot_axes):
-                        rr = rr + eps_rot * dj
-                    else:
-                        tt[:, j - len(rot_axes)] += eps_trans
-                    cols.append((render(si, rr, tt) - base) / (eps_rot if j < len(rot_axes) else eps_trans))
-                J = torch.stack(cols, 1).double()  # [K,P,h,w]
+                J = _jacobian(lambda rr, tt: render(si, rr, tt), r, t, base, ax_now, rot_axes, eps_rot, eps_trans)
                 H0 = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
             H = H0.clone()
             g = torch.einsum("kahw,khw,khw->ka", J, (base - ss.obs).double(), wd)
@@ -212,3 +203,19 @@ def _combine_targets(p_s, tgt_r, tgt_t, p_t, tt_target, n_rot: int, axr):
     den_t = (p_s[:, n_rot:] + p_t[:, n_rot:]).clamp_min(1e-30)
     t_new = (p_s[:, n_rot:] * tgt_t + p_t[:, n_rot:] * tt_target[1]) / den_t
     return r_new, t_new
+
+
+def _jacobian(render, r, t, base, ax_now, rot_axes, eps_rot: float, eps_trans: float) -> torch.Tensor:
+    """Every slice's Jacobian [K,P,h,w] by forward differences: one render per parameter with that
+    parameter of every slice perturbed (rotations about the slice's own axes ``rot_axes``, then
+    translations along world x, y, z)."""
+    dirs = [ax_now[:, i] for i in rot_axes] + [None] * 3
+    cols = []
+    for j, dj in enumerate(dirs):
+        rr, tt = r.clone(), t.clone()
+        if j < len(rot_axes):
+            rr = rr + eps_rot * dj
+        else:
+            tt[:, j - len(rot_axes)] += eps_trans
+        cols.append((render(rr, tt) - base) / (eps_rot if j < len(rot_axes) else eps_trans))
+    return torch.stack(cols, 1).double()

@@ -152,10 +152,11 @@ class ReconConfig:
     pose_time_scale_mm: float = 1.0
     pose_tilt: bool = True  # estimate the slices' tilts (rotations about in-plane axes), not only the in-plane turn
     fine_pose_iterations: int = 3
-    # rounds at each later level, when the time budget holds them (sb25-t3.2-motion seeds 1 / 2 / 3:
-    # 28.84 / 29.84 / 29.79 dB without, 29.10 / 30.10 / 29.94 with 2, ~12 s a round on 2 slow cores;
-    # mni-t4 at 1 mm: a round costs ~90 s there, so none in the default budget; benchmarks/MOTION.md)
-    fine_motion_rounds: int = 2
+    # rounds at each later level (sb25-t3.2-motion seeds 1 / 2 / 3 in session 4: 28.84 / 29.84 / 29.79 dB
+    # without, 29.10 / 30.10 / 29.94 with 2; benchmarks/MOTION.md). 2 -> 1 (issue 17, 2026-12-04, idle
+    # 2 cores, seed 1): 0 / 1 / 2 rounds 30.47 / 30.66 / 30.74 dB, the whole command 39.4 s with 1
+    # against 46.7 s with 2 (a round ~8 s at 0.8 mm, ~65 s on mni-t4 at 1 mm; benchmarks/SPEED.md)
+    fine_motion_rounds: int = 1
     # after each pose round from the second, the slices are carried on along the round's moves by
     # rho / (1 - rho) x them, rho = this round's moves projected on the last one's (the alternation
     # with the field converges linearly), at most this many times (0: off). sb25-t3.2-motion seeds

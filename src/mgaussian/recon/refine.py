@@ -135,14 +135,6 @@ def refine(state: ReconState, level: Level, resume_state: dict | None, checkpoin
     cfg = state.cfg
     level.dcache.clear()  # the designs' memory is free for the Adam iterations
     state.wts = loss_weights(state.sets, state.pws, state.sws)
-    groups = _param_groups(state)
-    pose_groups = len(groups) > 4
-    state.opt = opt = torch.optim.Adam(groups, eps=1e-15)
-    base_lr = [g["lr"] for g in groups]
-    if resume_state is not None and resume_state["opt"] is not None:  # [checkpoint]
-        opt.load_state_dict(resume_state["opt"])
-    elif checkpointer is not None:  # [checkpoint] after the warm start
-        checkpointer.save(state.snapshot(level.index, 0))
     nrf_from = int(cfg.nrf_start * level.iterations) if (cfg.use_nrf and level.last) else None
     state.log(
         f"level {level.index + 1}/{level.count}: {state.fld.num_gaussians} Gaussians at {level.spacing:g} mm, "
@@ -156,6 +148,15 @@ def refine(state: ReconState, level: Level, resume_state: dict | None, checkpoin
         state.total_steps -= level.iterations
         state.progress.total = max(1, state.total_steps)
         level.iterations = 0
+    # Adam only for a level that iterates (creating it costs ~0.5 s the first time: PyTorch's imports)
+    groups = _param_groups(state) if level.iterations > 0 else []
+    pose_groups = len(groups) > 4
+    state.opt = opt = torch.optim.Adam(groups, eps=1e-15) if groups else None
+    base_lr = [g["lr"] for g in groups]
+    if resume_state is not None and resume_state["opt"] is not None and opt is not None:  # [checkpoint]
+        opt.load_state_dict(resume_state["opt"])
+    elif checkpointer is not None and resume_state is None:  # [checkpoint] after the warm start
+        checkpointer.save(state.snapshot(level.index, 0))
     for it in range(resume_state["iteration"] if resume_state is not None else 0, level.iterations):
         if cfg.time_budget_s and level.last and state.elapsed() > cfg.time_budget_s:
             state.log(f"time budget of {cfg.time_budget_s:g} s reached after {it} of {level.iterations} iterations")

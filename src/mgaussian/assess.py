@@ -47,12 +47,12 @@ __all__ = [
 ]
 
 import itertools
-import math
 import time
 
 import numpy as np
 
 from .io import Stack
+from .metrics import ncc
 
 # The motion index m = d(1)/d(2) of a still stack, and of a stack that clearly moved. Measured
 # (docs/clinical.md "assess"): clean simulated sb25 stacks (3.2 mm, interleaved) 0.40-0.55; real
@@ -79,20 +79,13 @@ EXCLUDE_FRACTION = 0.5
 _MIN_PIXELS = 50
 
 
-def _ncc(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64) - a.mean()
-    b = b.astype(np.float64) - b.mean()
-    d = math.sqrt(float((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / d) if d > 0 else 0.0
-
-
 def _dissimilarity(st: Stack, step: int, usable: np.ndarray) -> list[float]:
     out = []
     for k in range(st.n_slices - step):
         if not (usable[k] and usable[k + step]):
             continue
         m = st.mask[:, :, k] | st.mask[:, :, k + step]
-        out.append(1.0 - _ncc(st.data[:, :, k][m], st.data[:, :, k + step][m]))
+        out.append(1.0 - ncc(st.data[:, :, k][m], st.data[:, :, k + step][m]))
     return out
 
 
@@ -149,7 +142,7 @@ def pair_agreement(a: Stack, b: Stack, spacing: float | None = None) -> float:
     both = masks[0] & masks[1]
     if both.sum() < 100:
         return 0.0
-    return _ncc(vals[0][both], vals[1][both])
+    return ncc(vals[0][both], vals[1][both])
 
 
 def _lin(x: float | None, lo: float, hi: float) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..geometry import rotvec_to_matrix
-from .motion.poses import matrix_to_rotvec, pose_means
+from .motion.poses import matrix_to_rotvec, mean_move, pose_means
 
 
 def reliable_slices(sets, fraction: float = 0.5) -> np.ndarray:
@@ -178,8 +178,8 @@ def _moved_from_start(state) -> bool:
     or > 5/3 x motion_none_deg (on clean sb25 the slices turn by ~0.15 deg of fitting noise and move
     0.04 mm, and a region rebuilt there cost 0.13 dB)."""
     cfg = state.cfg
-    d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(state.trans, state.start_poses)]).mean())
-    d_r = math.degrees(float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(state.rots, state.start_poses)]).mean()))
+    d_t, d_r = mean_move(state.rots, state.trans, state.start_poses)
+    d_r = math.degrees(d_r)
     return not (d_t <= cfg.motion_none_mm and d_r <= 5.0 / 3.0 * cfg.motion_none_deg)
 
 

@@ -120,8 +120,11 @@ def begin_level(state: ReconState, index: int, count: int, factor: float, iterat
     )
 
 
-def refit(state: ReconState, level: Level, n: int, min_iter: int = 0) -> None:
-    """``n`` conjugate-gradient iterations of the intensities under the level's own prior."""
+def refit(state: ReconState, level: Level, n: int, min_iter: int = 0, weak_prior: bool = False) -> None:
+    """``n`` conjugate-gradient iterations of the intensities under the level's own prior, or with
+    ``weak_prior`` (between pose rounds) under ``motion_smoothness_scale`` x it, without the
+    edge-preserving weights."""
+    smooth = level.smooth * state.cfg.motion_smoothness_scale if weak_prior else level.smooth
     if n > 0:
         done = cg_intensities(
             state.params,
@@ -135,14 +138,14 @@ def refit(state: ReconState, level: Level, n: int, min_iter: int = 0) -> None:
             state.backend,
             n,
             level.pairs,
-            level.smooth,
+            smooth,
             deadline=level.deadline,
             min_iter=min(n, min_iter),
-            pair_w=level.edge_w,
+            pair_w=None if weak_prior else level.edge_w,
             cache=level.dcache,
         )
         if done < n:
-            state.note_budget(f"level {level.index + 1}'s intensity fit")
+            state.note_budget(f"level {level.index + 1}'s " + ("pose rounds" if weak_prior else "intensity fit"))
 
 
 @torch.no_grad()

@@ -133,3 +133,11 @@ def stack_pose_spread(rots, trans, centres) -> tuple[float, float]:
             worst_deg, math.degrees(float(np.linalg.norm(matrix_to_rotvec(rotvec_to_matrix(stack[0]) @ Rg.T))))
         )
     return worst_mm, worst_deg
+
+
+def mean_move(rots, trans, ref) -> tuple[float, float]:
+    """How far the slices are from the poses ``ref`` (per stack (rotation vectors, displacements)):
+    (mean displacement change in mm, mean rotation-vector change in rad) over all slices."""
+    d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(trans, ref)]).mean())
+    d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(rots, ref)]).mean())
+    return d_t, d_r

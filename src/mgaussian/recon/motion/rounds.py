@@ -17,9 +17,9 @@ import time
 import torch
 
 from .. import frame
-from ..intensity import cg_intensities
 from ..slices import predict_all
 from .lm import optimise_poses
+from .poses import mean_move
 from .robust import loss_weights, update_robust
 
 
@@ -79,10 +79,11 @@ def _no_motion_found(state, level) -> None:
 
 def pose_rounds(state, level) -> bool:
     """Run the level's pose rounds; returns whether any ran (the slices moved)."""
+    from ..levels import refit  # here: levels imports frame, which imports this package
+
     cfg = state.cfg
     rounds = cfg.motion_rounds if level.index == 0 else cfg.fine_motion_rounds
     steps = cfg.pose_iterations if level.index == 0 else cfg.fine_pose_iterations
-    smooth_m = level.smooth * cfg.motion_smoothness_scale
     moved = False
     round_s = _round_cost(state, level, steps) if rounds > 0 and steps > 0 else 0.0
     prev_step = None  # the last round's moves, for the extrapolation
@@ -120,8 +121,8 @@ def pose_rounds(state, level) -> bool:
         step_now = [(r - b[0], t - b[1]) for r, t, b in zip(state.rots, state.trans, before)]
         gain = _carry_on(state, step_now, prev_step)
         prev_step = step_now
-        d_t = float(torch.cat([(t - b[1]).norm(dim=1) for t, b in zip(state.trans, before)]).mean())
-        d_r = float(torch.cat([(r - b[0]).norm(dim=1) for r, b in zip(state.rots, before)]).mean()) * 180 / math.pi
+        d_t, d_r = mean_move(state.rots, state.trans, before)
+        d_r = d_r * 180 / math.pi
         state.log(
             f"  poses round {rnd + 1}: slices moved {d_t:.3f} mm, turned {d_r:.3f} deg on average"
             + (f" (carried on x {1 + gain:.2f})" if gain > 0 else "")
@@ -139,24 +140,7 @@ def pose_rounds(state, level) -> bool:
             cfg,
             state.backend,
         )
-        done = cg_intensities(
-            state.params,
-            level.lsets,
-            state.rots,
-            state.trans,
-            state.cents,
-            level.lwts,
-            state.scs,
-            cfg,
-            state.backend,
-            cfg.motion_refit_iterations,
-            level.pairs,
-            smooth_m,
-            deadline=level.deadline,
-            cache=level.dcache,
-        )
-        if done < cfg.motion_refit_iterations:
-            state.note_budget(f"level {level.index + 1}'s pose rounds")
+        refit(state, level, cfg.motion_refit_iterations, weak_prior=True)
         record_poses(state)
         moved = True
         round_s = time.time() - t_round

@@ -128,3 +128,34 @@ def test_reference_and_exclusion_options(case, tmp_path, capsys):
         assert _recon(case, bad, *args) == 2
         assert capsys.readouterr().err.strip().splitlines() == [line]
         assert not bad.exists() and not (tmp_path / "bad_native.nii.gz").exists()
+
+
+def test_report_shows_the_volume_in_atlas_space(case, tmp_path):
+    """With --template the report holds the atlas-space view: the written volume above the
+    template, on the template's grid, with the registration's NCC."""
+    out = tmp_path / "rec.nii.gz"
+    args = [
+        "reconstruct",
+        "--input-stacks",
+        *case["stacks"],
+        "--stack-masks",
+        *case["masks"],
+        "--output-volume",
+        str(out),
+        "--config",
+        case["cfg"],
+        "--quiet",
+        "--template",
+        case["gt"],
+        "--template-mask",
+        case["mask"],
+        "--output-report",
+        str(tmp_path / "report"),
+    ]
+    assert main(args) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "Atlas space" in page and 'src="atlas.png"' in page
+    png = tmp_path / "report" / "atlas.png"
+    assert png.exists() and png.stat().st_size > 10_000
+    ncc = json.loads((tmp_path / "rec.config.json").read_text())["template"]["ncc_in_template_mask"]
+    assert f"NCC {ncc:.4g} inside the template's mask" in page

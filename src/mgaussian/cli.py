@@ -865,12 +865,13 @@ def _config_overrides(a) -> dict:
     return over
 
 
-def _write_volumes(a, res, inputs, template_outs: dict, log) -> dict | None:
+def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | None, dict | None]:
     """Write the volume (on the template's grid with --template, the native one beside it);
-    returns the template registration's record (None without --template)."""
+    returns the template registration's record and the report's atlas view (None, None without
+    --template)."""
     from .io import save_nifti
 
-    template_info = None
+    template_info = atlas_view = None
     if template_outs:  # the native volume is kept beside the one in atlas space (written first)
         from .atlas import to_template_space, write_transform_files
 
@@ -891,6 +892,13 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> dict | None:
             template_outs["tfm"],
         )
         save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+        atlas_view = {
+            "volume": vol_t,
+            "affine": aff_t,
+            "template": template_info["template"],
+            "transform": template_info["transform"],
+            "ncc": template_info["ncc_in_template_mask"],
+        }
     else:
         save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     if a.output_confidence:
@@ -902,7 +910,7 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> dict | None:
             inputs=inputs,
             header_extra=f"mgaussian {__version__} confidence",
         )
-    return template_info
+    return template_info, atlas_view
 
 
 def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: dict, wall_s: float) -> dict:
@@ -954,7 +962,7 @@ def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: d
     return meta
 
 
-def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float) -> None:
+def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float, atlas_view: dict | None) -> None:
     """The HTML report beside the volume (a warning, not an error, without matplotlib)."""
     import time
 
@@ -973,6 +981,7 @@ def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float) -> Non
             "wall_s": t_rep - t0,
             "config_json": _stem(a.output_volume) + ".config.json",
             "model": a.output_model,
+            "atlas_view": atlas_view,
         }
         idx = write_report(
             report_dir,
@@ -1065,7 +1074,7 @@ def cmd_reconstruct(a) -> int:
         runlog.line(f"failed: {type(exc).__name__}: {exc}")
         runlog.close()
         raise
-    template_info = _write_volumes(a, res, inputs, template_outs, log)
+    template_info, atlas_view = _write_volumes(a, res, inputs, template_outs, log)
     meta = _run_record(a, res, stacks, cfg, assessment, template_info, template_outs, time.time() - t0)
     atomic_write_text(config_json, json.dumps(meta, indent=1))
     poses_json = _stem(a.output_volume) + ".poses.json"
@@ -1109,7 +1118,7 @@ def cmd_reconstruct(a) -> int:
     )
     runlog.line(done)
     if report_dir is not None:
-        _write_run_report(a, res, stacks, report_dir, runlog, t0)
+        _write_run_report(a, res, stacks, report_dir, runlog, t0, atlas_view)
     runlog.close()
     if not a.quiet:
         print(done, file=sys.stderr)

@@ -118,11 +118,11 @@ def _save(fig, path: str, inputs_real: set) -> str:
     return path
 
 
-def _ortho_figure(vol, affine, region):
-    """Three planes through the centre of the region's box, the volume's voxel axes turned to the
-    nearest of RAS+ (a permutation and flips, no resampling)."""
+def _ras_planes(vol, affine, region, centre=None):
+    """The volume (and region) with its voxel axes turned to the nearest of RAS+ (a permutation and
+    flips, no resampling): (volume, region, voxel-axis directions [3,3], extents mm, centre voxel of
+    the planes: the region's box centre, or ``centre``, or the grid's)."""
     import nibabel as nib
-    from matplotlib.figure import Figure
 
     ornt = nib.orientations.io_orientation(affine)
     v = nib.orientations.apply_orientation(vol, ornt)
@@ -130,25 +130,48 @@ def _ortho_figure(vol, affine, region):
     A = affine @ nib.orientations.inv_ornt_aff(ornt, vol.shape)
     cols = A[:3, :3]
     sp = np.linalg.norm(cols, axis=0)
-    if r is not None and r.any():
+    if centre is None and r is not None and r.any():
         idx = np.argwhere(r)
-        c = ((idx.min(0) + idx.max(0)) // 2).astype(int)
-        vals = v[r]
-    else:
-        c = (np.asarray(v.shape) // 2).astype(int)
-        vals = v.ravel()
-    hi = float(np.percentile(vals, 99.5)) if vals.size else 1.0
-    hi = hi if hi > 0 else 1.0
+        centre = (idx.min(0) + idx.max(0)) // 2
+    c = (np.asarray(v.shape) // 2 if centre is None else np.asarray(centre)).astype(int)
     ext = [(0, v.shape[i] * sp[i]) for i in range(3)]
+    return v, r, cols, ext, c
+
+
+def _window(v, r) -> float:
+    vals = v[r] if r is not None and r.any() else v.ravel()
+    hi = float(np.percentile(vals, 99.5)) if vals.size else 1.0
+    return hi if hi > 0 else 1.0
+
+
+def _three_planes(axs, v, cols, ext, c, outline=None, **kw):
+    """Axial, coronal and sagittal planes through voxel ``c`` of a RAS-turned volume (``outline``:
+    a mask of the same grid drawn as a contour; ``kw``: vmin, vmax, cmap); returns the last image
+    for a colour bar."""
+    views = [
+        (lambda x: x[:, :, c[2]], (0, 1), f"axial (voxel k={c[2]})"),
+        (lambda x: x[:, c[1], :], (0, 2), f"coronal (voxel j={c[1]})"),
+        (lambda x: x[c[0], :, :], (1, 2), f"sagittal (voxel i={c[0]})"),
+    ]
+    im = None
+    for ax, (cut, (h, w), title) in zip(axs, views):
+        im = _show(ax, cut(v), [*ext[h], *ext[w]], cols[:, h], cols[:, w], title, **kw)
+        if outline is not None:
+            plane = cut(outline).astype(float).T
+            if plane.any() and not plane.all():
+                ax.contour(plane, levels=[0.5], colors="red", linewidths=0.7, extent=[*ext[h], *ext[w]], origin="lower")
+    return im
+
+
+def _ortho_figure(vol, affine, region):
+    """Three planes through the centre of the region's box, the volume's voxel axes turned to the
+    nearest of RAS+ (a permutation and flips, no resampling)."""
+    from matplotlib.figure import Figure
+
+    v, r, cols, ext, c = _ras_planes(vol, affine, region)
     fig = Figure(figsize=(11, 4.0))
     axs = fig.subplots(1, 3)
-    _show(axs[0], v[:, :, c[2]], [*ext[0], *ext[1]], cols[:, 0], cols[:, 1], f"axial (voxel k={c[2]})", vmin=0, vmax=hi)
-    _show(
-        axs[1], v[:, c[1], :], [*ext[0], *ext[2]], cols[:, 0], cols[:, 2], f"coronal (voxel j={c[1]})", vmin=0, vmax=hi
-    )
-    im = _show(
-        axs[2], v[c[0], :, :], [*ext[1], *ext[2]], cols[:, 1], cols[:, 2], f"sagittal (voxel i={c[0]})", vmin=0, vmax=hi
-    )
+    im = _three_planes(axs, v, cols, ext, c, vmin=0, vmax=_window(v, r))
     fig.colorbar(im, ax=list(axs), shrink=0.8, label="intensity")
     fig.suptitle(
         "Reconstruction: planes through the centre of the reconstructed region "
@@ -158,38 +181,41 @@ def _ortho_figure(vol, affine, region):
     return fig
 
 
+def _atlas_figure(vol_t, template_data, template_mask, affine, name: str):
+    """The volume written on the template's grid (``--template``) above the template itself, the
+    same planes through the centre of the template's mask, its outline drawn on both: how well the
+    registration put the brain in atlas space."""
+    from matplotlib.figure import Figure
+
+    v, m, cols, ext, c = _ras_planes(vol_t, affine, template_mask)
+    t, _, _, _, _ = _ras_planes(template_data, affine, None)
+    fig = Figure(figsize=(11, 7.6))
+    axs = fig.subplots(2, 3)
+    _three_planes(axs[0], v, cols, ext, c, outline=m, vmin=0, vmax=_window(v, m))
+    _three_planes(axs[1], t, cols, ext, c, outline=m, vmin=0, vmax=_window(t, m))
+    axs[0, 0].set_ylabel("reconstruction, in atlas space", fontsize=8)
+    axs[1, 0].set_ylabel(f"template {name}", fontsize=8)
+    fig.suptitle(
+        f"Atlas space: the volume as written on the grid of template {name} (top) and the template (bottom); "
+        "red: the template's brain mask",
+        fontsize=9,
+    )
+    return fig
+
+
 def _confidence_figure(vol, conf, affine, region):
     """The volume's three planes through the centre of the region (as ``_ortho_figure``) above the
     same planes of the confidence map (0 to 1)."""
-    import nibabel as nib
     from matplotlib.figure import Figure
 
-    ornt = nib.orientations.io_orientation(affine)
-    v = nib.orientations.apply_orientation(vol, ornt)
-    cf = nib.orientations.apply_orientation(conf, ornt)
-    r = nib.orientations.apply_orientation(region.astype(np.uint8), ornt).astype(bool) if region is not None else None
-    A = affine @ nib.orientations.inv_ornt_aff(ornt, vol.shape)
-    cols = A[:3, :3]
-    sp = np.linalg.norm(cols, axis=0)
-    if r is not None and r.any():
-        idx = np.argwhere(r)
-        c = ((idx.min(0) + idx.max(0)) // 2).astype(int)
-        hi = float(np.percentile(v[r], 99.5))
-    else:
-        c = (np.asarray(v.shape) // 2).astype(int)
-        hi = float(np.percentile(v, 99.5)) if v.size else 1.0
-    hi = hi if hi > 0 else 1.0
-    ext = [(0, v.shape[i] * sp[i]) for i in range(3)]
+    v, r, cols, ext, c = _ras_planes(vol, affine, region)
+    cf, _, _, _, _ = _ras_planes(conf, affine, None)
     fig = Figure(figsize=(11, 7.5))
     axs = fig.subplots(2, 3)
-    for row, (img, kw) in enumerate(((v, {"vmin": 0, "vmax": hi}), (cf, {"vmin": 0, "vmax": 1, "cmap": "viridis"}))):
-        _show(axs[row, 0], img[:, :, c[2]], [*ext[0], *ext[1]], cols[:, 0], cols[:, 1], f"axial (voxel k={c[2]})", **kw)
-        _show(
-            axs[row, 1], img[:, c[1], :], [*ext[0], *ext[2]], cols[:, 0], cols[:, 2], f"coronal (voxel j={c[1]})", **kw
-        )
-        im = _show(
-            axs[row, 2], img[c[0], :, :], [*ext[1], *ext[2]], cols[:, 1], cols[:, 2], f"sagittal (voxel i={c[0]})", **kw
-        )
+    for row, (img, kw) in enumerate(
+        ((v, {"vmin": 0, "vmax": _window(v, r)}), (cf, {"vmin": 0, "vmax": 1, "cmap": "viridis"}))
+    ):
+        im = _three_planes(axs[row], img, cols, ext, c, **kw)
         fig.colorbar(im, ax=list(axs[row]), shrink=0.8, label="intensity" if row == 0 else "confidence")
     fig.suptitle(
         "Top: the reconstruction; bottom: its confidence map (1: well determined by the data, "
@@ -537,13 +563,33 @@ def _run_sections(result, cfg: dict, extra: dict, timings: dict, volume_path, t0
     return parts
 
 
+def _atlas_section(atlas: dict, d: str, real_in) -> str:
+    """The atlas-space view (``--template``): the written volume over the template, and the
+    registration's record. ``atlas``: volume, affine (the template's grid), template (its
+    ``Template.describe()``), transform, ncc."""
+    from .atlas import load_templates
+
+    info = atlas["template"]
+    tpl = load_templates(info["path"], info.get("mask"), where="report")[0]
+    fig = _atlas_figure(atlas["volume"], tpl.data, tpl.mask, atlas["affine"], info["name"])
+    _save(fig, os.path.join(d, "atlas.png"), real_in)
+    e = html.escape
+    return (
+        f"<h3>Atlas space</h3><p>The volume is written on the grid of template <code>{e(str(info['name']))}</code> "
+        f"({e(str(atlas['transform']))} registration, NCC {_fmt(atlas.get('ncc'))} inside the template's mask); "
+        "the native volume is kept beside it.</p>"
+        '<img src="atlas.png" alt="the reconstruction in atlas space above the template">'
+    )
+
+
 def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=None, inputs=()) -> str:
     """Write the report of a reconstruction into ``out_dir``; returns the path of index.html.
 
     ``result``: ReconResult; ``stacks``: the io.Stack inputs; ``volume_path``: where the volume was
     written; ``sim_stacks``: the model's simulation of each stack (computed with
     :func:`mgaussian.recon.sample.simulate_stacks_from_model` when None); ``extra``: optional dict
-    with "command" (list), "wall_s", "model" (path), "config_json" (path); ``inputs``: further
+    with "command" (list), "wall_s", "model" (path), "config_json" (path), "atlas_view" (with
+    ``--template``: see :func:`_atlas_section`); ``inputs``: further
     paths never to overwrite (the stacks, masks and volume are always protected).
     """
     import matplotlib.figure  # noqa: F401  (figures are drawn with matplotlib's Agg canvas, no pyplot state)
@@ -592,6 +638,10 @@ def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=No
             f"{_fmt(info.get('mean_confidence_in_region'))} in the region.</p>"
             '<img src="confidence.png" alt="the reconstruction and its confidence map">'
         )
+
+    atlas = extra.get("atlas_view")
+    if atlas is not None:
+        parts.append(_atlas_section(atlas, d, real_in))
 
     parts.append(
         "<h2>Input stacks and the model's simulation of them</h2>"

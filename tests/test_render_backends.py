@@ -266,7 +266,8 @@ def test_cpu_matches_reference_at_scale_many_cells():
 def test_cpu_design_matches_the_reference_render_and_its_gradient(psf_key):
     """The cpu backend's explicit linear map of the intensities (``slice_design``) against the
     reference renderer on random Gaussians and poses: A c equals the render, A^T x equals the
-    render's gradient w.r.t. the intensities, and A^T W A v their composition (float32 terms)."""
+    render's gradient w.r.t. the intensities, and A^T W A v their composition. Its terms are 16-bit
+    fractions of their pair's amplitude (error <= 0.5 / 65535 of it): within 3e-5 of the render."""
     mu, ls, q, c = (t.double() for t in random_gaussians(150, seed=3))
     o, a = (t.double() for t in random_poses(3, seed=4))
     psf = PSFS[psf_key]
@@ -277,11 +278,11 @@ def test_cpu_design_matches_the_reference_render_and_its_gradient(psf_key):
     cc = c.detach().clone().requires_grad_(True)
     img = R.render_slices(mu, ls, q, cc, o, a, SHAPE, SPACING, psf, backend="reference", cutoff=3.0, row_spans=spans)
     assert img.abs().max() > 0.1
-    assert img_err(d.matvec(c), img.detach()) <= 1e-6
+    assert img_err(d.matvec(c), img.detach()) <= 3e-5
     g = torch.Generator().manual_seed(7)
     x = torch.randn(img.shape, generator=g, dtype=torch.float64)
     (gc,) = torch.autograd.grad((img * x).sum(), cc)
-    assert rel_err(d.rmatvec(x), gc) <= 1e-6
+    assert rel_err(d.rmatvec(x), gc) <= 3e-5
     wt = torch.rand(img.shape, generator=g, dtype=torch.float64)
     ref = R.AutogradDesign(
         lambda v: R.render_slices(
@@ -289,8 +290,8 @@ def test_cpu_design_matches_the_reference_render_and_its_gradient(psf_key):
         ),
         c.shape[0],
     )
-    assert rel_err(d.normal(c, wt), ref.normal(c, wt)) <= 1e-6
-    assert rel_err(d.rmatvec(x), ref.rmatvec(x)) <= 1e-6
+    assert rel_err(d.normal(c, wt), ref.normal(c, wt)) <= 3e-5
+    assert rel_err(d.rmatvec(x), ref.rmatvec(x)) <= 3e-5
 
 
 def test_design_falls_back_to_autograd_beyond_its_memory_limit():
@@ -301,7 +302,33 @@ def test_design_falls_back_to_autograd_beyond_its_memory_limit():
     small = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu", max_bytes=1000)
     full = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSFS["shared"], backend="cpu")
     assert isinstance(small, R.AutogradDesign) and full.nbytes > 1000
-    assert img_err(small.matvec(c), full.matvec(c)) <= 1e-5
+    assert img_err(small.matvec(c), full.matvec(c)) <= 3e-5
     g = torch.Generator().manual_seed(3)
     x = torch.randn(small.matvec(c).shape, generator=g)
-    assert rel_err(small.rmatvec(x), full.rmatvec(x)) <= 1e-5
+    assert rel_err(small.rmatvec(x), full.rmatvec(x)) <= 3e-5
+
+
+PSF5 = torch.tensor([[0.41, 0.36, 1.36], [0.3, 0.3, 2.0], [0.5, 0.2, 0.9], [0.4, 0.4, 1.5], [0.35, 0.3, 1.1]])
+
+
+def test_design_built_in_runs_of_slices_equals_the_whole(monkeypatch):
+    """A design built a few slices at a time (bounded plan memory) applies the same map as one
+    built in one run: A c, A^T x, A^T W A v and the diagonal, to rounding."""
+    from mgaussian.render import cpu
+
+    mu, ls, q, c = (t.double() for t in random_gaussians(150, seed=5))
+    o, a = (t.double() for t in random_poses(5, seed=6))
+    whole = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", cutoff=3.0)
+    monkeypatch.setattr(cpu, "_BUILD_SLICES", 2)
+    runs = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", cutoff=3.0)
+    assert type(whole).__name__ == "SliceDesign" and type(runs).__name__ == "SliceDesignParts"
+    assert len(runs.parts) == 3 and runs.n_terms == whole.n_terms
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, *SHAPE, generator=g, dtype=torch.float64)
+    wt = torch.rand(5, *SHAPE, generator=g, dtype=torch.float64)
+    assert torch.allclose(runs.matvec(c), whole.matvec(c), rtol=0, atol=1e-12)
+    assert rel_err(runs.rmatvec(x), whole.rmatvec(x)) <= 1e-12
+    assert rel_err(runs.normal(c, wt), whole.normal(c, wt)) <= 1e-12
+    assert rel_err(runs.diag_normal(wt), whole.diag_normal(wt)) <= 1e-12
+    small = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", max_bytes=whole.nbytes // 2)
+    assert isinstance(small, R.AutogradDesign)  # beyond the budget part-way: the autograd twin

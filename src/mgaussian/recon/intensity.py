@@ -7,7 +7,7 @@ it, so Adam (when it runs at all) starts near the data term's minimum.
 
 from __future__ import annotations
 
-__all__ = ["lattice_pairs", "laplacian_apply", "cg_intensities"]
+__all__ = ["lattice_pairs", "laplacian_apply", "cg_intensities", "predict_with_designs"]
 
 import time
 
@@ -82,6 +82,17 @@ def _designs(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: 
             key=key, designs=designs, poses=[x.detach().clone() for x in (*rots, *trans)], build_s=time.time() - t_build
         )
     return designs
+
+
+@torch.no_grad()
+def predict_with_designs(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: str, cache: dict) -> list:
+    """Every slice's prediction [K,h,w] per stack as the stacks' designs applied to the intensities
+    (built into ``cache`` unless current there): the intensity fit that follows reuses the maps, and
+    no render plan of a whole stack is held beside them (mni-t4 at 1 mm: the robust weights' renders
+    peaked at 4.3 GB against 3.7 for the fit)."""
+    designs = _designs(params, sets, rots, trans, cents, cfg, backend, cache)
+    c = params["intensities"].detach()
+    return [d.matvec(c).to(c.dtype) for d in designs]
 
 
 def cg_intensities(

@@ -184,5 +184,6 @@ def robust_refit(state: ReconState, level: Level) -> None:
         state.pws,
         state.cfg,
         state.backend,
+        cache=level.dcache,
     )
     refit(state, level, max(state.cfg.cg_iterations // 3, 1))

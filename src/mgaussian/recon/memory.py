@@ -31,9 +31,10 @@ GB = 1024**3
 # bytes per unit; measured on CPU (benchmarks/MEMORY.md), rounded up
 COEFFS = {
     "base": 0.55 * GB,  # interpreter + torch + numba + kernels
-    # refitted 2026-12-03 on the pipeline with the intensity fits' explicit maps (capped at
-    # design_memory_gb; the autograd fallback peaks lower: mni-t4 4.1 against 5.3 GB with maps)
-    "per_gaussian": 2100.0,  # finest level, incl. its share of the intensity fits' maps
+    # refitted 2026-12-04 when the intensity fits' maps went to 16-bit terms (2100 -> 1300): peak
+    # RSS measured 4.13 GiB on mni-t4 (estimate 4.79), 1.04 / 0.89 on sb25-t3.2 / -motion (1.14);
+    # since the maps are built 8 slices at a time: 3.27 GiB on mni-t4, 0.92 on sb25 (MEMORY.md)
+    "per_gaussian": 1300.0,  # finest level, incl. its share of the intensity fits' maps
     "per_pixel": 250.0,  # slice pixels rendered in one pass (warm start: all slices)
     "per_output_voxel": 40.0,
     "per_stack_voxel": 16.0,

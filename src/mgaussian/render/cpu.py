@@ -255,22 +255,25 @@ class SliceDesign:
     fixed means, scales, rotations, slice frames and PSF: image = A c. Built once (one pass like
     the forward render, storing every (pixel, Gaussian) term), then A c and A^T x cost one
     multiply-add per term and no exp(): the conjugate-gradient intensity fits apply them dozens
-    of times. Storage: 4 bytes per term, ``row_bytes`` per row of a pair's ellipse, 24 per pair
+    of times. Storage: 2 bytes per term (a 16-bit fraction of its pair's amplitude), ``row_bytes``
+    per row of a pair's ellipse, 20 per pair
     (``nbytes``). See :func:`build_design`; its twin for every backend is
     :class:`mgaussian.render.AutogradDesign`."""
 
-    def __init__(self, ns, shape, s_off, q_g, q_a0, roff, voff, rows, vals, n, dtype, device):
+    def __init__(self, ns, shape, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, n, dtype, device):
         self.ns, self.shape, self.n = ns, shape, n
-        self._arrays = (s_off, q_g, q_a0, roff, voff, rows, vals)  # the kernels' argument order
+        self._arrays = (s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)  # the kernels' argument order
         self.dtype, self.device = dtype, device
         self.nbytes = int(sum(a.nbytes for a in self._arrays))
         self.n_terms = int(vals.shape[0])
 
-    def _nchunk(self) -> int:
-        return max(1, min(self.ns, _DESIGN_CHUNKS))
-
     def _out(self, a: np.ndarray) -> Tensor:
         return _to_torch(a, self.dtype).to(self.device)
+
+    def chunk_buffer(self) -> np.ndarray:
+        """Per-chunk sums [C, N] the transposed products add into (a fixed number of chunks: the
+        sums do not depend on the thread count)."""
+        return np.zeros((_DESIGN_CHUNKS, self.n))
 
     def matvec(self, c: Tensor) -> Tensor:
         """A c: images [S,H,W] of intensities c [N]."""
@@ -278,16 +281,65 @@ class SliceDesign:
 
     def rmatvec(self, img: Tensor) -> Tensor:
         """A^T x: per Gaussian [N], of images x [S,H,W]."""
-        return self._out(K.design_rmatvec(self.ns, *self._arrays, _np64(img), self.n, self._nchunk()))
+        return self._summed(self.rmatvec_into, img)
 
     def normal(self, v: Tensor, weight: Tensor) -> Tensor:
         """A^T diag(weight) A v (weight [S,H,W]), in one pass."""
-        return self._out(K.design_normal(self.ns, *self.shape, *self._arrays, _np64(v), _np64(weight), self._nchunk()))
+        return self._summed(self.normal_into, v, weight)
 
     def diag_normal(self, weight: Tensor) -> Tensor:
         """diag(A^T diag(weight) A) [N] (weight [S,H,W]): sum_p weight_p A_pi^2 per Gaussian, exact,
         in one pass over the stored terms (the confidence map's data term, recon/confidence.py)."""
-        return self._out(K.design_diag_normal(self.ns, *self._arrays, _np64(weight), self.n, self._nchunk()))
+        return self._summed(self.diag_normal_into, weight)
+
+    def _summed(self, into, *args) -> Tensor:
+        buf = self.chunk_buffer()
+        into(buf, *args)
+        return self._out(K.sum_chunks(buf))
+
+    def rmatvec_into(self, buf: np.ndarray, img: Tensor) -> None:
+        K.design_rmatvec(self.ns, *self._arrays, _np64(img), buf)
+
+    def normal_into(self, buf: np.ndarray, v: Tensor, weight: Tensor) -> None:
+        K.design_normal(self.ns, *self.shape, *self._arrays, _np64(v), _np64(weight), buf)
+
+    def diag_normal_into(self, buf: np.ndarray, weight: Tensor) -> None:
+        K.design_diag_normal(self.ns, *self._arrays, _np64(weight), buf)
+
+
+class SliceDesignParts:
+    """A design built in runs of consecutive slices (:data:`_BUILD_SLICES`): the operations of
+    :class:`SliceDesign` over the whole stack, each run's applied to its own slices, the
+    transposed products added into one set of chunk sums (as one design's: no buffer of N per run)."""
+
+    def __init__(self, parts: list[SliceDesign]):
+        self.parts = parts
+        self.ns = sum(p.ns for p in parts)
+        self.shape, self.n = parts[0].shape, parts[0].n
+        self.nbytes = int(sum(p.nbytes for p in parts))
+        self.n_terms = int(sum(p.n_terms for p in parts))
+        self._starts = np.cumsum([0] + [p.ns for p in parts])
+
+    def _runs(self):
+        return zip(self.parts, self._starts[:-1], self._starts[1:])
+
+    def matvec(self, c: Tensor) -> Tensor:
+        return torch.cat([p.matvec(c) for p in self.parts])
+
+    def rmatvec(self, img: Tensor) -> Tensor:
+        return self._summed(lambda p, buf, a, b: p.rmatvec_into(buf, img[a:b]))
+
+    def normal(self, v: Tensor, weight: Tensor) -> Tensor:
+        return self._summed(lambda p, buf, a, b: p.normal_into(buf, v, weight[a:b]))
+
+    def diag_normal(self, weight: Tensor) -> Tensor:
+        return self._summed(lambda p, buf, a, b: p.diag_normal_into(buf, weight[a:b]))
+
+    def _summed(self, run_into) -> Tensor:
+        buf = self.parts[0].chunk_buffer()
+        for p, a, b in self._runs():
+            run_into(p, buf, a, b)
+        return self.parts[0]._out(K.sum_chunks(buf))
 
 
 def design_size(
@@ -326,15 +378,61 @@ def build_design(
     return _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans, max_bytes)[0]
 
 
+# A design is built this many slices at a time: the render plan of a run of slices (~100 bytes a
+# (slice, Gaussian) pair) lives only while that run's terms are filled in (mni-t4 at 1 mm: ~0.8 GB
+# for a whole stack of ~50 slices, on top of the maps, at the fine level's peak)
+_BUILD_SLICES = 8
+
+
 def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans, max_bytes):
+    """(design, bytes, terms): the design built in runs of ``_BUILD_SLICES`` slices (one
+    :class:`SliceDesign`, or :class:`SliceDesignParts` of several); (None, bytes so far, terms so far)
+    as soon as it would take more than ``max_bytes`` (``max_bytes`` 0: count only)."""
     h, wd = int(shape[0]), int(shape[1])
     du, dv = float(spacing[0]), float(spacing[1])
     ns = origins.shape[0]
     psf2 = _psf_variances(psf_sigma, ns)
     a_mu, a_ls, a_q = (_np64(t) for t in (means, log_scales, quats))
     a_org, a_ax = _np64(origins), _np64(axes)
+    a_sig, a_w = K.gauss_prep(a_ls, a_q, np.ones(a_mu.shape[0]))  # unit intensities: the basis functions
+    parts, nbytes, n_terms = [], 0, 0
+    for s0 in range(0, max(ns, 1), _BUILD_SLICES):
+        s1 = min(ns, s0 + _BUILD_SLICES)
+        spans = None if row_spans is None else np.ascontiguousarray(row_spans[s0:s1])
+        left = None if max_bytes is None else max_bytes - nbytes
+        d, b, t = _design_part(
+            a_mu,
+            a_sig,
+            a_w,
+            a_org[s0:s1],
+            a_ax[s0:s1],
+            np.ascontiguousarray(psf2[s0:s1]),
+            h,
+            wd,
+            du,
+            dv,
+            cutoff,
+            spans,
+            left,
+            means.dtype,
+            means.device,
+        )
+        nbytes, n_terms = nbytes + b, n_terms + t
+        if d is None:  # beyond the budget, or counting only
+            if max_bytes == 0:
+                continue
+            return None, nbytes, n_terms
+        parts.append(d)
+    if max_bytes == 0 and nbytes > 0:
+        return None, nbytes, n_terms
+    d = parts[0] if len(parts) == 1 else SliceDesignParts(parts)
+    return d, d.nbytes, n_terms
+
+
+def _design_part(a_mu, a_sig, a_w, a_org, a_ax, psf2, h, wd, du, dv, cutoff, row_spans, max_bytes, dtype, device):
+    """The :class:`SliceDesign` of one run of slices: (design or None beyond ``max_bytes``, bytes, terms)."""
+    ns = a_org.shape[0]
     n = a_mu.shape[0]
-    a_sig, a_w = K.gauss_prep(a_ls, a_q, np.ones(n))  # unit intensities: the basis functions
     plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, (h, wd), (du, dv), cutoff, row_spans)
     has = row_spans is not None
     sp = row_spans if has else _dummy_spans()
@@ -342,18 +440,21 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
     rdt = np.int16 if max(h, wd) < 32767 else np.int32
     q = int(plan.s_off[-1])
     n_rows, n_terms = int(nrow.sum()), int(nval.sum())
-    nbytes = n_terms * 4 + n_rows * 2 * np.dtype(rdt).itemsize + q * 24 + (ns + 1) * 8
+    nbytes = n_terms * 2 + n_rows * 2 * np.dtype(rdt).itemsize + q * 20 + (ns + 1) * 8
     if max_bytes is not None and nbytes > max_bytes:
         return None, nbytes, n_terms
-    roff = np.zeros(q + 1, np.int64)
+    # offsets of a run's rows and terms: 32 bits while they fit (a run of _BUILD_SLICES slices)
+    odt = np.int32 if max(n_rows, n_terms) < 2**31 - 1 else np.int64
+    roff = np.zeros(q + 1, odt)
     np.cumsum(nrow, out=roff[1:])
-    voff = np.zeros(q + 1, np.int64)
+    voff = np.zeros(q + 1, odt)
     np.cumsum(nval, out=voff[1:])
     del nrow, nval
     q_g = np.empty(q, np.int32)
     q_a0 = np.empty(q, np.int32)
+    q_amp = np.empty(q, np.float32)
     rows = np.empty((n_rows, 2), rdt)
-    vals = np.empty(n_terms, np.float32)
+    vals = np.empty(n_terms, np.uint16)
     p_g = K.pair_gaussians(plan.order, plan.goff, plan.gcnt, plan.p_sl.shape[0])
     K.design_fill(
         ns,
@@ -372,10 +473,11 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
         voff,
         q_g,
         q_a0,
+        q_amp,
         rows,
         vals,
     )
-    d = SliceDesign(ns, (h, wd), plan.s_off, q_g, q_a0, roff, voff, rows, vals, n, means.dtype, means.device)
+    d = SliceDesign(ns, (h, wd), plan.s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, n, dtype, device)
     return d, d.nbytes, n_terms
 
 

@@ -109,11 +109,18 @@ def _slice_ncc(p: torch.Tensor, obs: torch.Tensor, m: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend: str, nrf=None):
+def update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend: str, nrf=None, cache=None):
     """Re-estimate the per-slice intensity scales and the robust slice / pixel weights from the
     current prediction (``scs``, ``sws``, ``pws`` are updated in place); returns the new loss
-    weights per stack (mask x pixel x slice weight) and the slices' NCC with the prediction."""
-    preds = predict_all(params, sets, rots, trans, cents, cfg, backend, nrf)
+    weights per stack (mask x pixel x slice weight) and the slices' NCC with the prediction.
+    ``cache``: the level's design cache (:func:`..intensity.predict_with_designs`): the prediction
+    through the maps the intensity re-fit after it uses (without a neural residual field)."""
+    if cache is not None and nrf is None:
+        from ..intensity import predict_with_designs
+
+        preds = predict_with_designs(params, sets, rots, trans, cents, cfg, backend, cache)
+    else:
+        preds = predict_all(params, sets, rots, trans, cents, cfg, backend, nrf)
     resid, nccs = [], []
     for si, (ss, pred) in enumerate(zip(sets, preds)):
         m = ss.mask.to(pred.dtype)

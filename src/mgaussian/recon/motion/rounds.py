@@ -139,6 +139,7 @@ def pose_rounds(state, level) -> bool:
             state.pws,
             cfg,
             state.backend,
+            cache=level.dcache,
         )
         refit(state, level, cfg.motion_refit_iterations, weak_prior=True)
         record_poses(state)

@@ -1,4 +1,4 @@
-"""Simulated motion over acquisition time (issue 19): order, sidecars, drift, jumps, stack motion."""
+"""Simulated clinical acquisitions (issue 19): order, sidecars, drift, jumps, stack motion, bias fields."""
 
 import json
 import math
@@ -174,3 +174,35 @@ def test_cli_options_and_errors(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith(msg), err
     assert not (tmp_path / "x").exists()
+
+
+def test_bias_field_multiplies_each_stack_by_its_own_smooth_field(tmp_path):
+    """--bias-field B: each stack is the bias-free one times a smooth field that reaches 1 + B (or
+    1 / (1 + B)) inside its mask, a different field per stack; the rest of the simulation (poses,
+    masks) is unchanged, and truth.json records the field."""
+    gt, aff = _gt()
+    kw = dict(thickness=2.0, pixel=3.0, seed=6, motion_rotation=2.0, log=lambda s: None)
+    plain = simulate_stacks(gt, aff, gt > 20, str(tmp_path / "a"), **kw)
+    biased = simulate_stacks(gt, aff, gt > 20, str(tmp_path / "b"), bias_field=0.2, **kw)
+    a = load_stacks(
+        [str(tmp_path / "a" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        [str(tmp_path / "a" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+    )
+    b = load_stacks(
+        [str(tmp_path / "b" / f"stack_{i:02d}.nii.gz") for i in range(3)],
+        [str(tmp_path / "b" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+    )
+    ranges = []
+    for sa, sb, ta, tb in zip(a, b, plain["stacks"], biased["stacks"]):
+        assert np.array_equal(sa.mask, sb.mask)
+        assert all(np.allclose(x["matrix"], y["matrix"]) for x, y in zip(ta["slices"], tb["slices"]))
+        m = sa.mask & (sa.data > 1.0)
+        ratio = sb.data[m] / sa.data[m]
+        lo, hi = float(ratio.min()), float(ratio.max())
+        assert lo >= 1 / 1.2 - 1e-3 and hi <= 1.2 + 1e-3
+        assert hi > 1.19 or lo < 1 / 1.19  # the field reaches its bound in the mask
+        assert tb["bias_field"]["range_in_mask"] == pytest.approx([lo, hi], abs=0.02)
+        ranges.append((lo, hi))
+    assert len({tuple(np.round(t["bias_field"]["linear"], 6)) for t in biased["stacks"]}) == 3  # one per stack
+    assert len(ranges) == 3
+    assert biased["settings"]["bias_field"] == 0.2 and "bias_field" not in plain["stacks"][0]

@@ -127,6 +127,14 @@ def _add_simulate(sub):
         default=(0.0, 0.0),
         help="rigid motion of each whole stack: DEG about a random axis and MM in a random direction",
     )
+    t.add_argument(
+        "--bias-field",
+        metavar="B",
+        type=_num("--bias-field", nonneg=True),
+        default=0.0,
+        help="multiply each stack by its own smooth random field reaching 1 + B inside its mask "
+        "(a coil's bias; 0.15 = up to 15 %%)",
+    )
     p.set_defaults(func=cmd_simulate)
 
 
@@ -591,6 +599,7 @@ def cmd_simulate(a) -> int:
         motion_drift=a.motion_drift,
         motion_jumps=a.motion_jumps,
         stack_motion=a.stack_motion,
+        bias_field=a.bias_field,
         inputs=[a.ground_truth, a.mask],
         gt_path=os.path.abspath(a.ground_truth),
         mask_path=os.path.abspath(a.mask) if a.mask else None,

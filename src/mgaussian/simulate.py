@@ -28,6 +28,10 @@ with t_k = rank / last rank in [0, 1]:
 * per-slice motion: the uniform model above, when there are no jumps (with jumps,
   ``motion_rotation`` / ``motion_translation`` size the jumps instead).
 
+A bias field (``bias_field`` = B > 0): each stack multiplied by its own smooth field exp(p), p a
+random quadratic of the scanner position, reaching 1 + B (or 1 / (1 + B)) inside the stack's
+mask (the coils' sensitivity differs between stacks; it is fixed in the scanner, not the anatomy).
+
 The new parts draw from their own random stream, so with them off a seed gives the same stacks as
 before they existed. Each stack gets a BIDS sidecar ``stack_XX.json`` with ``SliceThickness`` and
 ``SliceTiming`` (rank x ``SLICE_DURATION_S``) consistent with the order.
@@ -233,6 +237,24 @@ def _write_sidecar(output_dir: str, si: int, thickness: float, spacing: float, r
     return jp
 
 
+def _bias_field(aff: np.ndarray, shape, centre: np.ndarray, radius: float, inside: np.ndarray, amp: float, rng):
+    """A smooth multiplicative field over a stack's voxels, fixed in the scanner (the coil's
+    sensitivity; the anatomy's motion does not move it): exp(p), p a random quadratic polynomial of
+    the position relative to ``centre`` (in units of ``radius``), scaled so that |p| reaches
+    log(1 + ``amp``) over the voxels ``inside``. Returns (field, its coefficients)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
+    u = (ijk @ aff[:3, :3].T + aff[:3, 3] - centre) / radius
+    lin, quad = rng.normal(size=3), rng.normal(size=(3, 3))
+    quad = 0.5 * (quad + quad.T)
+    p = u @ lin + 0.5 * np.einsum("...i,ij,...j->...", u, quad, u)
+    top = float(np.abs(p[inside]).max()) if inside.any() else 0.0
+    scale = math.log1p(amp) / top if top > 0 else 0.0
+    return np.exp(scale * p).astype(np.float32), {
+        "linear": (scale * lin).tolist(),
+        "quadratic": (scale * quad).tolist(),
+    }
+
+
 def simulate_stacks(
     gt: np.ndarray,
     gt_affine: np.ndarray,
@@ -253,6 +275,7 @@ def simulate_stacks(
     motion_drift=(0.0, 0.0),
     motion_jumps: int = 0,
     stack_motion=(0.0, 0.0),
+    bias_field: float = 0.0,
     inputs=(),
     gt_path: str | None = None,
     mask_path: str | None = None,
@@ -265,6 +288,7 @@ def simulate_stacks(
     rng = np.random.default_rng(seed)
     # the motion over time draws from its own stream: with it off, a seed gives the same stacks
     rng_time = np.random.default_rng([int(seed), 19])
+    rng_bias = np.random.default_rng([int(seed), 23])
     over_time = any(motion_drift) or motion_jumps > 0 or any(stack_motion)
     if pixel is None:
         pixel = float(min(voxel_sizes(gt_affine)))
@@ -274,6 +298,10 @@ def simulate_stacks(
     sl_spacing = thickness + gap
     centre = (np.asarray(gt.shape, dtype=np.float64) - 1) / 2 @ gt_affine[:3, :3].T + gt_affine[:3, 3]
     sigma = float(noise) * float(np.percentile(gt[mask], 99)) if noise > 0 else 0.0
+    idx = np.argwhere(mask)
+    radius = (
+        float(np.linalg.norm(idx @ gt_affine[:3, :3].T + gt_affine[:3, 3] - centre, axis=1).max()) if len(idx) else 1.0
+    )
     os.makedirs(output_dir, exist_ok=True)
     truth = {
         "ground_truth": gt_path,
@@ -295,6 +323,7 @@ def simulate_stacks(
             "motion_drift": [float(v) for v in motion_drift],
             "motion_jumps": int(motion_jumps),
             "stack_motion": [float(v) for v in stack_motion],
+            "bias_field": float(bias_field),
             "motion_model": (
                 "stack motion o drift(t) o jumps(t) o per-slice (per-slice only without jumps; "
                 "t = acquisition rank / last rank)"
@@ -335,6 +364,17 @@ def simulate_stacks(
         img = sample_slices(gt, gt_affine, o, ax, fr.shape, fr.spacing, thickness, profile)
         msk = sample_slices(maskf, gt_affine, o, ax, fr.shape, fr.spacing, thickness, profile, supersample=1) > 0.5
         img = np.clip(img, 0, None)
+        if bias_field > 0:  # the coil's sensitivity multiplies the signal; the noise comes after
+            field, coeffs = _bias_field(aff, shape, centre, radius, msk, bias_field, rng_bias)
+            img = img * field
+            extra = {
+                **extra,
+                "bias_field": {
+                    "range_in_mask": [float(field[msk].min()), float(field[msk].max())],
+                    "position_units_mm": radius,
+                    **coeffs,
+                },
+            }
         if sigma > 0:
             img = _rician(img, sigma, rng)
         sp = os.path.join(output_dir, f"stack_{si:02d}.nii.gz")

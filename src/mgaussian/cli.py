@@ -226,6 +226,12 @@ def _add_reconstruct(sub):
         help="N4 bias-field correction of every stack inside its mask (SimpleITK)",
     )
     g.add_argument(
+        "--no-stack-bias",
+        action="store_true",
+        help="keep each stack's intensities as they are (default: its smooth field relative to the other "
+        "stacks, fitted after the coarse level, is divided out; docs/clinical.md)",
+    )
+    g.add_argument(
         "--thicknesses",
         nargs="+",
         type=_num("--thicknesses"),
@@ -853,6 +859,7 @@ def _config_overrides(a) -> dict:
         ("no_growth", "growth"),
         ("no_anisotropy", "use_anisotropy"),
         ("no_psf", "use_psf"),
+        ("no_stack_bias", "stack_bias"),
     ):
         if getattr(a, flag):
             over[key] = False

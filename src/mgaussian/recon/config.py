@@ -109,6 +109,11 @@ class ReconConfig:
     # N4 bias-field correction of every stack inside its mask (SimpleITK)
     auto_mask: bool = True
     bias_correction: bool = False
+    # each stack's smooth intensity field relative to the others (recon/bias.py), fitted to the
+    # coarse level's model and divided out before the fine level (docs/clinical.md: six stacks, a
+    # 15 % field each: 27.42 -> 28.45 dB; no field: 29.19 -> 29.12, sb25-t3.2 38.351 -> 38.344,
+    # sb25-t3.2-motion 30.667 -> 30.682)
+    stack_bias: bool = True
     # motion correction and robustness (issue 5)
     register_stacks: bool = True  # rigid stack-to-stack registration (SimpleITK) before fitting
     reference_stack: int = 0  # the stack the others are registered to (its lattice is the output's)

@@ -71,6 +71,17 @@ def _correct_motion(state: ReconState, level: Level, profile_deferred: bool) -> 
         refit(state, level, n_re, min_iter=n_re)
 
 
+def _correct_bias(state: ReconState) -> None:
+    """Each stack's field relative to the coarse model, divided out before the fine level."""
+    from .bias import correct_stack_bias
+
+    t0 = time.time()
+    for r in correct_stack_bias(state):
+        lo, hi = r["field_range"]
+        state.log(f"  stack {r['stack']}: intensity field {lo:.3f}-{hi:.3f} relative to the others, divided out")
+    state.add_time("stack_bias_s", t0)
+
+
 def _fit_levels(
     state: ReconState, resume_state: dict | None, checkpointer, history_every: int, profile_deferred: bool
 ) -> None:
@@ -96,6 +107,8 @@ def _fit_levels(
         t0 = time.time()
         refine(state, level, resume_state if resumed else None, checkpointer, history_every)
         state.add_time(f"level{index + 1}_refine_s", t0)
+        if index == 0 and len(schedule) > 1 and state.cfg.stack_bias and state.multi and state.stack_fields is None:
+            _correct_bias(state)
 
 
 def reconstruct(

@@ -86,6 +86,7 @@ class ReconState:
     progress: Progress | None = None
     total_steps: int = 0
     budget_cuts: list[str] = field(default_factory=list)  # where the time budget cut the fit short
+    stack_fields: dict | None = None  # each stack's intensity field divided out (recon/bias.py)
 
     def note_budget(self, where: str) -> None:
         """Record (and log, once per place) that the time budget cut ``where`` short: the result then
@@ -127,6 +128,7 @@ class ReconState:
             "stack_poses": [P.tolist() for P in self.stack_poses],
             "anchor": [np.asarray(a).tolist() for a in self.anchor],
             "anchor_pivot": None if self.anchor_pivot is None else np.asarray(self.anchor_pivot).tolist(),
+            "stack_fields": self.stack_fields,  # recon/bias.py: divided out of the slices again on resume
         }
         return {
             "level": level,
@@ -192,6 +194,11 @@ class ReconState:
                 self.anchor = tuple(np.asarray(a, dtype=np.float64) for a in motion["anchor"])
             if motion.get("anchor_pivot") is not None:
                 self.anchor_pivot = np.asarray(motion["anchor_pivot"], dtype=np.float64)
+            if motion.get("stack_fields") is not None and self.stack_fields is None:
+                from .bias import apply_stack_fields
+
+                self.stack_fields = motion["stack_fields"]
+                apply_stack_fields(self, self.stack_fields)
             from .motion.robust import loss_weights
 
             self.wts = loss_weights(self.sets, self.pws, self.sws)

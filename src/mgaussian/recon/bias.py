@@ -1,0 +1,136 @@
+"""Each stack's smooth intensity bias relative to the others, from the coarse level's model.
+
+A coil's sensitivity differs from stack to stack and varies across a slice; the per-slice
+intensity scales absorb a field's mean over each slice, not its variation across it. Once the
+coarse level has put the slices where they were acquired, its model is the stacks' consensus: the
+ratio of a stack's pixels to the model's prediction of them is that stack's field over the
+consensus's (a field common to every stack stays in the volume, as with any reconstruction). It is
+fitted as exp of a quadratic of the pixels' scanner positions (the coil is fixed in the scanner,
+not in the moving anatomy), robustly, and divided out of the stack's slices before the fine level.
+Unlike N4 on each stack (``--bias-correction``), which finds a field in a field-free stack, a stack
+that agrees with the others gets a field of ~1 (measured in ``docs/clinical.md``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["correct_stack_bias", "estimate_stack_fields", "apply_stack_fields"]
+
+import math
+
+import torch
+
+from .motion.robust import loss_weights
+from .slices import predict_all
+from .state import ReconState
+
+# a quadratic of the position: 10 terms; pixels whose prediction is below this fraction of the
+# stack's 99th percentile are left out of the fit (the ratio is noise there: background, edges)
+_MIN_SIGNAL = 0.2
+_MIN_PIXELS = 200  # a stack with fewer such pixels keeps its intensities
+
+
+def _positions(ss) -> torch.Tensor:
+    """Scanner positions [K,h,w,3] (mm) of a slice set's pixels at their header poses."""
+    k, h, w = ss.obs.shape
+    a = torch.arange(h, dtype=ss.origins.dtype) * ss.spacing[0]
+    b = torch.arange(w, dtype=ss.origins.dtype) * ss.spacing[1]
+    return (
+        ss.origins[:, None, None, :]
+        + a[None, :, None, None] * ss.axes[:, None, None, 0, :]
+        + b[None, None, :, None] * ss.axes[:, None, None, 1, :]
+    )
+
+
+def _quadratic_terms(p: torch.Tensor, centre: torch.Tensor, radius: float) -> torch.Tensor:
+    """[P,10]: 1, x, y, z, x^2, y^2, z^2, xy, xz, yz of positions relative to ``centre`` / ``radius``."""
+    u = (p - centre) / radius
+    x, y, z = u[:, 0], u[:, 1], u[:, 2]
+    return torch.stack([torch.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z], 1)
+
+
+def _fit_log_field(terms: torch.Tensor, logr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted least squares of log ratios on the quadratic, then once more with the pixels beyond
+    3 robust sigmas left out (vessels, partial volume, the model's blur at edges)."""
+    coef = torch.zeros(terms.shape[1], dtype=terms.dtype)
+    for _ in range(2):
+        tw = terms * w[:, None]
+        coef = torch.linalg.lstsq(
+            tw.T @ terms + 1e-9 * torch.eye(terms.shape[1], dtype=terms.dtype), tw.T @ logr
+        ).solution
+        res = logr - terms @ coef
+        sigma = 1.4826 * float((res - res.median()).abs().median()) + 1e-12
+        w = w * (res.abs() < 3 * sigma).to(w.dtype)
+    return coef
+
+
+@torch.no_grad()
+def estimate_stack_fields(state: ReconState) -> dict | None:
+    """Each stack's field relative to the others, as quadratics in one scanner frame:
+    {"centre", "radius", "coefs": per stack 10 numbers or None (too few pixels)}; None with fewer
+    than two stacks to compare.
+
+    Each stack's log ratio to the model is fitted by a quadratic; the mean of the stacks'
+    quadratics is what they share, the coarse model's own blur of the anatomy as much as a field,
+    and stays: only each stack's difference from it is divided out."""
+    preds = predict_all(state.params, state.sets, state.rots, state.trans, state.cents, state.cfg, state.backend)
+    wts = loss_weights(state.sets, state.pws, state.sws)
+    fits = []
+    for ss, pred, wt in zip(state.sets, preds, wts):
+        pred, obs = pred.double(), ss.obs.double()
+        sig = wt > 0
+        floor = _MIN_SIGNAL * float(torch.quantile(pred[sig], 0.99)) if bool(sig.any()) else 0.0
+        use = sig & (pred > floor) & (obs > floor * 0.25)
+        pos = _positions(ss).double()
+        fits.append((pos[use], torch.log(obs[use] / pred[use]), wt[use].double()))
+    if sum(len(f[1]) >= _MIN_PIXELS for f in fits) < 2:
+        return None
+    every = torch.cat([p for p, logr, _ in fits if len(logr) >= _MIN_PIXELS])
+    centre = every.mean(0)
+    radius = float((every - centre).norm(dim=1).max()) or 1.0
+    coefs = [
+        _fit_log_field(_quadratic_terms(p, centre, radius), logr, w) if len(logr) >= _MIN_PIXELS else None
+        for p, logr, w in fits
+    ]
+    shared = torch.stack([c for c in coefs if c is not None]).mean(0)
+    out = []
+    for (p, _, _), coef in zip(fits, coefs):
+        if coef is None:
+            out.append(None)
+            continue
+        coef = coef - shared
+        coef[0] = 0.0  # the stack's overall level stays with its normalisation and slice scales
+        coef[0] = -math.log(float(torch.exp(_quadratic_terms(p, centre, radius) @ coef).mean()))  # mean 1
+        out.append(coef.tolist())
+    return {"centre": centre.tolist(), "radius": radius, "coefs": out}
+
+
+@torch.no_grad()
+def apply_stack_fields(state: ReconState, fields: dict) -> list[dict]:
+    """Divide each stack's slices (``state.sets[i].obs``, in place) by its field; returns per stack
+    the field's range over its slices' masks."""
+    centre = torch.tensor(fields["centre"], dtype=torch.float64)
+    report = []
+    for ss, coef in zip(state.sets, fields["coefs"]):
+        if coef is None:
+            report.append({"stack": ss.name, "field_range": [1.0, 1.0]})
+            continue
+        pos = _positions(ss).double().reshape(-1, 3)
+        terms = _quadratic_terms(pos, centre, fields["radius"])
+        field = torch.exp(terms @ torch.tensor(coef, dtype=torch.float64)).reshape(ss.obs.shape)
+        ss.obs = (ss.obs.double() / field).to(ss.obs.dtype)
+        f_in = field[ss.mask] if bool(ss.mask.any()) else field.flatten()
+        report.append({"stack": ss.name, "field_range": [round(float(f_in.min()), 4), round(float(f_in.max()), 4)]})
+    return report
+
+
+def correct_stack_bias(state: ReconState) -> list[dict]:
+    """Estimate each stack's field relative to the others, divide it out, keep it on the state (a
+    checkpoint's resume applies it again) and reset the slice scales the field was in."""
+    fields = estimate_stack_fields(state)
+    if fields is None:
+        return []
+    state.stack_fields = fields
+    report = apply_stack_fields(state, fields)
+    for sc in state.scs:
+        sc.fill_(1.0)
+    return report

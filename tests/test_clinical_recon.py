@@ -53,7 +53,8 @@ def case(tmp_path_factory):
     }
 
 
-def _recon(case, out, *extra):
+def _recon(case, out, *extra, report_dir=None):
+    report = ["--no-report"] if report_dir is None else ["--output-report", str(report_dir)]
     return main(
         [
             "reconstruct",
@@ -66,7 +67,7 @@ def _recon(case, out, *extra):
             "--config",
             case["cfg"],
             "--quiet",
-            "--no-report",
+            *report,
             *extra,
         ]
     )
@@ -134,25 +135,8 @@ def test_report_shows_the_volume_in_atlas_space(case, tmp_path):
     """With --template the report holds the atlas-space view: the written volume above the
     template, on the template's grid, with the registration's NCC."""
     out = tmp_path / "rec.nii.gz"
-    args = [
-        "reconstruct",
-        "--input-stacks",
-        *case["stacks"],
-        "--stack-masks",
-        *case["masks"],
-        "--output-volume",
-        str(out),
-        "--config",
-        case["cfg"],
-        "--quiet",
-        "--template",
-        case["gt"],
-        "--template-mask",
-        case["mask"],
-        "--output-report",
-        str(tmp_path / "report"),
-    ]
-    assert main(args) == 0
+    args = ["--template", case["gt"], "--template-mask", case["mask"]]
+    assert _recon(case, out, *args, report_dir=tmp_path / "report") == 0
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Atlas space" in page and 'src="atlas.png"' in page
     png = tmp_path / "report" / "atlas.png"

@@ -17,6 +17,7 @@ __all__ = ["correct_stack_bias", "estimate_stack_fields", "apply_stack_fields"]
 
 import math
 
+import numpy as np
 import torch
 
 from .motion.robust import loss_weights
@@ -29,16 +30,14 @@ _MIN_SIGNAL = 0.2
 _MIN_PIXELS = 200  # a stack with fewer such pixels keeps its intensities
 
 
-def _positions(ss) -> torch.Tensor:
-    """Scanner positions [K,h,w,3] (mm) of a slice set's pixels at their header poses."""
-    k, h, w = ss.obs.shape
-    a = torch.arange(h, dtype=ss.origins.dtype) * ss.spacing[0]
-    b = torch.arange(w, dtype=ss.origins.dtype) * ss.spacing[1]
-    return (
-        ss.origins[:, None, None, :]
-        + a[None, :, None, None] * ss.axes[:, None, None, 0, :]
-        + b[None, None, :, None] * ss.axes[:, None, None, 1, :]
-    )
+def _slice_positions(ss, k: int) -> torch.Tensor:
+    """Scanner positions [h,w,3] (mm, float64) of slice ``k``'s pixels at its header pose (one
+    slice at a time: a stack's [K,h,w,3] and its [P,10] terms would be GBs for a large stack)."""
+    _, h, w = ss.obs.shape
+    o, ax = ss.origins[k].double(), ss.axes[k].double()
+    a = torch.arange(h, dtype=torch.float64, device=o.device) * ss.spacing[0]
+    b = torch.arange(w, dtype=torch.float64, device=o.device) * ss.spacing[1]
+    return o + a[:, None, None] * ax[0] + b[None, :, None] * ax[1]
 
 
 def _quadratic_terms(p: torch.Tensor, centre: torch.Tensor, radius: float) -> torch.Tensor:
@@ -51,11 +50,11 @@ def _quadratic_terms(p: torch.Tensor, centre: torch.Tensor, radius: float) -> to
 def _fit_log_field(terms: torch.Tensor, logr: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Weighted least squares of log ratios on the quadratic, then once more with the pixels beyond
     3 robust sigmas left out (vessels, partial volume, the model's blur at edges)."""
-    coef = torch.zeros(terms.shape[1], dtype=terms.dtype)
+    coef = torch.zeros(terms.shape[1], dtype=terms.dtype, device=terms.device)
     for _ in range(2):
         tw = terms * w[:, None]
         coef = torch.linalg.lstsq(
-            tw.T @ terms + 1e-9 * torch.eye(terms.shape[1], dtype=terms.dtype), tw.T @ logr
+            tw.T @ terms + 1e-9 * torch.eye(terms.shape[1], dtype=terms.dtype, device=terms.device), tw.T @ logr
         ).solution
         res = logr - terms @ coef
         sigma = 1.4826 * float((res - res.median()).abs().median()) + 1e-12
@@ -78,10 +77,11 @@ def estimate_stack_fields(state: ReconState) -> dict | None:
     for ss, pred, wt in zip(state.sets, preds, wts):
         pred, obs = pred.double(), ss.obs.double()
         sig = wt > 0
-        floor = _MIN_SIGNAL * float(torch.quantile(pred[sig], 0.99)) if bool(sig.any()) else 0.0
+        # numpy's percentile: torch.quantile refuses more than 2^24 values (a stack of 512 x 512 x 64 unmasked)
+        floor = _MIN_SIGNAL * float(np.percentile(pred[sig].cpu().numpy(), 99)) if bool(sig.any()) else 0.0
         use = sig & (pred > floor) & (obs > floor * 0.25)
-        pos = _positions(ss).double()
-        fits.append((pos[use], torch.log(obs[use] / pred[use]), wt[use].double()))
+        pos = torch.cat([_slice_positions(ss, k)[use[k]] for k in range(ss.n)])  # in use's order
+        fits.append((pos, torch.log(obs[use] / pred[use]), wt[use].double()))
     if sum(len(f[1]) >= _MIN_PIXELS for f in fits) < 2:
         return None
     every = torch.cat([p for p, logr, _ in fits if len(logr) >= _MIN_PIXELS])
@@ -108,15 +108,18 @@ def estimate_stack_fields(state: ReconState) -> dict | None:
 def apply_stack_fields(state: ReconState, fields: dict) -> list[dict]:
     """Divide each stack's slices (``state.sets[i].obs``, in place) by its field; returns per stack
     the field's range over its slices' masks."""
-    centre = torch.tensor(fields["centre"], dtype=torch.float64)
+    dev = state.sets[0].obs.device
+    centre = torch.tensor(fields["centre"], dtype=torch.float64, device=dev)
     report = []
     for ss, coef in zip(state.sets, fields["coefs"]):
         if coef is None:
             report.append({"stack": ss.name, "field_range": [1.0, 1.0]})
             continue
-        pos = _positions(ss).double().reshape(-1, 3)
-        terms = _quadratic_terms(pos, centre, fields["radius"])
-        field = torch.exp(terms @ torch.tensor(coef, dtype=torch.float64)).reshape(ss.obs.shape)
+        c = torch.tensor(coef, dtype=torch.float64, device=dev)
+        field = torch.empty(ss.obs.shape, dtype=torch.float64, device=dev)
+        for k in range(ss.n):
+            pos = _slice_positions(ss, k).reshape(-1, 3)
+            field[k] = torch.exp(_quadratic_terms(pos, centre, fields["radius"]) @ c).reshape(field.shape[1:])
         ss.obs = (ss.obs.double() / field).to(ss.obs.dtype)
         f_in = field[ss.mask] if bool(ss.mask.any()) else field.flatten()
         report.append({"stack": ss.name, "field_range": [round(float(f_in.min()), 4), round(float(f_in.max()), 4)]})

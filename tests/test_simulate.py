@@ -80,31 +80,27 @@ def test_simulate_cli_outputs_and_truth(tmp_path):
     gt, aff, _ = blob_volume((30, 34, 28), spacing=1.2, sigma=7.0)
     gp = write_nifti(tmp_path / "gt.nii.gz", gt + 10, aff)
     out = tmp_path / "out"
-    rc = main(
-        [
-            "simulate",
-            gp,
-            "--output-dir",
-            str(out),
-            "--thickness",
-            "3",
-            "--gap",
-            "0.6",
-            "--motion-rotation",
-            "3",
-            "--motion-translation",
-            "1.5",
-            "--noise",
-            "0.02",
-            "--seed",
-            "7",
-            "--orientations",
-            "axial",
-            "coronal",
-            "sagittal",
-            "15,0,-10",
-        ]
-    )
+    # the same options twice: the same seed gives the same stacks
+    options = [
+        "--thickness",
+        "3",
+        "--gap",
+        "0.6",
+        "--motion-rotation",
+        "3",
+        "--motion-translation",
+        "1.5",
+        "--noise",
+        "0.02",
+        "--seed",
+        "7",
+        "--orientations",
+        "axial",
+        "coronal",
+        "sagittal",
+        "15,0,-10",
+    ]
+    rc = main(["simulate", gp, "--output-dir", str(out), *options])
     assert rc == 0
     truth = json.loads((out / "truth.json").read_text())
     assert len(truth["stacks"]) == 4
@@ -124,31 +120,7 @@ def test_simulate_cli_outputs_and_truth(tmp_path):
     assert truth["settings"]["noise_sigma"] > 0
     # same seed -> same stacks
     out2 = tmp_path / "out2"
-    main(
-        [
-            "simulate",
-            gp,
-            "--output-dir",
-            str(out2),
-            "--thickness",
-            "3",
-            "--gap",
-            "0.6",
-            "--motion-rotation",
-            "3",
-            "--motion-translation",
-            "1.5",
-            "--noise",
-            "0.02",
-            "--seed",
-            "7",
-            "--orientations",
-            "axial",
-            "coronal",
-            "sagittal",
-            "15,0,-10",
-        ]
-    )
+    assert main(["simulate", gp, "--output-dir", str(out2), *options]) == 0
     a = nib.load(str(out / "stack_01.nii.gz")).get_fdata()
     b = nib.load(str(out2 / "stack_01.nii.gz")).get_fdata()
     assert np.array_equal(a, b)

@@ -87,19 +87,17 @@ def estimate_stack_fields(state: ReconState) -> dict | None:
     every = torch.cat([p for p, logr, _ in fits if len(logr) >= _MIN_PIXELS])
     centre = every.mean(0)
     radius = float((every - centre).norm(dim=1).max()) or 1.0
-    coefs = [
-        _fit_log_field(_quadratic_terms(p, centre, radius), logr, w) if len(logr) >= _MIN_PIXELS else None
-        for p, logr, w in fits
-    ]
+    terms = [_quadratic_terms(p, centre, radius) if len(logr) >= _MIN_PIXELS else None for p, logr, _ in fits]
+    coefs = [None if t is None else _fit_log_field(t, logr, w) for t, (_, logr, w) in zip(terms, fits)]
     shared = torch.stack([c for c in coefs if c is not None]).mean(0)
     out = []
-    for (p, _, _), coef in zip(fits, coefs):
+    for t, coef in zip(terms, coefs):
         if coef is None:
             out.append(None)
             continue
         coef = coef - shared
         coef[0] = 0.0  # the stack's overall level stays with its normalisation and slice scales
-        coef[0] = -math.log(float(torch.exp(_quadratic_terms(p, centre, radius) @ coef).mean()))  # mean 1
+        coef[0] = -math.log(float(torch.exp(t @ coef).mean()))  # mean 1 over the fitted pixels
         out.append(coef.tolist())
     return {"centre": centre.tolist(), "radius": radius, "coefs": out}
 

@@ -111,8 +111,10 @@ def test_confidence_falls_where_slices_are_removed(noisy):
     assert band.sum() > 200 and rest.sum() > 200, (band.sum(), rest.sum())
     drop_band = cf[band].mean() - cc[band].mean()
     drop_rest = cf[rest].mean() - cc[rest].mean()
-    # measured: 0.020 in the band, 0.0017 elsewhere (the other two stacks still cover the band)
-    assert drop_band > 0.015 and drop_band > 5 * abs(drop_rest), (drop_band, drop_rest)
+    # measured: 0.0139 in the band, -0.0078 elsewhere (the other two stacks still cover the band; the
+    # position term follows the volume's gradient, and the volume from fewer slices is a little
+    # smoother everywhere); the data term alone (confidence_position_sd_mm 0): 0.020 and 0.0017
+    assert drop_band > 0.01 and drop_band - drop_rest > 0.015, (drop_band, drop_rest)
     # the sd, voxel by voxel (its mean is the rim's, where a few voxels have a large sd)
     up_band, up_rest = np.median(sc[band] / sf[band]), np.median(sc[rest] / sf[rest])
     # measured: x 1.041 in the band, x 1.019 elsewhere (the prior pools the neighbours' data)

@@ -25,7 +25,7 @@ units); 0 outside the reconstructed region. See docs/clinical.md for what it mea
 
 from __future__ import annotations
 
-__all__ = ["Confidence", "confidence_map", "design_diagonal", "probed_diagonal", "pooled_precision"]
+__all__ = ["Confidence", "confidence_map", "design_diagonal", "position_sd", "probed_diagonal", "pooled_precision"]
 
 import time
 from dataclasses import dataclass
@@ -90,9 +90,23 @@ def pooled_precision(d: torch.Tensor, pairs: torch.Tensor, k: torch.Tensor, swee
 
 
 @torch.no_grad()
-def confidence_map(state: ReconState, misfit_term: bool | None = None) -> Confidence:
+def position_sd(volume: np.ndarray, affine: np.ndarray, shift_mm: float) -> np.ndarray:
+    """The intensity's spread from where the anatomy lies being known to ``shift_mm`` only: the
+    volume's gradient magnitude (per mm), averaged over a voxel's neighbourhood (Gaussian, one
+    voxel: a shift moves an edge's whole blurred profile), times the shift."""
+    from scipy import ndimage
+
+    spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
+    grads = np.gradient(volume.astype(np.float32), *spacing)
+    mag = np.sqrt(sum(g * g for g in grads))
+    return (ndimage.gaussian_filter(mag, 1.0) * shift_mm).astype(np.float32)
+
+
+def confidence_map(state: ReconState, misfit_term: bool | None = None, volume: np.ndarray | None = None) -> Confidence:
     """The confidence map of the fitted state (after ``output.result``, which sets the region).
-    ``misfit_term`` (default ``cfg.confidence_misfit``): s_i^2 = max(sigma^2, m_i); else sigma^2."""
+    ``misfit_term`` (default ``cfg.confidence_misfit``): s_i^2 = max(sigma^2, m_i); else sigma^2.
+    ``volume``: the output volume (``ReconResult.volume``); with it the voxels' sd gains the
+    position term (``position_sd``, ``cfg.confidence_position_sd_mm``)."""
     t0 = time.time()
     cfg, fld = state.cfg, state.fld
     misfit_term = cfg.confidence_misfit if misfit_term is None else misfit_term
@@ -116,7 +130,7 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None) -> Confid
         mis_num += des.rmatvec(w * sc * r2)
         mis_den += des.rmatvec(w * sc)
     d = d.clamp_min(0.0)  # the probed diagonal can dip below 0 where the data barely reach
-    smooth = smoothness_weight(state, n)
+    smooth = smoothness_weight(state, cfg.output_resolution * cfg.spacing_factors[-1])  # the last level
     prec = d.clone()
     if smooth > 0:
         pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(c.device)
@@ -160,6 +174,9 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None) -> Confid
     inside = region & (den > 1e-3 * max(float(den.max()), 1e-12))
     sd = np.zeros(shape, np.float32)
     sd[inside] = num[inside] / den[inside]
+    if volume is not None and cfg.confidence_position_sd_mm > 0:
+        pos = position_sd(np.asarray(volume, np.float32) / float(state.scale), aff, cfg.confidence_position_sd_mm)
+        sd[inside] = np.sqrt(sd[inside] ** 2 + pos[inside] ** 2)
     ref = float(cfg.confidence_ref)
     conf = np.zeros(shape, np.float32)
     conf[inside] = 1.0 / (1.0 + sd[inside] / ref)

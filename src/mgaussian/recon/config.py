@@ -35,11 +35,17 @@ class ReconConfig:
     batch_slices: int = 64  # slices rendered per iteration (all stacks together)
     cg_iterations: int = 30  # conjugate-gradient warm start of the intensities at each level (0: off)
     # lattice-gradient prior lambda/2 sum (c_i - c_j)^2 over neighbouring Gaussians, in the warm start
-    # and (divided by the pixel count) in the Adam loss. None: from the data's noise, lambda =
-    # smoothness_gain x sigma^2 x (masked pixels / Gaussians), sigma by Immerkaer's estimator on the
-    # slices (benchmarks/TUNING.md: 2 % noise on sb25, 23.0 -> 31.5 dB; clean data unchanged)
+    # and (divided by the pixel count) in the Adam loss. None: from the data's noise (levels.
+    # smoothness_weight): lambda = smoothness_gain x sigma^2 x (1 mm / s)^2 x (s_level / s)^3, s the
+    # finest level's spacing in mm, sigma by Immerkaer's estimator on the slices. lambda ~ sigma^2 /
+    # (the anatomy's neighbour differences, ~ s^2): it does not grow with the amount of data (the
+    # rule before, x masked pixels / Gaussians, gave six stacks twice the prior of three). 450 is
+    # the old rule's weight on sb25 + 2 % noise at 0.8 mm, where 1100 of the old gain was best
+    # (23.0 -> 31.5 dB; x0.5 / x2: -0.2 / -0.4 dB); on six clinical-style stacks at 1 mm the old rule
+    # was 4x too strong (29.12 dB; 1/4 of it: 30.20) and on four 4 mm stacks 2-4x (26.41; 27.15):
+    # benchmarks/TUNING.md, session 13
     cg_smoothness: float | None = None
-    smoothness_gain: float = 1100.0
+    smoothness_gain: float = 450.0
     # Adam refinement only where the slices' estimated noise sigma is below this (fraction of the
     # 99th percentile): on noisy data it fits the noise (sb25, 2 % noise: 31.5 dB after the warm
     # start, 25.0 dB after Adam; clean data gain +0.4 dB); above it each level ends after the warm start
@@ -202,6 +208,12 @@ class ReconConfig:
     # slices' noise: off, it made the map rank the errors worse on the test phantom (Spearman of
     # 1 - confidence with |error| in the mask: 2 % noise 0.62 -> 0.59, clean 0.32 -> 0.31)
     confidence_misfit: bool = False
+    # where the anatomy lies is known only so well (the slices' poses, the profile's blur): the
+    # voxel's sd gains this shift (mm) x the volume's local gradient magnitude (confidence.position_sd).
+    # 0.4 mm: the slices' pose error after motion correction (0.2-0.25 mm mean displacement, 0.5 deg:
+    # 0.35 mm at 40 mm from the centre, tests/test_motion.py). Spearman of 1 - confidence with |error|
+    # (clinical-style cases, docs/clinical.md): nine stacks 0.216 -> 0.33, six 0.278 -> 0.37
+    confidence_position_sd_mm: float = 0.4
     # compute
     # the intensity fits (conjugate gradients) store each stack's render as an explicit sparse map
     # on the cpu backend, up to this much memory for all stacks together (about 5 bytes per
@@ -237,6 +249,8 @@ class ReconConfig:
             bad("edge_prior_k", f"must be > 0, got {self.edge_prior_k}")
         if not (isinstance(self.pose_extrapolation, (int, float)) and self.pose_extrapolation >= 0):
             bad("pose_extrapolation", f"must be a number >= 0, got {self.pose_extrapolation}")
+        if not (self.confidence_position_sd_mm >= 0 and math.isfinite(self.confidence_position_sd_mm)):
+            bad("confidence_position_sd_mm", f"must be a number >= 0 (mm), got {self.confidence_position_sd_mm}")
         if not (isinstance(self.confidence_probes, int) and self.confidence_probes >= 1):
             bad("confidence_probes", f"must be an integer >= 1, got {self.confidence_probes}")
         if not (self.confidence_ref > 0 and math.isfinite(self.confidence_ref)):

@@ -47,13 +47,15 @@ def _deadline(state: ReconState, last: bool, adam_follows: bool) -> float | None
     return state.t_start + share * budget
 
 
-def smoothness_weight(state: ReconState, n_gaussians: int) -> float:
-    """The lattice prior's weight of a level of ``n_gaussians`` (``cfg.cg_smoothness``, or from the
-    slices' noise, see the config)."""
+def smoothness_weight(state: ReconState, spacing: float) -> float:
+    """The lattice prior's weight at a level of Gaussians ``spacing`` mm apart (``cfg.cg_smoothness``,
+    or from the slices' noise, see the config). A coarser level's weight is larger by the ratio of
+    the Gaussians' volumes: each of its Gaussians stands for (s_level / s)^3 fine ones."""
     cfg = state.cfg
     if cfg.cg_smoothness is not None:
         return float(cfg.cg_smoothness)
-    return cfg.smoothness_gain * state.noise_sigma**2 * state.n_pix / max(n_gaussians, 1)
+    finest = cfg.output_resolution * cfg.spacing_factors[-1]
+    return cfg.smoothness_gain * state.noise_sigma**2 * (spacing / finest) ** 3 / finest**2
 
 
 def edge_prior_active(state: ReconState, level_last: bool, has_prior: bool) -> bool:
@@ -89,7 +91,7 @@ def begin_level(state: ReconState, index: int, count: int, factor: float, iterat
     _level_field(state, index, spacing, resumed)
     fld = state.fld
     state.params = {k: v.detach().clone().requires_grad_(True) for k, v in fld.tensors().items()}
-    smooth = smoothness_weight(state, fld.num_gaussians)
+    smooth = smoothness_weight(state, spacing)
     pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(state.dev) if smooth > 0 else None
     if smooth > 0:
         state.log(f"  smoothness prior {smooth:.3g} (noise sigma {state.noise_sigma:.4f} of the 99th percentile)")

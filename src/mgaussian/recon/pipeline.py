@@ -152,7 +152,7 @@ def reconstruct(
     if state.cfg.confidence:
         from .confidence import confidence_map
 
-        conf = confidence_map(state)
+        conf = confidence_map(state, volume=res.volume)
         res.confidence, res.confidence_sd = conf.confidence, conf.sd
         res.confidence_info = {"sd_ref": conf.sd_ref, **conf.info}
         state.log(

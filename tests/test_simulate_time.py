@@ -211,6 +211,7 @@ def test_bias_field_multiplies_each_stack_by_its_own_smooth_field(tmp_path):
 def test_stack_fields_are_found_and_divided_out(tmp_path):
     """Stacks simulated with their own 20 % fields: the reconstruction finds and divides out a field
     per stack (relative to the others) of more than 10 % across its mask; ``stack_bias`` off, none."""
+    from mgaussian.metrics import score_volume
     from mgaussian.recon.config import config_from_dict
     from mgaussian.recon.pipeline import reconstruct
 
@@ -230,7 +231,16 @@ def test_stack_fields_are_found_and_divided_out(tmp_path):
         for s in lines
     ]
     assert max(spans) > 0.1  # 20 % fields, relative to each other: a visible correction
+    # they showed fields, so the one they share is divided out of the model after the fit
+    assert "shared_field_s" in res.timings and any("the field the stacks share" in s for s in logs)
+    kept = reconstruct(
+        stacks, config_from_dict({**cfg.to_dict(), "shared_field": False}), progress=False, log=lambda s: None
+    )
+    assert "shared_field_s" not in kept.timings
+    psnr = {k: score_volume(r.volume, r.affine, gt, aff, gt > 20)["psnr"] for k, r in (("with", res), ("kept", kept))}
+    print(psnr)
+    assert psnr["with"] > psnr["kept"], psnr
     off = reconstruct(
         stacks, config_from_dict({**cfg.to_dict(), "stack_bias": False}), progress=False, log=lambda s: None
     )
-    assert "stack_bias_s" not in off.timings
+    assert "stack_bias_s" not in off.timings and "shared_field_s" not in off.timings

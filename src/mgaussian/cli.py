@@ -232,6 +232,12 @@ def _add_reconstruct(sub):
         "stacks, fitted after the coarse level, is divided out; docs/clinical.md)",
     )
     g.add_argument(
+        "--no-shared-field",
+        action="store_true",
+        help="keep the field the stacks share in the volume (default: where the stacks' fields differ by "
+        "more than 5 %%, a very smooth field fitted by N4 on the volume is divided out; docs/clinical.md)",
+    )
+    g.add_argument(
         "--thicknesses",
         nargs="+",
         type=_num("--thicknesses"),
@@ -860,6 +866,7 @@ def _config_overrides(a) -> dict:
         ("no_anisotropy", "use_anisotropy"),
         ("no_psf", "use_psf"),
         ("no_stack_bias", "stack_bias"),
+        ("no_shared_field", "shared_field"),
     ):
         if getattr(a, flag):
             over[key] = False

@@ -9,11 +9,17 @@ fitted as exp of a quadratic of the pixels' scanner positions (the coil is fixed
 not in the moving anatomy), robustly, and divided out of the stack's slices before the fine level.
 Unlike N4 on each stack (``--bias-correction``), which finds a field in a field-free stack, a stack
 that agrees with the others gets a field of ~1 (measured in ``docs/clinical.md``).
+
+The field the stacks share cannot be told from the anatomy by the stacks alone. Where they show
+coil fields relative to each other (``spread``: beyond ``cfg.shared_field_min_spread``), they most
+likely share one too, and after the fit a very smooth field (N4 with one fitting level on the
+volume) is divided out of the Gaussians' intensities (``remove_shared_field``); where the stacks
+agree it is left alone, since N4 finds a field in a field-free volume too.
 """
 
 from __future__ import annotations
 
-__all__ = ["correct_stack_bias", "estimate_stack_fields", "apply_stack_fields"]
+__all__ = ["apply_stack_fields", "correct_stack_bias", "estimate_stack_fields", "remove_shared_field"]
 
 import math
 
@@ -132,6 +138,32 @@ def correct_stack_bias(state: ReconState) -> list[dict]:
         return []
     state.stack_fields = fields
     report = apply_stack_fields(state, fields)
+    # the largest relative field of any stack, as a log: the evidence that the coil's field is there
+    fields["spread"] = max(max(abs(math.log(lo)), abs(math.log(hi))) for lo, hi in (r["field_range"] for r in report))
     for sc in state.scs:
         sc.fill_(1.0)
     return report
+
+
+@torch.no_grad()
+def remove_shared_field(state: ReconState, volume: np.ndarray) -> tuple[float, float] | None:
+    """The field the stacks share, from the fitted ``volume`` (output grid, ``state.region``): N4
+    with one fitting level (a very smooth field) on the volume shrunk 2 x in plane, divided out of
+    each Gaussian's intensity at its centre (the model and the volumes rendered from it stay one).
+    Only where the stacks' relative fields reached ``cfg.shared_field_min_spread``; returns the
+    field's range over the region, or None where it was not applied."""
+    from scipy import ndimage
+
+    from ..masking import n4_correct
+
+    fields = state.stack_fields
+    if not state.cfg.shared_field or fields is None or fields.get("spread", 0.0) <= state.cfg.shared_field_min_spread:
+        return None
+    _, field = n4_correct(volume, state.aff, state.region, shrink=2, levels=1)
+    fld = state.fld
+    inv = np.linalg.inv(np.asarray(state.aff, np.float64))
+    ijk = fld.means.detach().cpu().double().numpy() @ inv[:3, :3].T + inv[:3, 3]
+    at = ndimage.map_coordinates(field.astype(np.float64), ijk.T, order=1, mode="nearest")
+    fld.intensities = fld.intensities / torch.as_tensor(at, dtype=fld.intensities.dtype, device=fld.intensities.device)
+    inside = field[state.region]
+    return float(inside.min()), float(inside.max())

@@ -82,6 +82,20 @@ def _correct_bias(state: ReconState) -> None:
     state.add_time("stack_bias_s", t0)
 
 
+def _remove_shared_field(state: ReconState, res):
+    """The field the stacks share divided out of the model where they showed fields (recon/bias.py);
+    the volume rendered again from it."""
+    from .bias import remove_shared_field
+
+    t0 = time.time()
+    rng = remove_shared_field(state, res.volume)
+    if rng is None:
+        return res
+    state.log(f"  the field the stacks share (N4 on the volume): {rng[0]:.3f}-{rng[1]:.3f}, divided out")
+    state.add_time("shared_field_s", t0)
+    return result(state)
+
+
 def _fit_levels(
     state: ReconState, resume_state: dict | None, checkpointer, history_every: int, profile_deferred: bool
 ) -> None:
@@ -149,6 +163,7 @@ def reconstruct(
         state.timings["checkpoint_s"], state.timings["checkpoints_saved"] = checkpointer.save_s, checkpointer.n_saved
     state.timings["train_s"] = time.time() - t_train
     res = result(state)
+    res = _remove_shared_field(state, res)
     if state.cfg.confidence:
         from .confidence import confidence_map
 

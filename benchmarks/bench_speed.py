@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.makedirs(a.workdir, exist_ok=True)
     rows = [measure(n, a.workdir, shlex.split(a.extra_args)) for n in a.cases.split(",") if n]
-    print("| case | PSNR dB | wall s | peak RSS GB | " + " | ".join(s[:-2] for s in STAGES) + " |")
+    print("| case | PSNR dB | wall s | peak RSS GiB | " + " | ".join(s[:-2] for s in STAGES) + " |")
     print("|" + "---|" * (4 + len(STAGES)))
     for r in rows:
         print(_fmt_row(r))

@@ -318,6 +318,7 @@ def test_design_built_in_runs_of_slices_equals_the_whole(monkeypatch):
 
     mu, ls, q, c = (t.double() for t in random_gaussians(150, seed=5))
     o, a = (t.double() for t in random_poses(5, seed=6))
+    monkeypatch.setattr(cpu, "_BUILD_SLICES", 64)
     whole = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", cutoff=3.0)
     monkeypatch.setattr(cpu, "_BUILD_SLICES", 2)
     runs = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", cutoff=3.0)

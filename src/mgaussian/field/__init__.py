@@ -34,6 +34,7 @@ __all__ = [
     "grow_field",
     "anisotropy_penalty",
     "lattice_sum",
+    "volume_at_points",
     "DEFAULT_SCALE_FACTOR",
 ]
 
@@ -148,6 +149,14 @@ def _grid_for_mask(mask: np.ndarray, affine: np.ndarray, spacing: float, dilate:
     return lo, shape, gi[keep], pts[keep]
 
 
+def volume_at_points(volume: np.ndarray, affine: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """A volume (voxel -> world ``affine``) sampled trilinearly at world points [N,3] (mm), the
+    nearest edge value outside its grid: float64 [N]."""
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    v = np.asarray(pts, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+    return ndimage.map_coordinates(np.asarray(volume, dtype=np.float64), v.T, order=1, mode="nearest")
+
+
 def _sample_intensity(init_intensity, pts: np.ndarray, affine: np.ndarray) -> np.ndarray:
     if callable(init_intensity):
         return np.asarray(init_intensity(pts), dtype=np.float64).reshape(-1)
@@ -157,9 +166,7 @@ def _sample_intensity(init_intensity, pts: np.ndarray, affine: np.ndarray) -> np
     if arr.ndim == 0:
         return np.full(len(pts), float(arr))
     if arr.ndim == 3:
-        inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
-        v = pts @ inv[:3, :3].T + inv[:3, 3]
-        return ndimage.map_coordinates(arr, v.T, order=1, mode="nearest")
+        return volume_at_points(arr, affine, pts)
     if arr.ndim == 1 and len(arr) == len(pts):
         return arr
     raise ValueError("init_intensity: float, callable(points [N,3]) -> [N], volume like mask, or [N]")

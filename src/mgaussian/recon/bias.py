@@ -152,8 +152,7 @@ def remove_shared_field(state: ReconState, volume: np.ndarray) -> tuple[float, f
     each Gaussian's intensity at its centre (the model and the volumes rendered from it stay one).
     Only where the stacks' relative fields reached ``cfg.shared_field_min_spread``; returns the
     field's range over the region, or None where it was not applied."""
-    from scipy import ndimage
-
+    from ..field import volume_at_points
     from ..masking import n4_correct
 
     fields = state.stack_fields
@@ -161,9 +160,7 @@ def remove_shared_field(state: ReconState, volume: np.ndarray) -> tuple[float, f
         return None
     _, field = n4_correct(volume, state.aff, state.region, shrink=2, levels=1)
     fld = state.fld
-    inv = np.linalg.inv(np.asarray(state.aff, np.float64))
-    ijk = fld.means.detach().cpu().double().numpy() @ inv[:3, :3].T + inv[:3, 3]
-    at = ndimage.map_coordinates(field.astype(np.float64), ijk.T, order=1, mode="nearest")
+    at = volume_at_points(field, state.aff, fld.means.detach().cpu().double().numpy())
     fld.intensities = fld.intensities / torch.as_tensor(at, dtype=fld.intensities.dtype, device=fld.intensities.device)
     inside = field[state.region]
     return float(inside.min()), float(inside.max())

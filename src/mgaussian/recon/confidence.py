@@ -130,7 +130,7 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None, volume: n
         mis_num += des.rmatvec(w * sc * r2)
         mis_den += des.rmatvec(w * sc)
     d = d.clamp_min(0.0)  # the probed diagonal can dip below 0 where the data barely reach
-    smooth = smoothness_weight(state, cfg.output_resolution * cfg.spacing_factors[-1])  # the last level
+    smooth = smoothness_weight(state, fld.spacing)  # the last level's prior
     prec = d.clone()
     if smooth > 0:
         pairs = lattice_pairs(fld.grid_index, fld.grid_shape).to(c.device)

@@ -631,3 +631,25 @@ def test_time_neighbour_targets_follow_the_trajectory_and_discount_a_jump():
     R = torch.tensor([[1, 0, 0], [0, np.cos(0.1), -np.sin(0.1)], [0, np.sin(0.1), np.cos(0.1)]], dtype=torch.float64)
     # half from slice 0 (turned: its map at slice 2's centre), half from slice 1 (at rest); weights ~1 at 100 mm
     assert torch.allclose(tt2[2] * 2, R @ (c[2] - c[0]) - (c[2] - c[0]), atol=1e-3)
+
+
+def test_robust_pixel_weights_keep_small_misfit_with_a_sigma_floor():
+    """On clean data the residuals' MAD is tiny, so a structured misfit of a few percent (a blurred
+    edge) looks like an outlier; the floor on the pixels' robust sigma keeps it, while a gross
+    outlier is still down-weighted."""
+    import torch
+
+    from mgaussian.recon.motion.robust import robust_weights
+
+    gen = torch.Generator().manual_seed(0)
+    r = 0.001 * torch.randn(4, 20, 20, generator=gen)
+    r[:, :2, :] = 0.05  # an edge the model cannot follow: 5 % of the 99th percentile
+    r[:, 10, 10] = 0.8  # a gross outlier
+    m = torch.ones_like(r, dtype=torch.bool)
+    ncc = [torch.ones(4)]
+    pw0, _, sig0 = robust_weights([r], [m], ncc)
+    pw1, _, sig1 = robust_weights([r], [m], ncc, min_sigma=0.02)
+    assert sig0 < 0.002 and sig1 == pytest.approx(0.02)
+    assert float(pw0[0][:, :2].mean()) < 0.01  # without the floor the edge is thrown away
+    assert float(pw1[0][:, :2].mean()) > 0.55  # 1 / (1 + (0.05 / 0.06)^2) = 0.59
+    assert float(pw1[0][0, 10, 10]) < 0.01  # the outlier still is

@@ -34,6 +34,7 @@ def robust_weights(
     pixel_c: float = 3.0,
     slice_z: float = 3.5,
     min_ncc: float = 0.5,
+    min_sigma: float = 0.0,
 ):
     """Pixel weights (Cauchy on residual / robust sigma) and slice weights from per-slice errors.
 
@@ -46,7 +47,7 @@ def robust_weights(
     robust pixel sigma)."""
     allr = torch.cat([r[m] for r, m in zip(resid, masks)])
     sig = float(1.4826 * allr.abs().median()) if allr.numel() else 1.0
-    sig = max(sig, 1e-6)
+    sig = max(sig, min_sigma, 1e-6)
     pw = [1.0 / (1.0 + (r / (pixel_c * sig)) ** 2) for r in resid]
     rms = [torch.sqrt(((r * m) ** 2).sum((1, 2)) / m.sum((1, 2)).clamp_min(1)) for r, m in zip(resid, masks)]
     allrms = torch.cat(rms)
@@ -132,7 +133,8 @@ def update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend:
         nccs.append(_slice_ncc(p, ss.obs, m))
     if cfg.robust:
         pw, sw, _ = robust_weights(
-            resid, [ss.mask for ss in sets], nccs, cfg.pixel_outlier_c, cfg.slice_outlier_z, cfg.slice_min_ncc
+            resid, [ss.mask for ss in sets], nccs, cfg.pixel_outlier_c, cfg.slice_outlier_z, cfg.slice_min_ncc,
+            cfg.pixel_outlier_min_sigma,
         )
         for si, ss in enumerate(sets):  # pixel weights are kept per source pixel (a bin's weight to each of its pixels)
             pws[si].copy_(expand_pixels(pw[si], ss.binning, tuple(pws[si].shape[1:])))

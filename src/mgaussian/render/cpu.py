@@ -19,6 +19,8 @@ Threads: Numba's pool (all cores by default, see :func:`set_threads`); Numba's d
 
 from __future__ import annotations
 
+import weakref
+
 import numba
 import numpy as np
 import torch
@@ -32,6 +34,11 @@ from . import _cpu_kernels as K
 # hold a vector over all Gaussians (mni-t4 at 1 mm: 15 MB), so fewer of them.
 _RASTER_CHUNKS = 64
 _DESIGN_CHUNKS = 8
+# The designs' [C, N] chunk sums, one buffer per N shared by the designs that hold it (freed with
+# the last of them): a fresh buffer pays its page faults on every product (mni-t4 at 1 mm, 131 MB:
+# 0.11 s a product, three products an intensity-fit iteration of 1.7 s) where zeroing a kept one
+# takes 0.016 s (benchmarks/SPEED.md, session 14).
+_SHARED_CHUNK_SUMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def set_threads(n: int | None = None) -> int:
@@ -272,8 +279,17 @@ class SliceDesign:
 
     def chunk_buffer(self) -> np.ndarray:
         """Per-chunk sums [C, N] the transposed products add into (a fixed number of chunks: the
-        sums do not depend on the thread count)."""
-        return np.zeros((_DESIGN_CHUNKS, self.n))
+        sums do not depend on the thread count), zeroed; shared with the other designs over the
+        same Gaussians (a product uses it only until its sum is taken)."""
+        buf = getattr(self, "_chunk_sums", None)
+        if buf is None:
+            buf = _SHARED_CHUNK_SUMS.get(self.n)
+            if buf is None:
+                buf = np.zeros((_DESIGN_CHUNKS, self.n))
+                _SHARED_CHUNK_SUMS[self.n] = buf
+            self._chunk_sums = buf
+        buf.fill(0.0)
+        return buf
 
     def matvec(self, c: Tensor) -> Tensor:
         """A c: images [S,H,W] of intensities c [N]."""

@@ -132,9 +132,9 @@ def update_robust(params, sets, rots, trans, cents, scs, sws, pws, cfg, backend:
         resid.append((p - ss.obs) * m)
         nccs.append(_slice_ncc(p, ss.obs, m))
     if cfg.robust:
+        masks = [ss.mask for ss in sets]
         pw, sw, _ = robust_weights(
-            resid, [ss.mask for ss in sets], nccs, cfg.pixel_outlier_c, cfg.slice_outlier_z, cfg.slice_min_ncc,
-            cfg.pixel_outlier_min_sigma,
+            resid, masks, nccs, cfg.pixel_outlier_c, cfg.slice_outlier_z, cfg.slice_min_ncc, cfg.pixel_outlier_min_sigma
         )
         for si, ss in enumerate(sets):  # pixel weights are kept per source pixel (a bin's weight to each of its pixels)
             pws[si].copy_(expand_pixels(pw[si], ss.binning, tuple(pws[si].shape[1:])))

@@ -844,6 +844,15 @@ def _design_dot(img, s, acc_g, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals):
 
 
 @njit(**_JIT)
+def _chunk_start(ch, ns, nchunk):
+    """First slice of chunk ``ch`` when ``ns`` slices are spread evenly over ``nchunk`` chunks:
+    with fewer slices than chunks the empty chunks are interleaved, so that each thread's share of
+    the chunks (Numba splits a prange into contiguous blocks) holds its share of the slices (4
+    slices in 8 chunks on 2 threads: 2 and 2, where filling the first chunks gave 4 and 0)."""
+    return (ch * ns + nchunk - 1) // nchunk
+
+
+@njit(**_JIT)
 def sum_chunks(buf):
     """Sum of the per-chunk buffers [C, N] (in chunk order)."""
     out = np.zeros(buf.shape[1])
@@ -867,9 +876,8 @@ def design_rmatvec(ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, img, buf
     """The transpose: per Gaussian, sum over its terms of value x img, added to the per-chunk
     buffers ``buf`` [C, N] (race-free; the caller sums them: :func:`sum_chunks`)."""
     nchunk = buf.shape[0]
-    per = (ns + nchunk - 1) // nchunk
     for ch in prange(nchunk):
-        for s in range(ch * per, min(ns, (ch + 1) * per)):
+        for s in range(_chunk_start(ch, ns, nchunk), _chunk_start(ch + 1, ns, nchunk)):
             _design_dot(img[s], s, buf[ch], s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)
 
 
@@ -878,10 +886,9 @@ def design_normal(ns, height, width, s_off, q_g, q_a0, q_amp, roff, voff, rows, 
     """A^T diag(weight) A c in one pass over the slices (each slice's image in a local buffer),
     added to the per-chunk buffers ``buf`` [C, N]."""
     nchunk = buf.shape[0]
-    per = (ns + nchunk - 1) // nchunk
     for ch in prange(nchunk):
         img = np.empty((height, width))
-        for s in range(ch * per, min(ns, (ch + 1) * per)):
+        for s in range(_chunk_start(ch, ns, nchunk), _chunk_start(ch + 1, ns, nchunk)):
             img[:, :] = 0.0
             _design_add(img, s, c, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)
             ws = weight[s]
@@ -915,9 +922,8 @@ def design_diag_normal(ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, weig
     pixel holds at most one term of a Gaussian, so this is exact), added to the per-chunk buffers
     ``buf`` [C, N]."""
     nchunk = buf.shape[0]
-    per = (ns + nchunk - 1) // nchunk
     for ch in prange(nchunk):
-        for s in range(ch * per, min(ns, (ch + 1) * per)):
+        for s in range(_chunk_start(ch, ns, nchunk), _chunk_start(ch + 1, ns, nchunk)):
             _design_dot_sq(weight[s], s, buf[ch], s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)
 
 

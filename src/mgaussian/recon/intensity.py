@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from .config import ReconConfig
-from .memory import return_freed_memory
 from .slices import slice_frames, stack_design
 
 
@@ -74,7 +73,6 @@ def _designs(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: 
         return designs
     budget = cfg.design_memory_gb * 1024**3
     t_build = time.time()
-    return_freed_memory()  # the maps are the run's largest arrays: not on top of freed pages
     designs = []
     for si, ss in enumerate(sets):
         sel = torch.arange(ss.n, device=c.device)
@@ -82,7 +80,6 @@ def _designs(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: 
         d = stack_design(dict(others, intensities=c.detach()), ss, o, ax, cfg, backend, max_bytes=budget)
         budget = max(0.0, budget - d.nbytes)
         designs.append(d)
-    return_freed_memory()  # the render plans the build freed
     if cache is not None:
         cache.update(
             key=key, designs=designs, poses=[x.detach().clone() for x in (*rots, *trans)], build_s=time.time() - t_build

@@ -17,18 +17,8 @@ start chunked over slices), re-run the benchmark and update them.
 
 from __future__ import annotations
 
-__all__ = [
-    "COEFFS",
-    "RunSizes",
-    "run_sizes",
-    "estimate_peak_bytes",
-    "check_memory",
-    "suggest_resolution",
-    "return_freed_memory",
-]
+__all__ = ["COEFFS", "RunSizes", "run_sizes", "estimate_peak_bytes", "check_memory", "suggest_resolution"]
 
-import ctypes
-import ctypes.util
 import math
 from dataclasses import dataclass
 
@@ -167,24 +157,3 @@ def check_memory(
             f"{sizes.masked_pixels} slice pixels), above the {max_gb:g} GB limit; {hint}, or raise --max-memory",
         )
     return est, sizes
-
-
-_LIBC: list = []
-
-
-def return_freed_memory() -> None:
-    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Arrays below glibc's mmap threshold (which grows to 32 MB as large arrays are freed) come from
-    the heap, and their pages stay resident after they are freed, so the next stage's arrays sit on
-    top of the last stage's garbage. Called around the intensity fits' map builds (the peak of a
-    run): mni-t4's peak RSS 3.51 -> 3.37 GB (benchmarks/MEMORY.md, session 14)."""
-    if not _LIBC:
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-            _LIBC.append(lib if lib is not None and hasattr(lib, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    if _LIBC[0] is not None:
-        _LIBC[0].malloc_trim(0)

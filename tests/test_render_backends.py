@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
 from test_render_helpers import img_err, random_gaussians, random_poses, rel_err
@@ -322,16 +321,9 @@ def test_design_built_in_runs_of_slices_equals_the_whole(monkeypatch):
     monkeypatch.setattr(cpu, "_BUILD_SLICES", 64)
     whole = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", cutoff=3.0)
     monkeypatch.setattr(cpu, "_BUILD_SLICES", 2)
-    monkeypatch.setattr(cpu, "_PART_SLICES", 2)
     runs = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", cutoff=3.0)
     assert type(whole).__name__ == "SliceDesign" and type(runs).__name__ == "SliceDesignParts"
     assert len(runs.parts) == 3 and runs.n_terms == whole.n_terms
-    # runs of one slice joined into one part: the whole design's arrays, bit for bit
-    monkeypatch.setattr(cpu, "_BUILD_SLICES", 1)
-    monkeypatch.setattr(cpu, "_PART_SLICES", 64)
-    joined = R.slice_design(mu, ls, q, o, a, SHAPE, SPACING, PSF5, backend="cpu", cutoff=3.0)
-    assert type(joined).__name__ == "SliceDesign" and joined.ns == 5
-    assert all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(joined._arrays, whole._arrays))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, *SHAPE, generator=g, dtype=torch.float64)
     wt = torch.rand(5, *SHAPE, generator=g, dtype=torch.float64)

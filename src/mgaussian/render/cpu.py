@@ -396,11 +396,10 @@ def build_design(
 
 # A design is built this many slices at a time: the render plan of a run of slices (~100 bytes a
 # (slice, Gaussian) pair) lives only while that run's terms are filled in (mni-t4 at 1 mm: ~0.8 GB
-# for a whole stack of ~50 slices, on top of the maps, at the fine level's peak). Runs are then
-# joined into parts of _PART_SLICES: each part is one kernel call per product, and parts of 4
-# slices made an intensity-fit iteration ~15-25 % slower than parts of 8 (benchmarks/SPEED.md)
-_BUILD_SLICES = 4
-_PART_SLICES = 8
+# for a whole stack of ~50 slices, on top of the maps, at the fine level's peak). Runs of 4 slices
+# (joined into parts of 8 after their build) did not lower mni-t4's peak and made its builds slower:
+# each run pays the plan's O(N) set-up (benchmarks/SPEED.md, session 14)
+_BUILD_SLICES = 8
 
 
 def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, cutoff, row_spans, max_bytes):
@@ -441,8 +440,6 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
             if max_bytes == 0:
                 continue
             return None, nbytes, n_terms
-        if parts and parts[-1].ns + d.ns <= _PART_SLICES:
-            d = _join(parts.pop(), d)
         parts.append(d)
     if max_bytes == 0 and nbytes > 0:
         return None, nbytes, n_terms
@@ -500,31 +497,6 @@ def _design_part(a_mu, a_sig, a_w, a_org, a_ax, psf2, h, wd, du, dv, cutoff, row
     )
     d = SliceDesign(ns, (h, wd), plan.s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, n, dtype, device)
     return d, d.nbytes, n_terms
-
-
-def _join(a: SliceDesign, b: SliceDesign) -> SliceDesign:
-    """One design of the slices of ``a`` then those of ``b`` (over the same Gaussians): their arrays
-    concatenated, ``b``'s offsets moved past ``a``'s entries. The same terms in the same order, so
-    a product through it is the two designs' bit for bit."""
-    a_soff, a_g, a_a0, a_amp, a_roff, a_voff, a_rows, a_vals = a._arrays
-    b_soff, b_g, b_a0, b_amp, b_roff, b_voff, b_rows, b_vals = b._arrays
-    n_rows, n_terms = a_rows.shape[0] + b_rows.shape[0], a_vals.shape[0] + b_vals.shape[0]
-    odt = np.int32 if max(n_rows, n_terms) < 2**31 - 1 else np.int64
-    rdt = np.promote_types(a_rows.dtype, b_rows.dtype)
-    s_off = np.concatenate([a_soff, b_soff[1:] + a_soff[-1]])
-    roff = np.concatenate([a_roff.astype(odt), b_roff[1:].astype(odt) + odt(a_roff[-1])])
-    voff = np.concatenate([a_voff.astype(odt), b_voff[1:].astype(odt) + odt(a_voff[-1])])
-    arrays = (
-        s_off,
-        np.concatenate([a_g, b_g]),
-        np.concatenate([a_a0, b_a0]),
-        np.concatenate([a_amp, b_amp]),
-        roff,
-        voff,
-        np.concatenate([a_rows.astype(rdt), b_rows.astype(rdt)]),
-        np.concatenate([a_vals, b_vals]),
-    )
-    return SliceDesign(a.ns + b.ns, a.shape, *arrays, a.n, a.dtype, a.device)
 
 
 _BIG_RADIUS = 1 << 40

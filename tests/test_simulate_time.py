@@ -238,7 +238,6 @@ def test_stack_fields_are_found_and_divided_out(tmp_path):
     )
     assert "shared_field_s" not in kept.timings
     psnr = {k: score_volume(r.volume, r.affine, gt, aff, gt > 20)["psnr"] for k, r in (("with", res), ("kept", kept))}
-    print(psnr)
     assert psnr["with"] > psnr["kept"], psnr
     off = reconstruct(
         stacks, config_from_dict({**cfg.to_dict(), "stack_bias": False}), progress=False, log=lambda s: None

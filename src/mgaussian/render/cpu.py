@@ -273,6 +273,7 @@ class SliceDesign:
         self.dtype, self.device = dtype, device
         self.nbytes = int(sum(a.nbytes for a in self._arrays))
         self.n_terms = int(vals.shape[0])
+        self._chunk_sums: np.ndarray | None = None  # from _SHARED_CHUNK_SUMS on the first product
 
     def _out(self, a: np.ndarray) -> Tensor:
         return _to_torch(a, self.dtype).to(self.device)
@@ -281,7 +282,7 @@ class SliceDesign:
         """Per-chunk sums [C, N] the transposed products add into (a fixed number of chunks: the
         sums do not depend on the thread count), zeroed; shared with the other designs over the
         same Gaussians (a product uses it only until its sum is taken)."""
-        buf = getattr(self, "_chunk_sums", None)
+        buf = self._chunk_sums
         if buf is None:
             buf = _SHARED_CHUNK_SUMS.get(self.n)
             if buf is None:

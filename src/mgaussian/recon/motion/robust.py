@@ -39,6 +39,8 @@ def robust_weights(
     """Pixel weights (Cauchy on residual / robust sigma) and slice weights from per-slice errors.
 
     resid [K,h,w] per stack (scaled prediction - observation), masks bool, ncc [K] per slice.
+    The pixels' robust sigma is 1.4826 x the residuals' median |r|, at least ``min_sigma`` (on
+    clean data that median is the model's own misfit: the floor keeps a blurred edge's pixels).
     A slice's error is its RMS residual; slices whose error is more than ``slice_z`` robust
     standard deviations (1.4826 MAD) above the median of all slices (and above 2.5 x the median),
     or whose NCC with the

@@ -72,7 +72,9 @@ def _fit_log_field(terms: torch.Tensor, logr: torch.Tensor, w: torch.Tensor) -> 
 def estimate_stack_fields(state: ReconState) -> dict | None:
     """Each stack's field relative to the others, as quadratics in one scanner frame:
     {"centre", "radius", "coefs": per stack 10 numbers or None (too few pixels)}; None with fewer
-    than two stacks to compare.
+    than two stacks to compare. ``correct_stack_bias`` adds "spread" (the largest relative field
+    of any stack, as |log|), which ``remove_shared_field`` reads; the dict, spread included, is what
+    a checkpoint keeps.
 
     Each stack's log ratio to the model is fitted by a quadratic; the mean of the stacks'
     quadratics is what they share, the coarse model's own blur of the anatomy as much as a field,

@@ -154,8 +154,14 @@ class ReconConfig:
     pose_small_slice: float = 0.25
     # the last level's smoothness prior made edge-preserving (Huber on neighbour differences,
     # linear beyond edge_prior_k x their median) by this many reweighting rounds of its warm start
-    edge_prior_rounds: int = 1
-    edge_prior_k: float = 2.0
+    # (its CG iterations split in rounds + 1 parts: the same time). 1 round at k 2 -> 2 rounds at
+    # 1.5 (session 15, full pipeline, PSNR after a rigid alignment; benchmarks/TUNING.md): four 4 mm
+    # stacks with motion and fields +0.33 dB, three 3.2 mm stacks with drift and jumps +0.22, six
+    # clinical-style stacks +0.19, nine stacks +0.12; sb25 + 2 % noise at 0.8 mm -0.02 and
+    # sb25-t3.2-motion -0.01 (there k 1 or a third round lost 0.1-0.3 dB); real leave-one-out NCC
+    # -0.003 / +0.002 / +0.006. Clean data: the prior is ~0, nothing changes.
+    edge_prior_rounds: int = 2
+    edge_prior_k: float = 1.5
     motion_refit_iterations: int = 6  # conjugate-gradient iterations of the intensity re-fit after each pose round
     pose_iterations: int = 3  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
     # the LM Jacobian (6 renders) is recomputed every this many iterations of a round and reused in

@@ -135,7 +135,9 @@ def main(argv=None) -> int:
         vol, native, conf, wall = reconstruct(case_dir, a.resolution)
         rows.append({"case": name, **score(vol, native, conf), "wall_s": wall})
         print(f"{name}: {rows[-1]}", file=sys.stderr, flush=True)
-    print("| case | aligned PSNR dB | template-space PSNR dB (no alignment) | Spearman(1 - confidence, abs error) | wall s |")
+    print(
+        "| case | aligned PSNR dB | template-space PSNR dB (no alignment) | Spearman(1 - confidence, abs error) | wall s |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['aligned']:.2f} | {r['template']:.2f} | {r['spearman']:.3f} | {r['wall_s']:.1f} |")

@@ -29,14 +29,15 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import subprocess
 import sys
 import time
 
 import nibabel as nib
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_reconstruct import REPO, _cli, _run  # noqa: E402
+
 DEMO = os.path.join(REPO, "src", "mgaussian", "data", "demo")
 GT, GT_MASK = os.path.join(DEMO, "srr.nii.gz"), os.path.join(DEMO, "mask.nii.gz")
 
@@ -61,16 +62,12 @@ CASES = {
 }
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mgaussian", *args]
-
-
 def simulate(name: str, workdir: str) -> str:
     """The case's stacks (simulated once; kept in ``workdir`` for the next run)."""
     out = os.path.join(workdir, name)
     if not os.path.exists(os.path.join(out, "truth.json")):
         cmd = _cli("simulate", GT, "--mask", GT_MASK, "--output-dir", out, *CASES[name].split())
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        _run(cmd)
     return out
 
 
@@ -89,7 +86,7 @@ def reconstruct(case_dir: str, resolution: float | None) -> tuple[str, str, str,
         if os.path.exists(p):
             os.remove(p)
     t0 = time.time()
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    _run(cmd)
     return out, out.replace(".nii.gz", "_native.nii.gz"), conf, time.time() - t0
 
 
@@ -112,8 +109,8 @@ def score(volume: str, native: str, confidence: str) -> dict:
     T = np.asarray(info["matrix_template_to_volume"])
     C = nib.load(confidence)
     c = resample_volume(np.asarray(C.dataobj, np.float32), C.affine, g.shape, T @ G.affine)
-    x = resample_volume(v, a, g.shape, G.affine).astype(np.float64)
-    err = np.abs(gain_offset_match(x[m], g[m].astype(np.float64)) - g[m])
+    # v is on the ground truth's grid already (to_template_space resamples it there)
+    err = np.abs(gain_offset_match(v[m].astype(np.float64), g[m].astype(np.float64)) - g[m])
     rho = float(spearmanr(1.0 - c[m], err).correlation)
     return {"aligned": aligned, "template": template, "spearman": rho}
 

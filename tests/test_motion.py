@@ -536,10 +536,9 @@ def test_small_edge_slice_is_held_to_its_stack(atlas_stacks):
     assert abs(end[0.25][med][0] - end[0.0][med][0]) < 0.3 and abs(end[0.25][med][1] - end[0.0][med][1]) < 0.2, end
 
 
-def test_intensity_fit_with_the_explicit_design_matches_autograd(atlas_stacks):
-    """The conjugate-gradient intensity fit gives the same intensities whether each stack's render
-    is the cpu backend's explicit sparse map or goes through autograd (design_memory_gb 0), with
-    slice scales, pixel weights, a smoothness prior and moved slices."""
+def _intensity_fit_problem(atlas_stacks):
+    """A coarse field over the atlas stacks with moved slices, slice scales, pixel weights and the
+    lattice pairs: the arguments of an intensity fit."""
     import torch
 
     from mgaussian.field import init_field_on_grid
@@ -563,15 +562,77 @@ def test_intensity_fit_with_the_explicit_design_matches_autograd(atlas_stacks):
     wts = [ss.mask.float() * torch.rand(ss.obs.shape, generator=g) for ss in sets]
     scs = [0.8 + 0.4 * torch.rand(ss.n, generator=g) for ss in sets]
     pairs = T.lattice_pairs(fld.grid_index, fld.grid_shape)
+    return fld, sets, rots, trans, cents, wts, scs, pairs
+
+
+def test_intensity_fit_with_the_explicit_design_matches_autograd(atlas_stacks):
+    """The conjugate-gradient intensity fit gives the same intensities whether each stack's render
+    is the cpu backend's explicit sparse map or goes through autograd (design_memory_gb 0), with
+    slice scales, pixel weights, a smoothness prior and moved slices (plain CG: the autograd map
+    has no diagonal to precondition with)."""
+    from mgaussian.recon import intensity as T
+
+    fld, sets, rots, trans, cents, wts, scs, pairs = _intensity_fit_problem(atlas_stacks)
     out = []
     for gb in (4.0, 0.0):
-        cfg = config_from_dict({"through_plane_fwhm_factor": 1.0, "design_memory_gb": gb})
+        cfg = config_from_dict({"through_plane_fwhm_factor": 1.0, "design_memory_gb": gb, "cg_preconditioner": "none"})
         params = {k: v.detach().clone() for k, v in fld.tensors().items()}
         T.cg_intensities(params, sets, rots, trans, cents, wts, scs, cfg, "cpu", 8, pairs, 0.05)
         out.append(params["intensities"])
     moved = (out[1] - fld.intensities).norm() / fld.intensities.norm()
     assert moved > 0.05, float(moved)  # the fit did something
     assert float((out[0] - out[1]).norm() / out[1].norm()) < 1e-4
+
+
+def test_preconditioned_intensity_fit_reaches_the_same_solution_sooner(atlas_stacks):
+    """Jacobi-preconditioned CG (the default) solves the same normal equations as plain CG (where
+    it ends their residual is ~0) and is nearer to the solution after a few iterations (measured:
+    after 20, 13 % away against 28 %, the objective's excess 1.0 against 2.4; after 50, 1.6 %
+    against 13 %; plain CG needs ~400 to come within 1e-5). The diagonal it scales by is the
+    normal matrix's own (a unit vector through the operator)."""
+    import torch
+
+    from mgaussian.recon import intensity as T
+
+    fld, sets, rots, trans, cents, wts, scs, pairs = _intensity_fit_problem(atlas_stacks)
+    smooth, ridge = 0.05, 1e-6
+    cfgs = {p: config_from_dict({"through_plane_fwhm_factor": 1.0, "cg_preconditioner": p}) for p in ("none", "jacobi")}
+    params = {k: v.detach().clone().double() for k, v in fld.tensors().items()}
+    cache = {}  # the maps built once for all the fits
+
+    def fit(prec, n):
+        p = dict(params, intensities=params["intensities"].clone())
+        T.cg_intensities(p, sets, rots, trans, cents, wts, scs, cfgs[prec], "cpu", n, pairs, smooth, ridge, cache=cache)
+        return p["intensities"]
+
+    designs = T._designs(params, sets, rots, trans, cents, cfgs["none"], "cpu", cache)
+    sw2 = [(w * (s * s)[:, None, None]).double() for w, s in zip(wts, scs)]
+    ys = [ss.obs.double() / s[:, None, None] for ss, s in zip(sets, scs)]
+
+    def normal_residual(c):  # the gradient of the fits' objective, relative to its value at 0
+        g = [d.rmatvec((d.matvec(x) - y) * w) for x in (c, 0 * c) for d, y, w in zip(designs, ys, sw2)]
+        at_c = sum(g[: len(designs)]) + ridge * c + smooth * T.laplacian_apply(c, pairs)
+        return float(at_c.norm() / sum(g[len(designs) :]).norm())
+
+    def objective(c):
+        misfit = sum(float((w * (d.matvec(c) - y) ** 2).sum()) for d, y, w in zip(designs, ys, sw2))
+        diff = c[pairs[:, 0].long()] - c[pairs[:, 1].long()]
+        return 0.5 * (misfit + smooth * float((diff * diff).sum()) + ridge * float((c * c).sum()))
+
+    solution = fit("jacobi", 100)
+    assert normal_residual(solution) < 1e-5
+    best = objective(solution)
+    gap = {p: objective(fit(p, 20)) - best for p in ("none", "jacobi")}
+    assert 0 < gap["jacobi"] < 0.6 * gap["none"], gap
+
+    # the diagonal: e_i through the operator, for a few Gaussians
+    dg = T.normal_diagonal(designs, sw2, ridge, smooth, pairs)
+    n = fld.num_gaussians
+    for i in (0, n // 3, n // 2, n - 1):
+        e = torch.zeros(n, dtype=torch.float64)
+        e[i] = 1.0
+        col = sum(d.normal(e, w) for d, w in zip(designs, sw2)) + ridge * e + smooth * T.laplacian_apply(e, pairs)
+        assert float(col[i]) == pytest.approx(float(dg[i]), rel=1e-4)
 
 
 def test_extrapolation_gain_is_the_geometric_tail():

@@ -21,8 +21,10 @@ from mgaussian.recon.pipeline import reconstruct
 # with the pixel count (lambda = gain x sigma^2 / s^2, recon/config.py: +0.059 dB here); then the
 # pixels' robust sigma has a floor of 2 % (pixel_outlier_min_sigma: +0.034 dB here); then the edge
 # prior runs 2 reweighting rounds at k 1.5 instead of 1 at k 2 (-0.021 dB on this phantom; +0.1 to
-# +0.3 dB on clinical-style cases, benchmarks/TUNING.md session 15)
-PINNED_PSNR = 24.417870921921555
+# +0.3 dB on clinical-style cases, benchmarks/TUNING.md session 15); then the intensity fits' CG
+# is preconditioned by the normal matrix's diagonal (cg_preconditioner "jacobi": +0.279 dB here,
+# +0.1 to +0.3 dB on every benchmark case, benchmarks/TUNING.md session 16)
+PINNED_PSNR = 24.697093274420094
 
 
 @pytest.fixture(scope="module")

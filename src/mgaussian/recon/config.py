@@ -34,6 +34,14 @@ class ReconConfig:
     iterations: tuple[int, ...] = (0, 20)
     batch_slices: int = 64  # slices rendered per iteration (all stacks together)
     cg_iterations: int = 30  # conjugate-gradient warm start of the intensities at each level (0: off)
+    # the intensity fits' conjugate gradients preconditioned by the normal matrix's exact diagonal
+    # ("jacobi"; "none": plain CG, as before 2026-12-05). The same solution in fewer iterations: the
+    # Gaussians' data terms differ widely (the rim's Gaussians, those few slices reach), and plain
+    # CG was still far from it after 30 (a test phantom: 28 % away after 20 iterations, 13 % with
+    # it). At the same 30 iterations, defaults otherwise (benchmarks/TUNING.md session 16): sb25-t3.2
+    # 38.40 -> 38.70 dB, mni-t4 34.21 -> 34.49, sb25-t3.2-motion 30.77 -> 30.83, clinical-style cases
+    # +0.12 to +0.20, real leave-one-out unchanged; the diagonal costs half an iteration per fit
+    cg_preconditioner: str = "jacobi"
     # lattice-gradient prior lambda/2 sum (c_i - c_j)^2 over neighbouring Gaussians, in the warm start
     # and (divided by the pixel count) in the Adam loss. None: from the data's noise (levels.
     # smoothness_weight): lambda = smoothness_gain x sigma^2 x (1 mm / s)^2 x (s_level / s)^3, s the
@@ -325,6 +333,8 @@ class ReconConfig:
             bad("backend", "auto, reference, cpu or gpu")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "auto, cpu or cuda")
+        if self.cg_preconditioner not in ("jacobi", "none"):
+            bad("cg_preconditioner", f"jacobi or none, got {self.cg_preconditioner!r}")
         if self.header_gauge_location not in ("mean", "adaptive"):
             bad("header_gauge_location", "mean or adaptive")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):

@@ -7,7 +7,7 @@ it, so Adam (when it runs at all) starts near the data term's minimum.
 
 from __future__ import annotations
 
-__all__ = ["lattice_pairs", "laplacian_apply", "cg_intensities", "predict_with_designs"]
+__all__ = ["lattice_pairs", "laplacian_apply", "lattice_degree", "normal_diagonal", "cg_intensities", "predict_with_designs"]
 
 import time
 
@@ -49,6 +49,29 @@ def laplacian_apply(v: torch.Tensor, pairs: torch.Tensor, pair_w: torch.Tensor |
     out.index_add_(0, pairs[:, 0], d)
     out.index_add_(0, pairs[:, 1], -d)
     return out
+
+
+def lattice_degree(pairs: torch.Tensor, n: int, pair_w: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
+    """Each Gaussian's weighted degree in the lattice graph (sum of its pairs' weights; 1 each
+    unless ``pair_w`` [P] is given): the diagonal of :func:`laplacian_apply`'s L."""
+    w = torch.ones(len(pairs), dtype=dtype, device=pairs.device) if pair_w is None else pair_w.to(dtype)
+    deg = torch.zeros(n, dtype=dtype, device=pairs.device)
+    deg.index_add_(0, pairs[:, 0], w)
+    deg.index_add_(0, pairs[:, 1], w)
+    return deg
+
+
+def normal_diagonal(designs, weights, ridge: float, smooth: float = 0.0, pairs=None, pair_w=None):
+    """diag(A^T W A + ridge + smooth L) [N], the intensity fits' normal matrix, exactly: each design's
+    ``diag_normal`` (the explicit maps of the cpu backend) plus the lattice prior's degrees. None
+    when a design has no explicit diagonal (:class:`mgaussian.render.AutogradDesign`: a probed one
+    is too noisy here, the off-diagonal terms of neighbouring Gaussians outweigh the diagonal)."""
+    if not all(hasattr(d, "diag_normal") for d in designs):
+        return None
+    dg = sum(d.diag_normal(w) for d, w in zip(designs, weights)) + ridge
+    if smooth > 0 and pairs is not None:
+        dg = dg + smooth * lattice_degree(pairs, dg.shape[0], pair_w, dg.dtype)
+    return dg
 
 
 def _designs(params: dict, sets, rots, trans, cents, cfg: ReconConfig, backend: str, cache: dict | None) -> list:
@@ -129,6 +152,10 @@ def cg_intensities(
     ``cache``: a dict kept by the caller; the designs are reused from it while the slices, their
     poses, the Gaussians' shapes and the PSF are the same as at its last call (mni-t4 at 1 mm:
     16 s a build). ``deadline`` (wall time) stops the iterations after ``min_iter`` of them.
+
+    ``cfg.cg_preconditioner`` "jacobi": preconditioned CG with the exact diagonal of the normal
+    matrix (:func:`normal_diagonal`, one pass over the maps) where the designs hold it, plain CG
+    otherwise. The solution is the same; it is reached in fewer iterations (see the config).
     Returns the number of iterations run."""
     c = params["intensities"]
     sw2, ys = [], []
@@ -146,25 +173,36 @@ def cg_intensities(
             g = g + smooth * laplacian_apply(v, pairs, pair_w)
         return g
 
+    inv_diag = None
+    if cfg.cg_preconditioner == "jacobi" and n_iter > 0:
+        with torch.no_grad():
+            dg = normal_diagonal(designs, sw2, ridge, smooth if use_prior else 0.0, pairs, pair_w)
+        inv_diag = None if dg is None else 1.0 / dg.clamp_min(ridge)
+
+    def precondition(r):
+        return r if inv_diag is None else r * inv_diag
+
     x = c.detach().clone()
     g = sum(d.rmatvec((d.matvec(x) - y) * w) for d, y, w in zip(designs, ys, sw2))
     r = -(g + ridge * x)
     if use_prior:
         r = r - smooth * laplacian_apply(x, pairs, pair_w)
-    p = r.clone()
-    rs = (r * r).sum()
+    z = precondition(r)
+    p = z.clone()
+    rz = (r * z).sum()
     done = 0
     for i in range(n_iter):
         if deadline is not None and time.time() > deadline and i >= min_iter:
             break
         done += 1
         Ap = normal_apply(p)
-        alpha = rs / (p * Ap).sum().clamp_min(1e-30)
+        alpha = rz / (p * Ap).sum().clamp_min(1e-30)
         x = x + alpha * p
         r = r - alpha * Ap
-        rs_new = (r * r).sum()
-        p = r + (rs_new / rs.clamp_min(1e-30)) * p
-        rs = rs_new
+        z = precondition(r)
+        rz_new = (r * z).sum()
+        p = z + (rz_new / rz.clamp_min(1e-30)) * p
+        rz = rz_new
     with torch.no_grad():
         c.copy_(x)
     return done

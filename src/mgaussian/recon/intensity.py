@@ -7,7 +7,14 @@ it, so Adam (when it runs at all) starts near the data term's minimum.
 
 from __future__ import annotations
 
-__all__ = ["lattice_pairs", "laplacian_apply", "lattice_degree", "normal_diagonal", "cg_intensities", "predict_with_designs"]
+__all__ = [
+    "lattice_pairs",
+    "laplacian_apply",
+    "lattice_degree",
+    "normal_diagonal",
+    "cg_intensities",
+    "predict_with_designs",
+]
 
 import time
 
@@ -51,7 +58,9 @@ def laplacian_apply(v: torch.Tensor, pairs: torch.Tensor, pair_w: torch.Tensor |
     return out
 
 
-def lattice_degree(pairs: torch.Tensor, n: int, pair_w: torch.Tensor | None = None, dtype=torch.float64) -> torch.Tensor:
+def lattice_degree(
+    pairs: torch.Tensor, n: int, pair_w: torch.Tensor | None = None, dtype=torch.float64
+) -> torch.Tensor:
     """Each Gaussian's weighted degree in the lattice graph (sum of its pairs' weights; 1 each
     unless ``pair_w`` [P] is given): the diagonal of :func:`laplacian_apply`'s L."""
     w = torch.ones(len(pairs), dtype=dtype, device=pairs.device) if pair_w is None else pair_w.to(dtype)

@@ -46,15 +46,23 @@ def lattice_pairs(grid_index: np.ndarray, grid_shape) -> torch.Tensor:
     return torch.as_tensor(np.concatenate(pairs), dtype=dt)
 
 
+# the lattice operators run over this many pairs at a time: their gathered differences live one
+# run at a time (mni-t4 at 1 mm: 6M pairs, ~150 MB of temporaries at once on top of the intensity
+# fits' peak, benchmarks/SPEED.md session 16); index_add_ adds in the same order either way
+_PAIR_RUN = 1 << 20
+
+
 def laplacian_apply(v: torch.Tensor, pairs: torch.Tensor, pair_w: torch.Tensor | None = None) -> torch.Tensor:
     """L v for the graph Laplacian of the lattice pairs (gradient of 1/2 sum w_ij (v_i - v_j)^2;
     w = 1 unless ``pair_w`` [P] is given)."""
-    d = v[pairs[:, 0]] - v[pairs[:, 1]]
-    if pair_w is not None:
-        d = d * pair_w
     out = torch.zeros_like(v)
-    out.index_add_(0, pairs[:, 0], d)
-    out.index_add_(0, pairs[:, 1], -d)
+    for a in range(0, len(pairs), _PAIR_RUN):
+        i, j = pairs[a : a + _PAIR_RUN, 0], pairs[a : a + _PAIR_RUN, 1]
+        d = v[i] - v[j]
+        if pair_w is not None:
+            d = d * pair_w[a : a + _PAIR_RUN]
+        out.index_add_(0, i, d)
+        out.index_add_(0, j, -d)
     return out
 
 
@@ -63,10 +71,16 @@ def lattice_degree(
 ) -> torch.Tensor:
     """Each Gaussian's weighted degree in the lattice graph (sum of its pairs' weights; 1 each
     unless ``pair_w`` [P] is given): the diagonal of :func:`laplacian_apply`'s L."""
-    w = torch.ones(len(pairs), dtype=dtype, device=pairs.device) if pair_w is None else pair_w.to(dtype)
     deg = torch.zeros(n, dtype=dtype, device=pairs.device)
-    deg.index_add_(0, pairs[:, 0], w)
-    deg.index_add_(0, pairs[:, 1], w)
+    for a in range(0, len(pairs), _PAIR_RUN):
+        run = pairs[a : a + _PAIR_RUN]
+        w = (
+            torch.ones(len(run), dtype=dtype, device=pairs.device)
+            if pair_w is None
+            else pair_w[a : a + _PAIR_RUN].to(dtype)
+        )
+        deg.index_add_(0, run[:, 0], w)
+        deg.index_add_(0, run[:, 1], w)
     return deg
 
 

@@ -48,7 +48,8 @@ def lattice_pairs(grid_index: np.ndarray, grid_shape) -> torch.Tensor:
 
 # the lattice operators run over this many pairs at a time: their gathered differences live one
 # run at a time (mni-t4 at 1 mm: 6M pairs, ~150 MB of temporaries at once on top of the intensity
-# fits' peak, benchmarks/SPEED.md session 16); index_add_ adds in the same order either way
+# fits' peak, benchmarks/SPEED.md session 16). The additions are ordered run by run: ~1e-15 from
+# the sum over all pairs at once, and the same for any thread count
 _PAIR_RUN = 1 << 20
 
 

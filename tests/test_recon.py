@@ -163,6 +163,28 @@ def test_cli_reconstruct_outputs_and_sample_volume(case, tmp_path, capsys):
     assert sc2["ncc"] > 0.85 and sc1["ncc"] > sc2["ncc"]  # coarser, but in place (a flip or shift scores far lower)
 
 
+def test_noisy_data_take_their_own_cg_iterations():
+    """``noisy_cg_iterations`` (an integer, or null for ``cg_iterations``) sets the warm starts'
+    CG iterations where the slices' noise is above ``adam_max_noise``; clean data keep
+    ``cg_iterations``."""
+    from types import SimpleNamespace
+
+    from mgaussian.errors import InputError
+    from mgaussian.recon.levels import fit_iterations
+
+    def on(noise, cfg):
+        return fit_iterations(SimpleNamespace(cfg=cfg, noise_sigma=noise))
+
+    cfg = config_from_dict({"cg_iterations": 30, "noisy_cg_iterations": 18})
+    assert on(0.001, cfg) == 30 and on(0.02, cfg) == 18
+    assert on(0.02, config_from_dict({"cg_iterations": 25, "noisy_cg_iterations": None})) == 25
+    for bad in ("many", 2.5, True):
+        with pytest.raises(InputError, match="noisy_cg_iterations"):
+            config_from_dict({"noisy_cg_iterations": bad})
+    with pytest.raises(InputError, match="noisy_cg_iterations"):
+        config_from_dict({"noisy_cg_iterations": -1}).validate()
+
+
 def test_config_errors(case, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"iterationz": [1, 2]}))

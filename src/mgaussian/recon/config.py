@@ -34,6 +34,14 @@ class ReconConfig:
     iterations: tuple[int, ...] = (0, 20)
     batch_slices: int = 64  # slices rendered per iteration (all stacks together)
     cg_iterations: int = 30  # conjugate-gradient warm start of the intensities at each level (0: off)
+    # the same on noisy data (slices' noise above adam_max_noise; None: cg_iterations). With the
+    # preconditioner below, the early stop regularises noisy fits: 18 / 24 / 30 / 45 iterations,
+    # sb25-t3.2-motion 30.888 / 30.857 / 30.833 / 30.794 dB, sb25 + 2 % noise 32.369 / 32.290 /
+    # 32.243 / 32.187, four 4 mm stacks 26.415 / 26.402 / 26.399 / 26.377, three with drift and jumps
+    # 28.981 / 29.011 / 28.978 / 28.928; real leave-one-out NCC at 18 unchanged (0.696 / 0.862 /
+    # 0.851), each run ~7 % faster. Clean data want more (sb25-t3.2 warm start: 20 / 30 / 45
+    # iterations 38.10 / 38.47 / 38.55 dB): benchmarks/TUNING.md session 16
+    noisy_cg_iterations: int | None = 18
     # the intensity fits' conjugate gradients preconditioned by the normal matrix's exact diagonal
     # ("jacobi"; "none": plain CG, as before 2026-12-05). The same solution in fewer iterations: the
     # Gaussians' data terms differ widely (the rim's Gaussians, those few slices reach), and plain
@@ -333,6 +341,10 @@ class ReconConfig:
             bad("backend", "auto, reference, cpu or gpu")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "auto, cpu or cuda")
+        if self.noisy_cg_iterations is not None and not (
+            isinstance(self.noisy_cg_iterations, int) and self.noisy_cg_iterations >= 0
+        ):
+            bad("noisy_cg_iterations", f"must be an integer >= 0 or null, got {self.noisy_cg_iterations}")
         if self.cg_preconditioner not in ("jacobi", "none"):
             bad("cg_preconditioner", f"jacobi or none, got {self.cg_preconditioner!r}")
         if self.header_gauge_location not in ("mean", "adaptive"):
@@ -387,6 +399,9 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                     raise TypeError
                 v = None if v is None else float(v)
+            elif k == "noisy_cg_iterations":  # an integer, or null: cg_iterations
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                    raise TypeError
             elif isinstance(cur, tuple):
                 if not isinstance(v, (list, tuple)):
                     raise TypeError

@@ -17,7 +17,7 @@ import numpy as np
 from ..io import Stack
 from .config import ReconConfig
 from .frame import choose_frame
-from .levels import begin_level, level_schedule, refit, robust_refit, warm_start
+from .levels import begin_level, fit_iterations, level_schedule, refit, robust_refit, warm_start
 from .motion.rounds import pose_rounds
 from .output import ReconResult, result
 from .prepare import prepare
@@ -65,9 +65,9 @@ def _correct_motion(state: ReconState, level: Level, profile_deferred: bool) -> 
         f = choose_profile(state)
         if f != state.cfg.through_plane_fwhm_factor:
             state.cfg = state.cfg.resolved(through_plane_fwhm_factor=f)
-            refit(state, level, max(state.cfg.cg_iterations // 3, 1))
+            refit(state, level, max(fit_iterations(state) // 3, 1))
     if moved:
-        n_re = max(state.cfg.cg_iterations // 3, 1)
+        n_re = max(fit_iterations(state) // 3, 1)
         refit(state, level, n_re, min_iter=n_re)
 
 

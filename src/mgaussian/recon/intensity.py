@@ -200,7 +200,7 @@ def cg_intensities(
     inv_diag = None
     if cfg.cg_preconditioner == "jacobi" and n_iter > 0:
         with torch.no_grad():
-            dg = normal_diagonal(designs, sw2, ridge, smooth if use_prior else 0.0, pairs, pair_w)
+            dg = normal_diagonal(designs, sw2, ridge, smooth, pairs, pair_w)
         inv_diag = None if dg is None else 1.0 / dg.clamp_min(ridge)
 
     def precondition(r):

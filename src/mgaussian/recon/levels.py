@@ -22,7 +22,7 @@ from .frame import current_region
 from .intensity import cg_intensities, lattice_pairs
 from .motion.robust import loss_weights, update_robust
 from .profile import bin_for_grid
-from .state import Level, ReconState
+from .state import Level, ReconState, noisy_slices
 
 
 def level_schedule(cfg) -> list[tuple[float, int]]:
@@ -62,14 +62,14 @@ def fit_iterations(state: ReconState) -> int:
     """The intensity fits' CG iterations for a warm start: ``noisy_cg_iterations`` on noisy data
     (the slices' noise above ``adam_max_noise``, where no Adam follows), else ``cg_iterations``."""
     cfg = state.cfg
-    if state.noise_sigma > cfg.adam_max_noise and cfg.noisy_cg_iterations is not None:
+    if noisy_slices(state) and cfg.noisy_cg_iterations is not None:
         return cfg.noisy_cg_iterations
     return cfg.cg_iterations
 
 
 def edge_prior_active(state: ReconState, level_last: bool, has_prior: bool) -> bool:
     """Whether the level's prior is made edge-preserving (the last level, on noisy data)."""
-    return level_last and has_prior and state.noise_sigma > state.cfg.adam_max_noise
+    return level_last and has_prior and noisy_slices(state)
 
 
 def _level_field(state: ReconState, index: int, spacing: float, resumed: bool) -> None:
@@ -105,7 +105,7 @@ def begin_level(state: ReconState, index: int, count: int, factor: float, iterat
     if smooth > 0:
         state.log(f"  smoothness prior {smooth:.3g} (noise sigma {state.noise_sigma:.4f} of the 99th percentile)")
     last = index == count - 1
-    adam_follows = state.noise_sigma <= cfg.adam_max_noise and iterations > 0
+    adam_follows = not noisy_slices(state) and iterations > 0
     # the coarse level's warm start and pose rounds see the slices binned to its grid (f x f
     # pixels -> one, f = the grid spacing / pixel, at most coarse_binning): f^2 fewer pixels to render
     lsets = state.sets

@@ -15,7 +15,7 @@ from .losses import masked_smooth_l1, masked_ssim
 from .motion.robust import loss_weights
 from .motion.rounds import record_poses
 from .slices import nrf_slices, render_stack_slices, slice_frames
-from .state import Level, ReconState
+from .state import Level, ReconState, noisy_slices
 
 
 def _param_groups(state: ReconState) -> list[dict]:
@@ -147,7 +147,7 @@ def refine(state: ReconState, level: Level, resume_state: dict | None, checkpoin
         f"level {level.index + 1}/{level.count}: {state.fld.num_gaussians} Gaussians at {level.spacing:g} mm, "
         f"{level.iterations} iterations (warm start done at {state.elapsed():.0f} s)"
     )
-    if state.noise_sigma > cfg.adam_max_noise and level.iterations > 0:
+    if noisy_slices(state) and level.iterations > 0:
         state.log(
             f"  noisy slices (sigma {state.noise_sigma:.3f} > {cfg.adam_max_noise:g}): the warm start is "
             "final, no Adam iterations"

@@ -206,6 +206,12 @@ class ReconState:
         self.t_start = time.time() - float(st["elapsed_s"])  # the time budget counts the time before the kill
 
 
+def noisy_slices(state) -> bool:
+    """Whether the slices' estimated noise is above ``adam_max_noise``: then no Adam follows the
+    warm starts, the last level's prior is edge-preserving and the fits take ``noisy_cg_iterations``."""
+    return state.noise_sigma > state.cfg.adam_max_noise
+
+
 @dataclass
 class Level:
     """One level of the progressive growth: its grid, its slices and its prior."""

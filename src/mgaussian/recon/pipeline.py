@@ -17,6 +17,7 @@ import numpy as np
 from ..io import Stack
 from .config import ReconConfig
 from .frame import choose_frame
+from .heap import reuse_freed_memory
 from .levels import begin_level, fit_iterations, level_schedule, refit, robust_refit, warm_start
 from .motion.rounds import pose_rounds
 from .output import ReconResult, result
@@ -96,6 +97,33 @@ def _remove_shared_field(state: ReconState, res):
     return result(state)
 
 
+def _start_level(
+    state: ReconState,
+    index: int,
+    count: int,
+    factor: float,
+    iterations: int,
+    resume_state: dict | None,
+    profile_deferred: bool,
+) -> Level:
+    """A level's Gaussians, its warm start, and its pose rounds (with slice motion) or robust
+    weights."""
+    resumed = resume_state is not None and index == resume_state["level"]
+    t0 = time.time()
+    level = begin_level(state, index, count, factor, iterations, resumed)
+    warm = not (resumed and resume_state["cg_done"])  # [checkpoint] a resumed level skips its warm start
+    if warm:
+        warm_start(state, level)
+    state.add_time(f"level{index + 1}_warm_start_s", t0)
+    t0 = time.time()
+    if warm and state.motion:
+        _correct_motion(state, level, profile_deferred)
+    elif warm and (state.cfg.robust or state.cfg.slice_scale):
+        robust_refit(state, level)
+    state.add_time(f"level{index + 1}_motion_weights_s", t0)
+    return level
+
+
 def _fit_levels(
     state: ReconState, resume_state: dict | None, checkpointer, history_every: int, profile_deferred: bool
 ) -> None:
@@ -105,21 +133,12 @@ def _fit_levels(
     for index, (factor, iterations) in enumerate(schedule):
         if index < start:  # [checkpoint] done before the resume point
             continue
-        resumed = resume_state is not None and index == start
+        # the last level's maps keep pages of their own (recon/heap.py: its memory peak)
+        with reuse_freed_memory(enabled=index < len(schedule) - 1):
+            level = _start_level(state, index, len(schedule), factor, iterations, resume_state, profile_deferred)
         t0 = time.time()
-        level = begin_level(state, index, len(schedule), factor, iterations, resumed)
-        warm = not (resumed and resume_state["cg_done"])  # [checkpoint] a resumed level skips its warm start
-        if warm:
-            warm_start(state, level)
-        state.add_time(f"level{index + 1}_warm_start_s", t0)
-        t0 = time.time()
-        if warm and state.motion:
-            _correct_motion(state, level, profile_deferred)
-        elif warm and (state.cfg.robust or state.cfg.slice_scale):
-            robust_refit(state, level)
-        state.add_time(f"level{index + 1}_motion_weights_s", t0)
-        t0 = time.time()
-        refine(state, level, resume_state if resumed else None, checkpointer, history_every)
+        with reuse_freed_memory():
+            refine(state, level, resume_state if level.resumed else None, checkpointer, history_every)
         state.add_time(f"level{index + 1}_refine_s", t0)
         if index == 0 and len(schedule) > 1 and state.cfg.stack_bias and state.multi and state.stack_fields is None:
             _correct_bias(state)

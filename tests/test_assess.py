@@ -136,3 +136,29 @@ def test_cli_json_fields(case, capsys):
     rc = main(["assess", "--input-stacks", *case["clean"][:2], "--stack-masks", *case["masks"][:2]])
     text = capsys.readouterr().out.splitlines()
     assert rc == 0 and text[0].split()[:4] == ["rank", "score", "motion", "agree"] and text[-1].startswith("reference:")
+
+
+def test_reconstruct_reuses_the_assessments_registrations(case, monkeypatch):
+    """The pairs with the reference are registered once: the assessment's poses are the ones the
+    stack registration computes, and a pair registered the other way round gives the inverse."""
+    from mgaussian.assess import reference_poses
+    from mgaussian.recon.motion import registration
+    from mgaussian.recon.motion.poses import matrix_to_rotvec
+
+    stacks = load_stacks([case["passes_moved"]] + case["clean"][1:], [case["passes_moved_mask"]] + case["masks"][1:])
+    poses = {}
+    assess_stacks(stacks, poses=poses)
+    assert set(poses) == {(0, 1), (0, 2), (1, 2)}
+    grid = registration.registration_grid(stacks)
+    fresh = registration.register_stacks(stacks, reference=1, log=lambda s: None)
+    known = reference_poses(poses, 1, grid)
+    assert set(known) == {0, 2}
+    np.testing.assert_allclose(known[2][0], fresh[2], atol=1e-12)  # (1, 2): the same computation
+    # (0, 1) registered stack 1 onto stack 0: its inverse poses stack 0 in stack 1's frame
+    d = known[0][0] @ np.linalg.inv(fresh[0])
+    assert np.degrees(np.linalg.norm(matrix_to_rotvec(d[:3, :3]))) < 0.5 and np.linalg.norm(d[:3, 3]) < 1.0
+    assert reference_poses(poses, 1, registration.registration_grid(stacks[1:])) == {}  # another grid
+    calls = []
+    monkeypatch.setattr(registration, "register_pair", lambda *a, **k: calls.append(a) or (np.eye(4), 1.0))
+    got = registration.register_stacks(stacks, reference=1, log=lambda s: None, known=known)
+    assert calls == [] and all(np.array_equal(g, known[i][0]) for i, g in enumerate(got) if i != 1)

@@ -40,6 +40,7 @@ __all__ = [
     "assess_stacks",
     "motion_index",
     "pair_agreement",
+    "reference_poses",
     "choose_reference",
     "stacks_to_exclude",
     "format_table",
@@ -53,6 +54,7 @@ import numpy as np
 
 from .io import Stack
 from .metrics import ncc
+from .recon.motion.registration import registration_grid
 
 # The motion index m = d(1)/d(2) of a still stack, and of a stack that clearly moved. Measured
 # (docs/clinical.md "assess"): clean simulated sb25 stacks (3.2 mm, interleaved) 0.40-0.55; real
@@ -125,15 +127,18 @@ def _grid(stacks: list[Stack], spacing: float, margin_mm: float = 6.0):
     return shape, aff
 
 
-def pair_agreement(a: Stack, b: Stack, spacing: float | None = None) -> float:
-    """NCC of two stacks after rigid registration (b onto a), inside the voxels both masks cover."""
-    from .recon.motion import register_stacks
+def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> float:
+    """NCC of two stacks after rigid registration (b onto a, on ``grid``: by default the pair's
+    :func:`~mgaussian.recon.motion.registration_grid`), inside the voxels both masks cover.
+    ``poses``: where given, the registration (pose, correlation) is stored in it under "pose"."""
+    from .recon.motion import register_pair, registration_grid
     from .sampling import resample_volume
 
-    if spacing is None:  # as register_stacks chooses it
-        fin = min(min(s.frames.spacing) for s in (a, b))
-        spacing = float(min(max(2.0 * fin, 1.2), 3.0))
-    P = register_stacks([a, b], reference=0, spacing=spacing, log=lambda s: None)[1]
+    grid = registration_grid([a, b]) if grid is None else grid
+    P, corr = register_pair(a, b, grid)
+    if poses is not None:
+        poses["pose"] = (P, corr)
+    spacing = float(grid[1][0, 0])
     shape, aff = _grid([a, b], spacing)
     vals, masks = [], []
     for st, A in ((a, a.affine), (b, P @ b.affine)):
@@ -145,15 +150,35 @@ def pair_agreement(a: Stack, b: Stack, spacing: float | None = None) -> float:
     return ncc(vals[0][both], vals[1][both])
 
 
+def reference_poses(poses: dict, reference: int, grid) -> dict:
+    """The assessment's registrations that pose a stack in ``reference``'s frame, as
+    ``register_stacks(known=...)`` takes them ({stack: (pose, correlation)}): a pair registered the
+    other way round (the reference onto the stack) gives its inverse. Only those registered on
+    ``grid``, the grid ``register_stacks`` would use (not where a stack was excluded since)."""
+    from .recon.motion import same_grid
+
+    out = {}
+    for (i, j), (P, corr, g) in poses.items():
+        if not same_grid(g, grid):
+            continue
+        if i == reference:
+            out[j] = (P, corr)
+        elif j == reference:
+            out[i] = (np.linalg.inv(P), corr)
+    return out
+
+
 def _lin(x: float | None, lo: float, hi: float) -> float:
     if x is None:
         return 1.0  # nothing measurable: no evidence against the stack
     return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
 
 
-def assess_stacks(stacks: list[Stack], log=None) -> list[dict]:
+def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None) -> list[dict]:
     """One row per stack (in input order): motion index, agreement, the two sub-scores, the score
-    and its rank (1 = best). See the module docstring."""
+    and its rank (1 = best). See the module docstring. ``poses``: where given, each pair's
+    registration is stored in it, {(i, j): (stack j's pose in stack i's frame, correlation,
+    grid)} (``reconstruct`` reuses the reference's: :func:`reference_poses`)."""
     t0 = time.time()
     rows = [
         {
@@ -167,8 +192,13 @@ def assess_stacks(stacks: list[Stack], log=None) -> list[dict]:
     ]
     n = len(stacks)
     pair = np.full((n, n), np.nan)
+    # every pair on the grid of all stacks, where reconstruct registers the stacks to its reference
+    grid = registration_grid(stacks)
     for i, j in itertools.combinations(range(n), 2):
-        pair[i, j] = pair[j, i] = pair_agreement(stacks[i], stacks[j])
+        got = {}
+        pair[i, j] = pair[j, i] = pair_agreement(stacks[i], stacks[j], grid, got)
+        if poses is not None:
+            poses[(i, j)] = (*got["pose"], grid)
     for i, r in enumerate(rows):
         others = sorted((float(pair[i, j]) for j in range(n) if j != i), reverse=True)
         # the mean of the better half: a good stack agrees with the other good ones, which are the

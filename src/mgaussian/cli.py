@@ -1071,7 +1071,7 @@ def cmd_reconstruct(a) -> int:
     prep_lines = []  # shown once every check has passed (an error is the only line otherwise)
     prep_lines.append("slice acquisition order: " + "; ".join(f"{s.name} {s.slice_order_source}" for s in stacks))
     _prepare_stacks(a, cfg, stacks, prep_lines.append)
-    cfg, stacks, assessment = _assess_for_reconstruct(a, cfg, stacks, prep_lines.append)
+    cfg, stacks, assessment, known_poses = _assess_for_reconstruct(a, cfg, stacks, prep_lines.append)
     cfg = _check_reconstruct_inputs(a, cfg, stacks)
     if not a.quiet:
         for line in prep_lines:
@@ -1092,7 +1092,15 @@ def cmd_reconstruct(a) -> int:
 
     t0 = time.time()
     try:
-        res = reconstruct(stacks, cfg, log=log, progress=not a.quiet, checkpointer=ckpt, resume_state=resume_state)
+        res = reconstruct(
+            stacks,
+            cfg,
+            log=log,
+            progress=not a.quiet,
+            checkpointer=ckpt,
+            resume_state=resume_state,
+            known_stack_poses=known_poses,
+        )
     except BaseException as exc:
         runlog.line(f"failed: {type(exc).__name__}: {exc}")
         runlog.close()
@@ -1361,7 +1369,8 @@ def cmd_assess(a) -> int:
 
 def _assess_for_reconstruct(a, cfg, stacks, log):
     """The reference stack (--reference-stack, else the best-assessed) and --stack-exclude auto.
-    Returns (config, kept stacks, record for OUT.config.json)."""
+    Returns (config, kept stacks, record for OUT.config.json, the assessment's registrations of
+    the kept stacks to the reference for ``reconstruct(known_stack_poses=...)``, or None)."""
     n = len(stacks)
     if a.reference_stack is not None and a.reference_stack >= n:
         raise InputError("--reference-stack", f"{a.reference_stack} is not a stack index (0..{n - 1})")
@@ -1369,13 +1378,15 @@ def _assess_for_reconstruct(a, cfg, stacks, log):
     if n < 2 or (a.reference_stack is not None and a.stack_exclude == "off"):
         ref = a.reference_stack or 0
         record["reference_stack"] = stacks[ref].path
-        return cfg.resolved(reference_stack=ref), stacks, record
+        return cfg.resolved(reference_stack=ref), stacks, record, None
     import time
 
-    from .assess import assess_stacks, choose_reference, format_table, stacks_to_exclude
+    from .assess import assess_stacks, choose_reference, format_table, reference_poses, stacks_to_exclude
+    from .recon.motion import registration_grid
 
     t0 = time.time()
-    rows = assess_stacks(stacks)
+    pair_poses = {}
+    rows = assess_stacks(stacks, poses=pair_poses)
     for line in format_table(rows).splitlines():
         log("assess: " + line)
     drop = [i for i in stacks_to_exclude(rows) if i != a.reference_stack] if a.stack_exclude == "auto" else []
@@ -1390,7 +1401,10 @@ def _assess_for_reconstruct(a, cfg, stacks, log):
     kept = [stacks[i] for i in keep]
     log(f"assess: reference stack {kept[ref].name} ({record['reference_from']}; {time.time() - t0:.1f} s)")
     record.update({"reference_stack": kept[ref].path, "excluded": [stacks[i].path for i in drop], "stacks": rows})
-    return cfg.resolved(reference_stack=ref), kept, record
+    # the pairs with the reference were registered as reconstruct registers them: not again
+    known = reference_poses(pair_poses, keep[ref], registration_grid(kept))
+    known = {keep.index(i): v for i, v in known.items() if i in keep}
+    return cfg.resolved(reference_stack=ref), kept, record, known
 
 
 def cmd_demo(a) -> int:

@@ -153,6 +153,7 @@ def reconstruct(
     checkpointer=None,
     resume_state: dict | None = None,
     slice_poses: list[np.ndarray] | None = None,
+    known_stack_poses: dict | None = None,
 ) -> ReconResult:
     """Reconstruct a volume from loaded stacks with the given configuration.
 
@@ -163,8 +164,11 @@ def reconstruct(
     ``slice_poses``: one [slices, 4, 4] array per stack, the world-to-world rigid map of each
     slice (header position -> where it was acquired), as the simulator's truth.json holds them.
     The slices start there instead of at a registered stack pose (with ``cfg.motion`` off they stay
-    there): the benchmarks' reconstructions at the true poses."""
-    state = prepare(stacks, cfg, log, resume_state, slice_poses)
+    there): the benchmarks' reconstructions at the true poses.
+
+    ``known_stack_poses``: {stack index: (pose, correlation)} of stacks already registered to the
+    reference stack as the stack registration would (``mgaussian.assess.reference_poses``)."""
+    state = prepare(stacks, cfg, log, resume_state, slice_poses, known_stack_poses)
     if resume_state is not None:
         state.restore(resume_state)
         _log_resume(state, resume_state)

@@ -52,12 +52,13 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _stack_poses(stacks: list[Stack], cfg: ReconConfig, resume_state, slice_poses, log) -> list[np.ndarray]:
-    """Each stack's rigid pose: from the checkpoint, else registered to the reference stack."""
+def _stack_poses(stacks: list[Stack], cfg: ReconConfig, resume_state, slice_poses, known, log) -> list[np.ndarray]:
+    """Each stack's rigid pose: from the checkpoint, else registered to the reference stack (or
+    as ``known`` has it already)."""
     if resume_state is not None and resume_state.get("motion", {}).get("stack_poses") is not None:
         return [np.asarray(P) for P in resume_state["motion"]["stack_poses"]]
     if cfg.register_stacks and len(stacks) > 1 and slice_poses is None:
-        return register_stacks(stacks, reference=min(cfg.reference_stack, len(stacks) - 1), log=log)
+        return register_stacks(stacks, reference=min(cfg.reference_stack, len(stacks) - 1), log=log, known=known)
     return [np.eye(4) for _ in stacks]
 
 
@@ -99,6 +100,7 @@ def prepare(
     log,
     resume_state: dict | None = None,
     slice_poses: list[np.ndarray] | None = None,
+    known_stack_poses: dict | None = None,
 ) -> ReconState:
     """Everything before fitting; ``cfg`` is resolved here (output resolution, device, backend)."""
     t_start = time.time()
@@ -117,7 +119,7 @@ def prepare(
         raise ValueError(f"slice_poses: {len(slice_poses)} arrays for {len(stacks)} stacks")
 
     t0 = time.time()
-    stack_poses = _stack_poses(stacks, cfg, resume_state, slice_poses, log)
+    stack_poses = _stack_poses(stacks, cfg, resume_state, slice_poses, known_stack_poses, log)
     timings["register_s"] = time.time() - t0
     t0 = time.time()
     # registered on the masks as given, fitted with a rim of data around them; the intensities'

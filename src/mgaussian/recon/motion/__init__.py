@@ -18,12 +18,15 @@ from .poses import (
     to_centre_convention,
     to_stack_poses,
 )
-from .registration import moved_stack, register_stacks
+from .registration import moved_stack, register_pair, register_stacks, registration_grid, same_grid
 from .robust import estimate_noise, fit_slice_scales, loss_weights, robust_weights, update_robust
 from .rounds import extrapolation_gain, pose_rounds, record_poses
 
 __all__ = [
     "register_stacks",
+    "register_pair",
+    "registration_grid",
+    "same_grid",
     "moved_stack",
     "slice_centres",
     "slice_pose_from_matrix",

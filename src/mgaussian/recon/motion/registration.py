@@ -6,7 +6,7 @@ rotated starts are tried too."""
 
 from __future__ import annotations
 
-__all__ = ["register_stacks", "moved_stack"]
+__all__ = ["register_stacks", "register_pair", "registration_grid", "registration_spacing", "same_grid", "moved_stack"]
 
 import math
 from dataclasses import replace
@@ -70,50 +70,78 @@ def _register_pair(fixed, moving, start_rotvec=(0.0, 0.0, 0.0), iterations: int 
     return value, init
 
 
+def registration_spacing(stacks: list[Stack]) -> float:
+    """The registration grid's spacing: twice the finest pixel, within 1.2-3 mm."""
+    fin = min(min(s.frames.spacing) for s in stacks)
+    return float(min(max(2.0 * fin, 1.2), 3.0))
+
+
+def registration_grid(stacks: list[Stack], spacing: float | None = None):
+    """The grid (shape, affine) the stacks are registered on: covering every stack's mask plus a
+    margin, at :func:`registration_spacing` unless given."""
+    return _registration_grid(stacks, registration_spacing(stacks) if spacing is None else spacing)
+
+
+def same_grid(a, b) -> bool:
+    return tuple(a[0]) == tuple(b[0]) and np.array_equal(a[1], b[1])
+
+
+def register_pair(fixed_stack: Stack, stack: Stack, grid, good_correlation: float = 0.85) -> tuple[np.ndarray, float]:
+    """Rigid pose (4x4, ``stack``'s header -> ``fixed_stack``'s frame) and its correlation, both
+    brains resampled on ``grid`` (:func:`registration_grid`). Robust to offsets of >= 10 mm and
+    >= 15 degrees: the start aligns the brains' centres of mass (moments), the pyramid (4x, 2x, 1x)
+    widens the capture range, and when the result correlates below ``good_correlation`` eight
+    rotated starts (+-25 degrees about each axis, and two diagonals) are tried and the best kept."""
+    shape, aff = grid
+    fixed = _sitk_image(_brain_on_grid(fixed_stack, shape, aff), aff)
+    moving = _sitk_image(_brain_on_grid(stack, shape, aff), aff)
+    best = _register_pair(fixed, moving)
+    if -best[0] < good_correlation:
+        a = math.radians(25.0)
+        starts = (
+            [(s * a, 0, 0) for s in (1, -1)]
+            + [(0, s * a, 0) for s in (1, -1)]
+            + [(0, 0, s * a) for s in (1, -1)]
+            + [(a / 1.7, a / 1.7, a / 1.7), (-a / 1.7, -a / 1.7, -a / 1.7)]
+        )
+        for r0 in starts:
+            cand = _register_pair(fixed, moving, r0)
+            if cand[0] < best[0]:
+                best = cand
+    M = transform_matrix(best[1])  # fixed point -> moving stack's header point
+    return np.linalg.inv(M), -best[0]  # moving header -> fixed frame: the stack's pose
+
+
 def register_stacks(
-    stacks: list[Stack], reference: int = 0, spacing: float | None = None, log=print, good_correlation: float = 0.85
+    stacks: list[Stack],
+    reference: int = 0,
+    spacing: float | None = None,
+    log=print,
+    good_correlation: float = 0.85,
+    known: dict | None = None,
 ) -> list[np.ndarray]:
     """Rigid pose (4x4, header -> reference frame) of every stack; the reference's is identity.
-
-    Robust to offsets of >= 10 mm and >= 15 degrees: the start aligns the brains' centres of mass
-    (moments), the pyramid (4x, 2x, 1x) widens the capture range, and when the result correlates
-    below ``good_correlation`` eight rotated starts (+-25 degrees about each axis, and two
-    diagonals) are tried and the best kept."""
-    import SimpleITK as sitk
-
-    if spacing is None:
-        fin = min(min(s.frames.spacing) for s in stacks)
-        spacing = float(min(max(2.0 * fin, 1.2), 3.0))
-    shape, aff = _registration_grid(stacks, spacing)
-    fixed = _sitk_image(_brain_on_grid(stacks[reference], shape, aff), aff)
+    Each stack is registered to the reference by :func:`register_pair` on the stacks' common
+    :func:`registration_grid`, except those in ``known`` ({stack index: (pose, correlation)}
+    measured by that function on the same grid: the stack assessment's, ``mgaussian.assess``)."""
+    grid = registration_grid(stacks, spacing)
     poses = []
     for i, st in enumerate(stacks):
         if i == reference:
             poses.append(np.eye(4))
             continue
-        moving = _sitk_image(_brain_on_grid(st, shape, aff), aff)
-        best = _register_pair(fixed, moving)
-        if -best[0] < good_correlation:
-            a = math.radians(25.0)
-            starts = (
-                [(s * a, 0, 0) for s in (1, -1)]
-                + [(0, s * a, 0) for s in (1, -1)]
-                + [(0, 0, s * a) for s in (1, -1)]
-                + [(a / 1.7, a / 1.7, a / 1.7), (-a / 1.7, -a / 1.7, -a / 1.7)]
-            )
-            for r0 in starts:
-                cand = _register_pair(fixed, moving, r0)
-                if cand[0] < best[0]:
-                    best = cand
-        M = transform_matrix(best[1])  # reference point -> moving stack's header point
-        P = np.linalg.inv(M)  # moving header -> reference frame: the stack's pose
+        if known is not None and i in known:
+            P, corr = known[i]
+            how = "as the assessment registered it"
+        else:
+            P, corr = register_pair(stacks[reference], st, grid, good_correlation)
+            how = "registered"
         ang = math.degrees(np.linalg.norm(matrix_to_rotvec(P[:3, :3])))
         log(
-            f"stack {st.name}: registered to {stacks[reference].name} (correlation {-best[0]:.3f}; "
+            f"stack {st.name}: {how} to {stacks[reference].name} (correlation {corr:.3f}; "
             f"{ang:.1f} deg, {np.linalg.norm(P[:3, 3] + P[:3, :3] @ _centre(st) - _centre(st)):.1f} mm at its centre)"
         )
         poses.append(P)
-    del sitk
     return poses
 
 

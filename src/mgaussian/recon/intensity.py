@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "lattice_pairs",
     "laplacian_apply",
+    "laplacian_apply_torch",
     "lattice_degree",
     "normal_diagonal",
     "cg_intensities",
@@ -55,7 +56,22 @@ _PAIR_RUN = 1 << 20
 
 def laplacian_apply(v: torch.Tensor, pairs: torch.Tensor, pair_w: torch.Tensor | None = None) -> torch.Tensor:
     """L v for the graph Laplacian of the lattice pairs (gradient of 1/2 sum w_ij (v_i - v_j)^2;
-    w = 1 unless ``pair_w`` [P] is given)."""
+    w = 1 unless ``pair_w`` [P] is given). On the CPU a Numba loop that adds what
+    :func:`laplacian_apply_torch` adds, in its order (bit-identical, ~3x faster)."""
+    if v.device.type != "cpu" or (pair_w is not None and pair_w.dtype != v.dtype):
+        return laplacian_apply_torch(v, pairs, pair_w)
+    from ..render._cpu_kernels import lattice_laplacian
+
+    vv, pp = v.detach().contiguous().numpy(), pairs.contiguous().numpy()
+    w = pair_w.detach().contiguous().numpy() if pair_w is not None else vv[:1]
+    out = np.zeros_like(vv)
+    for a in range(0, len(pp), _PAIR_RUN):
+        lattice_laplacian(vv, pp, w, pair_w is not None, a, min(a + _PAIR_RUN, len(pp)), out)
+    return torch.from_numpy(out)
+
+
+def laplacian_apply_torch(v: torch.Tensor, pairs: torch.Tensor, pair_w: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`laplacian_apply` in PyTorch (any device; the reference its CPU loop is held to)."""
     out = torch.zeros_like(v)
     for a in range(0, len(pairs), _PAIR_RUN):
         i, j = pairs[a : a + _PAIR_RUN, 0], pairs[a : a + _PAIR_RUN, 1]

@@ -1335,3 +1335,25 @@ def gauss_prep_backward(ls, q, c, g_sig, g_w):
         g_q[i, 2] = (gy_ - y * dot) / nrm
         g_q[i, 3] = (gz_ - z * dot) / nrm
     return g_ls, g_q, g_c
+
+
+# ----------------------------------------------------------------------------------------------
+# the lattice prior of the intensity fits (recon/intensity.py): L v for the graph Laplacian of
+# neighbouring Gaussians, the same additions in the same order as its PyTorch twin's index_add_
+# on one thread (bit-identical; mni-t4 at 1 mm: 6M pairs, ~60 -> ~20 ms a product)
+
+
+@njit(**_JIT)
+def lattice_laplacian(v, pairs, pair_w, has_w, start, stop, out):
+    """out[i] += d, out[j] -= d over pairs[start:stop], d = (v[i] - v[j]) x pair_w (with
+    ``has_w``): first every i, then every j, as two index_add_ calls would."""
+    for k in range(start, stop):
+        d = v[pairs[k, 0]] - v[pairs[k, 1]]
+        if has_w:
+            d = d * pair_w[k]
+        out[pairs[k, 0]] += d
+    for k in range(start, stop):
+        d = v[pairs[k, 0]] - v[pairs[k, 1]]
+        if has_w:
+            d = d * pair_w[k]
+        out[pairs[k, 1]] += -d

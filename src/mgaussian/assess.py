@@ -132,7 +132,7 @@ def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> 
     :func:`~mgaussian.recon.motion.registration_grid`), inside the voxels both masks cover.
     ``poses``: where given, the registration (pose, correlation) is stored in it under "pose"."""
     from .recon.motion import register_pair, registration_grid
-    from .sampling import resample_volume
+    from .sampling import resample_volumes
 
     grid = registration_grid([a, b]) if grid is None else grid
     P, corr = register_pair(a, b, grid)
@@ -142,8 +142,9 @@ def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> 
     shape, aff = _grid([a, b], spacing)
     vals, masks = [], []
     for st, A in ((a, a.affine), (b, P @ b.affine)):
-        vals.append(resample_volume((st.data * st.mask).astype(np.float32), A, shape, aff))
-        masks.append(resample_volume(st.mask.astype(np.float32), A, shape, aff) > 0.5)
+        v, m = resample_volumes([(st.data * st.mask).astype(np.float32), st.mask.astype(np.float32)], A, shape, aff)
+        vals.append(v)
+        masks.append(m > 0.5)
     both = masks[0] & masks[1]
     if both.sum() < 100:
         return 0.0

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .psf import FWHM_TO_SIGMA, through_plane_quadrature
-from .sampling import resample_volume
+from .sampling import resample_volumes
 
 
 def naive_average(stacks, out_shape, out_affine) -> np.ndarray:
@@ -28,8 +28,9 @@ def naive_average(stacks, out_shape, out_affine) -> np.ndarray:
     acc = np.zeros(out_shape, dtype=np.float64)
     cnt = np.zeros(out_shape, dtype=np.float64)
     for data, aff in stacks:
-        acc += resample_volume(data, aff, out_shape, out_affine)
-        cnt += resample_volume(np.ones(data.shape, np.float32), aff, out_shape, out_affine)
+        d, c = resample_volumes([data, np.ones(data.shape, np.float32)], aff, out_shape, out_affine)
+        acc += d
+        cnt += c
     out = np.where(cnt > 1e-3, acc / np.maximum(cnt, 1e-3), 0.0)
     return out.astype(np.float32)
 

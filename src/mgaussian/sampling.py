@@ -8,7 +8,7 @@ quadrature: through plane on nodes <= half a voxel apart, in plane by a discrete
 
 from __future__ import annotations
 
-__all__ = ["sample_slices", "resample_volume"]
+__all__ = ["sample_slices", "resample_volume", "resample_volumes"]
 
 import numpy as np
 import torch
@@ -28,11 +28,11 @@ def _to_grid(points_world: torch.Tensor, inv_affine: torch.Tensor, shape) -> tor
 
 
 def _interp(vol_t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """vol_t [1,1,X,Y,Z]; grid [..., 3] -> values [...] (trilinear, 0 outside)."""
+    """vol_t [1,C,X,Y,Z]; grid [..., 3] -> values [...] (C = 1) or [C, ...] (trilinear, 0 outside)."""
     shp = grid.shape[:-1]
     g = grid.reshape(1, 1, 1, -1, 3).to(vol_t.dtype)
     out = F.grid_sample(vol_t, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.reshape(shp)
+    return out.reshape(shp) if vol_t.shape[1] == 1 else out.reshape(vol_t.shape[1], *shp)
 
 
 def resample_volume(volume: np.ndarray, affine: np.ndarray, target_shape, target_affine, order: int = 1) -> np.ndarray:
@@ -41,32 +41,43 @@ def resample_volume(volume: np.ndarray, affine: np.ndarray, target_shape, target
     Trilinear (order=1) or nearest (order=0) interpolation; 0 outside the source grid (points
     beyond the outer voxel centres), as BENCHMARK.md's metrics specify.
     """
-    vol_t = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[None, None]
+    return resample_volumes([volume], affine, target_shape, target_affine, order)[0]
+
+
+def resample_volumes(
+    volumes: list[np.ndarray], affine: np.ndarray, target_shape, target_affine, order: int = 1
+) -> list[np.ndarray]:
+    """:func:`resample_volume` of several volumes on the same grid (``affine``), in one pass: the
+    target's points are mapped once (mni-t4's 1 mm grid: ~0.4 s a pass), each volume's values are
+    what ``resample_volume`` gives it alone, bit for bit (grid_sample weighs every channel alike)."""
+    vol_t = torch.stack([torch.as_tensor(np.ascontiguousarray(v), dtype=torch.float32) for v in volumes])[None]
+    shape = volumes[0].shape
     inv = torch.as_tensor(np.linalg.inv(affine), dtype=torch.float64)
     T = torch.as_tensor(target_affine, dtype=torch.float64)
     X, Y, Z = (int(s) for s in target_shape)
-    out = np.empty((X, Y, Z), dtype=np.float32)
+    out = np.empty((len(volumes), X, Y, Z), dtype=np.float32)
     jj, kk = torch.meshgrid(torch.arange(Y, dtype=torch.float64), torch.arange(Z, dtype=torch.float64), indexing="ij")
     chunk = max(1, int(4_000_000 // max(Y * Z, 1)))
     for i0 in range(0, X, chunk):
         ii = torch.arange(i0, min(X, i0 + chunk), dtype=torch.float64)
         ijk = torch.stack(torch.broadcast_tensors(ii[:, None, None], jj[None], kk[None]), -1)
         world = ijk @ T[:3, :3].T + T[:3, 3]
-        g = _to_grid(world, inv, volume.shape)
+        g = _to_grid(world, inv, shape)
         if order == 0:
             vi = (world @ inv[:3, :3].T + inv[:3, 3]).round().long()
-            inside = ((vi >= 0) & (vi < torch.tensor(volume.shape))).all(-1)
-            vals = torch.zeros(vi.shape[:-1], dtype=torch.float32)
+            inside = ((vi >= 0) & (vi < torch.tensor(shape))).all(-1)
+            vals = torch.zeros((len(volumes), *vi.shape[:-1]), dtype=torch.float32)
             v = vi[inside]
-            vals[inside] = vol_t[0, 0][v[:, 0], v[:, 1], v[:, 2]]
+            for c in range(len(volumes)):
+                vals[c][inside] = vol_t[0, c][v[:, 0], v[:, 1], v[:, 2]]
         else:
-            vals = _interp(vol_t, g)
+            vals = _interp(vol_t, g).reshape(len(volumes), *g.shape[:-1])
             # strictly 0 outside the source grid [0, n-1] (as scipy's map_coordinates, mode
             # "constant"), not faded over the half voxel beyond the edge
             outside = (g.abs() > 1.0 + 1e-6).any(-1)
-            vals[outside] = 0.0
-        out[i0 : i0 + len(ii)] = vals.numpy()
-    return out
+            vals[:, outside] = 0.0
+        out[:, i0 : i0 + len(ii)] = vals.numpy()
+    return list(out)
 
 
 def sample_slices(

@@ -22,7 +22,7 @@ import torch
 from ..errors import InputError
 from ..geometry import voxel_sizes
 from ..io import Stack
-from ..sampling import resample_volume
+from ..sampling import resample_volumes
 
 
 @dataclass
@@ -286,8 +286,11 @@ def region_mask(stacks: list[Stack], shape, affine) -> np.ndarray:
     acc = np.zeros(shape, np.float32)
     cov = np.zeros(shape, np.float32)
     for st in stacks:
-        acc += resample_volume(st.mask.astype(np.float32), st.affine, shape, affine)
-        cov += resample_volume(np.ones(st.mask.shape, np.float32), st.affine, shape, affine)
+        m, c = resample_volumes(
+            [st.mask.astype(np.float32), np.ones(st.mask.shape, np.float32)], st.affine, shape, affine
+        )
+        acc += m
+        cov += c
     m = (cov > 0.5) & (acc >= 0.5 * cov)
     if not m.any():
         raise InputError("--stack-masks", "the stacks' masks do not overlap anywhere in space")

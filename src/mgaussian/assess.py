@@ -113,25 +113,11 @@ def motion_index(st: Stack) -> dict:
     return {**res, "motion_index": m1 / max(m2, 1e-9), "d1": m1, "d2": m2}
 
 
-def _grid(stacks: list[Stack], spacing: float, margin_mm: float = 6.0):
-    los, his = [], []
-    for st in stacks:
-        idx = np.argwhere(st.mask)
-        w = idx @ st.affine[:3, :3].T + st.affine[:3, 3]
-        los.append(w.min(0))
-        his.append(w.max(0))
-    lo, hi = np.min(los, 0) - margin_mm, np.max(his, 0) + margin_mm
-    shape = tuple(int(v) for v in np.ceil((hi - lo) / spacing) + 1)
-    aff = np.diag([spacing] * 3 + [1.0])
-    aff[:3, 3] = lo
-    return shape, aff
-
-
 def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> float:
     """NCC of two stacks after rigid registration (b onto a, on ``grid``: by default the pair's
     :func:`~mgaussian.recon.motion.registration_grid`), inside the voxels both masks cover.
     ``poses``: where given, the registration (pose, correlation) is stored in it under "pose"."""
-    from .recon.motion import register_pair, registration_grid
+    from .recon.motion import register_pair
     from .sampling import resample_volumes
 
     grid = registration_grid([a, b]) if grid is None else grid
@@ -139,7 +125,7 @@ def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> 
     if poses is not None:
         poses["pose"] = (P, corr)
     spacing = float(grid[1][0, 0])
-    shape, aff = _grid([a, b], spacing)
+    shape, aff = registration_grid([a, b], spacing, margin_mm=6.0)  # the NCC's grid
     vals, masks = [], []
     for st, A in ((a, a.affine), (b, P @ b.affine)):
         v, m = resample_volumes([(st.data * st.mask).astype(np.float32), st.mask.astype(np.float32)], A, shape, aff)

@@ -28,11 +28,11 @@ def _to_grid(points_world: torch.Tensor, inv_affine: torch.Tensor, shape) -> tor
 
 
 def _interp(vol_t: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """vol_t [1,C,X,Y,Z]; grid [..., 3] -> values [...] (C = 1) or [C, ...] (trilinear, 0 outside)."""
+    """vol_t [1,C,X,Y,Z]; grid [..., 3] -> values [C, ...] (trilinear, 0 outside)."""
     shp = grid.shape[:-1]
     g = grid.reshape(1, 1, 1, -1, 3).to(vol_t.dtype)
     out = F.grid_sample(vol_t, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out.reshape(shp) if vol_t.shape[1] == 1 else out.reshape(vol_t.shape[1], *shp)
+    return out.reshape(vol_t.shape[1], *shp)
 
 
 def resample_volume(volume: np.ndarray, affine: np.ndarray, target_shape, target_affine, order: int = 1) -> np.ndarray:
@@ -71,7 +71,7 @@ def resample_volumes(
             for c in range(len(volumes)):
                 vals[c][inside] = vol_t[0, c][v[:, 0], v[:, 1], v[:, 2]]
         else:
-            vals = _interp(vol_t, g).reshape(len(volumes), *g.shape[:-1])
+            vals = _interp(vol_t, g)
             # strictly 0 outside the source grid [0, n-1] (as scipy's map_coordinates, mode
             # "constant"), not faded over the half voxel beyond the edge
             outside = (g.abs() > 1.0 + 1e-6).any(-1)

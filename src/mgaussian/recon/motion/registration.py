@@ -20,22 +20,6 @@ from ...sampling import resample_volume
 from .poses import matrix_to_rotvec
 
 
-def _registration_grid(stacks: list[Stack], spacing: float, margin_mm: float = 12.0):
-    """An axis-aligned world grid (shape, affine) covering every stack's mask plus a margin."""
-    los, his = [], []
-    for st in stacks:
-        idx = np.argwhere(st.mask)
-        w = idx @ st.affine[:3, :3].T + st.affine[:3, 3]
-        los.append(w.min(0))
-        his.append(w.max(0))
-    lo = np.min(los, 0) - margin_mm
-    hi = np.max(his, 0) + margin_mm
-    shape = tuple(int(v) for v in np.ceil((hi - lo) / spacing) + 1)
-    aff = np.diag([spacing] * 3 + [1.0])
-    aff[:3, 3] = lo
-    return shape, aff
-
-
 def _brain_on_grid(st: Stack, shape, aff) -> np.ndarray:
     from scipy import ndimage
 
@@ -76,10 +60,22 @@ def registration_spacing(stacks: list[Stack]) -> float:
     return float(min(max(2.0 * fin, 1.2), 3.0))
 
 
-def registration_grid(stacks: list[Stack], spacing: float | None = None):
-    """The grid (shape, affine) the stacks are registered on: covering every stack's mask plus a
-    margin, at :func:`registration_spacing` unless given."""
-    return _registration_grid(stacks, registration_spacing(stacks) if spacing is None else spacing)
+def registration_grid(stacks: list[Stack], spacing: float | None = None, margin_mm: float = 12.0):
+    """The axis-aligned world grid (shape, affine) the stacks are registered on: covering every
+    stack's mask plus a margin, at :func:`registration_spacing` unless given."""
+    spacing = registration_spacing(stacks) if spacing is None else spacing
+    los, his = [], []
+    for st in stacks:
+        idx = np.argwhere(st.mask)
+        w = idx @ st.affine[:3, :3].T + st.affine[:3, 3]
+        los.append(w.min(0))
+        his.append(w.max(0))
+    lo = np.min(los, 0) - margin_mm
+    hi = np.max(his, 0) + margin_mm
+    shape = tuple(int(v) for v in np.ceil((hi - lo) / spacing) + 1)
+    aff = np.diag([spacing] * 3 + [1.0])
+    aff[:3, 3] = lo
+    return shape, aff
 
 
 def same_grid(a, b) -> bool:

@@ -83,7 +83,9 @@ def main():
         loaded = grow_masks(load_stacks(stacks, masks), ReconConfig().mask_rim_mm)  # the masks the fit sees
         shape, _ = output_grid(loaded, res)
         sz = run_sizes(loaded, res, output_shape=shape)
-        est = estimate_peak_bytes(sz.n_gaussians, sz.rendered_pixels, sz.output_voxels, sz.stack_voxels)
+        est = estimate_peak_bytes(
+            sz.n_gaussians, sz.rendered_pixels, sz.output_voxels, sz.stack_voxels, written_voxels=sz.written_voxels
+        )
         with tempfile.TemporaryDirectory() as w:
             peak, n_actual, _ = measure(stacks, masks, res, w)
         rows.append((sz, n_actual, peak))

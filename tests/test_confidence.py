@@ -96,7 +96,12 @@ def test_confidence_falls_where_slices_are_removed(noisy):
     cut = reconstruct(st, cfg, progress=False, log=lambda s: None)
     assert full.confidence is not None and full.confidence.dtype == np.float32
     assert 0 <= full.confidence.min() and full.confidence.max() <= 1
-    assert (full.confidence[~full.region] == 0).all()
+    # defined where the volume is rendered: within 2 voxels of the resolution (here 2 x 2 written
+    # voxels) of the region, 0 beyond
+    from scipy import ndimage
+
+    rendered = ndimage.binary_dilation(full.region, iterations=4)
+    assert (full.confidence[~rendered] == 0).all() and (full.confidence[rendered & ~full.region] > 0).any()
     # on the phantom's grid (the two runs' output grids follow their masks): the voxels whose centre
     # lies within the removed slices, and the rest of the brain away from them
     cf, cc = _on_gt(full, noisy, full.confidence), _on_gt(cut, noisy, cut.confidence)
@@ -111,10 +116,12 @@ def test_confidence_falls_where_slices_are_removed(noisy):
     assert band.sum() > 200 and rest.sum() > 200, (band.sum(), rest.sum())
     drop_band = cf[band].mean() - cc[band].mean()
     drop_rest = cf[rest].mean() - cc[rest].mean()
-    # measured: 0.0139 in the band, -0.0078 elsewhere (the other two stacks still cover the band; the
+    # measured: 0.0068 in the band, -0.0099 elsewhere (the other two stacks still cover the band; the
     # position term follows the volume's gradient, and the volume from fewer slices is a little
-    # smoother everywhere); the data term alone (confidence_position_sd_mm 0): 0.020 and 0.0017
-    assert drop_band > 0.01 and drop_band - drop_rest > 0.015, (drop_band, drop_rest)
+    # smoother everywhere); with the volume written on the resolution's own grid (output_oversampling
+    # 1, before 2026-12-05) 0.0139 and -0.0078; the data term alone (confidence_position_sd_mm 0):
+    # 0.020 and 0.0017
+    assert drop_band > 0.005 and drop_band - drop_rest > 0.015, (drop_band, drop_rest)
     # the sd, voxel by voxel (its mean is the rim's, where a few voxels have a large sd)
     up_band, up_rest = np.median(sc[band] / sf[band]), np.median(sc[rest] / sf[rest])
     # measured: x 1.041 in the band, x 1.019 elsewhere (the prior pools the neighbours' data)

@@ -4,6 +4,7 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from conftest import write_nifti
 
 from mgaussian.cli import main
@@ -78,11 +79,12 @@ def test_reconstruct_beats_naive_and_overlays_truth(case):
     si = score_volume(res.volume, res.affine, case["gt"], case["aff"], ero)
     ni = score_volume(naive, case["aff"], case["gt"], case["aff"], ero)
     assert si["psnr"] > 35.0 and si["psnr"] > ni["psnr"] + 6.0, (si, ni)
-    # the output lies on the first stack's lattice (its voxel (0,0,0) is a grid node) at 1.2 mm
+    # the output lies on the first stack's lattice (its voxel (0,0,0) is a grid node) at 1.2 mm,
+    # written 2 x finer (output_oversampling): every other voxel is a node of that grid
     A0 = st[0].affine
     ijk = np.linalg.inv(res.affine) @ A0[:, 3]
-    assert np.allclose(ijk[:3], np.round(ijk[:3]), atol=1e-4)
-    assert np.allclose(np.linalg.norm(res.affine[:3, :3], axis=0), 1.2)
+    assert np.allclose(ijk[:3] / 2, np.round(ijk[:3] / 2), atol=1e-4)
+    assert np.allclose(np.linalg.norm(res.affine[:3, :3], axis=0), 0.6)
     # poses are carried per slice (no motion here: they stay near identity) and intensities are
     # in the input units
     assert [len(p["rotvec"]) for p in res.poses] == [len(p["slices"]) for p in res.poses]
@@ -220,8 +222,9 @@ def test_output_volume_uses_the_training_cutoff(case):
     cfg = config_from_dict({**FAST, "cutoff": 4.0, "iterations": [0, 3]})
     res = reconstruct(st, cfg, progress=False, log=lambda s: None)
     shape = res.volume.shape
-    v4 = render_volume(res.field, res.nrf, shape, res.affine, res.region, cutoff=4.0)
-    v3 = render_volume(res.field, res.nrf, shape, res.affine, res.region, cutoff=3.0)
+    k = round(res.config.output_resolution / float(np.linalg.norm(res.affine[:3, 0])))  # written k x finer
+    v4 = render_volume(res.field, res.nrf, shape, res.affine, res.region, cutoff=4.0, dilate_vox=2 * k)
+    v3 = render_volume(res.field, res.nrf, shape, res.affine, res.region, cutoff=3.0, dilate_vox=2 * k)
     assert np.allclose(res.volume, np.clip(v4, 0, None) * res.scale, rtol=1e-5, atol=1e-4)
     assert not np.allclose(res.volume, np.clip(v3, 0, None) * res.scale, rtol=1e-3, atol=1e-2)
 
@@ -267,3 +270,44 @@ def test_cli_off_switches_reach_the_configuration(case, tmp_path):
     assert all(getattr(defaults, k) is True for k in switches.values() if k != "use_nrf")
     # and --bias-correction turns N4 on (off by default)
     assert got["bias_correction"] is False and ReconConfig().bias_correction is False
+
+
+def test_volume_is_written_oversampled_on_a_grid_nested_in_the_resolution(case):
+    """output_oversampling k: the volume on a grid k x finer than the output resolution's, with its
+    every k-th voxel on that grid and the same values there (one fit, point evaluations of one
+    model); render_result reproduces the written volume on its own grid."""
+    from mgaussian.recon.output import render_result
+
+    st = load_stacks(case["stacks"], case["masks"], [3.6])
+    one = reconstruct(
+        st,
+        config_from_dict({**FAST, "iterations": [0, 2], "output_oversampling": 1}),
+        progress=False,
+        log=lambda s: None,
+    )
+    two = reconstruct(
+        st,
+        config_from_dict({**FAST, "iterations": [0, 2], "output_oversampling": 2}),
+        progress=False,
+        log=lambda s: None,
+    )
+    assert torch.equal(one.field.intensities, two.field.intensities)  # the fit does not depend on it
+    assert two.volume.shape == tuple(2 * n - 1 for n in one.volume.shape)
+    assert np.allclose(two.affine[:3, :3], one.affine[:3, :3] / 2) and np.allclose(two.affine[:3, 3], one.affine[:3, 3])
+    assert np.allclose(two.volume[::2, ::2, ::2], one.volume, rtol=1e-5, atol=1e-5 * one.volume.max())
+    assert np.array_equal(two.region[::2, ::2, ::2], one.region)
+    again = render_result(two, two.volume.shape, two.affine)
+    assert np.allclose(again, two.volume, rtol=1e-5, atol=1e-5 * two.volume.max())
+
+
+def test_default_oversampling_falls_back_to_one_for_a_huge_written_grid():
+    from mgaussian.recon.output import OVERSAMPLED_MAX_VOXELS, oversampling
+
+    cfg = config_from_dict({})
+    assert cfg.output_oversampling is None
+    assert oversampling(cfg, (120, 140, 110)) == 2  # a fetal brain: 8.8M voxels written
+    assert oversampling(cfg, (156, 193, 166)) == 1  # mni-t4 at 1 mm: 40M at 0.5 mm
+    assert (2 * 156 - 1) * (2 * 193 - 1) * (2 * 166 - 1) > OVERSAMPLED_MAX_VOXELS
+    assert oversampling(config_from_dict({"output_oversampling": 3}), (156, 193, 166)) == 3
+    with pytest.raises(Exception, match="output_oversampling"):
+        config_from_dict({"output_oversampling": 0})

@@ -503,12 +503,16 @@ def to_template_space(
     *,
     metric: str = "correlation",
     log=None,
+    render=None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Register ``volume`` (world ``affine``) to a template and resample it onto the template's grid.
 
     ``template_path``: a NIfTI file, a shipped template name or ``fetal-auto`` (every shipped
     template; the one with the highest NCC after registration, inside its mask, is kept).
     ``mask``: the template's brain mask (shipped templates bring theirs).
+    ``render``: where the volume is a continuous model's (``reconstruct``), a function (shape,
+    affine) -> the model on that grid: the volume on the template's grid is then the model rendered
+    there, not the volume interpolated (a second, blurring sampling).
     Returns (volume on the template grid, the template's affine, info for ``OUT.template.json``)."""
     from .metrics import ncc
     from .sampling import resample_volume
@@ -519,7 +523,10 @@ def to_template_space(
     vol = np.asarray(volume, np.float32)
 
     def placed(tpl, T):
-        out = resample_volume(vol, affine, tpl.data.shape, T @ tpl.affine)
+        if render is not None:
+            out = np.asarray(render(tpl.data.shape, T @ tpl.affine), np.float32)
+        else:
+            out = resample_volume(vol, affine, tpl.data.shape, T @ tpl.affine)
         return out, ncc(out[tpl.mask], tpl.data[tpl.mask])
 
     def score_in_box(tpl, T):  # the same NCC, resampling the mask's bounding box only
@@ -554,7 +561,8 @@ def to_template_space(
         "matrix_template_to_volume": T.tolist(),
         "matrix_volume_to_template": np.linalg.inv(T).tolist(),
         "matrix_convention": "world mm (NIfTI RAS) 4x4: x_volume = M x_template; the output voxel v of the "
-        "template grid takes the volume's value at M @ template_affine @ v (trilinear)",
+        "template grid takes the volume's value at M @ template_affine @ v ("
+        + ("the model rendered there)" if render is not None else "trilinear)"),
         "ncc_in_template_mask": round(float(score), 5),
         **_describe_transform(T, tpl),
         **det,

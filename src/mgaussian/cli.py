@@ -254,7 +254,16 @@ def _add_reconstruct(sub):
     g.add_argument(
         "--output-resolution",
         type=_num("--output-resolution", positive=True),
-        help="isotropic voxel size (mm); default: finest in-plane spacing of the inputs",
+        help="the reconstruction's resolution (mm): its Gaussians' finest spacing; default: finest in-plane "
+        "spacing of the inputs. The volume is written --output-oversampling times finer",
+    )
+    g.add_argument(
+        "--output-oversampling",
+        type=int,
+        choices=(1, 2, 3, 4),
+        help="write the volume on a grid this many times finer than --output-resolution, nested in it, so "
+        "that linear interpolation by viewers and registrations does not blur the continuous model "
+        "(default: 2, or the --config file's; 1: voxels of --output-resolution)",
     )
     g.add_argument("--output-model", help="save the trained model (for sample-volume / sample-slices)")
     g.add_argument(
@@ -810,6 +819,13 @@ def _check_reconstruct_inputs(a, cfg, stacks):
     return cfg.resolved(design_memory_gb=min(cfg.design_memory_gb, 0.5 * a.max_memory))
 
 
+def _voxel_mm(affine) -> float:
+    """The (isotropic) voxel size of a grid, mm, to 4 decimals."""
+    import numpy as np
+
+    return round(float(np.linalg.norm(np.asarray(affine)[:3, 0])), 4)
+
+
 def _reconstruct_checkpoint(a, cfg, stacks, inputs):
     """(Checkpointer or None, state to resume from or None) for --checkpoint-dir / --resume."""
     from .errors import warn
@@ -848,6 +864,8 @@ def _config_overrides(a) -> dict:
     over = {k: v for k, v in (("device", a.device), ("backend", a.backend), ("seed", a.seed)) if v is not None}
     if a.output_resolution is not None:
         over["output_resolution"] = a.output_resolution
+    if getattr(a, "output_oversampling", None) is not None:
+        over["output_oversampling"] = a.output_oversampling
     if a.threads is not None:
         over["threads"] = a.threads
     if a.slice_profile is not None:
@@ -901,8 +919,16 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
         save_nifti(
             res.volume, res.affine, template_outs["native"], inputs=inputs, header_extra=f"mgaussian {__version__}"
         )
+        from .recon.output import render_result
+
         vol_t, aff_t, template_info = to_template_space(
-            res.volume, res.affine, a.template, a.template_transform, a.template_mask, log=log
+            res.volume,
+            res.affine,
+            a.template,
+            a.template_transform,
+            a.template_mask,
+            log=log,
+            render=lambda shape, affine: render_result(res, shape, affine),
         )
         write_transform_files(
             {
@@ -1127,7 +1153,7 @@ def cmd_reconstruct(a) -> int:
         save_model(a.output_model, res, inputs=inputs)
     done = (
         f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
-        f"{res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s"
+        f"{_voxel_mm(res.affine):g} mm: the model at {res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s"
     )
     if template_info is not None:
         sh = "x".join(str(n) for n in template_info["template"]["shape"])
@@ -1163,7 +1189,7 @@ def cmd_sample_volume(a) -> int:
 
     from .io import check_output_path, save_nifti
     from .recon.model_io import load_model
-    from .recon.output import render_volume
+    from .recon.output import margin_voxels, render_volume
     from .sampling import resample_volume
 
     check_output_path(a.output_volume, [a.input_model])
@@ -1193,8 +1219,18 @@ def cmd_sample_volume(a) -> int:
     runlog = _RunLog(a.log)
     runlog.header()
     t0 = time.time()
+    # within 2 voxels of the model's resolution of the region, as reconstruct writes it
+    model_res = float(info["config"].get("output_resolution") or np.linalg.norm(aff[:3, 0]))
+    dilate = margin_voxels(model_res, aff)
     vol = render_volume(
-        fld, nrf, shape, aff, region, backend=a.backend, cutoff=float(info["config"].get("cutoff", 3.0))
+        fld,
+        nrf,
+        shape,
+        aff,
+        region,
+        backend=a.backend,
+        cutoff=float(info["config"].get("cutoff", 3.0)),
+        dilate_vox=dilate,
     )
     vol = np.clip(vol, 0, None) * info["scale"]
     save_nifti(vol, aff, a.output_volume, inputs=[a.input_model])

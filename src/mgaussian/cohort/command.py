@@ -110,7 +110,10 @@ def add_parser(sub, num) -> None:
     )
     r = p.add_argument_group("reconstruct options (any other goes after --)")
     r.add_argument(
-        "--output-resolution", type=num("--output-resolution", positive=True), help="isotropic voxel size (mm)"
+        "--output-resolution",
+        type=num("--output-resolution", positive=True),
+        help="the reconstruction's resolution (mm); the volume is written 2 x finer "
+        "(reconstruct's --output-oversampling, which may go after --)",
     )
     r.add_argument("--time-budget", type=num("--time-budget", positive=True), help="seconds of fitting per subject")
     r.add_argument("--config", metavar="FILE", help="JSON (or TOML) file of reconstruct settings")

@@ -148,18 +148,23 @@ def correct_stack_bias(state: ReconState) -> list[dict]:
 
 
 @torch.no_grad()
-def remove_shared_field(state: ReconState, volume: np.ndarray) -> tuple[float, float] | None:
-    """The field the stacks share, from the fitted ``volume`` (output grid, ``state.region``): N4
-    with one fitting level (a very smooth field) on the volume shrunk 2 x in plane, divided out of
-    each Gaussian's intensity at its centre (the model and the volumes rendered from it stay one).
-    Only where the stacks' relative fields reached ``cfg.shared_field_min_spread``; returns the
-    field's range over the region, or None where it was not applied."""
+def remove_shared_field(state: ReconState) -> tuple[float, float] | None:
+    """The field the stacks share, from the fitted model's volume (rendered on the output
+    resolution's grid over the region): N4 with one fitting level (a very smooth field) on the
+    volume shrunk 2 x in plane, divided out of each Gaussian's intensity at its centre (the model and
+    the volumes rendered from it stay one). Only where the stacks' relative fields reached
+    ``cfg.shared_field_min_spread``; returns the field's range over the region, or None where it was
+    not applied."""
     from ..field import volume_at_points
     from ..masking import n4_correct
+    from .frame import current_region
+    from .output import model_volume
 
     fields = state.stack_fields
     if not state.cfg.shared_field or fields is None or fields.get("spread", 0.0) <= state.cfg.shared_field_min_spread:
         return None
+    state.region = current_region(state)
+    volume = model_volume(state, state.shape, state.aff, state.region)
     _, field = n4_correct(volume, state.aff, state.region, shrink=2, levels=1)
     fld = state.fld
     at = volume_at_points(field, state.aff, fld.means.detach().cpu().double().numpy())

@@ -32,7 +32,8 @@ PREVIOUS = "checkpoint.prev.pt"
 SUMMARY = "checkpoint.json"
 # settings a resumed run may change: they change the speed, not the result (time_budget_s only
 # decides where fitting stops)
-COMPUTE_ONLY_KEYS = ("threads", "device", "backend", "time_budget_s", "checkpoint_interval_s")
+# settings that do not change the fit (output_oversampling: only the grid the volume is written on)
+COMPUTE_ONLY_KEYS = ("threads", "device", "backend", "time_budget_s", "checkpoint_interval_s", "output_oversampling")
 
 
 def _file_id(p: str | None):

@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..field import GaussianField
 from .intensity import _designs, lattice_pairs
 from .levels import edge_prior_active, edge_weights, smoothness_weight
-from .output import render_volume
+from .output import margin_voxels, render_volume
 from .slices import predict_all
 from .state import ReconState
 
@@ -90,23 +91,27 @@ def pooled_precision(d: torch.Tensor, pairs: torch.Tensor, k: torch.Tensor, swee
 
 
 @torch.no_grad()
-def position_sd(volume: np.ndarray, affine: np.ndarray, shift_mm: float) -> np.ndarray:
+def position_sd(volume: np.ndarray, affine: np.ndarray, shift_mm: float, smooth_mm: float | None = None) -> np.ndarray:
     """The intensity's spread from where the anatomy lies being known to ``shift_mm`` only: the
-    volume's gradient magnitude (per mm), averaged over a voxel's neighbourhood (Gaussian, one
-    voxel: a shift moves an edge's whole blurred profile), times the shift."""
-    from scipy import ndimage
-
+    volume's gradient magnitude (per mm), averaged over a neighbourhood (Gaussian of sd
+    ``smooth_mm``, default one voxel: the output resolution's voxel, as a shift moves an edge's whole
+    blurred profile), times the shift."""
     spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
     grads = np.gradient(volume.astype(np.float32), *spacing)
     mag = np.sqrt(sum(g * g for g in grads))
-    return (ndimage.gaussian_filter(mag, 1.0) * shift_mm).astype(np.float32)
+    sd_vox = 1.0 if smooth_mm is None else tuple(float(smooth_mm) / spacing)
+    return (ndimage.gaussian_filter(mag, sd_vox) * shift_mm).astype(np.float32)
 
 
-def confidence_map(state: ReconState, misfit_term: bool | None = None, volume: np.ndarray | None = None) -> Confidence:
+def confidence_map(
+    state: ReconState, misfit_term: bool | None = None, volume: np.ndarray | None = None, grid: tuple | None = None
+) -> Confidence:
     """The confidence map of the fitted state (after ``output.result``, which sets the region).
     ``misfit_term`` (default ``cfg.confidence_misfit``): s_i^2 = max(sigma^2, m_i); else sigma^2.
     ``volume``: the output volume (``ReconResult.volume``); with it the voxels' sd gains the
-    position term (``position_sd``, ``cfg.confidence_position_sd_mm``)."""
+    position term (``position_sd``, ``cfg.confidence_position_sd_mm``). ``grid``: (shape, affine,
+    region) the map is rendered on, the volume's (``ReconResult``: the written grid); default the
+    output resolution's grid and the state's region."""
     t0 = time.time()
     cfg, fld = state.cfg, state.fld
     misfit_term = cfg.confidence_misfit if misfit_term is None else misfit_term
@@ -148,7 +153,7 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None, volume: n
     # ridge: the intensity fits' own (1e-6); a Gaussian no data nor prior reach gets a huge sd
     var = s2 / (prec + 1e-6)
     sd_g = var.sqrt()
-    shape, aff, region = state.shape, state.aff, state.region
+    shape, aff, region = grid if grid is not None else (state.shape, state.aff, state.region)
     sd_fld = GaussianField(
         fld.means,
         fld.log_scales,
@@ -169,13 +174,20 @@ def confidence_map(state: ReconState, misfit_term: bool | None = None, volume: n
         fld.grid_index,
         fld.grid_shape,
     )
-    num = render_volume(sd_fld, None, shape, aff, region, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
-    den = render_volume(one_fld, None, shape, aff, region, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
-    inside = region & (den > 1e-3 * max(float(den.max()), 1e-12))
+    # over the voxels the volume is rendered on (output.model_volume)
+    rendered = ndimage.binary_dilation(region, iterations=margin_voxels(cfg.output_resolution, aff))
+    num = render_volume(sd_fld, None, shape, aff, rendered, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
+    den = render_volume(one_fld, None, shape, aff, rendered, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
+    inside = rendered & (den > 1e-3 * max(float(den.max()), 1e-12))
     sd = np.zeros(shape, np.float32)
     sd[inside] = num[inside] / den[inside]
     if volume is not None and cfg.confidence_position_sd_mm > 0:
-        pos = position_sd(np.asarray(volume, np.float32) / float(state.scale), aff, cfg.confidence_position_sd_mm)
+        pos = position_sd(
+            np.asarray(volume, np.float32) / float(state.scale),
+            aff,
+            cfg.confidence_position_sd_mm,
+            smooth_mm=cfg.output_resolution,
+        )
         sd[inside] = np.sqrt(sd[inside] ** 2 + pos[inside] ** 2)
     ref = float(cfg.confidence_ref)
     conf = np.zeros(shape, np.float32)

@@ -21,6 +21,17 @@ from ..errors import InputError
 class ReconConfig:
     # output
     output_resolution: float | None = None  # mm; default: finest in-plane spacing of the inputs
+    # The volume is written on a grid this many times finer than output_resolution (the Gaussians'
+    # finest spacing), nested in it: every k-th voxel is a voxel of the output_resolution grid.
+    # The model is continuous; sampled only at its lattice spacing, the linear interpolation that
+    # viewers, registrations and BENCHMARK.md's scoring apply between voxels blurs it. Aligned PSNR
+    # of the same fitted models written at 1 / 2 / 3 (benchmarks/TUNING.md, session 19): four 4 mm
+    # stacks (1.2 mm) 26.34 / 27.00 / 27.11 dB, six stacks (1.0 mm) 30.52 / 31.77 / 31.94, three
+    # stacks with drift and jumps 29.04 / 29.72 / 29.80; sb25-t3.2 and mni-t4, whose grids hold the
+    # ground truth's voxels, are unchanged at 2 (a non-nested 1.5 cost sb25 1.0 dB). None: 2, or 1
+    # where the finer grid would pass OVERSAMPLED_MAX_VOXELS (mni-t4, an adult brain at 1 mm: 40M
+    # voxels at 2, 160 MB, its render 3 -> 15 s); 1 writes the lattice's grid as before.
+    output_oversampling: int | None = None
     # Gaussian grid and progressive growth
     spacing_factors: tuple[float, ...] = (2.0, 1.0)  # Gaussian grid spacing per level, x output resolution
     growth: bool = True  # progressive growth (False: train the finest level only)
@@ -312,6 +323,10 @@ class ReconConfig:
             bad("output_resolution", f"must be > 0 mm, got {self.output_resolution}")
         if self.output_resolution is not None and self.output_resolution < 0.1:
             bad("output_resolution", f"{self.output_resolution} mm is absurdly fine (>= 0.1 mm)")
+        if self.output_oversampling is not None and not (
+            isinstance(self.output_oversampling, int) and 1 <= self.output_oversampling <= 4
+        ):
+            bad("output_oversampling", f"must be an integer from 1 to 4, got {self.output_oversampling}")
         if not self.spacing_factors or any(not (f > 0) for f in self.spacing_factors):
             bad("spacing_factors", "must be positive numbers")
         if len(self.iterations) != len(self.spacing_factors):
@@ -424,7 +439,7 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise TypeError
                 v = float(v)
-            elif cur is None and v is not None and k == "threads":
+            elif cur is None and v is not None and k in ("threads", "output_oversampling"):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise TypeError
             elif isinstance(cur, str) and not isinstance(v, str):

@@ -1,6 +1,6 @@
 """A bound on the peak memory of ``mgaussian reconstruct``, from sizes known before fitting.
 
-The estimate is linear in four counts, with the coefficients measured by
+The estimate is linear in five counts, with the coefficients measured by
 ``benchmarks/bench_memory.py`` (see ``benchmarks/MEMORY.md``):
 
 * Gaussians at the finest level (parameters, their gradients, Adam's two moments, the
@@ -8,6 +8,7 @@ The estimate is linear in four counts, with the coefficients measured by
 * slice pixels rendered per pass (the crops of every slice that sees its mask: the conjugate-
   gradient warm start renders all of them at once, with the autograd graph),
 * output-grid voxels (region mask, naive initialisation, resampling buffers, the output volume),
+  and the written grid's voxels (the volume rendered 2 x finer at the end, `output_oversampling`),
 * stack voxels (the loaded stacks and masks).
 
 plus a fixed base (Python, PyTorch, Numba and the compiled kernels). All coefficients live in
@@ -37,6 +38,9 @@ COEFFS = {
     "per_gaussian": 1300.0,  # finest level, incl. its share of the intensity fits' maps
     "per_pixel": 250.0,  # slice pixels rendered in one pass (warm start: all slices)
     "per_output_voxel": 40.0,
+    # the volume written on the 2 x finer grid (recon/output.py: its render, clip, region and
+    # dilation at the end of a run): sb25-t3.2's peak 0.90 -> 1.07 GiB for 5.6M written voxels
+    "per_written_voxel": 32.0,
     "per_stack_voxel": 16.0,
     "margin": 1.15,  # safety factor on the sum
 }
@@ -52,6 +56,7 @@ class RunSizes:
     stack_voxels: int
     batch_slices: int
     resolution_mm: float
+    written_voxels: int = 0  # the written grid's (output_oversampling), 0: not counted
 
 
 def _mask_volume_mm3(st) -> float:
@@ -97,6 +102,10 @@ def run_sizes(
         output_voxels = int((side / resolution) ** 3)
     else:
         output_voxels = int(np.prod(output_shape))
+    # the default output_oversampling: 2 x finer unless that passes OVERSAMPLED_MAX_VOXELS (about 8 x)
+    from .output import OVERSAMPLED_MAX_VOXELS
+
+    written = 8 * output_voxels if 8 * output_voxels <= OVERSAMPLED_MAX_VOXELS else output_voxels
     return RunSizes(
         n_gaussians=n_g,
         finest_spacing_mm=sp,
@@ -106,11 +115,17 @@ def run_sizes(
         stack_voxels=int(sum(st.data.size for st in stacks)),
         batch_slices=int(batch_slices),
         resolution_mm=float(resolution),
+        written_voxels=int(written),
     )
 
 
 def estimate_peak_bytes(
-    n_gaussians: int, rendered_pixels: int, output_voxels: int, stack_voxels: int = 0, coeffs: dict | None = None
+    n_gaussians: int,
+    rendered_pixels: int,
+    output_voxels: int,
+    stack_voxels: int = 0,
+    coeffs: dict | None = None,
+    written_voxels: int = 0,
 ) -> float:
     """Predicted peak resident memory (bytes) of ``reconstruct`` on the CPU."""
     c = COEFFS if coeffs is None else coeffs
@@ -120,12 +135,19 @@ def estimate_peak_bytes(
         + c["per_pixel"] * rendered_pixels
         + c["per_output_voxel"] * output_voxels
         + c["per_stack_voxel"] * stack_voxels
+        + c.get("per_written_voxel", 0.0) * written_voxels
     )
     return float(s * c["margin"])
 
 
 def estimate_for(sizes: RunSizes) -> float:
-    return estimate_peak_bytes(sizes.n_gaussians, sizes.rendered_pixels, sizes.output_voxels, sizes.stack_voxels)
+    return estimate_peak_bytes(
+        sizes.n_gaussians,
+        sizes.rendered_pixels,
+        sizes.output_voxels,
+        sizes.stack_voxels,
+        written_voxels=sizes.written_voxels,
+    )
 
 
 def suggest_resolution(stacks, resolution: float, limit_bytes: float, **kw) -> float | None:

@@ -3,8 +3,18 @@
 
 from __future__ import annotations
 
-__all__ = ["ReconResult", "render_volume", "result"]
+__all__ = [
+    "ReconResult",
+    "render_volume",
+    "oversampling",
+    "written_grid",
+    "margin_voxels",
+    "model_volume",
+    "render_result",
+    "result",
+]
 
+import math
 import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
@@ -22,12 +32,12 @@ from .state import ReconState
 
 @dataclass
 class ReconResult:
-    volume: np.ndarray  # output volume in the inputs' intensity units
+    volume: np.ndarray  # output volume in the inputs' intensity units, on the written grid (written_grid)
     affine: np.ndarray
     field: GaussianField
     nrf: NeuralResidualField | None
     config: ReconConfig
-    region: np.ndarray  # bool mask on the output grid
+    region: np.ndarray  # bool mask on the written grid
     scale: float  # output = model value x scale
     centre: np.ndarray  # centre of the slice poses (mm)
     # per stack: {"stack", "slices" (indices of the fitted slices), "rotvec" [K][3] (rad),
@@ -98,6 +108,35 @@ def render_volume(
     return vol.cpu().numpy().astype(np.float32)
 
 
+# the default oversampling (2) falls back to 1 beyond this many written voxels (128 MB of float32):
+# an adult brain at 1 mm would be written as 40M voxels at 0.5 mm (mni-t4: 160 MB, 15 s to render
+# instead of 3), where a fetal one at its pixel size stays below 6M (the cases of TUNING.md session 19)
+OVERSAMPLED_MAX_VOXELS = 2**25
+
+
+def oversampling(cfg: ReconConfig, shape) -> int:
+    """The written grid's factor: ``cfg.output_oversampling``, or by default 2 unless that grid would
+    pass ``OVERSAMPLED_MAX_VOXELS``."""
+    if cfg.output_oversampling is not None:
+        return int(cfg.output_oversampling)
+    return 2 if math.prod((int(n) - 1) * 2 + 1 for n in shape) <= OVERSAMPLED_MAX_VOXELS else 1
+
+
+def written_grid(shape, affine: np.ndarray, region: np.ndarray, k: int) -> tuple[tuple, np.ndarray, np.ndarray]:
+    """(shape, affine, region) of the grid the volume is written on: ``k`` times finer than the
+    output resolution's grid (``cfg.output_oversampling``), with the same origin and extent, so that
+    its voxel k x i is that grid's voxel i. The region is carried over by linear interpolation > 0.5."""
+    from ..sampling import resample_volume
+
+    if k == 1:
+        return tuple(shape), affine, region
+    fine_shape = tuple((int(n) - 1) * k + 1 for n in shape)
+    fine_affine = np.array(affine, dtype=np.float64)
+    fine_affine[:3, :3] /= k
+    fine_region = resample_volume(region.astype(np.float32), affine, fine_shape, fine_affine) > 0.5
+    return fine_shape, fine_affine, fine_region
+
+
 def _poses_and_weights(state: ReconState) -> tuple[list[dict], list[dict]]:
     """Per stack: the slices' poses in the outputs' convention (about ``state.centre``) and the
     stack's registered pose; the slices' weights, intensity scales and the excluded slices."""
@@ -131,25 +170,57 @@ def _poses_and_weights(state: ReconState) -> tuple[list[dict], list[dict]]:
     return poses, weights
 
 
+def margin_voxels(resolution_mm: float, affine: np.ndarray) -> int:
+    """How many voxels of a grid (``affine``) the volume is rendered beyond the region: two voxels
+    of the output resolution, in mm whatever the grid's voxel (a margin of 2 voxels of a 2 x finer
+    grid cut the brain's edge: H2 26.09 dB against 27.00, benchmarks/TUNING.md session 19)."""
+    voxel = float(np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0).min())
+    return max(1, math.ceil(2 * resolution_mm / voxel - 1e-6))
+
+
+def model_volume(state: ReconState, shape, affine: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The model rendered on a grid, within :func:`margin_voxels` of ``region``, clipped at 0, in
+    the inputs' intensity units."""
+    cfg = state.cfg
+    dilate = margin_voxels(cfg.output_resolution, affine)
+    vol = render_volume(
+        state.fld, state.nrf, shape, affine, region, state.backend, dilate_vox=dilate, cutoff=cfg.cutoff
+    )
+    return np.clip(vol, 0, None) * state.scale
+
+
+def render_result(res: ReconResult, shape, affine: np.ndarray) -> np.ndarray:
+    """A fitted result's model rendered on any grid (a template's, through its registration), in the
+    volume's units, as the written volume: over the result's region carried onto the grid (linear
+    interpolation > 0.5) and within :func:`margin_voxels` of it."""
+    from ..sampling import resample_volume
+
+    region = resample_volume(res.region.astype(np.float32), res.affine, shape, affine) > 0.5
+    dilate = margin_voxels(res.config.output_resolution, affine)
+    vol = render_volume(
+        res.field, res.nrf, shape, affine, region, res.backend, dilate_vox=dilate, cutoff=res.config.cutoff
+    )
+    return np.clip(vol, 0, None) * res.scale
+
+
 def result(state: ReconState) -> ReconResult:
-    """Render the volume over the region where the slices now put the anatomy, in the inputs'
-    intensity units, and gather what the outputs report."""
+    """Render the volume over the region where the slices now put the anatomy, on the written grid
+    (``written_grid``), in the inputs' intensity units, and gather what the outputs report."""
     t0 = time.time()
     state.region = current_region(state)
-    vol = render_volume(
-        state.fld, state.nrf, state.shape, state.aff, state.region, backend=state.backend, cutoff=state.cfg.cutoff
-    )
-    vol = np.clip(vol, 0, None) * state.scale
+    k = oversampling(state.cfg, state.shape)
+    shape, affine, region = written_grid(state.shape, state.aff, state.region, k)
+    vol = model_volume(state, shape, affine, region)
     state.timings["render_volume_s"] = time.time() - t0
     state.timings["total_s"] = state.elapsed()
     poses, weights = _poses_and_weights(state)
     return ReconResult(
         vol,
-        state.aff,
+        affine,
         state.fld,
         state.nrf,
         state.cfg,
-        state.region,
+        region,
         state.scale,
         state.centre.cpu().numpy(),
         poses,

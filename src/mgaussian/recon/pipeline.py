@@ -83,18 +83,17 @@ def _correct_bias(state: ReconState) -> None:
     state.add_time("stack_bias_s", t0)
 
 
-def _remove_shared_field(state: ReconState, res):
-    """The field the stacks share divided out of the model where they showed fields (recon/bias.py);
-    the volume rendered again from it."""
+def _remove_shared_field(state: ReconState) -> None:
+    """The field the stacks share divided out of the model where they showed fields (recon/bias.py),
+    before the volume is rendered from it."""
     from .bias import remove_shared_field
 
     t0 = time.time()
-    rng = remove_shared_field(state, res.volume)
+    rng = remove_shared_field(state)
     if rng is None:
-        return res
+        return
     state.log(f"  the field the stacks share (N4 on the volume): {rng[0]:.3f}-{rng[1]:.3f}, divided out")
     state.add_time("shared_field_s", t0)
-    return result(state)
 
 
 def _start_level(
@@ -185,12 +184,12 @@ def reconstruct(
         checkpointer.save(state.snapshot(len(schedule), 0, done=True))
         state.timings["checkpoint_s"], state.timings["checkpoints_saved"] = checkpointer.save_s, checkpointer.n_saved
     state.timings["train_s"] = time.time() - t_train
+    _remove_shared_field(state)
     res = result(state)
-    res = _remove_shared_field(state, res)
     if state.cfg.confidence:
         from .confidence import confidence_map
 
-        conf = confidence_map(state, volume=res.volume)
+        conf = confidence_map(state, volume=res.volume, grid=(res.volume.shape, res.affine, res.region))
         res.confidence, res.confidence_sd = conf.confidence, conf.sd
         res.confidence_info = {"sd_ref": conf.sd_ref, **conf.info}
         state.log(

@@ -303,11 +303,11 @@ def test_volume_is_written_oversampled_on_a_grid_nested_in_the_resolution(case):
 def test_default_oversampling_falls_back_to_one_for_a_huge_written_grid():
     from mgaussian.recon.output import OVERSAMPLED_MAX_VOXELS, oversampling
 
-    cfg = config_from_dict({})
-    assert cfg.output_oversampling is None
-    assert oversampling(cfg, (120, 140, 110)) == 2  # a fetal brain: 8.8M voxels written
-    assert oversampling(cfg, (156, 193, 166)) == 1  # mni-t4 at 1 mm: 40M at 0.5 mm
+    default = config_from_dict({}).output_oversampling
+    assert default is None
+    assert oversampling(default, (120, 140, 110)) == 2  # a fetal brain: 8.8M voxels written
+    assert oversampling(default, (156, 193, 166)) == 1  # mni-t4 at 1 mm: 40M at 0.5 mm
     assert (2 * 156 - 1) * (2 * 193 - 1) * (2 * 166 - 1) > OVERSAMPLED_MAX_VOXELS
-    assert oversampling(config_from_dict({"output_oversampling": 3}), (156, 193, 166)) == 3
+    assert oversampling(config_from_dict({"output_oversampling": 3}).output_oversampling, (156, 193, 166)) == 3
     with pytest.raises(Exception, match="output_oversampling"):
         config_from_dict({"output_oversampling": 0})

@@ -812,18 +812,17 @@ def _check_reconstruct_inputs(a, cfg, stacks):
     output_grid(stacks, res)  # refuses an absurd grid
     factors = cfg.spacing_factors if cfg.growth else cfg.spacing_factors[-1:]
     check_memory(
-        stacks, res, a.max_memory, spacing_factors=factors, dilate_mm=cfg.dilate_mm, batch_slices=cfg.batch_slices
+        stacks,
+        res,
+        a.max_memory,
+        spacing_factors=factors,
+        dilate_mm=cfg.dilate_mm,
+        batch_slices=cfg.batch_slices,
+        output_oversampling=cfg.output_oversampling,
     )
     # the intensity fits' explicit maps stand in for the renderer's autograd plans, which the
     # estimate counts (mni-t4-motion at 1 mm: 5.2 GB measured with 3.1 GB of maps, 7.8 GB estimated)
     return cfg.resolved(design_memory_gb=min(cfg.design_memory_gb, 0.5 * a.max_memory))
-
-
-def _voxel_mm(affine) -> float:
-    """The (isotropic) voxel size of a grid, mm, to 4 decimals."""
-    import numpy as np
-
-    return round(float(np.linalg.norm(np.asarray(affine)[:3, 0])), 4)
 
 
 def _reconstruct_checkpoint(a, cfg, stacks, inputs):
@@ -1049,6 +1048,7 @@ def cmd_reconstruct(a) -> int:
     import time
 
     from .errors import warn
+    from .geometry import voxel_sizes
     from .io import atomic_write_text, check_output_path, load_stacks, validate_stacks
     from .recon.config import ReconConfig, config_from_dict, load_config_file
 
@@ -1153,7 +1153,8 @@ def cmd_reconstruct(a) -> int:
         save_model(a.output_model, res, inputs=inputs)
     done = (
         f"wrote {a.output_volume} ({res.volume.shape[0]}x{res.volume.shape[1]}x{res.volume.shape[2]} at "
-        f"{_voxel_mm(res.affine):g} mm: the model at {res.config.output_resolution:g} mm) in {time.time() - t0:.1f} s"
+        f"{round(float(voxel_sizes(res.affine)[0]), 4):g} mm: the model at {res.config.output_resolution:g} mm) "
+        f"in {time.time() - t0:.1f} s"
     )
     if template_info is not None:
         sh = "x".join(str(n) for n in template_info["template"]["shape"])
@@ -1187,10 +1188,10 @@ def cmd_sample_volume(a) -> int:
 
     import numpy as np
 
+    from .geometry import voxel_sizes
     from .io import check_output_path, save_nifti
     from .recon.model_io import load_model
-    from .recon.output import margin_voxels, render_volume
-    from .sampling import resample_volume
+    from .recon.output import region_on_grid, render_model
 
     check_output_path(a.output_volume, [a.input_model])
     _check_log_path(a, [a.input_model], [a.output_volume])
@@ -1214,25 +1215,14 @@ def cmd_sample_volume(a) -> int:
             raise InputError("--output-resolution", f"{r} mm gives an absurd grid {new_shape}")
         new_aff = aff.copy()
         new_aff[:3, :3] = aff[:3, :3] / old * r
-        region = resample_volume(region.astype(np.float32), aff, new_shape, new_aff) > 0.5
+        region = region_on_grid(region, aff, new_shape, new_aff)
         aff, shape = new_aff, new_shape
     runlog = _RunLog(a.log)
     runlog.header()
     t0 = time.time()
-    # within 2 voxels of the model's resolution of the region, as reconstruct writes it
-    model_res = float(info["config"].get("output_resolution") or np.linalg.norm(aff[:3, 0]))
-    dilate = margin_voxels(model_res, aff)
-    vol = render_volume(
-        fld,
-        nrf,
-        shape,
-        aff,
-        region,
-        backend=a.backend,
-        cutoff=float(info["config"].get("cutoff", 3.0)),
-        dilate_vox=dilate,
-    )
-    vol = np.clip(vol, 0, None) * info["scale"]
+    model_res = float(info["config"].get("output_resolution") or voxel_sizes(aff)[0])
+    cutoff = float(info["config"].get("cutoff", 3.0))
+    vol = render_model(fld, nrf, shape, aff, region, model_res, info["scale"], a.backend, cutoff)
     save_nifti(vol, aff, a.output_volume, inputs=[a.input_model])
     runlog.line("timings_s: " + json.dumps({"render_volume_s": time.time() - t0}))
     runlog.line("outputs: " + json.dumps([os.path.abspath(a.output_volume)]))

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
+from .geometry import voxel_sizes
 
 _DPI = 80
 
@@ -619,7 +620,7 @@ def write_report(out_dir, result, stacks, volume_path, sim_stacks=None, extra=No
     sec = [
         f"<h2>Reconstruction</h2><p>Volume <code>{e(os.path.abspath(str(volume_path)))}</code>: "
         f"{' x '.join(str(s) for s in result.volume.shape)} voxels at "
-        f"{_fmt(float(np.linalg.norm(np.asarray(result.affine)[:3, 0])))} mm (the model's resolution "
+        f"{_fmt(float(voxel_sizes(result.affine)[0]))} mm (the model's resolution "
         f"{_fmt(cfg.get('output_resolution'))} mm), "
         f"{result.field.num_gaussians} Gaussians, neural residual field {'on' if result.nrf is not None else 'off'}.</p>",
         '<img src="orthogonal.png" alt="orthogonal views of the reconstruction">',

@@ -84,6 +84,7 @@ def run_sizes(
     dilate_mm: float | None = None,
     batch_slices: int = 64,
     output_shape=None,
+    output_oversampling: int | None = None,
 ) -> RunSizes:
     """The counts the estimate needs, computed cheaply from the loaded stacks.
 
@@ -99,13 +100,16 @@ def run_sizes(
     if output_shape is None:
         # the masked anatomy's box plus margins, roughly: a cube of the anatomy's extent + 2 x 6 mm
         side = 2.0 * r * 1.25 + 12.0
-        output_voxels = int((side / resolution) ** 3)
+        axes = (side / resolution,) * 3
+        output_voxels = int(axes[0] ** 3)
     else:
+        axes = tuple(output_shape)
         output_voxels = int(np.prod(output_shape))
-    # the default output_oversampling: 2 x finer unless that passes OVERSAMPLED_MAX_VOXELS (about 8 x)
-    from .output import OVERSAMPLED_MAX_VOXELS
+    # the grid the volume is written on (recon/output.py)
+    from .output import oversampling
 
-    written = 8 * output_voxels if 8 * output_voxels <= OVERSAMPLED_MAX_VOXELS else output_voxels
+    k = oversampling(output_oversampling, axes)
+    written = int(math.prod((float(n) - 1) * k + 1 for n in axes))
     return RunSizes(
         n_gaussians=n_g,
         finest_spacing_mm=sp,
@@ -163,10 +167,21 @@ def suggest_resolution(stacks, resolution: float, limit_bytes: float, **kw) -> f
 
 
 def check_memory(
-    stacks, resolution: float, max_gb: float, spacing_factors=(2.0, 1.0), dilate_mm=None, batch_slices: int = 64
+    stacks,
+    resolution: float,
+    max_gb: float,
+    spacing_factors=(2.0, 1.0),
+    dilate_mm=None,
+    batch_slices: int = 64,
+    output_oversampling: int | None = None,
 ) -> tuple[float, RunSizes]:
     """Refuse (InputError on ``--max-memory``) a run whose estimated peak exceeds ``max_gb``."""
-    kw = dict(spacing_factors=spacing_factors, dilate_mm=dilate_mm, batch_slices=batch_slices)
+    kw = dict(
+        spacing_factors=spacing_factors,
+        dilate_mm=dilate_mm,
+        batch_slices=batch_slices,
+        output_oversampling=output_oversampling,
+    )
     sizes = run_sizes(stacks, resolution, **kw)
     est = estimate_for(sizes)
     limit = float(max_gb) * GB

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..field import GaussianField
+from ..geometry import voxel_sizes
 from .config import ReconConfig
 from .frame import current_region
 from .motion.poses import matrix_to_rotvec, to_centre_convention
@@ -114,27 +115,32 @@ def render_volume(
 OVERSAMPLED_MAX_VOXELS = 2**25
 
 
-def oversampling(cfg: ReconConfig, shape) -> int:
-    """The written grid's factor: ``cfg.output_oversampling``, or by default 2 unless that grid would
-    pass ``OVERSAMPLED_MAX_VOXELS``."""
-    if cfg.output_oversampling is not None:
-        return int(cfg.output_oversampling)
+def oversampling(requested: int | None, shape) -> int:
+    """The written grid's factor for an output grid of ``shape``: ``requested``
+    (``cfg.output_oversampling``), or by default 2 unless that grid would pass
+    ``OVERSAMPLED_MAX_VOXELS``."""
+    if requested is not None:
+        return int(requested)
     return 2 if math.prod((int(n) - 1) * 2 + 1 for n in shape) <= OVERSAMPLED_MAX_VOXELS else 1
 
 
 def written_grid(shape, affine: np.ndarray, region: np.ndarray, k: int) -> tuple[tuple, np.ndarray, np.ndarray]:
     """(shape, affine, region) of the grid the volume is written on: ``k`` times finer than the
     output resolution's grid (``cfg.output_oversampling``), with the same origin and extent, so that
-    its voxel k x i is that grid's voxel i. The region is carried over by linear interpolation > 0.5."""
-    from ..sampling import resample_volume
-
+    its voxel k x i is that grid's voxel i. The region is carried over (:func:`region_on_grid`)."""
     if k == 1:
         return tuple(shape), affine, region
     fine_shape = tuple((int(n) - 1) * k + 1 for n in shape)
     fine_affine = np.array(affine, dtype=np.float64)
     fine_affine[:3, :3] /= k
-    fine_region = resample_volume(region.astype(np.float32), affine, fine_shape, fine_affine) > 0.5
-    return fine_shape, fine_affine, fine_region
+    return fine_shape, fine_affine, region_on_grid(region, affine, fine_shape, fine_affine)
+
+
+def region_on_grid(region: np.ndarray, affine: np.ndarray, shape, target_affine: np.ndarray) -> np.ndarray:
+    """A region (bool, on the grid ``affine``) carried onto another grid: linear interpolation > 0.5."""
+    from ..sampling import resample_volume
+
+    return resample_volume(region.astype(np.float32), affine, shape, target_affine) > 0.5
 
 
 def _poses_and_weights(state: ReconState) -> tuple[list[dict], list[dict]]:
@@ -174,33 +180,33 @@ def margin_voxels(resolution_mm: float, affine: np.ndarray) -> int:
     """How many voxels of a grid (``affine``) the volume is rendered beyond the region: two voxels
     of the output resolution, in mm whatever the grid's voxel (a margin of 2 voxels of a 2 x finer
     grid cut the brain's edge: H2 26.09 dB against 27.00, benchmarks/TUNING.md session 19)."""
-    voxel = float(np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0).min())
-    return max(1, math.ceil(2 * resolution_mm / voxel - 1e-6))
+    return max(1, math.ceil(2 * resolution_mm / float(voxel_sizes(affine).min()) - 1e-6))
+
+
+def render_model(fld, nrf, shape, affine, region, resolution_mm: float, scale: float, backend: str, cutoff: float):
+    """A fitted model rendered as the volume is written: within :func:`margin_voxels` of
+    ``region``, clipped at 0, times ``scale`` (the inputs' intensity units)."""
+    dilate = margin_voxels(resolution_mm, affine)
+    vol = render_volume(fld, nrf, shape, affine, region, backend, dilate_vox=dilate, cutoff=cutoff)
+    return np.clip(vol, 0, None) * scale
 
 
 def model_volume(state: ReconState, shape, affine: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """The model rendered on a grid, within :func:`margin_voxels` of ``region``, clipped at 0, in
-    the inputs' intensity units."""
+    """The state's model rendered on a grid as the volume is written (:func:`render_model`)."""
     cfg = state.cfg
-    dilate = margin_voxels(cfg.output_resolution, affine)
-    vol = render_volume(
-        state.fld, state.nrf, shape, affine, region, state.backend, dilate_vox=dilate, cutoff=cfg.cutoff
+    return render_model(
+        state.fld, state.nrf, shape, affine, region, cfg.output_resolution, state.scale, state.backend, cfg.cutoff
     )
-    return np.clip(vol, 0, None) * state.scale
 
 
 def render_result(res: ReconResult, shape, affine: np.ndarray) -> np.ndarray:
-    """A fitted result's model rendered on any grid (a template's, through its registration), in the
-    volume's units, as the written volume: over the result's region carried onto the grid (linear
-    interpolation > 0.5) and within :func:`margin_voxels` of it."""
-    from ..sampling import resample_volume
-
-    region = resample_volume(res.region.astype(np.float32), res.affine, shape, affine) > 0.5
-    dilate = margin_voxels(res.config.output_resolution, affine)
-    vol = render_volume(
-        res.field, res.nrf, shape, affine, region, res.backend, dilate_vox=dilate, cutoff=res.config.cutoff
+    """A fitted result's model rendered on any grid (a template's, through its registration) as the
+    written volume (:func:`render_model`), over the result's region carried onto the grid."""
+    region = region_on_grid(res.region, res.affine, shape, affine)
+    cfg = res.config
+    return render_model(
+        res.field, res.nrf, shape, affine, region, cfg.output_resolution, res.scale, res.backend, cfg.cutoff
     )
-    return np.clip(vol, 0, None) * res.scale
 
 
 def result(state: ReconState) -> ReconResult:
@@ -208,7 +214,7 @@ def result(state: ReconState) -> ReconResult:
     (``written_grid``), in the inputs' intensity units, and gather what the outputs report."""
     t0 = time.time()
     state.region = current_region(state)
-    k = oversampling(state.cfg, state.shape)
+    k = oversampling(state.cfg.output_oversampling, state.shape)
     shape, affine, region = written_grid(state.shape, state.aff, state.region, k)
     vol = model_volume(state, shape, affine, region)
     state.timings["render_volume_s"] = time.time() - t0

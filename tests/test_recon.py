@@ -215,6 +215,30 @@ def test_config_values_are_checked():
             config_from_dict(bad)
 
 
+def test_adam_updates_only_the_parameters_it_is_given(case):
+    """By default Adam moves the Gaussians' centres and holds the rest at the warm start's values
+    bit for bit; ``adam_parameters`` chooses the groups, and a name it does not know is an error."""
+    from mgaussian.errors import InputError
+
+    st = load_stacks(case["stacks"], case["masks"], [3.6])
+
+    def fit(**kw):
+        cfg = config_from_dict({**FAST, "motion": False, **kw})
+        return reconstruct(st, cfg, progress=False, log=lambda s: None).field
+
+    warm = fit(iterations=[0, 0])
+    centres = fit(iterations=[0, 3])
+    every = fit(iterations=[0, 3], adam_parameters=["means", "intensities", "log_scales", "quats"])
+    for name in ("intensities", "log_scales", "quats"):
+        assert torch.equal(getattr(centres, name), getattr(warm, name)), name
+    assert (centres.means - warm.means).abs().max() > 1e-4
+    assert (every.intensities - warm.intensities).abs().max() > 1e-4
+    assert (every.log_scales - warm.log_scales).abs().max() > 1e-5
+    for bad in ([], ["centres"], ["means", "colour"]):
+        with pytest.raises(InputError, match="adam_parameters"):
+            config_from_dict({"adam_parameters": bad})
+
+
 def test_output_volume_uses_the_training_cutoff(case):
     from mgaussian.recon.output import render_volume
 

@@ -88,6 +88,13 @@ class ReconConfig:
     # scales 5e-3, quats 1e-3, NRF 1e-4. After the least-squares warm start the seed's rates
     # undo it (sb25-t3.2: 36.9 dB -> 30.5 dB); 10-25x lower rates refine it (-> 37.1 dB);
     # see benchmarks/RECONSTRUCT.md.
+    # the Gaussians' parameters Adam updates (of "means", "intensities", "log_scales", "quats").
+    # After the least-squares warm start the intensities are at the data term's optimum for the
+    # Gaussians' shapes; the centres are what it cannot fit. 20 iterations from one warm start
+    # (benchmarks/SPEED.md session 20): mni-t4 all four 34.485 dB, centres only 34.502, intensities
+    # only 34.404, scales and rotations only 34.368 (warm start 34.359); sb25-t3.2 all 38.704,
+    # centres only 38.697. Noisy data have no Adam iterations (adam_max_noise).
+    adam_parameters: tuple[str, ...] = ("means",)
     lr_means: float = 1e-4
     lr_intensities: float = 2e-3
     lr_scales: float = 5e-4
@@ -335,6 +342,9 @@ class ReconConfig:
             bad("iterations", "must be >= 0")
         if self.batch_slices < 1:
             bad("batch_slices", "must be >= 1")
+        known = ("means", "intensities", "log_scales", "quats")
+        if not self.adam_parameters or any(k not in known for k in self.adam_parameters):
+            bad("adam_parameters", f"must be a non-empty list of {', '.join(known)}, got {list(self.adam_parameters)}")
         for k in ("lr_means", "lr_intensities", "lr_scales", "lr_quats", "lr_nrf"):
             if not (getattr(self, k) >= 0):
                 bad(k, "must be >= 0")

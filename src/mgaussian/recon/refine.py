@@ -1,7 +1,8 @@
-"""The refinement of a level after its warm start: Adam on every Gaussian parameter (centres,
-scales, rotations, intensities) with the seed's loss (smooth L1 + SSIM + anisotropy) over random
-batches of slices, the lattice prior, and from halfway through the last level the neural residual
-field. Skipped on noisy data, where it refits the noise."""
+"""The refinement of a level after its warm start: Adam with the seed's loss (smooth L1 + SSIM)
+over random batches of slices on the Gaussians' centres (``cfg.adam_parameters``: also their
+intensities, under the lattice prior, and their scales and rotations, under the anisotropy
+penalty), and from halfway through the last level the neural residual field. Skipped on noisy
+data, where it refits the noise."""
 
 from __future__ import annotations
 
@@ -19,14 +20,21 @@ from .state import Level, ReconState, noisy_slices
 
 
 def _param_groups(state: ReconState) -> list[dict]:
-    """Adam's parameter groups: the Gaussians' and, with ``joint_pose_lr``, the slice poses."""
+    """Adam's parameter groups: the Gaussians' parameters in ``cfg.adam_parameters`` (the others
+    are held: no gradient) and, with ``joint_pose_lr``, the slice poses."""
     cfg, params = state.cfg, state.params
-    groups = [
-        {"params": [params["means"]], "lr": cfg.lr_means * state.half_extent, "name": "means"},
-        {"params": [params["intensities"]], "lr": cfg.lr_intensities, "name": "intensities"},
-        {"params": [params["log_scales"]], "lr": cfg.lr_scales, "name": "log_scales"},
-        {"params": [params["quats"]], "lr": cfg.lr_quats, "name": "quats"},
-    ]
+    rates = {
+        "means": cfg.lr_means * state.half_extent,
+        "intensities": cfg.lr_intensities,
+        "log_scales": cfg.lr_scales,
+        "quats": cfg.lr_quats,
+    }
+    groups = []
+    for name, lr in rates.items():
+        held = name not in cfg.adam_parameters
+        params[name].requires_grad_(not held)
+        if not held:
+            groups.append({"params": [params[name]], "lr": lr, "name": name})
     if state.motion and cfg.joint_pose_lr > 0:
         for r, t in zip(state.rots, state.trans):
             r.requires_grad_(True)
@@ -108,10 +116,11 @@ def _adam_iteration(
         state.nrf_opt.zero_grad(set_to_none=True)
     loss, l1_sum, ssim_sum, npx = _batch_backward(state, batch)
     penalty = None
-    if level.pairs is not None:  # the warm start's prior, per pixel like the data term
+    # the warm start's prior, per pixel like the data term (on intensities Adam updates)
+    if level.pairs is not None and params["intensities"].requires_grad:
         dc = params["intensities"][level.pairs[:, 0]] - params["intensities"][level.pairs[:, 1]]
         penalty = 0.5 * level.smooth * (dc * dc).sum() / max(state.n_pix, 1)
-    if cfg.use_anisotropy and cfg.anisotropy_weight > 0:
+    if cfg.use_anisotropy and cfg.anisotropy_weight > 0 and params["log_scales"].requires_grad:
         aniso = cfg.anisotropy_weight * anisotropy_penalty(params["log_scales"], cfg.anisotropy_max_ratio)
         penalty = aniso if penalty is None else penalty + aniso
     if penalty is not None:
@@ -157,7 +166,7 @@ def refine(state: ReconState, level: Level, resume_state: dict | None, checkpoin
         level.iterations = 0
     # Adam only for a level that iterates (creating it costs ~0.5 s the first time: PyTorch's imports)
     groups = _param_groups(state) if level.iterations > 0 else []
-    pose_groups = len(groups) > 4
+    pose_groups = any(g["name"].startswith("pose_") for g in groups)
     state.opt = opt = torch.optim.Adam(groups, eps=1e-15) if groups else None
     base_lr = [g["lr"] for g in groups]
     if resume_state is not None and resume_state["opt"] is not None and opt is not None:  # [checkpoint]
@@ -175,6 +184,8 @@ def refine(state: ReconState, level: Level, resume_state: dict | None, checkpoin
     for r, t in zip(state.rots, state.trans):
         r.requires_grad_(False)
         t.requires_grad_(False)
+    for v in state.params.values():  # the held parameters as the level left them
+        v.requires_grad_(True)
     if pose_groups:
         hold_frame(state)
         record_poses(state)

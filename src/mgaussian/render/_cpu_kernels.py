@@ -657,6 +657,85 @@ def raster_backward(
     return g_mu, g_sig, g_w, g_slices
 
 
+@njit(**_JIT)
+def _pair_first_moments(gimg, a0, a1, s, mu_, mv_, k00, k01, k11, thr, du, dv, idv, width, spans, has_spans):
+    """:func:`_pair_moments` up to the first moments (S0, Sx, Sy): all the centres' gradient needs.
+    The same walk and the same sums, in the same order."""
+    r2 = math.exp(-k11 * dv * dv)
+    kd, ik11 = _ellipse(k00, k01, k11)
+    S0 = 0.0
+    Sx = 0.0
+    Sy = 0.0
+    for a in range(a0, a1 + 1):
+        b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k01, k11, kd, ik11, thr, du, idv, width, spans, has_spans)
+        if b_hi <= b_lo:
+            continue
+        e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
+        R0 = 0.0
+        R1 = 0.0
+        grow = gimg[a]
+        for b in range(b_lo, b_hi):
+            ge = grow[b] * e
+            R0 += ge
+            R1 += ge * y
+            e *= r
+            r *= r2
+            y += dv
+        S0 += R0
+        Sx += x * R0
+        Sy += R1
+    return S0, Sx, Sy
+
+
+@njit(parallel=True, **_JIT)
+def raster_backward_means(
+    grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, org, ax, psf2, du, dv, spans, has_spans, nchunk
+):
+    """:func:`raster_backward`'s gradient of the centres alone (the shapes, weights and slice frames
+    held): the pixels' first moments and the chain rule through the slice-frame offset d = A (mu - o)
+    and the amplitude's through-plane factor. The same sums in the same order as that kernel's
+    centres, so the same bits."""
+    n = order.shape[0]
+    width = grad.shape[2]
+    g_mu = np.zeros((n, 3))
+    idv = 1.0 / dv
+    per = (n + nchunk - 1) // nchunk
+    for ch in prange(nchunk):
+        for t in range(ch * per, min((ch + 1) * per, n)):
+            i = order[t]
+            gm0 = 0.0
+            gm1 = 0.0
+            gm2 = 0.0
+            for p in range(goff[t], goff[t] + gcnt[t]):
+                s = p_sl[p]
+                mv_ = p_dat[p, 1]
+                k00 = p_dat[p, 2]
+                k01 = p_dat[p, 3]
+                k11 = p_dat[p, 4]
+                alpha = p_dat[p, 5]
+                S0, Sx, Sy = _pair_first_moments(
+                    grad[s], p_rows[p, 0], p_rows[p, 1], s, p_dat[p, 0], mv_, k00, k01, k11, p_dat[p, 6], du, dv, idv,
+                    width, spans, has_spans,
+                )  # fmt: skip
+                if S0 == 0.0 and Sx == 0.0 and Sy == 0.0:
+                    continue
+                gmu_ = alpha * (k00 * Sx + k01 * Sy)
+                gmv_ = alpha * (k01 * Sx + k11 * Sy)
+                d0, d1, d2, c00, c01, c02, c11, c12, c22 = _project(mu, sig, i, org, ax, psf2, s)
+                ia = c02 / c22
+                ib = c12 / c22
+                gl = S0 * alpha
+                gd2 = -gl * d2 / c22
+                gd2 += -(gmu_ * ia + gmv_ * ib)
+                gm0 += ax[s, 0, 0] * gmu_ + ax[s, 1, 0] * gmv_ + ax[s, 2, 0] * gd2
+                gm1 += ax[s, 0, 1] * gmu_ + ax[s, 1, 1] * gmv_ + ax[s, 2, 1] * gd2
+                gm2 += ax[s, 0, 2] * gmu_ + ax[s, 1, 2] * gmv_ + ax[s, 2, 2] * gd2
+            g_mu[i, 0] = gm0
+            g_mu[i, 1] = gm1
+            g_mu[i, 2] = gm2
+    return g_mu
+
+
 @njit(parallel=True, **_JIT)
 def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, has_spans):
     """Number of (pixel, Gaussian) terms evaluated by raster_forward (for benchmarks)."""

@@ -187,6 +187,15 @@ class _RenderSlicesCPU(torch.autograd.Function):
         plan, a_mu, a_ls, a_q, a_c, a_sig, a_w, a_org, a_ax, psf2, du, dv, sp, has = ctx.saved
         g = _np64(grad)
         nchunk = max(1, min(a_mu.shape[0], _RASTER_CHUNKS))
+        d = ctx.dtypes
+        if not any(ctx.needs_input_grad[1:6]):  # the centres alone (the Adam iterations' default)
+            if not ctx.needs_input_grad[0]:
+                return (None,) * 12
+            g_mu = K.raster_backward_means(
+                g, plan.order, plan.goff, plan.gcnt, plan.p_sl, plan.p_dat, plan.p_rows, a_mu, a_sig, a_org, a_ax,
+                psf2, du, dv, sp, has, nchunk,
+            )  # fmt: skip
+            return (_to_torch(g_mu, d[0]).to(ctx.devices[0]),) + (None,) * 11
         g_mu, g_sig, g_w, g_sl = K.raster_backward(
             g,
             plan.order,
@@ -208,7 +217,6 @@ class _RenderSlicesCPU(torch.autograd.Function):
             nchunk,
         )
         g_ls, g_q, g_c = K.gauss_prep_backward(a_ls, a_q, a_c, g_sig, g_w)
-        d = ctx.dtypes
         grads = (g_mu, g_ls, g_q, g_c, g_sl[:, 0:3], g_sl[:, 3:12].reshape(-1, 3, 3))
         out = tuple(_to_torch(g_, dt).to(dev) for g_, dt, dev in zip(grads, d, ctx.devices))
         return out + (None, None, None, None, None, None)

@@ -37,7 +37,7 @@ from scipy import ndimage
 from ..field import GaussianField
 from .intensity import _designs, lattice_pairs
 from .levels import edge_prior_active, edge_weights, smoothness_weight
-from .output import margin_voxels, render_volume
+from .output import render_volume, rendered_voxels
 from .slices import predict_all
 from .state import ReconState
 
@@ -174,8 +174,8 @@ def confidence_map(
         fld.grid_index,
         fld.grid_shape,
     )
-    # over the voxels the volume is rendered on (output.model_volume)
-    rendered = ndimage.binary_dilation(region, iterations=margin_voxels(cfg.output_resolution, aff))
+    # over the voxels the volume is rendered on (output.render_model)
+    rendered = rendered_voxels(region, cfg.output_resolution, aff)
     num = render_volume(sd_fld, None, shape, aff, rendered, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
     den = render_volume(one_fld, None, shape, aff, rendered, backend=state.backend, cutoff=cfg.cutoff, dilate_vox=0)
     inside = rendered & (den > 1e-3 * max(float(den.max()), 1e-12))

@@ -106,10 +106,10 @@ def run_sizes(
         axes = tuple(output_shape)
         output_voxels = int(np.prod(output_shape))
     # the grid the volume is written on (recon/output.py)
-    from .output import oversampling
+    from .output import oversampling, written_shape
 
     k = oversampling(output_oversampling, axes)
-    written = int(math.prod((float(n) - 1) * k + 1 for n in axes))
+    written = int(math.prod(written_shape([float(n) for n in axes], k)))
     return RunSizes(
         n_gaussians=n_g,
         finest_spacing_mm=sp,

@@ -9,6 +9,8 @@ __all__ = [
     "oversampling",
     "written_grid",
     "margin_voxels",
+    "rendered_voxels",
+    "written_shape",
     "model_volume",
     "render_result",
     "result",
@@ -115,13 +117,19 @@ def render_volume(
 OVERSAMPLED_MAX_VOXELS = 2**25
 
 
+def written_shape(shape, k: int) -> tuple:
+    """The shape of a grid ``k`` times finer than ``shape`` with the same extent (voxel k x i of it
+    is voxel i of ``shape``'s)."""
+    return tuple((n - 1) * k + 1 for n in shape)
+
+
 def oversampling(requested: int | None, shape) -> int:
     """The written grid's factor for an output grid of ``shape``: ``requested``
     (``cfg.output_oversampling``), or by default 2 unless that grid would pass
     ``OVERSAMPLED_MAX_VOXELS``."""
     if requested is not None:
         return int(requested)
-    return 2 if math.prod((int(n) - 1) * 2 + 1 for n in shape) <= OVERSAMPLED_MAX_VOXELS else 1
+    return 2 if math.prod(written_shape([int(n) for n in shape], 2)) <= OVERSAMPLED_MAX_VOXELS else 1
 
 
 def written_grid(shape, affine: np.ndarray, region: np.ndarray, k: int) -> tuple[tuple, np.ndarray, np.ndarray]:
@@ -130,7 +138,7 @@ def written_grid(shape, affine: np.ndarray, region: np.ndarray, k: int) -> tuple
     its voxel k x i is that grid's voxel i. The region is carried over (:func:`region_on_grid`)."""
     if k == 1:
         return tuple(shape), affine, region
-    fine_shape = tuple((int(n) - 1) * k + 1 for n in shape)
+    fine_shape = written_shape([int(n) for n in shape], k)
     fine_affine = np.array(affine, dtype=np.float64)
     fine_affine[:3, :3] /= k
     return fine_shape, fine_affine, region_on_grid(region, affine, fine_shape, fine_affine)
@@ -183,11 +191,18 @@ def margin_voxels(resolution_mm: float, affine: np.ndarray) -> int:
     return max(1, math.ceil(2 * resolution_mm / float(voxel_sizes(affine).min()) - 1e-6))
 
 
+def rendered_voxels(region: np.ndarray, resolution_mm: float, affine: np.ndarray) -> np.ndarray:
+    """The voxels a volume is rendered on: ``region`` grown by :func:`margin_voxels`."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(region, iterations=margin_voxels(resolution_mm, affine))
+
+
 def render_model(fld, nrf, shape, affine, region, resolution_mm: float, scale: float, backend: str, cutoff: float):
-    """A fitted model rendered as the volume is written: within :func:`margin_voxels` of
-    ``region``, clipped at 0, times ``scale`` (the inputs' intensity units)."""
-    dilate = margin_voxels(resolution_mm, affine)
-    vol = render_volume(fld, nrf, shape, affine, region, backend, dilate_vox=dilate, cutoff=cutoff)
+    """A fitted model rendered as the volume is written: on :func:`rendered_voxels` of ``region``,
+    clipped at 0, times ``scale`` (the inputs' intensity units)."""
+    voxels = rendered_voxels(region, resolution_mm, affine)
+    vol = render_volume(fld, nrf, shape, affine, voxels, backend, dilate_vox=0, cutoff=cutoff)
     return np.clip(vol, 0, None) * scale
 
 

@@ -657,44 +657,14 @@ def raster_backward(
     return g_mu, g_sig, g_w, g_slices
 
 
-@njit(**_JIT)
-def _pair_first_moments(gimg, a0, a1, s, mu_, mv_, k00, k01, k11, thr, du, dv, idv, width, spans, has_spans):
-    """:func:`_pair_moments` up to the first moments (S0, Sx, Sy): all the centres' gradient needs.
-    The same walk and the same sums, in the same order."""
-    r2 = math.exp(-k11 * dv * dv)
-    kd, ik11 = _ellipse(k00, k01, k11)
-    S0 = 0.0
-    Sx = 0.0
-    Sy = 0.0
-    for a in range(a0, a1 + 1):
-        b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k01, k11, kd, ik11, thr, du, idv, width, spans, has_spans)
-        if b_hi <= b_lo:
-            continue
-        e, r, y = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
-        R0 = 0.0
-        R1 = 0.0
-        grow = gimg[a]
-        for b in range(b_lo, b_hi):
-            ge = grow[b] * e
-            R0 += ge
-            R1 += ge * y
-            e *= r
-            r *= r2
-            y += dv
-        S0 += R0
-        Sx += x * R0
-        Sy += R1
-    return S0, Sx, Sy
-
-
 @njit(parallel=True, **_JIT)
 def raster_backward_means(
     grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, org, ax, psf2, du, dv, spans, has_spans, nchunk
 ):
     """:func:`raster_backward`'s gradient of the centres alone (the shapes, weights and slice frames
     held): the pixels' first moments and the chain rule through the slice-frame offset d = A (mu - o)
-    and the amplitude's through-plane factor. The same sums in the same order as that kernel's
-    centres, so the same bits."""
+    and the amplitude's through-plane factor, without the covariances' chain rule. The same sums in
+    the same order as that kernel's centres, so the same bits."""
     n = order.shape[0]
     width = grad.shape[2]
     g_mu = np.zeros((n, 3))
@@ -713,7 +683,10 @@ def raster_backward_means(
                 k01 = p_dat[p, 3]
                 k11 = p_dat[p, 4]
                 alpha = p_dat[p, 5]
-                S0, Sx, Sy = _pair_first_moments(
+                # the second moments come along unused: a first-moments-only copy of this walk was
+                # 9 % faster here (0.438 against 0.477 s on 400k Gaussians, 24 slices), ~2 s of mni-t4's
+                # 20 Adam iterations, not worth a second walk to keep in step
+                S0, Sx, Sy, _, _, _ = _pair_moments(
                     grad[s], p_rows[p, 0], p_rows[p, 1], s, p_dat[p, 0], mv_, k00, k01, k11, p_dat[p, 6], du, dv, idv,
                     width, spans, has_spans,
                 )  # fmt: skip

@@ -189,8 +189,6 @@ class _RenderSlicesCPU(torch.autograd.Function):
         nchunk = max(1, min(a_mu.shape[0], _RASTER_CHUNKS))
         d = ctx.dtypes
         if not any(ctx.needs_input_grad[1:6]):  # the centres alone (the Adam iterations' default)
-            if not ctx.needs_input_grad[0]:
-                return (None,) * 12
             g_mu = K.raster_backward_means(
                 g, plan.order, plan.goff, plan.gcnt, plan.p_sl, plan.p_dat, plan.p_rows, a_mu, a_sig, a_org, a_ax,
                 psf2, du, dv, sp, has, nchunk,

@@ -1,5 +1,10 @@
 """Numba kernels of the ``cpu`` backend (hand-written forward and backward, all cores).
 
+Each parallel kernel is a Python function that allocates its outputs and runs a serial ``nogil``
+kernel (named with a leading underscore) over contiguous blocks of its outer loop on the run's
+threads (:func:`._threads.parallel_range`); every block writes its own items or its own chunk's
+partial sums, so the result does not depend on the thread count.
+
 Slices (see :mod:`mgaussian.render.cpu` for the pipeline):
 
 1. ``build_cells``: counting sort of the Gaussians into uniform cells; per cell the largest
@@ -25,7 +30,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
+
+from ._threads import parallel_range
 
 _JIT = dict(cache=True, nogil=True)
 
@@ -131,14 +138,23 @@ def _cell_hits_slice(cx, cy, cz, hd, r2, org, ax, psf2, ext, s, cut):
     return True
 
 
-@njit(parallel=True, **_JIT)
 def cell_slice_lists(cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut):
     """For each non-empty cell, the slices it may touch. Returns CSR (off [nc+1], slices)."""
     nc = cells.shape[0]
+    cnt = np.zeros(nc + 1, np.int64)
+    parallel_range(_cell_slice_count, nc, cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut, cnt)
+    np.cumsum(cnt, out=cnt)
+    out = np.empty(cnt[nc], np.int32)
+    parallel_range(_cell_slice_fill, nc, cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut, cnt, out)
+    return cnt, out
+
+
+@njit(**_JIT)
+def _cell_slice_count(j0, j1, cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut, cnt):
+    """cnt[j + 1] = the number of slices cell j may touch, for j in j0 .. j1 - 1."""
     ns = org.shape[0]
     hd = cs * math.sqrt(3.0) * 0.5
-    cnt = np.zeros(nc + 1, np.int64)
-    for j in prange(nc):
+    for j in range(j0, j1):
         c = cells[j]
         iz = c % dims[2]
         iy = (c // dims[2]) % dims[1]
@@ -151,10 +167,14 @@ def cell_slice_lists(cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut):
             if _cell_hits_slice(cx, cy, cz, hd, r2max[j], org, ax, psf2, ext, s, cut):
                 k += 1
         cnt[j + 1] = k
-    for j in range(nc):
-        cnt[j + 1] += cnt[j]
-    out = np.empty(cnt[nc], np.int32)
-    for j in prange(nc):
+
+
+@njit(**_JIT)
+def _cell_slice_fill(j0, j1, cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut, cnt, out):
+    """The slices cell j may touch at out[cnt[j]:], for j in j0 .. j1 - 1."""
+    ns = org.shape[0]
+    hd = cs * math.sqrt(3.0) * 0.5
+    for j in range(j0, j1):
         c = cells[j]
         iz = c % dims[2]
         iy = (c // dims[2]) % dims[1]
@@ -167,7 +187,6 @@ def cell_slice_lists(cells, lo, dims, cs, r2max, org, ax, psf2, ext, cut):
             if _cell_hits_slice(cx, cy, cz, hd, r2max[j], org, ax, psf2, ext, s, cut):
                 out[k] = s
                 k += 1
-    return cnt, out
 
 
 @njit(**_JIT)
@@ -264,12 +283,18 @@ def _plane_test(mu, sig, i, org, ax, psf2, s, cut2):
     return d2 * d2 <= cut2 * c22
 
 
-@njit(parallel=True, **_JIT)
 def count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv):
     """Upper bound of the pairs of every (sorted) Gaussian: CSR offsets [N+1]."""
-    n = order.shape[0]
-    cnt = np.zeros(n + 1, np.int64)
-    for j in prange(cells.shape[0]):
+    cnt = np.zeros(order.shape[0] + 1, np.int64)
+    parallel_range(_count_pairs, cells.shape[0], mu, sig, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, cut2, cnt)
+    np.cumsum(cnt, out=cnt)
+    return cnt
+
+
+@njit(**_JIT)
+def _count_pairs(j0, j1, mu, sig, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, cut2, cnt):
+    """cnt[t + 1] = the slices sorted Gaussian t may reach, for the Gaussians of cells j0 .. j1 - 1."""
+    for j in range(j0, j1):
         c = cells[j]
         for t in range(cstart[c], cstart[c + 1]):
             i = order[t]
@@ -278,17 +303,25 @@ def count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, 
                 if _plane_test(mu, sig, i, org, ax, psf2, cl_sl[q], cut2):
                     k += 1
             cnt[t + 1] = k
-    for t in range(n):
-        cnt[t + 1] += cnt[t]
-    return cnt
 
 
-@njit(parallel=True, **_JIT)
 def fill_pairs(
     mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv, goff, gcnt, p_sl, p_dat, p_rows
 ):
     """Exact cull + projection; pairs of sorted Gaussian t at goff[t] .. goff[t] + gcnt[t]."""
-    for j in prange(cells.shape[0]):
+    parallel_range(
+        _fill_pairs, cells.shape[0],
+        mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv, goff, gcnt, p_sl, p_dat, p_rows,
+    )  # fmt: skip
+
+
+@njit(**_JIT)
+def _fill_pairs(
+    j0, j1, mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut2, du, dv, goff, gcnt, p_sl, p_dat,
+    p_rows,
+):  # fmt: skip
+    """:func:`fill_pairs` for the Gaussians of cells j0 .. j1 - 1."""
+    for j in range(j0, j1):
         c = cells[j]
         for t in range(cstart[c], cstart[c + 1]):
             i = order[t]
@@ -375,12 +408,20 @@ def _row_exp(x, b_lo, mv_, k00, k01, k11, dv):
     return e, r, y
 
 
-@njit(parallel=True, **_JIT)
 def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans):
     out = np.zeros((ns, height, width))
+    parallel_range(
+        _raster_forward, ns * nband, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans, out
+    )
+    return out
+
+
+@njit(**_JIT)
+def _raster_forward(u0, u1, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans, out):
+    """Row bands u0 .. u1 - 1 (band u: slice u // nband) of :func:`raster_forward`."""
     idv = 1.0 / dv
     bh = (height + nband - 1) // nband
-    for u in prange(ns * nband):
+    for u in range(u0, u1):
         s = u // nband
         r0 = (u % nband) * bh
         r1 = min(r0 + bh, height)
@@ -411,7 +452,6 @@ def raster_forward(ns, height, width, nband, s_off, s_idx, p_dat, p_rows, du, dv
                     row[b] += e
                     e *= r
                     r *= r2
-    return out
 
 
 @njit(**_JIT)
@@ -570,20 +610,36 @@ def _pair_gradient(mu, sig, w, i, org, ax, psf2, s, alpha, k00, k01, k11, S0, Sx
     return q0, q1, q2, m00, 2.0 * m01, 2.0 * m02, m11, 2.0 * m12, m22, dw
 
 
-@njit(parallel=True, **_JIT)
 def raster_backward(
     grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du, dv, spans, has_spans, nchunk
 ):
     n = order.shape[0]
     ns = org.shape[0]
-    width = grad.shape[2]
     g_mu = np.zeros((n, 3))
     g_sig = np.zeros((n, 6))
     g_w = np.zeros(n)
     g_sl = np.zeros((nchunk, ns, 12))
+    parallel_range(
+        _raster_backward, nchunk,
+        grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du, dv, spans, has_spans, nchunk,
+        g_mu, g_sig, g_w, g_sl,
+    )  # fmt: skip
+    g_slices = sum_chunks(g_sl.reshape(nchunk, ns * 12)).reshape(ns, 12)  # in chunk order
+    return g_mu, g_sig, g_w, g_slices
+
+
+@njit(**_JIT)
+def _raster_backward(
+    ch0, ch1, grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, w, org, ax, psf2, du, dv, spans, has_spans, nchunk,
+    g_mu, g_sig, g_w, g_sl,
+):  # fmt: skip
+    """Chunks ch0 .. ch1 - 1 of :func:`raster_backward`'s sorted Gaussians (the slices' gradients in
+    the chunks' own rows of g_sl)."""
+    n = order.shape[0]
+    width = grad.shape[2]
     idv = 1.0 / dv
     per = (n + nchunk - 1) // nchunk
-    for ch in prange(nchunk):
+    for ch in range(ch0, ch1):
         buf = g_sl[ch]
         for t in range(ch * per, min((ch + 1) * per, n)):
             i = order[t]
@@ -649,15 +705,8 @@ def raster_backward(
             g_sig[i, 4] = gs4
             g_sig[i, 5] = gs5
             g_w[i] = gww
-    g_slices = np.zeros((ns, 12))
-    for ch in range(nchunk):
-        for s in range(ns):
-            for k in range(12):
-                g_slices[s, k] += g_sl[ch, s, k]
-    return g_mu, g_sig, g_w, g_slices
 
 
-@njit(parallel=True, **_JIT)
 def raster_backward_means(
     grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, org, ax, psf2, du, dv, spans, has_spans, nchunk
 ):
@@ -665,12 +714,25 @@ def raster_backward_means(
     held): the pixels' first moments and the chain rule through the slice-frame offset d = A (mu - o)
     and the amplitude's through-plane factor, without the covariances' chain rule. The same sums in
     the same order as that kernel's centres, so the same bits."""
+    g_mu = np.zeros((order.shape[0], 3))
+    parallel_range(
+        _raster_backward_means, nchunk,
+        grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, org, ax, psf2, du, dv, spans, has_spans, nchunk, g_mu,
+    )  # fmt: skip
+    return g_mu
+
+
+@njit(**_JIT)
+def _raster_backward_means(
+    ch0, ch1, grad, order, goff, gcnt, p_sl, p_dat, p_rows, mu, sig, org, ax, psf2, du, dv, spans, has_spans, nchunk,
+    g_mu,
+):  # fmt: skip
+    """Chunks ch0 .. ch1 - 1 of :func:`raster_backward_means`."""
     n = order.shape[0]
     width = grad.shape[2]
-    g_mu = np.zeros((n, 3))
     idv = 1.0 / dv
     per = (n + nchunk - 1) // nchunk
-    for ch in prange(nchunk):
+    for ch in range(ch0, ch1):
         for t in range(ch * per, min((ch + 1) * per, n)):
             i = order[t]
             gm0 = 0.0
@@ -706,15 +768,19 @@ def raster_backward_means(
             g_mu[i, 0] = gm0
             g_mu[i, 1] = gm1
             g_mu[i, 2] = gm2
-    return g_mu
 
 
-@njit(parallel=True, **_JIT)
 def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, has_spans):
     """Number of (pixel, Gaussian) terms evaluated by raster_forward (for benchmarks)."""
-    npair = s_idx.shape[0]
-    tot = 0
-    for u in prange(npair):
+    terms = np.zeros(s_idx.shape[0], np.int64)
+    parallel_range(_pixel_pairs, s_idx.shape[0], s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, has_spans, terms)
+    return int(terms.sum())
+
+
+@njit(**_JIT)
+def _pixel_pairs(u0, u1, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, has_spans, terms):
+    """terms[u] = the pixels of slice-ordered pair u, for u in u0 .. u1 - 1."""
+    for u in range(u0, u1):
         p = s_idx[u]
         s = p_sl[p]
         k = 0
@@ -738,8 +804,7 @@ def count_pixel_pairs(s_off, s_idx, p_dat, p_rows, p_sl, du, dv, width, spans, h
             )
             if b_hi > b_lo:
                 k += b_hi - b_lo
-        tot += k
-    return tot
+        terms[u] = k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,15 +837,20 @@ def _to_u16(e):
     return min(int(e * _U16_MAX + 0.5), _U16_MAX)
 
 
-@njit(parallel=True, **_JIT)
 def design_count(ns, height, width, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans):
     """Rows and terms of every slice-ordered pair q (the rows a0..a1 of its ellipse; a row may be
     empty). Returns (nrow [Q], nval [Q])."""
-    npair = s_off[ns]
-    nrow = np.zeros(npair, np.int64)
-    nval = np.zeros(npair, np.int64)
+    nrow = np.zeros(s_off[ns], np.int64)
+    nval = np.zeros(s_off[ns], np.int64)
+    parallel_range(_design_count, ns, height, width, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans, nrow, nval)
+    return nrow, nval
+
+
+@njit(**_JIT)
+def _design_count(s0, s1, height, width, s_off, s_idx, p_dat, p_rows, du, dv, spans, has_spans, nrow, nval):
+    """:func:`design_count` for slices s0 .. s1 - 1."""
     idv = 1.0 / dv
-    for s in prange(ns):
+    for s in range(s0, s1):
         for q in range(s_off[s], s_off[s + 1]):
             p = s_idx[q]
             a0 = max(p_rows[p, 0], 0)
@@ -810,10 +880,8 @@ def design_count(ns, height, width, s_off, s_idx, p_dat, p_rows, du, dv, spans, 
                     k += b_hi - b_lo
             nrow[q] = a1 - a0 + 1
             nval[q] = k
-    return nrow, nval
 
 
-@njit(parallel=True, **_JIT)
 def design_fill(
     ns,
     height,
@@ -836,8 +904,21 @@ def design_fill(
     vals,
 ):
     """Fill the design of design_count's sizes (roff / voff: exclusive prefix sums, length Q + 1)."""
+    parallel_range(
+        _design_fill, ns,
+        height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv, spans, has_spans, roff, voff, q_g, q_a0, q_amp,
+        rows, vals,
+    )  # fmt: skip
+
+
+@njit(**_JIT)
+def _design_fill(
+    s0, s1, height, width, s_off, s_idx, p_dat, p_rows, p_gauss, du, dv, spans, has_spans, roff, voff, q_g, q_a0,
+    q_amp, rows, vals,
+):  # fmt: skip
+    """:func:`design_fill` for slices s0 .. s1 - 1."""
     idv = 1.0 / dv
-    for s in prange(ns):
+    for s in range(s0, s1):
         for q in range(s_off[s], s_off[s + 1]):
             p = s_idx[q]
             q_g[q] = p_gauss[p]
@@ -913,7 +994,7 @@ def _design_dot(img, s, acc_g, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals):
 def _chunk_start(ch, ns, nchunk):
     """First slice of chunk ``ch`` when ``ns`` slices are spread evenly over ``nchunk`` chunks:
     with fewer slices than chunks the empty chunks are interleaved, so that each thread's share of
-    the chunks (Numba splits a prange into contiguous blocks) holds its share of the slices (4
+    the chunks (:func:`parallel_range` splits them into contiguous blocks) holds its share of the slices (4
     slices in 8 chunks on 2 threads: 2 and 2, where filling the first chunks gave 4 and 0)."""
     return (ch * ns + nchunk - 1) // nchunk
 
@@ -928,31 +1009,45 @@ def sum_chunks(buf):
     return out
 
 
-@njit(parallel=True, **_JIT)
 def design_matvec(ns, height, width, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, c):
     """Images [S,H,W] = the design applied to intensities c [N] (parallel over slices)."""
     out = np.zeros((ns, height, width))
-    for s in prange(ns):
-        _design_add(out[s], s, c, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)
+    parallel_range(_design_matvec, ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, c, out)
     return out
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
+def _design_matvec(s0, s1, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, c, out):
+    for s in range(s0, s1):
+        _design_add(out[s], s, c, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)
+
+
 def design_rmatvec(ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, img, buf):
     """The transpose: per Gaussian, sum over its terms of value x img, added to the per-chunk
     buffers ``buf`` [C, N] (race-free; the caller sums them: :func:`sum_chunks`)."""
+    parallel_range(_design_rmatvec, buf.shape[0], ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, img, buf)
+
+
+@njit(**_JIT)
+def _design_rmatvec(ch0, ch1, ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, img, buf):
     nchunk = buf.shape[0]
-    for ch in prange(nchunk):
+    for ch in range(ch0, ch1):
         for s in range(_chunk_start(ch, ns, nchunk), _chunk_start(ch + 1, ns, nchunk)):
             _design_dot(img[s], s, buf[ch], s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)
 
 
-@njit(parallel=True, **_JIT)
 def design_normal(ns, height, width, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, c, weight, buf):
     """A^T diag(weight) A c in one pass over the slices (each slice's image in a local buffer),
     added to the per-chunk buffers ``buf`` [C, N]."""
+    parallel_range(
+        _design_normal, buf.shape[0], ns, height, width, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, c, weight, buf
+    )
+
+
+@njit(**_JIT)
+def _design_normal(ch0, ch1, ns, height, width, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, c, weight, buf):
     nchunk = buf.shape[0]
-    for ch in prange(nchunk):
+    for ch in range(ch0, ch1):
         img = np.empty((height, width))
         for s in range(_chunk_start(ch, ns, nchunk), _chunk_start(ch + 1, ns, nchunk)):
             img[:, :] = 0.0
@@ -982,13 +1077,17 @@ def _design_dot_sq(weight, s, acc_g, s_off, q_g, q_a0, q_amp, roff, voff, rows, 
         acc_g[q_g[q]] += acc * q_amp[q] * q_amp[q]
 
 
-@njit(parallel=True, **_JIT)
 def design_diag_normal(ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, weight, buf):
     """diag(A^T diag(weight) A) [N]: per Gaussian, sum over its terms of weight x value^2 (each
     pixel holds at most one term of a Gaussian, so this is exact), added to the per-chunk buffers
     ``buf`` [C, N]."""
+    parallel_range(_design_diag_normal, buf.shape[0], ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, weight, buf)
+
+
+@njit(**_JIT)
+def _design_diag_normal(ch0, ch1, ns, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, weight, buf):
     nchunk = buf.shape[0]
-    for ch in prange(nchunk):
+    for ch in range(ch0, ch1):
         for s in range(_chunk_start(ch, ns, nchunk), _chunk_start(ch + 1, ns, nchunk)):
             _design_dot_sq(weight[s], s, buf[ch], s_off, q_g, q_a0, q_amp, roff, voff, rows, vals)
 
@@ -1072,12 +1171,16 @@ def _point_term(mu, sig, i, pts, j, psf, pj):
     return e, z0, z1, z2, i00, i01, i02, i11, i12, i22
 
 
-@njit(parallel=True, **_JIT)
 def shared_inverses(sig, psf):
     """Per Gaussian (M^-1 as 6 numbers, det(M)^-1/2) for M = Sigma_i + psf[0] (shared PSF)."""
-    n = sig.shape[0]
-    out = np.empty((n, 7))
-    for i in prange(n):
+    out = np.empty((sig.shape[0], 7))
+    parallel_range(_shared_inverses, sig.shape[0], sig, psf, out)
+    return out
+
+
+@njit(**_JIT)
+def _shared_inverses(i0, i1, sig, psf, out):
+    for i in range(i0, i1):
         m00 = sig[i, 0] + psf[0, 0]
         m01 = sig[i, 1] + psf[0, 1]
         m02 = sig[i, 2] + psf[0, 2]
@@ -1096,7 +1199,6 @@ def shared_inverses(sig, psf):
         out[i, 4] = (m01 * m02 - m00 * m12) * inv
         out[i, 5] = (m00 * m11 - m01 * m01) * inv
         out[i, 6] = 1.0 / math.sqrt(det)
-    return out
 
 
 @njit(**_JIT)
@@ -1121,11 +1223,20 @@ def _point_term_any(mu, sig, i, pts, j, psf, pj, pre, ginv):
     return e, z0, z1, z2, i00, i01, i02, i11, i12, i22
 
 
-@njit(parallel=True, **_JIT)
 def points_forward(mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad):
-    npt = pts.shape[0]
-    out = np.zeros(npt)
-    for j in prange(npt):
+    out = np.zeros(pts.shape[0])
+    parallel_range(
+        _points_forward, pts.shape[0],
+        mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad, out,
+    )  # fmt: skip
+    return out
+
+
+@njit(**_JIT)
+def _points_forward(
+    j0, j1, mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad, out
+):
+    for j in range(j0, j1):
         pj = j * per_point
         acc = 0.0
         x0 = max(p_cells[j, 0] - rad, g_lo[0])
@@ -1142,10 +1253,8 @@ def points_forward(mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start,
                     r = _point_term_any(mu, sig, i, pts, j, psf, pj, pre, ginv)
                     acc += w[i] * r[0]
         out[j] = acc
-    return out
 
 
-@njit(parallel=True, **_JIT)
 def points_backward_gaussians(
     grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_cells, p_order, p_start, p_lo, p_dims, rad
 ):
@@ -1153,7 +1262,19 @@ def points_backward_gaussians(
     g_mu = np.zeros((n, 3))
     g_sig = np.zeros((n, 6))
     g_w = np.zeros(n)
-    for i in prange(n):
+    parallel_range(
+        _points_backward_gaussians, n,
+        grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_cells, p_order, p_start, p_lo, p_dims, rad, g_mu, g_sig, g_w,
+    )  # fmt: skip
+    return g_mu, g_sig, g_w
+
+
+@njit(**_JIT)
+def _points_backward_gaussians(
+    i0, i1, grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_cells, p_order, p_start, p_lo, p_dims, rad, g_mu, g_sig,
+    g_w,
+):  # fmt: skip
+    for i in range(i0, i1):
         x0 = max(g_cells[i, 0] - rad, p_lo[0])
         x1 = min(g_cells[i, 0] + rad, p_lo[0] + p_dims[0] - 1)
         y0 = max(g_cells[i, 1] - rad, p_lo[1])
@@ -1202,10 +1323,8 @@ def points_backward_gaussians(
         g_sig[i, 4] = s4
         g_sig[i, 5] = s5
         g_w[i] = gw
-    return g_mu, g_sig, g_w
 
 
-@njit(parallel=True, **_JIT)
 def points_backward_points(
     grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad
 ):
@@ -1214,7 +1333,18 @@ def points_backward_points(
     npt = pts.shape[0]
     g_p = np.zeros((npt, 3))
     g_m = np.zeros((npt, 6))
-    for j in prange(npt):
+    parallel_range(
+        _points_backward_points, npt,
+        grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad, g_p, g_m,
+    )  # fmt: skip
+    return g_p, g_m
+
+
+@njit(**_JIT)
+def _points_backward_points(
+    j0, j1, grad, mu, sig, w, pts, psf, per_point, pre, ginv, g_order, g_start, g_lo, g_dims, p_cells, rad, g_p, g_m
+):
+    for j in range(j0, j1):
         pj = j * per_point
         x0 = max(p_cells[j, 0] - rad, g_lo[0])
         x1 = min(p_cells[j, 0] + rad, g_lo[0] + g_dims[0] - 1)
@@ -1259,7 +1389,6 @@ def points_backward_points(
         g_m[j, 3] = m3
         g_m[j, 4] = m4
         g_m[j, 5] = m5
-    return g_p, g_m
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1291,13 +1420,17 @@ def _rotmat(q0, q1, q2, q3):
     )
 
 
-@njit(parallel=True, **_JIT)
 def gauss_prep(ls, q, c):
     """Sigma = R diag(exp(2 s)) R^T as 6 numbers (xx,xy,xz,yy,yz,zz) and w = c exp(sum s)."""
-    n = ls.shape[0]
-    sig = np.empty((n, 6))
-    w = np.empty(n)
-    for i in prange(n):
+    sig = np.empty((ls.shape[0], 6))
+    w = np.empty(ls.shape[0])
+    parallel_range(_gauss_prep, ls.shape[0], ls, q, c, sig, w)
+    return sig, w
+
+
+@njit(**_JIT)
+def _gauss_prep(i0, i1, ls, q, c, sig, w):
+    for i in range(i0, i1):
         r = _rotmat(q[i, 0], q[i, 1], q[i, 2], q[i, 3])
         a = math.exp(2 * ls[i, 0])
         b = math.exp(2 * ls[i, 1])
@@ -1310,17 +1443,21 @@ def gauss_prep(ls, q, c):
         sig[i, 4] = r10 * r20 * a + r11 * r21 * b + r12 * r22 * cc
         sig[i, 5] = r20 * r20 * a + r21 * r21 * b + r22 * r22 * cc
         w[i] = c[i] * math.exp(ls[i, 0] + ls[i, 1] + ls[i, 2])
-    return sig, w
 
 
-@njit(parallel=True, **_JIT)
 def gauss_prep_backward(ls, q, c, g_sig, g_w):
     """Chain rule of gauss_prep: (dL/dSigma6, dL/dw) -> (dL/dlog_scales, dL/dquats, dL/dc)."""
     n = ls.shape[0]
     g_ls = np.empty((n, 3))
     g_q = np.empty((n, 4))
     g_c = np.empty(n)
-    for i in prange(n):
+    parallel_range(_gauss_prep_backward, n, ls, q, c, g_sig, g_w, g_ls, g_q, g_c)
+    return g_ls, g_q, g_c
+
+
+@njit(**_JIT)
+def _gauss_prep_backward(i0, i1, ls, q, c, g_sig, g_w, g_ls, g_q, g_c):
+    for i in range(i0, i1):
         if (
             g_w[i] == 0.0
             and g_sig[i, 0] == 0.0
@@ -1386,7 +1523,6 @@ def gauss_prep_backward(ls, q, c, g_sig, g_w):
         g_q[i, 1] = (gx_ - x * dot) / nrm
         g_q[i, 2] = (gy_ - y * dot) / nrm
         g_q[i, 3] = (gz_ - z * dot) / nrm
-    return g_ls, g_q, g_c
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ Per-call cost at fixed size: ~1 ms forward + ~1 ms backward for 2k Gaussians and
 O(N) parts (~25 ms forward + ~35 ms backward for 220k Gaussians, one slice) dominate small calls, so
 batch many slices per call. Memory held for the backward: ~150 bytes per Gaussian plus ~90 bytes per
 projected (Gaussian, slice) pair (~0.3 GB for the three sb25 stacks at 0.8 mm).
-First use compiles the kernels (~15 s, cached on disk by Numba's ``cache=True``; ~0.5 s afterwards).
-Threads: Numba's pool (all cores by default, see :func:`set_threads`); Numba's default
-``workqueue`` threading layer does not allow calls from several Python threads at once.
+First use compiles the kernels (~12 s, cached on disk by Numba's ``cache=True``; ~0.5 s afterwards;
+``mgaussian/precompile.py`` compiles them ahead in a second process for a run).
+Threads: the kernels are serial and ``nogil``; :func:`._threads.parallel_range` runs them over
+contiguous blocks on ``numba.get_num_threads()`` threads (all cores by default, see :func:`set_threads`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,50 @@
+"""The cpu kernels' threads: a serial Numba kernel run over contiguous blocks of an index range.
+
+The kernels in :mod:`._cpu_kernels` are compiled serial (``nogil``) and take the block ``lo, hi`` of
+their outer loop; :func:`parallel_range` runs one block per thread, as Numba's ``prange`` would
+(contiguous blocks of equal size, the first on the calling thread). The kernels were ``parallel=True``
+until session 21: Numba's parallel-loop passes doubled their compilation, which the first run after
+an install waits for (sb25-t3.2 on 2 cores: 21 s of compilation, against 12 s compiled serial;
+benchmarks/SPEED.md). Every block writes its own outputs (per item, or per fixed chunk of a sum), so
+the result does not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+__all__ = ["parallel_range"]
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_pool_lock = threading.Lock()
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    """A pool of at least ``n`` threads, kept between calls (a thread costs ~50 us to start). A
+    bigger one replaces it when more threads are asked for; the old one is left to the calls that
+    hold it (kernels may be called from several Python threads at once)."""
+    global _pool, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_workers < n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="mgaussian-kernel")
+            _pool_workers = n
+        return _pool
+
+
+def parallel_range(kernel, n: int, *args) -> None:
+    """``kernel(lo, hi, *args)`` over ``range(n)`` split into one contiguous block per thread
+    (``numba.get_num_threads()``, set by :func:`mgaussian.render.cpu.set_threads`)."""
+    threads = max(1, min(numba.get_num_threads(), n))
+    if threads == 1:
+        kernel(0, n, *args)
+        return
+    bounds = [(k * n) // threads for k in range(threads + 1)]
+    pool = _workers(threads - 1)
+    others = [pool.submit(kernel, bounds[k], bounds[k + 1], *args) for k in range(1, threads)]
+    kernel(bounds[0], bounds[1], *args)
+    for block in others:
+        block.result()

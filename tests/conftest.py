@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
+
+# the many small runs of the suite do not each start the kernels' compile process (mgaussian/precompile.py;
+# tests/test_precompile.py turns it on where it tests it)
+os.environ.setdefault("MGAUSSIAN_PRECOMPILE", "0")
 
 
 def write_nifti(path, data, affine=None, dtype=None):

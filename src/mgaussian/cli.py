@@ -1044,8 +1044,28 @@ def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float, atlas_
         runlog.line(f"report: {idx}")
 
 
+def _start_precompile(a) -> None:
+    """The cpu kernels compiled ahead in a second process (precompile.py), started before
+    anything else so that it has the run's first seconds: the settings read here without PyTorch (1 s
+    to import); any error in them is the run's own checks' to report. Not started for a run told to
+    use the gpu or reference backend or CUDA; with ``--device auto`` on a CUDA machine the process
+    compiles kernels that run may not call (once: they are cached)."""
+    from . import precompile
+    from .recon.config import ReconConfig, config_from_dict, load_config_file
+
+    try:
+        cfg = config_from_dict(load_config_file(a.config), where=a.config) if a.config else ReconConfig()
+        cfg = cfg.resolved(**_config_overrides(a))
+    except Exception:
+        return
+    if cfg.device != "cuda" and cfg.backend in ("auto", "cpu"):
+        precompile.start(cfg.threads)
+
+
 def cmd_reconstruct(a) -> int:
     import time
+
+    _start_precompile(a)
 
     from .errors import warn
     from .geometry import voxel_sizes

@@ -158,16 +158,18 @@ def start(threads: int | None) -> subprocess.Popen | None:
 
 def _kernels_module():
     """``mgaussian.render._cpu_kernels``, imported from its file without its package when the package
-    is not loaded. Numba's cache locates and keys a kernel by its source file, name and bytecode, so
-    what this compiles is what the run's own import finds."""
-    name = "mgaussian.render._cpu_kernels"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "render", "_cpu_kernels.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    is not loaded (with ``_threads``, the one module it imports from the package). Numba's cache
+    locates and keys a kernel by its source file, name and bytecode, and rebuilds it in the module of
+    that name, so what this compiles is what the run's own import finds."""
+    render = os.path.join(os.path.dirname(os.path.abspath(__file__)), "render")
+    for module in ("_threads", "_cpu_kernels"):
+        name = f"mgaussian.render.{module}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(render, f"{module}.py"))
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[name] = loaded
+            spec.loader.exec_module(loaded)
+    return sys.modules["mgaussian.render._cpu_kernels"]
 
 
 def compile_kernels(names: list[str] | None = None) -> int:

@@ -77,10 +77,19 @@ def test_every_listed_kernel_exists_and_its_signature_parses():
 
 def test_started_unless_one_thread_or_switched_off(monkeypatch):
     started = []
-    monkeypatch.setattr(precompile.subprocess, "Popen", lambda args, **kw: started.append(args) or "proc")
+
+    class Process:
+        def wait(self):
+            return 0
+
+    proc = Process()
+    monkeypatch.setattr(precompile.subprocess, "Popen", lambda args, **kw: started.append(args) or proc)
     monkeypatch.setenv(precompile.ENV_SWITCH, "1")
-    assert precompile.start(None) == "proc" and started[-1][-1] == SCRIPT
+    monkeypatch.setattr(precompile.os, "cpu_count", lambda: 2)
+    assert precompile.start(None) is proc and started[-1][-1] == SCRIPT
     assert precompile.start(1) is None
+    monkeypatch.setattr(precompile.os, "cpu_count", lambda: 1)
+    assert precompile.start(None) is None
     monkeypatch.setenv(precompile.ENV_SWITCH, "0")
     assert precompile.start(4) is None
     assert len(started) == 1

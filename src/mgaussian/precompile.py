@@ -26,6 +26,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 
 # (kernel, argument types in Numba's signature syntax), in the order a default reconstruction first
 # calls them (sb25-t3.2; the motion-corrected and clinical-style runs call the same ones).
@@ -138,15 +139,15 @@ def compiled_signatures() -> list[tuple[str, str]]:
 
 
 def start(threads: int | None) -> subprocess.Popen | None:
-    """Start the second process, unless the run was told to use one thread (it would take a second
-    core) or ``MGAUSSIAN_PRECOMPILE=0``. It is not waited for: a run that ends first leaves it to
+    """Start the second process, unless the run has one thread (``threads``, default all cores: it
+    would take a second core) or ``MGAUSSIAN_PRECOMPILE=0``. It is not waited for: a run that ends first leaves it to
     finish filling the cache. It runs this file as a script, which imports Numba and the kernels'
     module alone, not ``mgaussian.render`` (whose import loads PyTorch: 1 s of the second process's start)."""
-    if threads == 1 or os.environ.get(ENV_SWITCH, "1") == "0":
+    if (threads or os.cpu_count() or 1) == 1 or os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     run_script = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     try:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-c", run_script, os.path.abspath(__file__)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -154,6 +155,8 @@ def start(threads: int | None) -> subprocess.Popen | None:
         )
     except OSError:  # no second process: the run compiles what it needs itself, as it would anyway
         return None
+    threading.Thread(target=process.wait, daemon=True).start()  # reaped when it ends, not left a zombie
+    return process
 
 
 def _kernels_module():

@@ -3,13 +3,13 @@
 Numba compiles a kernel the first time it is called and keeps the machine code in its on-disk cache
 (``cache=True``). So the first run after an install, or after any edit of ``render/_cpu_kernels.py``,
 compiles every kernel it calls, one after the other, in the run's own process, most of them in the
-run's first 20 s, where the run waits for them: sb25-t3.2 on 2 cores 43.8 s cold against 36.7 s warm
-(55.7 s while the kernels were ``parallel=True``; benchmarks/SPEED.md, session 21).
+run's first 20 s, where the run waits for them: sb25-t3.2 on 2 cores 43.0 s cold against 34.6 s warm
+(55.7 s cold while the kernels were ``parallel=True``; benchmarks/SPEED.md, session 21).
 
 :func:`start` runs this file as a script beside the run. It compiles the kernels a default run calls,
 for the signatures it calls them with (:data:`KERNEL_SIGNATURES`), in the reverse order of their first
 use, so that the two processes meet in the middle and the run finds the later kernels in the cache:
-sb25-t3.2 cold 40.0 s with it. The machine code is the same whichever process compiles it, so the
+sb25-t3.2 cold 38.6 s with it. The machine code is the same whichever process compiles it, so the
 volume is too (bit-identical in that measurement). Where the cache is warm the second process only
 loads it (about 1 s of one core, beside the run's loading of its stacks).
 

@@ -1454,9 +1454,11 @@ def _assess_for_reconstruct(a, cfg, stacks, log):
 
 
 def cmd_demo(a) -> int:
+    from . import precompile
     from .demo import run_demo
 
     _prepare_output_dir(a.output_dir)
+    precompile.start(None)  # the demo is often the first run after an install: see precompile.py
     return run_demo(a.output_dir)
 
 

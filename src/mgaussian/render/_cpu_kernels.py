@@ -993,9 +993,9 @@ def _design_dot(img, s, acc_g, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals):
 @njit(**_JIT)
 def _chunk_start(ch, ns, nchunk):
     """First slice of chunk ``ch`` when ``ns`` slices are spread evenly over ``nchunk`` chunks:
-    with fewer slices than chunks the empty chunks are interleaved, so that each thread's share of
-    the chunks (:func:`parallel_range` splits them into contiguous blocks) holds its share of the slices (4
-    slices in 8 chunks on 2 threads: 2 and 2, where filling the first chunks gave 4 and 0)."""
+    with fewer slices than chunks the empty chunks are interleaved, so that each contiguous block of
+    chunks (:func:`parallel_range`'s unit of work) holds its share of the slices (4 slices in 8
+    chunks, 2 blocks: 2 and 2, where filling the first chunks gave 4 and 0)."""
     return (ch * ns + nchunk - 1) // nchunk
 
 

@@ -1044,6 +1044,15 @@ def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float, atlas_
         runlog.line(f"report: {idx}")
 
 
+def _reconstruct_config(a):
+    """The run's settings: the defaults, then ``--config``, then the command line's flags (not
+    validated here). Reads no PyTorch."""
+    from .recon.config import ReconConfig, config_from_dict, load_config_file
+
+    cfg = config_from_dict(load_config_file(a.config), where=a.config) if a.config else ReconConfig()
+    return cfg.resolved(**_config_overrides(a))
+
+
 def _start_precompile(a) -> None:
     """The cpu kernels compiled ahead in a second process (precompile.py), started before
     anything else so that it has the run's first seconds: the settings read here without PyTorch (1 s
@@ -1051,11 +1060,9 @@ def _start_precompile(a) -> None:
     use the gpu or reference backend or CUDA; with ``--device auto`` on a CUDA machine the process
     compiles kernels that run may not call (once: they are cached)."""
     from . import precompile
-    from .recon.config import ReconConfig, config_from_dict, load_config_file
 
     try:
-        cfg = config_from_dict(load_config_file(a.config), where=a.config) if a.config else ReconConfig()
-        cfg = cfg.resolved(**_config_overrides(a))
+        cfg = _reconstruct_config(a)
     except Exception:
         return
     if cfg.device != "cuda" and cfg.backend in ("auto", "cpu"):
@@ -1070,7 +1077,6 @@ def cmd_reconstruct(a) -> int:
     from .errors import warn
     from .geometry import voxel_sizes
     from .io import atomic_write_text, check_output_path, load_stacks, validate_stacks
-    from .recon.config import ReconConfig, config_from_dict, load_config_file
 
     inputs = list(a.input_stacks) + list(a.stack_masks or [])
     check_output_path(a.output_volume, inputs)
@@ -1101,10 +1107,7 @@ def cmd_reconstruct(a) -> int:
         check_report_dir(
             report_dir, inputs + [a.output_volume, a.output_model, a.output_confidence], len(a.input_stacks)
         )
-    cfg = ReconConfig()
-    if a.config:
-        cfg = config_from_dict(load_config_file(a.config), where=a.config)
-    cfg = cfg.resolved(**_config_overrides(a)).validate("command line")
+    cfg = _reconstruct_config(a).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
     template_outs = _template_outputs(
         a, inputs + [a.output_model, config_json, a.log, a.output_confidence], native=True

@@ -46,13 +46,13 @@ KERNEL_SIGNATURES: tuple[tuple[str, str], ...] = (
     (
         "_count_pairs",
         "int64, int64, float64[:, ::1], float64[:, ::1], int64[::1], int64[::1], int64[::1], int64[::1], "
-        "int32[::1], float64[:, ::1], float64[:, :, ::1], float64[:, ::1], float64, int64[::1]",
+        "int32[::1], float64[:, ::1], float64[:, :, ::1], float64[:, ::1], float64, int64[::1], int64[::1]",
     ),
     (
         "_fill_pairs",
         "int64, int64, float64[:, ::1], float64[:, ::1], float64[::1], int64[::1], int64[::1], int64[::1], "
         "int64[::1], int32[::1], float64[:, ::1], float64[:, :, ::1], float64[:, ::1], float64[:, ::1], "
-        "float64, float64, float64, int64[::1], int64[::1], int32[::1], float64[:, ::1], int64[:, ::1]",
+        "float64, float64, float64, int64[::1], int64[::1], int64[::1], int32[::1], float64[:, ::1], int64[:, ::1]",
     ),
     ("slice_index", "int64[::1], int64[::1], int32[::1], int64"),
     (

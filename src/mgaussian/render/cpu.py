@@ -85,6 +85,14 @@ def _extents(spans, n_slices, h, w, du, dv):
     return ext
 
 
+def shared_frames(ax: np.ndarray, psf2: np.ndarray) -> np.ndarray:
+    """Per slice [S] the index of its frame: slices with the same axes and PSF, bit for bit, share
+    one (the slices of a stack without slice motion), and with it each Gaussian's covariance in that
+    frame (``fill_pairs`` computes it once per run of such slices)."""
+    key = np.ascontiguousarray(np.concatenate([ax.reshape(ax.shape[0], 9), psf2], axis=1), dtype=np.float64)
+    return np.unique(key.view(np.int64), axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_size=None):
     """Cull and project every (Gaussian, slice) pair (numpy float64 inputs). Returns a SlicePlan."""
     h, wd = shape
@@ -98,7 +106,10 @@ def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_si
         mu, sig, -1.0 if cell_size is None else float(cell_size), 24.0
     )
     cl_off, cl_sl = K.cell_slice_lists(cells, lo, dims, cell_size, r2max, org, ax, psf2, ext, cut)
-    goff = K.count_pairs(mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut * cut, du, dv)
+    frame_of = shared_frames(ax, psf2)
+    goff = K.count_pairs(
+        mu, sig, w, order, cstart, cells, cl_off, cl_sl, org, ax, psf2, ext, cut * cut, du, dv, frame_of
+    )
     nbound = int(goff[-1])
     p_sl = np.empty(nbound, np.int32)
     p_dat = np.empty((nbound, 7))
@@ -120,6 +131,7 @@ def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_si
         cut * cut,
         du,
         dv,
+        frame_of,
         goff,
         gcnt,
         p_sl,

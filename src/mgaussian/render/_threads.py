@@ -1,8 +1,8 @@
 """The cpu kernels' threads: a serial Numba kernel run over contiguous blocks of an index range.
 
 The kernels in :mod:`._cpu_kernels` are compiled serial (``nogil``) and take the block ``lo, hi`` of
-their outer loop; :func:`parallel_range` runs one block per thread, as Numba's ``prange`` would
-(contiguous blocks of equal size, the first on the calling thread). The kernels were ``parallel=True``
+their outer loop; :func:`parallel_range` splits the range into contiguous blocks of equal size,
+several per thread, which the threads (the calling one too) take in turn. The kernels were ``parallel=True``
 until session 21: Numba's parallel-loop passes doubled their compilation, which the first run after
 an install waits for (sb25-t3.2 on 2 cores: 21 s of compilation, against 12 s compiled serial;
 benchmarks/SPEED.md). Every block writes its own outputs (per item, or per fixed chunk of a sum), so
@@ -19,8 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 
 # blocks per thread, taken in turn: slices and cells differ in work, so equal blocks, one per thread
-# (prange's split), left a thread idle for a quarter of the design products' time on sb25-t3.2
-_BLOCKS_PER_THREAD = 4
+# (prange's split), left a thread idle for a quarter of the design products' time on sb25-t3.2;
+# 8 rather than 4: the forward render's idle thread-seconds over a sb25-t3.2 run 0.61 -> 0.47 s
+# (session 22; the design products are held at 8 blocks by their 8 chunks of sums)
+_BLOCKS_PER_THREAD = 8
 
 _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0

@@ -476,8 +476,8 @@ def _walk_none():
 @njit(inline="always", **_JIT)
 def _row_start(st, a, b_lo, x, mv_, k00, k01, k11, r2, du, dv):
     """:func:`_row_exp` of row a of a pair, for the pair's rows in order: the first row's two exp()
-    directly, a later row's by walking from the last row's first column, one multiply a step (the
-    exponent of exp(-q/2) is quadratic in the pixel, so its ratios between neighbours change by
+    directly, a later row's by walking from the last row's first column, four multiplies a step
+    (the exponent of exp(-q/2) is quadratic in the pixel, so its ratios between neighbours change by
     constant factors: down a row e *= p, then along the row e *= r or e /= r). Two exp() a row were
     40 % of the forward render's time (benchmarks/SPEED.md, session 22). ``st``: this function's
     state, :func:`_walk_none` before the pair's first row. Returns (e, r, y, state)."""
@@ -508,7 +508,7 @@ def _row_start(st, a, b_lo, x, mv_, k00, k01, k11, r2, du, dv):
             IR *= r2
             E *= IR
             P *= ikap
-        # far outside a thin ellipse on the way (no PSF): start again from this row
+        # a walk that left float64's normal range on the way: start again from this row
         if E > _TINY and IR < _HUGE:
             return E, R, y, (2, a, b_lo, E, R, IR, P, p2, kap, ikap, ir2, x, y)
     E, R, _ = _row_exp(x, b_lo, mv_, k00, k01, k11, dv)
@@ -567,8 +567,8 @@ def _pair_moments(gimg, a0, a1, s, mu_, mv_, k00, k01, k11, thr, du, dv, idv, wi
     """The loss gradient image ``gimg`` of slice ``s`` summed against one projected 2D Gaussian's
     pixels and their first and (with ``second``) second moments in the pixel offsets (x along rows,
     y along columns): (S0, Sx, Sy, Sxx, Sxy, Syy), the second moments 0 without ``second``. Inlined,
-    so that a caller's constant ``second`` compiles its own loop (the centres' gradient alone: the
-    backward pass ~9 % faster without the second moments)."""
+    so that a caller's constant ``second`` compiles its own loop (the centres' gradient alone: their
+    backward pass 16 % faster without the second moments, benchmarks/SPEED.md session 22)."""
     r2 = math.exp(-k11 * dv * dv)
     kd, ik11 = _ellipse(k00, k01, k11)
     S0 = 0.0

@@ -28,12 +28,12 @@ def test_a_precompiled_kernel_is_what_a_later_call_loads(tmp_path):
     signature's text, not its types, was not: the run compiled every kernel again)."""
     cache = {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     run_script = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
-    assert _python(["-c", run_script, SCRIPT, "sum_chunks"], cache).strip() == "1"
+    assert _python(["-c", run_script, SCRIPT, "_sum_chunks"], cache).strip() == "1"
     out = _python(
         "import numpy as np\n"
         "from mgaussian.render import _cpu_kernels as K\n"
-        "K.sum_chunks(np.zeros((2, 3)))\n"
-        "print(sum(K.sum_chunks.stats.cache_hits.values()), sum(K.sum_chunks.stats.cache_misses.values()))\n",
+        "K._sum_chunks(0, 3, np.zeros((2, 3)), np.empty(3))\n"
+        "print(sum(K._sum_chunks.stats.cache_hits.values()), sum(K._sum_chunks.stats.cache_misses.values()))\n",
         cache,
     )
     assert out.split() == ["1", "0"]

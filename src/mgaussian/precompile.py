@@ -72,7 +72,7 @@ KERNEL_SIGNATURES: tuple[tuple[str, str], ...] = (
         "int64, int64, int64, int64[::1], int32[::1], int32[::1], float32[::1], int32[::1], int32[::1], "
         "int16[:, ::1], uint16[::1], float64[:, :, ::1], float64[:, ::1]",
     ),
-    ("sum_chunks", "float64[:, ::1]"),
+    ("_sum_chunks", "int64, int64, float64[:, ::1], float64[::1]"),
     (
         "_design_matvec",
         "int64, int64, int64[::1], int32[::1], int32[::1], float32[::1], int32[::1], int32[::1], int16[:, "

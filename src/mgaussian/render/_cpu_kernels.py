@@ -1111,14 +1111,22 @@ def _chunk_start(ch, ns, nchunk):
     return (ch * ns + nchunk - 1) // nchunk
 
 
-@njit(**_JIT)
 def sum_chunks(buf):
-    """Sum of the per-chunk buffers [C, N] (in chunk order)."""
-    out = np.zeros(buf.shape[1])
-    for ch in range(buf.shape[0]):
-        for i in range(buf.shape[1]):
-            out[i] += buf[ch, i]
+    """Sum of the per-chunk buffers [C, N] (in chunk order), over blocks of the N sums in parallel
+    (mni-t4's 2M-long sums: ~17 ms each on one thread, 130 a fit)."""
+    out = np.empty(buf.shape[1])
+    parallel_range(_sum_chunks, buf.shape[1], buf, out)
     return out
+
+
+@njit(**_JIT)
+def _sum_chunks(i0, i1, buf, out):
+    """:func:`sum_chunks` for the sums i0 .. i1 - 1."""
+    for i in range(i0, i1):
+        acc = 0.0
+        for ch in range(buf.shape[0]):
+            acc += buf[ch, i]
+        out[i] = acc
 
 
 def design_matvec(ns, height, width, s_off, q_g, q_a0, q_amp, roff, voff, rows, vals, c):

@@ -376,3 +376,29 @@ def test_cpu_row_walk_matches_reference_on_long_and_thin_ellipses(shape_kind):
     assert img_err(img_b, img_r) < 1e-10
     for gb, gr in zip(g_b, g_r):
         assert rel_err(gb, gr) < 1e-9
+
+
+def test_cpu_slices_sharing_a_frame_match_reference():
+    """Slices with the same axes and PSF share one frame (``fill_pairs`` projects a Gaussian's
+    covariance once for them): parity with the reference where frames are shared, interleaved with
+    ones that are not, and where only the PSF differs."""
+    from mgaussian.render.cpu import shared_frames
+
+    params = random_gaussians(120, seed=31)
+    o, a = random_poses(4, seed=32)
+    a = a.detach().clone()
+    a[1] = a[0]
+    a[3] = a[0]  # slices 0, 1, 3: the same axes; slice 2 its own
+    o = o.detach()
+    o[1] = o[0] + 1.3 * a[0, 2]  # stacked along the shared normal
+    o[3] = o[0] - 1.1 * a[0, 2]
+    psf = torch.tensor([[0.41, 0.36, 1.36], [0.3, 0.3, 2.0], [0.41, 0.36, 1.36], [0.41, 0.36, 1.36]])
+    psf2 = (psf.double() ** 2).numpy()
+    frames = shared_frames(a.numpy(), psf2)
+    assert frames[0] == frames[3] and len(set(frames.tolist())) == 3  # slice 1 differs by its PSF
+    img_r, g_r = _render_and_grad("reference", params, (o, a), psf, torch.float64)
+    img_b, g_b = _render_and_grad("cpu", params, (o, a), psf, torch.float64)
+    assert img_r[[0, 1, 3]].abs().max() > 0.1
+    assert img_err(img_b, img_r) < 1e-10
+    for gb, gr in zip(g_b, g_r):
+        assert rel_err(gb, gr) < 1e-9

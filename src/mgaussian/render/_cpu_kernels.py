@@ -620,12 +620,7 @@ def _pair_gradient(mu, sig, w, i, org, ax, psf2, s, alpha, k00, k01, k11, S0, Sx
     gmv_ = alpha * (k01 * Sx + k11 * Sy)
     # --- recompute the projection
     d0, d1, d2, c00, c01, c02, c11, c12, c22 = _project(mu, sig, i, org, ax, psf2, s)
-    ia = c02 / c22
-    ib = c12 / c22
-    ca = c00 - c02 * ia
-    cb = c01 - c02 * ib
-    cc = c11 - c12 * ib
-    det = ca * cc - cb * cb
+    ia, ib, ca, cb, cc, det = _conic(c00, c01, c02, c11, c12, c22)
     # K = inv([[ca, cb], [cb, cc]]); dL/dCc = -K G K with G = [[gk00, gk01/2], [., gk11]]
     h01 = 0.5 * gk01
     x00 = k00 * gk00 + k01 * h01

@@ -402,3 +402,30 @@ def test_cpu_slices_sharing_a_frame_match_reference():
     assert img_err(img_b, img_r) < 1e-10
     for gb, gr in zip(g_b, g_r):
         assert rel_err(gb, gr) < 1e-9
+
+
+def test_cpu_shared_gaussians_reuse_only_unchanged_tensors():
+    """Inside ``shared_gaussians`` renders of the same Gaussian tensors over other slices give the
+    images and gradients they give alone; an in-place change of a tensor is seen by the next
+    render, not the stale preparation."""
+    params = [t.detach().double().requires_grad_() for t in random_gaussians(150, seed=41)]
+    poses = [random_poses(2, seed=s) for s in (42, 43)]
+    psf = PSFS["shared"]
+
+    def render(pose):
+        o, a = (t.detach().double() for t in pose)
+        img = R.render_slices(*params, o, a, SHAPE, SPACING, psf, backend="cpu")
+        (g,) = torch.autograd.grad(img.square().sum(), params[0])
+        return img.detach(), g
+
+    alone = [render(p) for p in poses]
+    with R.shared_gaussians():
+        shared = [render(p) for p in poses]
+        with torch.no_grad():
+            params[1].add_(0.2)  # widened in place (Adam's step): the next render must see it
+        moved = render(poses[1])
+    for (ia, ga), (ib, gb) in zip(alone, shared):
+        assert torch.equal(ia, ib) and torch.equal(ga, gb)
+    moved_alone = render(poses[1])
+    assert torch.equal(moved[0], moved_alone[0]) and torch.equal(moved[1], moved_alone[1])
+    assert (moved[0] - alone[1][0]).abs().max() > 1e-3  # the change changed the image

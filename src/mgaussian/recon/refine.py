@@ -11,6 +11,7 @@ __all__ = ["refine"]
 import torch
 
 from ..field import GaussianField, anisotropy_penalty
+from ..render import shared_gaussians
 from .frame import hold_frame
 from .losses import masked_smooth_l1, masked_ssim
 from .motion.robust import loss_weights
@@ -61,7 +62,6 @@ def _batch_backward(state: ReconState, batch) -> tuple[float, float, float, int]
     """The seed's loss over a batch, per pixel, back-propagated stack by stack (a stack's render
     plans and graph are freed before the next stack's render: mni-t4 at 1 mm, ~1.5 GB of plans for
     a 64-slice batch at once; the gradient is the same sum): (loss, smooth-L1 sum, SSIM sum, pixels)."""
-    cfg, params = state.cfg, state.params
     l1_sum = ssim_sum = loss_sum = 0.0
     per_stack = []
     for si, ss in enumerate(state.sets):
@@ -70,24 +70,34 @@ def _batch_backward(state: ReconState, batch) -> tuple[float, float, float, int]
             sel = torch.as_tensor(ks, device=state.dev)
             per_stack.append((si, ss, sel, int(ss.mask[sel].sum())))
     npx = sum(cnt for *_, cnt in per_stack)
-    for si, ss, sel, cnt in per_stack:
-        o, ax = slice_frames(ss, sel, state.rots[si], state.trans[si], state.cents[si])
-        pred = render_stack_slices(params, ss, sel, o, ax, cfg, state.backend)
-        if state.nrf is not None:
-            pred = pred + nrf_slices(state.nrf, ss, sel, o, ax, cfg)
-        pred = pred * state.scs[si][sel][:, None, None]
-        obs, m, w = ss.obs[sel], ss.mask[sel], state.wts[si][sel]
-        l1 = masked_smooth_l1(pred, obs, m, cfg.smooth_l1_beta, weight=w)
-        term = l1 * cnt
-        if cfg.use_ssim:
-            s = masked_ssim(pred, obs, m, weight=state.sws[si][sel][:, None, None].expand_as(w))
-            term = term + cfg.ssim_weight * (1 - s) * cnt
-            ssim_sum += float(s.detach()) * cnt
-        term = term / max(npx, 1)
-        term.backward()
-        loss_sum += float(term.detach())
-        l1_sum += float(l1.detach()) * cnt
+    with shared_gaussians():  # the stacks' renders prepare the Gaussians once
+        for si, ss, sel, cnt in per_stack:
+            term, l1, s = _stack_term(state, si, ss, sel, cnt, npx)
+            term.backward()
+            loss_sum += float(term.detach())
+            l1_sum += float(l1.detach()) * cnt
+            if s is not None:
+                ssim_sum += float(s.detach()) * cnt
     return loss_sum, l1_sum, ssim_sum, npx
+
+
+def _stack_term(state: ReconState, si: int, ss, sel: torch.Tensor, cnt: int, npx: int):
+    """One stack's part of the batch loss, weighted by its share of the batch's pixels: (term,
+    smooth-L1 mean, SSIM or None)."""
+    cfg, params = state.cfg, state.params
+    o, ax = slice_frames(ss, sel, state.rots[si], state.trans[si], state.cents[si])
+    pred = render_stack_slices(params, ss, sel, o, ax, cfg, state.backend)
+    if state.nrf is not None:
+        pred = pred + nrf_slices(state.nrf, ss, sel, o, ax, cfg)
+    pred = pred * state.scs[si][sel][:, None, None]
+    obs, m, w = ss.obs[sel], ss.mask[sel], state.wts[si][sel]
+    l1 = masked_smooth_l1(pred, obs, m, cfg.smooth_l1_beta, weight=w)
+    term = l1 * cnt
+    s = None
+    if cfg.use_ssim:
+        s = masked_ssim(pred, obs, m, weight=state.sws[si][sel][:, None, None].expand_as(w))
+        term = term + cfg.ssim_weight * (1 - s) * cnt
+    return term / max(npx, 1), l1, s
 
 
 def _adam_iteration(

@@ -44,6 +44,7 @@ from ._common import FWHM_TO_SIGMA, mask_to_row_spans, resolve_row_spans, slice_
 
 __all__ = [
     "render_slices",
+    "shared_gaussians",
     "slice_design",
     "AutogradDesign",
     "render_points",
@@ -125,6 +126,16 @@ def _module(name: str):
     else:
         from . import reference as m
     return m
+
+
+def shared_gaussians():
+    """A block within which renders of the same, unchanged Gaussian tensors (several calls over
+    different slices: a batch rendered stack by stack) share their per-Gaussian preparation; the
+    same images and gradients as without it. The cpu backend's (:func:`.cpu.shared_gaussians`); the
+    others prepare nothing worth sharing, so a block changes nothing for them."""
+    from . import cpu
+
+    return cpu.shared_gaussians()
 
 
 def render_slices(

@@ -20,7 +20,9 @@ contiguous blocks on ``numba.get_num_threads()`` threads (all cores by default, 
 
 from __future__ import annotations
 
+import threading
 import weakref
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -93,8 +95,15 @@ def shared_frames(ax: np.ndarray, psf2: np.ndarray) -> np.ndarray:
     return np.unique(key.view(np.int64), axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
-def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_size=None):
-    """Cull and project every (Gaussian, slice) pair (numpy float64 inputs). Returns a SlicePlan."""
+def gaussian_cells(mu, sig, cell_size=None):
+    """``build_cells`` of the Gaussians (numpy float64 centres and covariances): what
+    :func:`build_plan` needs of them besides themselves, the same for any slices."""
+    return K.build_cells(mu, sig, -1.0 if cell_size is None else float(cell_size), 24.0)
+
+
+def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_size=None, cells=None):
+    """Cull and project every (Gaussian, slice) pair (numpy float64 inputs). Returns a SlicePlan.
+    ``cells``: :func:`gaussian_cells` of these Gaussians, when the caller has it already."""
     h, wd = shape
     du, dv = float(spacing[0]), float(spacing[1])
     n = mu.shape[0]
@@ -102,8 +111,8 @@ def build_plan(mu, sig, w, org, ax, psf2, shape, spacing, cutoff, spans, cell_si
     plan = SlicePlan()
     ext = _extents(spans, ns, h, wd, du, dv)
     cut = float(cutoff)
-    order, cstart, cells, lo, dims, r2max, cell_size = K.build_cells(
-        mu, sig, -1.0 if cell_size is None else float(cell_size), 24.0
+    order, cstart, cells, lo, dims, r2max, cell_size = (
+        cells if cells is not None else gaussian_cells(mu, sig, cell_size)
     )
     cl_off, cl_sl = K.cell_slice_lists(cells, lo, dims, cell_size, r2max, org, ax, psf2, ext, cut)
     frame_of = shared_frames(ax, psf2)
@@ -167,16 +176,52 @@ def _to_torch(a: np.ndarray, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=npdt))
 
 
+# Renders of the same Gaussians one after the other (an Adam iteration renders its batch stack by
+# stack) share, inside shared_gaussians(), what a render computes of the Gaussians alone: their
+# float64 copies, covariances and cell sort (mni-t4's Adam stage: ~0.12 s of each stack's render
+# of 2M Gaussians, benchmarks/SPEED.md session 23)
+_SCOPE = threading.local()
+
+
+@contextmanager
+def shared_gaussians():
+    """Within this block, :func:`render_slices` of Gaussian tensors that a render in it has
+    already prepared, unchanged since (the same storage, no in-place change: the tensors' version
+    counters), reuses that preparation. The same numbers as without it."""
+    outer = getattr(_SCOPE, "slot", None)
+    _SCOPE.slot = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SCOPE.slot = outer
+
+
+def _prepared_gaussians(means, log_scales, quats, intensities):
+    """(mu, log-scales, quats, intensities, Sigma, w, cells) as the kernels take them, from
+    :func:`shared_gaussians`'s slot when it holds these tensors' (it keeps them referenced, so
+    their storage cannot be reused while it holds them)."""
+    tensors = (means, log_scales, quats, intensities)
+    key = tuple((t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+    slot = getattr(_SCOPE, "slot", None)
+    if slot is not None and slot.get("key") == key:
+        return slot["prepared"]
+    a_mu, a_ls, a_q, a_c = (_np64(t) for t in tensors)
+    a_sig, a_w = K.gauss_prep(a_ls, a_q, a_c)
+    prepared = (a_mu, a_ls, a_q, a_c, a_sig, a_w, gaussian_cells(a_mu, a_sig))
+    if slot is not None:
+        slot.update(key=key, tensors=tensors, prepared=prepared)
+    return prepared
+
+
 class _RenderSlicesCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, log_scales, quats, intensities, origins, axes, psf2, shape, spacing, cutoff, spans, stats):
         h, wd = shape
         du, dv = spacing
-        a_mu, a_ls, a_q, a_c = (_np64(t) for t in (means, log_scales, quats, intensities))
+        a_mu, a_ls, a_q, a_c, a_sig, a_w, cells = _prepared_gaussians(means, log_scales, quats, intensities)
         a_org, a_ax = _np64(origins), _np64(axes)
-        a_sig, a_w = K.gauss_prep(a_ls, a_q, a_c)
         ns = a_org.shape[0]
-        plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, shape, spacing, cutoff, spans)
+        plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, shape, spacing, cutoff, spans, cells=cells)
         has = spans is not None
         sp = spans if has else _dummy_spans()
         threads = numba.get_num_threads()
@@ -443,6 +488,7 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
     # unit intensities: the basis functions; the float64 scales and rotations are not kept beside
     # the maps being built (mni-t4 at 1 mm: 115 MB of the fine level's peak)
     a_sig, a_w = K.gauss_prep(_np64(log_scales), _np64(quats), np.ones(a_mu.shape[0]))
+    cells = gaussian_cells(a_mu, a_sig)  # the same for every run of slices
     parts, nbytes, n_terms = [], 0, 0
     for s0 in range(0, max(ns, 1), _BUILD_SLICES):
         s1 = min(ns, s0 + _BUILD_SLICES)
@@ -452,6 +498,7 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
             a_mu,
             a_sig,
             a_w,
+            cells,
             a_org[s0:s1],
             a_ax[s0:s1],
             np.ascontiguousarray(psf2[s0:s1]),
@@ -477,11 +524,13 @@ def _design(means, log_scales, quats, origins, axes, shape, spacing, psf_sigma, 
     return d, d.nbytes, n_terms
 
 
-def _design_part(a_mu, a_sig, a_w, a_org, a_ax, psf2, h, wd, du, dv, cutoff, row_spans, max_bytes, dtype, device):
+def _design_part(
+    a_mu, a_sig, a_w, cells, a_org, a_ax, psf2, h, wd, du, dv, cutoff, row_spans, max_bytes, dtype, device
+):
     """The :class:`SliceDesign` of one run of slices: (design or None beyond ``max_bytes``, bytes, terms)."""
     ns = a_org.shape[0]
     n = a_mu.shape[0]
-    plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, (h, wd), (du, dv), cutoff, row_spans)
+    plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, (h, wd), (du, dv), cutoff, row_spans, cells=cells)
     has = row_spans is not None
     sp = row_spans if has else _dummy_spans()
     nrow, nval = K.design_count(ns, h, wd, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, du, dv, sp, has)

@@ -95,6 +95,11 @@ KERNEL_SIGNATURES: tuple[tuple[str, str], ...] = (
         "float64, int32[:, :, ::1], boolean, float64[:, :, ::1]",
     ),
     (
+        "grow_corners",
+        "int64[:, ::1], float64[:, ::1], int64[:, :, ::1], float64[::1], float64[:, ::1], float64[:, ::1], "
+        "float64[::1], float64[::1], float64[:, ::1], float64[:, ::1]",
+    ),
+    (
         "_raster_backward_means",
         "int64, int64, float64[:, :, ::1], int64[::1], int64[::1], int64[::1], int32[::1], float64[:, ::1], "
         "int64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, :, ::1], float64[:, "

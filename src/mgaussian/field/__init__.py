@@ -165,7 +165,11 @@ def _grid_for_mask(mask: np.ndarray, affine: np.ndarray, spacing: float, dilate:
     v = pts @ inv[:3, :3].T + inv[:3, 3]
     vr = np.rint(v).astype(np.int64)
     vc = np.clip(vr, 0, np.array(mask.shape) - 1)
-    outside = _row_norm((vr - vc) * vox)
+    # the distance beyond the mask's grid, for the nodes outside it (0 for the rest: mni-t4's fine
+    # grid, 4.4M nodes, 0.59 s over all of them)
+    beyond = _rows_any(vr != vc)
+    outside = np.zeros(len(vr))
+    outside[beyond] = _row_norm((vr[beyond] - vc[beyond]) * vox)
     d = dist[vc[:, 0], vc[:, 1], vc[:, 2]] + outside
     keep = d <= dilate + 1e-6
     return lo, shape, gi[keep], pts[keep]
@@ -232,6 +236,60 @@ def init_field_on_grid(
     )
 
 
+def _corner_sums(base, frac, lut, c0, s0, q0):
+    """For each new node (its old cell ``base`` [M,3] and position ``frac`` in it), the trilinear
+    weights' sum and the weighted sums of the old Gaussians' intensities ``c0``, relative
+    log-scales ``s0`` and quaternions ``q0`` (each turned to the hemisphere of the node's first
+    valid corner) over the cell's corners that hold a Gaussian (``lut``: grid -> Gaussian or -1).
+    The cpu kernel ``grow_corners``; :func:`_corner_sums_numpy` is its twin, the same numbers."""
+    from ..render._cpu_kernels import grow_corners
+
+    m = len(base)
+    acc_w, acc_c, acc_s, acc_q = np.zeros(m), np.zeros(m), np.zeros((m, 3)), np.zeros((m, 4))
+    grow_corners(
+        np.ascontiguousarray(base, dtype=np.int64), np.ascontiguousarray(frac, dtype=np.float64),
+        np.ascontiguousarray(lut, dtype=np.int64), c0, np.ascontiguousarray(s0), np.ascontiguousarray(q0),
+        acc_w, acc_c, acc_s, acc_q,
+    )  # fmt: skip
+    return acc_w, acc_c, acc_s, acc_q
+
+
+def _corner_sums_numpy(base, frac, lut, c0, s0, q0):
+    """:func:`_corner_sums` in numpy, corner by corner over all nodes at once (the reference)."""
+    n1 = len(base)
+    shp = np.array(lut.shape)
+    acc_w = np.zeros(n1)
+    acc_c = np.zeros(n1)
+    acc_s = np.zeros((n1, 3))
+    acc_q = np.zeros((n1, 4))
+    ref_q = None
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                off = np.array([dx, dy, dz])
+                corner = base + off
+                inside = _rows_all((corner >= 0) & (corner < shp))
+                j = np.full(n1, -1)
+                cc = corner[inside]
+                j[inside] = lut[cc[:, 0], cc[:, 1], cc[:, 2]]
+                ok = j >= 0
+                f = np.where(off == 1, frac, 1.0 - frac)
+                wgt = f[:, 0] * f[:, 1] * f[:, 2] * ok
+                jj = np.where(ok, j, 0)
+                qq = q0[jj]
+                if ref_q is None:
+                    ref_q = np.where(ok[:, None], qq, 0.0)
+                else:  # first valid corner becomes the hemisphere reference
+                    empty = ~_rows_any(ref_q != 0) & ok
+                    ref_q[empty] = qq[empty]
+                sign = np.where(_row_sum(qq * ref_q) < 0, -1.0, 1.0)
+                acc_w += wgt
+                acc_c += wgt * c0[jj]
+                acc_s += wgt[:, None] * s0[jj]
+                acc_q += (wgt * sign)[:, None] * qq
+    return acc_w, acc_c, acc_s, acc_q
+
+
 def grow_field(
     field: GaussianField, new_spacing_mm: float, mask: np.ndarray, affine: np.ndarray, dilate_mm: float | None = None
 ) -> GaussianField:
@@ -262,36 +320,7 @@ def grow_field(
     u = (pts1 - field.grid_origin) / h0
     base = np.floor(u).astype(np.int64)
     frac = u - base
-    n1 = len(pts1)
-    acc_w = np.zeros(n1)
-    acc_c = np.zeros(n1)
-    acc_s = np.zeros((n1, 3))
-    acc_q = np.zeros((n1, 4))
-    ref_q = None
-    for dx in (0, 1):
-        for dy in (0, 1):
-            for dz in (0, 1):
-                off = np.array([dx, dy, dz])
-                corner = base + off
-                inside = _rows_all((corner >= 0) & (corner < np.array(shp)))
-                j = np.full(n1, -1)
-                cc = corner[inside]
-                j[inside] = lut[cc[:, 0], cc[:, 1], cc[:, 2]]
-                ok = j >= 0
-                f = np.where(off == 1, frac, 1.0 - frac)
-                wgt = f[:, 0] * f[:, 1] * f[:, 2] * ok
-                jj = np.where(ok, j, 0)
-                qq = q0[jj]
-                if ref_q is None:
-                    ref_q = np.where(ok[:, None], qq, 0.0)
-                else:  # first valid corner becomes the hemisphere reference
-                    empty = ~_rows_any(ref_q != 0) & ok
-                    ref_q[empty] = qq[empty]
-                sign = np.where(_row_sum(qq * ref_q) < 0, -1.0, 1.0)
-                acc_w += wgt
-                acc_c += wgt * c0[jj]
-                acc_s += wgt[:, None] * s0[jj]
-                acc_q += (wgt * sign)[:, None] * qq
+    acc_w, acc_c, acc_s, acc_q = _corner_sums(base, frac, lut, c0, s0, q0)
     none = acc_w <= 1e-12
     if none.any():
         from scipy.spatial import cKDTree

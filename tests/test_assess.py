@@ -162,3 +162,25 @@ def test_reconstruct_reuses_the_assessments_registrations(case, monkeypatch):
     monkeypatch.setattr(registration, "register_pair", lambda *a, **k: calls.append(a) or (np.eye(4), 1.0))
     got = registration.register_stacks(stacks, reference=1, log=lambda s: None, known=known)
     assert calls == [] and all(np.array_equal(g, known[i][0]) for i, g in enumerate(got) if i != 1)
+
+
+def test_settled_pairs_are_skipped_without_changing_scores(case):
+    """``all_pairs=False`` (reconstruct): with three clean stacks the pair (1, 2) is not registered
+    (both already agree fully with stack 0), and the scores, ranks and reference stay; beside a
+    stack that agrees with none, every pair that could move a score is still registered."""
+    stacks = load_stacks(case["clean"], case["masks"])
+    poses_full, poses_lazy = {}, {}
+    full = assess_stacks(stacks, poses=poses_full)
+    lazy = assess_stacks(stacks, poses=poses_lazy, all_pairs=False)
+    assert set(poses_full) == {(0, 1), (0, 2), (1, 2)} and set(poses_lazy) == {(0, 1), (0, 2)}
+    for key in ("score", "rank"):
+        assert [r[key] for r in lazy] == [r[key] for r in full]
+    assert choose_reference(lazy) == choose_reference(full)
+    assert lazy[1]["agreement_with"][stacks[2].name] is None and lazy[1]["agreement"] >= 0.8
+    for pair, (pose, *_) in poses_lazy.items():
+        np.testing.assert_array_equal(pose, poses_full[pair][0])  # the same registrations
+    bad = load_stacks(case["clean"] + [case["flipped"]], case["masks"] + [case["flipped_mask"]])
+    poses_bad = {}
+    rows = assess_stacks(bad, poses=poses_bad, all_pairs=False)
+    assert {(0, 3), (1, 3), (2, 3)} <= set(poses_bad)  # the flipped stack is never settled
+    assert rows[3]["rank"] == 4 and stacks_to_exclude(rows) == [3]

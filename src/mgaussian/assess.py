@@ -29,7 +29,8 @@ slice's pose, so a stack that moved is still worth having; a stack that agrees w
 another subject, flipped, or so damaged that its bulk no longer registers) is what it cannot use.
 
 Reference (``reconstruct``): the best-scored stack, the first of equals (clean stacks all score 1,
-so on clean data the first stack stays the reference). Exclusion (``reconstruct --stack-exclude
+so on clean data the first stack stays the reference). ``reconstruct`` registers only the pairs
+that can still move a score (``assess_stacks(all_pairs=False)``); ``mgaussian assess`` all of them. Exclusion (``reconstruct --stack-exclude
 auto``): a stack whose score is below ``EXCLUDE_FRACTION`` x the median score is dropped, when at
 least 3 stacks are given and at least 2 remain (see the constant for why).
 """
@@ -161,11 +162,25 @@ def _lin(x: float | None, lo: float, hi: float) -> float:
     return float(np.clip((x - lo) / (hi - lo), 0.0, 1.0))
 
 
-def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None) -> list[dict]:
+def _settled(pair: np.ndarray, i: int) -> bool:
+    """Whether stack i's score no longer depends on its pairs not yet registered: at least as many
+    of its NCCs as its better half holds are >= ``AGREE_FULL``, so the mean of the better half is
+    >= ``AGREE_FULL`` whatever the others are (s_agreement is 1)."""
+    n = pair.shape[0]
+    return int(np.sum(pair[i] >= AGREE_FULL)) >= n // 2  # the better half of its n - 1 others
+
+
+def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None, all_pairs: bool = True) -> list[dict]:
     """One row per stack (in input order): motion index, agreement, the two sub-scores, the score
     and its rank (1 = best). See the module docstring. ``poses``: where given, each pair's
     registration is stored in it, {(i, j): (stack j's pose in stack i's frame, correlation,
-    grid)} (``reconstruct`` reuses the reference's: :func:`reference_poses`)."""
+    grid)} (``reconstruct`` reuses the reference's: :func:`reference_poses`).
+
+    ``all_pairs`` False (``reconstruct``): a pair is not registered when both its stacks are
+    already settled (:func:`_settled`), where its NCC could change neither score, only the
+    agreement shown (the mean of the better half of the pairs registered). The pairs run in the
+    order (0, 1), (0, 2), ... so that the first stack's are all registered. Three clean stacks:
+    two registrations instead of three (mni-t4: ~3 s); the scores, ranks and reference the same."""
     t0 = time.time()
     rows = [
         {
@@ -182,16 +197,20 @@ def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None) -> l
     # every pair on the grid of all stacks, where reconstruct registers the stacks to its reference
     grid = registration_grid(stacks)
     for i, j in itertools.combinations(range(n), 2):
+        if not all_pairs and _settled(pair, i) and _settled(pair, j):
+            continue
         got = {}
         pair[i, j] = pair[j, i] = pair_agreement(stacks[i], stacks[j], grid, got)
         if poses is not None:
             poses[(i, j)] = (*got["pose"], grid)
     for i, r in enumerate(rows):
-        others = sorted((float(pair[i, j]) for j in range(n) if j != i), reverse=True)
+        others = sorted((float(pair[i, j]) for j in range(n) if j != i and not np.isnan(pair[i, j])), reverse=True)
         # the mean of the better half: a good stack agrees with the other good ones, which are the
         # majority; a plain median is pulled down by the bad ones (two of five: 0.96 -> 0.74)
         r["agreement"] = float(np.mean(others[: (len(others) + 1) // 2])) if others else None
-        r["agreement_with"] = {stacks[j].name: round(float(pair[i, j]), 4) for j in range(n) if j != i}
+        r["agreement_with"] = {
+            stacks[j].name: None if np.isnan(pair[i, j]) else round(float(pair[i, j]), 4) for j in range(n) if j != i
+        }
         r["s_motion"] = (
             1.0 - _lin(r["motion_index"], MOTION_STILL, MOTION_MOVED) if r["motion_index"] is not None else 1.0
         )

@@ -1435,7 +1435,7 @@ def _assess_for_reconstruct(a, cfg, stacks, log):
 
     t0 = time.time()
     pair_poses = {}
-    rows = assess_stacks(stacks, poses=pair_poses)
+    rows = assess_stacks(stacks, poses=pair_poses, all_pairs=False)  # the pairs its scores need
     for line in format_table(rows).splitlines():
         log("assess: " + line)
     drop = [i for i in stacks_to_exclude(rows) if i != a.reference_stack] if a.stack_exclude == "auto" else []

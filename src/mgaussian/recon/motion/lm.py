@@ -10,6 +10,7 @@ import time
 import numpy as np
 import torch
 
+from ...render import shared_gaussians
 from ..config import ReconConfig
 from ..slices import render_stack_slices, slice_frames
 from .poses import moved_by_mean, pose_means
@@ -80,6 +81,18 @@ def optimise_poses(
         o, ax = slice_frames(ss, sel, r, t, cents[si])
         return render_stack_slices(fld, ss, sel, o, ax, cfg, backend) * scs[si][:, None, None]
 
+    # the field is fixed here: its renders (8 an iteration, every stack) prepare the Gaussians once
+    with shared_gaussians():
+        _optimise_stacks(sets, rots, trans, cents, wts, render, iters, deadline, skip, eps_rot, eps_trans, max_rot,
+                         max_trans, prior, rot_axes, small_slice, jac_every, jac_reuse_mm, jac_reuse_rad, time_ranks,
+                         time_prior, time_scale_mm)  # fmt: skip
+
+
+def _optimise_stacks(
+    sets, rots, trans, cents, wts, render, iters, deadline, skip, eps_rot, eps_trans, max_rot, max_trans, prior,
+    rot_axes, small_slice, jac_every, jac_reuse_mm, jac_reuse_rad, time_ranks, time_prior, time_scale_mm,
+):  # fmt: skip
+    """:func:`optimise_poses`'s iterations, stack by stack (``render(stack, rots, trans)``)."""
     for si, ss in enumerate(sets):
         if si in skip or ss.n == 0:
             continue

@@ -95,6 +95,11 @@ KERNEL_SIGNATURES: tuple[tuple[str, str], ...] = (
         "float64, int32[:, :, ::1], boolean, float64[:, :, ::1]",
     ),
     (
+        "region_votes",
+        "float64[:, ::1], int64[::1], int64[::1], float64[:, ::1], float64[:, :, ::1], float64[:, :, ::1], "
+        "float64, float64, int64, float64, float64[::1], float64[::1]",
+    ),
+    (
         "grow_corners",
         "int64[:, ::1], float64[:, ::1], int64[:, :, ::1], float64[::1], float64[:, ::1], float64[:, ::1], "
         "float64[::1], float64[::1], float64[:, ::1], float64[:, ::1]",

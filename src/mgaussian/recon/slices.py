@@ -26,7 +26,7 @@ import torch
 
 from ..geometry import apply_pose_to_frames
 from ..psf import FWHM_TO_SIGMA
-from ..render import AutogradDesign, render_points, render_slices, slice_design, slice_psf_sigma
+from ..render import AutogradDesign, render_points, render_slices, shared_gaussians, slice_design, slice_psf_sigma
 from .config import ReconConfig
 from .data import SliceSet
 from .nrf import NeuralResidualField
@@ -175,11 +175,12 @@ def predict_all(
     """The model's prediction of every slice of every stack at its pose: [K,h,w] per stack."""
     out = []
     fld = {k: v.detach() for k, v in params.items()}
-    for si, ss in enumerate(sets):
-        sel = torch.arange(ss.n, device=ss.obs.device)
-        o, ax = slice_frames(ss, sel, rots[si], trans[si], cents[si])
-        pred = render_stack_slices(fld, ss, sel, o, ax, cfg, backend)
-        if nrf is not None:
-            pred = pred + nrf_slices(nrf, ss, sel, o, ax, cfg)
-        out.append(pred)
+    with shared_gaussians():  # every stack's render of the same Gaussians
+        for si, ss in enumerate(sets):
+            sel = torch.arange(ss.n, device=ss.obs.device)
+            o, ax = slice_frames(ss, sel, rots[si], trans[si], cents[si])
+            pred = render_stack_slices(fld, ss, sel, o, ax, cfg, backend)
+            if nrf is not None:
+                pred = pred + nrf_slices(nrf, ss, sel, o, ax, cfg)
+            out.append(pred)
     return out

@@ -1658,6 +1658,55 @@ def _gauss_prep_backward(i0, i1, ls, q, c, g_sig, g_w, g_ls, g_q, g_c):
 
 
 # ----------------------------------------------------------------------------------------------
+# the region where the moved slices put the anatomy (mgaussian.recon.data.region_from_slices)
+
+
+@njit(**_JIT)
+def region_votes(X, pos, order, o, ax, msk, du, dv, reach, near_mm, acc, cov):
+    """mgaussian.recon.data's ``_stack_votes`` voxel by voxel: the arithmetic of its numpy twin in
+    its order (the same bits). Per voxel the slices pos - reach .. pos + reach - 1 in the sorted
+    order, the nearest along its own normal kept (the first of equals); its mask read bilinearly
+    (0 outside)."""
+    nk = order.shape[0]
+    h = msk.shape[1]
+    w = msk.shape[2]
+    for i in range(X.shape[0]):
+        best = np.inf
+        val = 0.0
+        for off in range(-reach, reach):
+            j = pos[i] + off
+            if j < 0 or j >= nk:
+                continue
+            k = order[j]
+            d0 = X[i, 0] - o[k, 0]
+            d1 = X[i, 1] - o[k, 1]
+            d2 = X[i, 2] - o[k, 2]
+            dn = abs(ax[k, 2, 0] * d0 + ax[k, 2, 1] * d1 + ax[k, 2, 2] * d2)
+            if not dn < best:
+                continue
+            best = dn
+            a = (ax[k, 0, 0] * d0 + ax[k, 0, 1] * d1 + ax[k, 0, 2] * d2) / du
+            b = (ax[k, 1, 0] * d0 + ax[k, 1, 1] * d1 + ax[k, 1, 2] * d2) / dv
+            a0 = int(math.floor(a))
+            b0 = int(math.floor(b))
+            fa = a - a0
+            fb = b - b0
+            v = 0.0
+            for da in range(2):
+                wa = fa if da == 1 else 1 - fa
+                aa = a0 + da
+                for db in range(2):
+                    wb = fb if db == 1 else 1 - fb
+                    bb = b0 + db
+                    if 0 <= aa < h and 0 <= bb < w:
+                        v += (wa * wb) * msk[k, aa, bb]
+            val = v
+        near = best <= near_mm
+        acc[i] += val if near else 0.0
+        cov[i] += 1.0 if near else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
 # the progressive growth (mgaussian.field.grow_field)
 
 

@@ -429,3 +429,30 @@ def test_cpu_shared_gaussians_reuse_only_unchanged_tensors():
     moved_alone = render(poses[1])
     assert torch.equal(moved[0], moved_alone[0]) and torch.equal(moved[1], moved_alone[1])
     assert (moved[0] - alone[1][0]).abs().max() > 1e-3  # the change changed the image
+
+
+def test_cpu_slice_index_groups_pairs_by_slice_in_gaussian_order():
+    """The plan's pairs grouped by slice, each slice's in the sorted Gaussians' order (as one serial
+    counting sort would place them), with gaps between the Gaussians' pair ranges, empty slices and
+    more Gaussians than the sort's blocks; the same on 1 and 2 threads."""
+    import numba
+    import numpy as np
+
+    from mgaussian.render import _cpu_kernels as K
+
+    rng = np.random.default_rng(8)
+    n, ns = 500, 7
+    gcnt = rng.integers(0, 6, n)
+    goff = np.concatenate([[0], np.cumsum(gcnt + rng.integers(0, 3, n))])  # upper bounds: gaps
+    p_sl = rng.choice([0, 1, 2, 4, 6], size=goff[-1]).astype(np.int32)  # slices 3 and 5 empty
+    pairs = [p for t in range(n) for p in range(goff[t], goff[t] + gcnt[t])]
+    want = [p for s in range(ns) for p in pairs if p_sl[p] == s]
+    old = numba.get_num_threads()
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            off, idx = K.slice_index(goff, gcnt.astype(np.int64), p_sl, ns)
+            assert idx.tolist() == want
+            assert off.tolist() == [0, *np.cumsum([sum(p_sl[p] == s for p in pairs) for s in range(ns)]).tolist()]
+    finally:
+        numba.set_num_threads(old)

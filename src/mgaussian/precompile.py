@@ -54,7 +54,8 @@ KERNEL_SIGNATURES: tuple[tuple[str, str], ...] = (
         "int64[::1], int32[::1], float64[:, ::1], float64[:, :, ::1], float64[:, ::1], float64[:, ::1], "
         "float64, float64, float64, int64[::1], int64[::1], int64[::1], int32[::1], float64[:, ::1], int64[:, ::1]",
     ),
-    ("slice_index", "int64[::1], int64[::1], int32[::1], int64"),
+    ("_slice_count", "int64, int64, int64, int64, int64[::1], int64[::1], int32[::1], int64[:, ::1]"),
+    ("_slice_fill", "int64, int64, int64, int64, int64[::1], int64[::1], int32[::1], int64[:, ::1], int64[::1]"),
     (
         "_design_count",
         "int64, int64, int64, int64, int64[::1], int64[::1], float64[:, ::1], int64[:, ::1], float64, float64, "

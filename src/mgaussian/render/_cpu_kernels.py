@@ -397,24 +397,48 @@ def _fill_pairs(
             gcnt[t] = p - goff[t]
 
 
-@njit(**_JIT)
+# slice_index's blocks of sorted Gaussians: a fixed number, so that the blocks and their order do
+# not depend on the thread count (the index is the same for any blocking: slice by slice, in the
+# Gaussians' order)
+_INDEX_BLOCKS = 64
+
+
 def slice_index(goff, gcnt, p_sl, ns):
-    """Valid pairs grouped by slice: (s_off [S+1], s_idx [pairs])."""
+    """Valid pairs grouped by slice: (s_off [S+1], s_idx [pairs]), each slice's pairs in the sorted
+    Gaussians' order. A counting sort over blocks of Gaussians on the kernels' threads: each block
+    counts its pairs per slice, then writes them from its own start in each slice (the serial
+    sort's order; mni-t4's Adam iterations: 25 ms a call on one thread)."""
     n = gcnt.shape[0]
+    nb = max(1, min(n, _INDEX_BLOCKS))
+    counts = np.zeros((nb, ns), np.int64)
+    parallel_range(_slice_count, nb, n, nb, goff, gcnt, p_sl, counts)
     off = np.zeros(ns + 1, np.int64)
-    for t in range(n):
-        for p in range(goff[t], goff[t] + gcnt[t]):
-            off[p_sl[p] + 1] += 1
-    for s in range(ns):
-        off[s + 1] += off[s]
-    fillp = off[:-1].copy()
+    np.cumsum(counts.sum(0), out=off[1:])
+    start = off[:-1][None, :] + np.cumsum(counts, 0) - counts  # block b's first place in slice s
     idx = np.empty(off[ns], np.int64)
-    for t in range(n):
-        for p in range(goff[t], goff[t] + gcnt[t]):
-            s = p_sl[p]
-            idx[fillp[s]] = p
-            fillp[s] += 1
+    parallel_range(_slice_fill, nb, n, nb, goff, gcnt, p_sl, start, idx)
     return off, idx
+
+
+@njit(**_JIT)
+def _slice_count(b0, b1, n, nb, goff, gcnt, p_sl, counts):
+    """:func:`slice_index`'s pairs per slice of the Gaussians of blocks b0 .. b1 - 1."""
+    for blk in range(b0, b1):
+        for t in range(blk * n // nb, (blk + 1) * n // nb):
+            for p in range(goff[t], goff[t] + gcnt[t]):
+                counts[blk, p_sl[p]] += 1
+
+
+@njit(**_JIT)
+def _slice_fill(b0, b1, n, nb, goff, gcnt, p_sl, start, idx):
+    """:func:`slice_index`'s pairs of blocks b0 .. b1 - 1, each from its block's start in its slice."""
+    for blk in range(b0, b1):
+        fillp = start[blk].copy()
+        for t in range(blk * n // nb, (blk + 1) * n // nb):
+            for p in range(goff[t], goff[t] + gcnt[t]):
+                s = p_sl[p]
+                idx[fillp[s]] = p
+                fillp[s] += 1
 
 
 @njit(**_JIT)

@@ -81,100 +81,92 @@ def optimise_poses(
         o, ax = slice_frames(ss, sel, r, t, cents[si])
         return render_stack_slices(fld, ss, sel, o, ax, cfg, backend) * scs[si][:, None, None]
 
-    # the field is fixed here: its renders (8 an iteration, every stack) prepare the Gaussians once
+    # the field is fixed here: its renders (8 an LM iteration, every stack) prepare the Gaussians once
     with shared_gaussians():
-        _optimise_stacks(sets, rots, trans, cents, wts, render, iters, deadline, skip, eps_rot, eps_trans, max_rot,
-                         max_trans, prior, rot_axes, small_slice, jac_every, jac_reuse_mm, jac_reuse_rad, time_ranks,
-                         time_prior, time_scale_mm)  # fmt: skip
-
-
-def _optimise_stacks(
-    sets, rots, trans, cents, wts, render, iters, deadline, skip, eps_rot, eps_trans, max_rot, max_trans, prior,
-    rot_axes, small_slice, jac_every, jac_reuse_mm, jac_reuse_rad, time_ranks, time_prior, time_scale_mm,
-):  # fmt: skip
-    """:func:`optimise_poses`'s iterations, stack by stack (``render(stack, rots, trans)``)."""
-    for si, ss in enumerate(sets):
-        if si in skip or ss.n == 0:
-            continue
-        r, t, w = rots[si], trans[si], wts[si]
-        lam = torch.full((ss.n,), 1e-2, dtype=torch.float64, device=r.device)
-        base = render(si, r, t)
-        dcost = cost = (((base - ss.obs) ** 2) * w).sum((1, 2)).double()
-        use_prior = small_slice > 0 and ss.n > 2
-        if use_prior:
-            mean = pose_means([r], [t], [cents[si]])
-            ck = cents[si].detach().cpu().numpy().astype(np.float64)
-            tgt_t = torch.as_tensor(moved_by_mean(ck, *mean) - ck, dtype=torch.float64, device=r.device)
-            tgt_r = torch.as_tensor(mean[0], dtype=torch.float64, device=r.device)[None, :]
-            p_d = None  # [6] prior weight per parameter (rotations about the slice axes, translations), from the first Jacobian
-
-        tt_target = None
-        if time_prior > 0 and time_ranks is not None and time_ranks[si] is not None and ss.n > 2:
-            tt_target = _time_neighbour_targets(r, t, cents[si], np.asarray(time_ranks[si]), time_scale_mm)
-            use_prior = True
-            if not (small_slice > 0):
-                p_d = None
-                tgt_r = torch.zeros((1, 3), dtype=torch.float64, device=r.device)
-                tgt_t = torch.zeros((ss.n, 3), dtype=torch.float64, device=r.device)
-
-        def prior_cost(rr, tt, axr):
-            dev = torch.cat([torch.einsum("kjc,kc->kj", axr, rr.double() - tgt_r), tt.double() - tgt_t], 1)
-            return (p_d * dev**2).sum(1), dev
-
-        J = None
-        for it in range(iters):
-            if deadline is not None and time.time() > deadline:
-                break
-            # parameters: rotations about the slice's own axes (e_u, e_v, n: tilts first, the
-            # in-plane turn last) and translations along world x, y, z
-            ax_now = slice_frames(ss, torch.arange(ss.n, device=r.device), r, t, cents[si])[1]
-            wd = w.double()
-            if J is None or it % jac_every == 0:
-                J = _jacobian(lambda rr, tt: render(si, rr, tt), r, t, base, ax_now, rot_axes, eps_rot, eps_trans)
-                H0 = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
-            H = H0.clone()
-            g = torch.einsum("kahw,khw,khw->ka", J, (base - ss.obs).double(), wd)
-            dH = torch.diagonal(H, dim1=1, dim2=2)
-            ref = dH.mean(0, keepdim=True).clamp_min(1e-12)
-            nr = len(rot_axes)
-            axr = torch.stack([ax_now[:, i] for i in rot_axes], 1).double() if nr else None  # [K,nr,3]
+        for si, ss in enumerate(sets):
+            if si in skip or ss.n == 0:
+                continue
+            r, t, w = rots[si], trans[si], wts[si]
+            lam = torch.full((ss.n,), 1e-2, dtype=torch.float64, device=r.device)
+            base = render(si, r, t)
+            dcost = cost = (((base - ss.obs) ** 2) * w).sum((1, 2)).double()
+            use_prior = small_slice > 0 and ss.n > 2
             if use_prior:
-                # per parameter: a thick slice's tilts are seen far less than its in-plane turn
-                if p_d is None:
-                    Wk = wd.sum((1, 2))
-                    Wmed = Wk.median().clamp_min(1e-12)
-                    per = (dH / Wk.clamp_min(1e-12)[:, None]).median(0).values  # curvature per unit of pixel weight
-                    small = (Wk < small_slice * Wmed).to(per.dtype)[:, None] if small_slice > 0 else 0.0 * Wk[:, None]
-                    p_d = small * (Wmed * per)[None, :]  # [K,6]: a small slice weighs like a median one
-                    if tt_target is not None:  # the two quadratic pulls as one: summed weights, weighted target
-                        p_t = time_prior * tt_target[2][:, None] * (Wmed * per)[None, :]
-                        tgt_r, tgt_t = _combine_targets(p_d, tgt_r, tgt_t, p_t, tt_target, len(rot_axes), axr)
-                        p_d = p_d + p_t
-                pc, dev = prior_cost(r, t, axr)  # axes fixed for this step
-                cost = dcost + pc
-                g = g + p_d * dev
-                H = H + torch.diag_embed(p_d.expand(ss.n, -1))
-            A = H + torch.diag_embed(lam[:, None] * dH + prior * ref)
-            step = -torch.linalg.solve(A, g[..., None])[..., 0]
-            sr = torch.einsum("kj,kjc->kc", step[:, :nr], axr) if nr else torch.zeros_like(step[:, :3])
-            st = step[:, nr:]
-            sr = sr * (max_rot / sr.norm(dim=1, keepdim=True).clamp_min(max_rot))
-            st = st * (max_trans / st.norm(dim=1, keepdim=True).clamp_min(max_trans))
-            r_new, t_new = r + sr.to(r.dtype), t + st.to(t.dtype)
-            pred = render(si, r_new, t_new)
-            d_new = (((pred - ss.obs) ** 2) * w).sum((1, 2)).double()
-            c_new = d_new + prior_cost(r_new, t_new, axr)[0] if use_prior else d_new
-            ok = c_new < cost
-            r.copy_(torch.where(ok[:, None], r_new, r))
-            t.copy_(torch.where(ok[:, None], t_new, t))
-            base = torch.where(ok[:, None, None], pred, base)
-            cost = torch.where(ok, c_new, cost)
-            dcost = torch.where(ok, d_new, dcost)
-            lam = torch.where(ok, (lam * 0.3).clamp_min(1e-4), lam * 10.0)
-            # a slice that moved far leaves the Jacobian stale: recompute it at the next iteration
-            big = ok & ((sr.norm(dim=1) > jac_reuse_rad) | (st.norm(dim=1) > jac_reuse_mm))
-            if bool(big.any()):
-                J = None
+                mean = pose_means([r], [t], [cents[si]])
+                ck = cents[si].detach().cpu().numpy().astype(np.float64)
+                tgt_t = torch.as_tensor(moved_by_mean(ck, *mean) - ck, dtype=torch.float64, device=r.device)
+                tgt_r = torch.as_tensor(mean[0], dtype=torch.float64, device=r.device)[None, :]
+                p_d = None  # [6] prior weight per parameter (rotations about the slice axes, translations), from the first Jacobian
+
+            tt_target = None
+            if time_prior > 0 and time_ranks is not None and time_ranks[si] is not None and ss.n > 2:
+                tt_target = _time_neighbour_targets(r, t, cents[si], np.asarray(time_ranks[si]), time_scale_mm)
+                use_prior = True
+                if not (small_slice > 0):
+                    p_d = None
+                    tgt_r = torch.zeros((1, 3), dtype=torch.float64, device=r.device)
+                    tgt_t = torch.zeros((ss.n, 3), dtype=torch.float64, device=r.device)
+
+            def prior_cost(rr, tt, axr):
+                dev = torch.cat([torch.einsum("kjc,kc->kj", axr, rr.double() - tgt_r), tt.double() - tgt_t], 1)
+                return (p_d * dev**2).sum(1), dev
+
+            J = None
+            for it in range(iters):
+                if deadline is not None and time.time() > deadline:
+                    break
+                # parameters: rotations about the slice's own axes (e_u, e_v, n: tilts first, the
+                # in-plane turn last) and translations along world x, y, z
+                ax_now = slice_frames(ss, torch.arange(ss.n, device=r.device), r, t, cents[si])[1]
+                wd = w.double()
+                if J is None or it % jac_every == 0:
+                    J = _jacobian(lambda rr, tt: render(si, rr, tt), r, t, base, ax_now, rot_axes, eps_rot, eps_trans)
+                    H0 = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
+                H = H0.clone()
+                g = torch.einsum("kahw,khw,khw->ka", J, (base - ss.obs).double(), wd)
+                dH = torch.diagonal(H, dim1=1, dim2=2)
+                ref = dH.mean(0, keepdim=True).clamp_min(1e-12)
+                nr = len(rot_axes)
+                axr = torch.stack([ax_now[:, i] for i in rot_axes], 1).double() if nr else None  # [K,nr,3]
+                if use_prior:
+                    # per parameter: a thick slice's tilts are seen far less than its in-plane turn
+                    if p_d is None:
+                        Wk = wd.sum((1, 2))
+                        Wmed = Wk.median().clamp_min(1e-12)
+                        per = (dH / Wk.clamp_min(1e-12)[:, None]).median(0).values  # curvature per unit of pixel weight
+                        small = (
+                            (Wk < small_slice * Wmed).to(per.dtype)[:, None] if small_slice > 0 else 0.0 * Wk[:, None]
+                        )
+                        p_d = small * (Wmed * per)[None, :]  # [K,6]: a small slice weighs like a median one
+                        if tt_target is not None:  # the two quadratic pulls as one: summed weights, weighted target
+                            p_t = time_prior * tt_target[2][:, None] * (Wmed * per)[None, :]
+                            tgt_r, tgt_t = _combine_targets(p_d, tgt_r, tgt_t, p_t, tt_target, len(rot_axes), axr)
+                            p_d = p_d + p_t
+                    pc, dev = prior_cost(r, t, axr)  # axes fixed for this step
+                    cost = dcost + pc
+                    g = g + p_d * dev
+                    H = H + torch.diag_embed(p_d.expand(ss.n, -1))
+                A = H + torch.diag_embed(lam[:, None] * dH + prior * ref)
+                step = -torch.linalg.solve(A, g[..., None])[..., 0]
+                sr = torch.einsum("kj,kjc->kc", step[:, :nr], axr) if nr else torch.zeros_like(step[:, :3])
+                st = step[:, nr:]
+                sr = sr * (max_rot / sr.norm(dim=1, keepdim=True).clamp_min(max_rot))
+                st = st * (max_trans / st.norm(dim=1, keepdim=True).clamp_min(max_trans))
+                r_new, t_new = r + sr.to(r.dtype), t + st.to(t.dtype)
+                pred = render(si, r_new, t_new)
+                d_new = (((pred - ss.obs) ** 2) * w).sum((1, 2)).double()
+                c_new = d_new + prior_cost(r_new, t_new, axr)[0] if use_prior else d_new
+                ok = c_new < cost
+                r.copy_(torch.where(ok[:, None], r_new, r))
+                t.copy_(torch.where(ok[:, None], t_new, t))
+                base = torch.where(ok[:, None, None], pred, base)
+                cost = torch.where(ok, c_new, cost)
+                dcost = torch.where(ok, d_new, dcost)
+                lam = torch.where(ok, (lam * 0.3).clamp_min(1e-4), lam * 10.0)
+                # a slice that moved far leaves the Jacobian stale: recompute it at the next iteration
+                big = ok & ((sr.norm(dim=1) > jac_reuse_rad) | (st.norm(dim=1) > jac_reuse_mm))
+                if bool(big.any()):
+                    J = None
 
 
 def _time_neighbour_targets(

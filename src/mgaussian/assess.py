@@ -30,9 +30,10 @@ another subject, flipped, or so damaged that its bulk no longer registers) is wh
 
 Reference (``reconstruct``): the best-scored stack, the first of equals (clean stacks all score 1,
 so on clean data the first stack stays the reference). ``reconstruct`` registers only the pairs
-that can still move a score (``assess_stacks(all_pairs=False)``); ``mgaussian assess`` all of them. Exclusion (``reconstruct --stack-exclude
-auto``): a stack whose score is below ``EXCLUDE_FRACTION`` x the median score is dropped, when at
-least 3 stacks are given and at least 2 remain (see the constant for why).
+that can still move a score (``assess_stacks(all_pairs=False)``); ``mgaussian assess`` all of them.
+Exclusion (``reconstruct --stack-exclude auto``): a stack whose score is below ``EXCLUDE_FRACTION``
+x the median score is dropped, when at least 3 stacks are given and at least 2 remain (see the
+constant for why).
 """
 
 from __future__ import annotations

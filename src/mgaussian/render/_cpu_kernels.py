@@ -1681,6 +1681,22 @@ def _gauss_prep_backward(i0, i1, ls, q, c, g_sig, g_w, g_ls, g_q, g_c):
 # on one thread (bit-identical; mni-t4 at 1 mm: 6M pairs, ~60 -> ~20 ms a product)
 
 
+@njit(**_JIT)
+def lattice_laplacian(v, pairs, pair_w, has_w, start, stop, out):
+    """out[i] += d, out[j] -= d over pairs[start:stop], d = (v[i] - v[j]) x pair_w (with
+    ``has_w``): first every i, then every j, as two index_add_ calls would."""
+    for k in range(start, stop):
+        d = v[pairs[k, 0]] - v[pairs[k, 1]]
+        if has_w:
+            d = d * pair_w[k]
+        out[pairs[k, 0]] += d
+    for k in range(start, stop):
+        d = v[pairs[k, 0]] - v[pairs[k, 1]]
+        if has_w:
+            d = d * pair_w[k]
+        out[pairs[k, 1]] += -d
+
+
 # ----------------------------------------------------------------------------------------------
 # the region where the moved slices put the anatomy (mgaussian.recon.data.region_from_slices)
 
@@ -1774,19 +1790,3 @@ def grow_corners(base, frac, lut, c0, s0, q0, acc_w, acc_c, acc_s, acc_q):
                     acc_q[i, 1] += ws * qb
                     acc_q[i, 2] += ws * qc
                     acc_q[i, 3] += ws * qd
-
-
-@njit(**_JIT)
-def lattice_laplacian(v, pairs, pair_w, has_w, start, stop, out):
-    """out[i] += d, out[j] -= d over pairs[start:stop], d = (v[i] - v[j]) x pair_w (with
-    ``has_w``): first every i, then every j, as two index_add_ calls would."""
-    for k in range(start, stop):
-        d = v[pairs[k, 0]] - v[pairs[k, 1]]
-        if has_w:
-            d = d * pair_w[k]
-        out[pairs[k, 0]] += d
-    for k in range(start, stop):
-        d = v[pairs[k, 0]] - v[pairs[k, 1]]
-        if has_w:
-            d = d * pair_w[k]
-        out[pairs[k, 1]] += -d

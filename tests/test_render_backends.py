@@ -184,6 +184,9 @@ def test_missing_numba_falls_back_to_reference(monkeypatch):
         assert R.resolve_backend("auto") == "reference"
     with pytest.warns(RuntimeWarning):
         assert R.resolve_backend("cpu") == "reference"
+    import contextlib
+
+    assert isinstance(R.shared_gaussians(), contextlib.nullcontext)  # no cpu module to import
 
 
 def test_cpu_stats_report_pairs():

@@ -33,6 +33,7 @@ Truncation (documented bounds):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -132,7 +133,10 @@ def shared_gaussians():
     """A block within which renders of the same, unchanged Gaussian tensors (several calls over
     different slices: a batch rendered stack by stack) share their per-Gaussian preparation; the
     same images and gradients as without it. The cpu backend's (:func:`.cpu.shared_gaussians`); the
-    others prepare nothing worth sharing, so a block changes nothing for them."""
+    others prepare nothing worth sharing, so a block changes nothing for them (nor where Numba,
+    hence the cpu backend, is missing)."""
+    if not _has("numba"):
+        return contextlib.nullcontext()
     from . import cpu
 
     return cpu.shared_gaussians()

@@ -9,6 +9,7 @@ import torch
 from test_render_helpers import img_err, random_gaussians, random_poses, rel_err
 
 import mgaussian.render as R
+from mgaussian.render._common import spans_to_mask
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -459,3 +460,53 @@ def test_cpu_slice_index_groups_pairs_by_slice_in_gaussian_order():
             assert off.tolist() == [0, *np.cumsum([sum(p_sl[p] == s for p in pairs) for s in range(ns)]).tolist()]
     finally:
         numba.set_num_threads(old)
+
+
+@pytest.mark.parametrize("psf_key", list(PSFS))
+def test_cpu_pose_channels_match_their_reference_twin(psf_key):
+    """The pose channels' kernel against its PyTorch twin (the same formulas, dense), with a pixel
+    mask; channel 0 is the cpu render's image, bit for bit; the gpu backend has none (None)."""
+    params = [t.detach() for t in random_gaussians(150, seed=21)]
+    o, a = (t.detach() for t in random_poses(3, seed=22))
+    psf = PSFS[psf_key]
+    mask = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(23)) > 0.2
+    spans = R.mask_to_row_spans(mask, 3, SHAPE)
+    ch_c = R.render_pose_channels(*params, o, a, SHAPE, SPACING, psf, backend="cpu", row_spans=spans)
+    ch_r = R.render_pose_channels(*params, o, a, SHAPE, SPACING, psf, backend="reference", row_spans=spans)
+    assert ch_c.shape == (3, 7, *SHAPE) and ch_c.dtype == torch.float64
+    for k in range(7):
+        assert ch_r[:, k].abs().max() > 1e-3, k  # every channel is exercised
+        assert img_err(ch_c[:, k], ch_r[:, k]) < 1e-12, k
+    img = R.render_slices(*params, o, a, SHAPE, SPACING, psf, backend="cpu", row_spans=spans)
+    assert torch.equal(ch_c[:, 0], img)
+    outside = ~torch.from_numpy(spans_to_mask(spans, 3, SHAPE))
+    assert outside.any() and torch.equal(ch_c.permute(0, 2, 3, 1)[outside], torch.zeros(int(outside.sum()), 7).double())
+
+
+def test_pose_channels_hold_the_renders_gradient_along_the_slice_axes():
+    """Channels 1-3 are the render's derivative as the pixels move along the slice's axes (the
+    frame's origin moved), by central differences on the reference with a cutoff wide enough to be
+    smooth. Channels 4-6 (the PSF's turn) are checked through the pose Jacobian they make
+    (tests/test_motion.py)."""
+    params = [t.detach() for t in random_gaussians(120, seed=31)]
+    o, a = (t.detach() for t in random_poses(2, seed=32))
+    psf = (0.45, 0.35, 1.3)
+    cut = 8.0
+    ch = R.render_pose_channels(*params, o, a, SHAPE, SPACING, psf, backend="cpu", cutoff=cut)
+    eps = 1e-5
+
+    def render(oo):
+        return R.render_slices(*params, oo, a, SHAPE, SPACING, psf, backend="reference", cutoff=cut)
+
+    for c in range(3):
+        fd = (render(o + eps * a[:, c]) - render(o - eps * a[:, c])) / (2 * eps)
+        assert fd.abs().max() > 0.05, c
+        assert img_err(ch[:, 1 + c], fd) < 1e-7, c
+
+
+def test_gpu_backend_has_no_pose_channels():
+    if "gpu" not in R.available_backends():
+        pytest.skip("no gpu backend here")
+    params = [t.detach() for t in random_gaussians(20, seed=1)]
+    o, a = (t.detach() for t in random_poses(1, seed=2))
+    assert R.render_pose_channels(*params, o, a, SHAPE, SPACING, None, backend="gpu") is None

@@ -20,6 +20,7 @@ __all__ = [
     "voxel_to_world",
     "world_to_voxel",
     "rotvec_to_matrix",
+    "rotvec_left_jacobian",
     "matrix_to_rotvec",
     "SliceFrames",
     "slice_frames",
@@ -77,6 +78,22 @@ def rotvec_to_matrix(rv):
     # sin(t)/t and (1-cos t)/t^2 with Taylor series near zero
     a = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
     b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / torch.where(small, 1.0, theta2))
+    K = _skew(rv)
+    eye = torch.eye(3, dtype=rv.dtype, device=rv.device).expand(K.shape)
+    return eye + a[..., None] * K + b[..., None] * (K @ K)
+
+
+def rotvec_left_jacobian(rv: torch.Tensor) -> torch.Tensor:
+    """The left Jacobian of rotation vectors [..., 3] -> [..., 3, 3]: R(rv + d) = exp([J d]x) R(rv)
+    to first order in d, i.e. adding d to a rotation vector turns the rotation by J d more, about
+    world axes (J = I + (1 - cos t) / t^2 K + (t - sin t) / t^3 K^2, K = [rv]x, t = |rv|)."""
+    theta2 = (rv * rv).sum(-1, keepdim=True)
+    theta = torch.sqrt(theta2 + 1e-30)
+    small = theta2 < 1e-8
+    # (1 - cos t) / t^2 and (t - sin t) / t^3 with Taylor series near zero
+    safe2 = torch.where(small, 1.0, theta2)
+    a = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / safe2)
+    b = torch.where(small, 1.0 / 6 - theta2 / 120, (theta - torch.sin(theta)) / (safe2 * theta))
     K = _skew(rv)
     eye = torch.eye(3, dtype=rv.dtype, device=rv.device).expand(K.shape)
     return eye + a[..., None] * K + b[..., None] * (K @ K)

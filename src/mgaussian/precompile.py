@@ -96,6 +96,12 @@ KERNEL_SIGNATURES: tuple[tuple[str, str], ...] = (
         "float64, int32[:, :, ::1], boolean, float64[:, :, ::1]",
     ),
     (
+        "_raster_pose_channels",
+        "int64, int64, int64, int64, int64, int64[::1], int64[::1], float64[:, ::1], int64[:, ::1], int32[::1], "
+        "float64[:, ::1], float64[:, ::1], float64[:, ::1], float64[:, :, ::1], float64[:, ::1], float64, float64, "
+        "int32[:, :, ::1], boolean, float64[:, :, :, ::1]",
+    ),
+    (
         "region_votes",
         "float64[:, ::1], int64[::1], int64[::1], float64[:, ::1], float64[:, :, ::1], float64[:, :, ::1], "
         "float64, float64, int64, float64, float64[::1], float64[::1]",

@@ -201,6 +201,11 @@ class ReconConfig:
     # the LM Jacobian (6 renders) is recomputed every this many iterations of a round and reused in
     # between (sb25-t3.2-motion seed 2: 3 -> 29.89 dB in 40 s, 1 -> 29.84 dB in 52 s)
     pose_jacobian_every: int = 3
+    # how the LM Jacobian is had: "analytic" (one pass of the renderer's pose channels,
+    # recon/slices.py::slice_pose_jacobian; the cpu and reference backends) or "differences" (one
+    # render per pose parameter: 6 renders; always on the gpu backend and the points renderer).
+    # Evidence: benchmarks/MOTION.md, session 24
+    pose_jacobian: str = "analytic"
     # motion as a trajectory in acquisition time (issue 19): each slice pulled toward the slices of its
     # stack acquired just before and after it (Cauchy weights on their pose difference at this scale,
     # so a jump between two slices costs little), x the median slice's curvature; needs the slices'
@@ -372,6 +377,8 @@ class ReconConfig:
             bad("noisy_cg_iterations", f"must be an integer >= 0 or null, got {self.noisy_cg_iterations}")
         if self.cg_preconditioner not in ("jacobi", "none"):
             bad("cg_preconditioner", f"jacobi or none, got {self.cg_preconditioner!r}")
+        if self.pose_jacobian not in ("analytic", "differences"):
+            bad("pose_jacobian", f"analytic or differences, got {self.pose_jacobian!r}")
         if self.header_gauge_location not in ("mean", "adaptive"):
             bad("header_gauge_location", "mean or adaptive")
         if self.time_budget_s is not None and not (self.time_budget_s > 0):

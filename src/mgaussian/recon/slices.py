@@ -15,6 +15,7 @@ __all__ = [
     "stack_psf",
     "stack_design",
     "render_stack_slices",
+    "slice_pose_jacobian",
     "pixel_points",
     "nrf_slices",
     "predict_all",
@@ -24,9 +25,17 @@ import math
 
 import torch
 
-from ..geometry import apply_pose_to_frames
+from ..geometry import apply_pose_to_frames, rotvec_left_jacobian
 from ..psf import FWHM_TO_SIGMA
-from ..render import AutogradDesign, render_points, render_slices, shared_gaussians, slice_design, slice_psf_sigma
+from ..render import (
+    AutogradDesign,
+    render_points,
+    render_pose_channels,
+    render_slices,
+    shared_gaussians,
+    slice_design,
+    slice_psf_sigma,
+)
 from .config import ReconConfig
 from .data import SliceSet
 from .nrf import NeuralResidualField
@@ -104,6 +113,58 @@ def render_stack_slices(
         cutoff=cfg.cutoff,
         row_spans=spans,
     )
+
+
+def slice_pose_jacobian(
+    fld: dict,
+    ss: SliceSet,
+    sel: torch.Tensor,
+    rot: torch.Tensor,
+    trans: torch.Tensor,
+    cents: torch.Tensor,
+    rot_dirs: torch.Tensor,
+    cfg: ReconConfig,
+    backend: str,
+) -> torch.Tensor | None:
+    """The Jacobian [b, nr + 3, h, w] (float64) of the Gaussians' prediction of the selected slices
+    with respect to their poses (``rot``, ``trans`` [K,3] about ``cents``, see :func:`slice_frames`):
+    columns j < nr add ``rot_dirs[:, j]`` ([b, nr, 3], world) to the rotation vector, the last three
+    move the slice along world x, y, z. Analytic, from one pass of
+    :func:`mgaussian.render.render_pose_channels` (the field's gradient at each pixel and its
+    derivative along the turning PSF); None where that has no kernel (the gpu backend, the points
+    renderer): take differences of renders there.
+
+    A slice turned by omega (world) about its moved centre c' = c + t sees, at its pixel x, the field
+    at c' + exp(omega) (x - c') through its PSF turned by the same: d value / d omega =
+    (x - c') x grad + sum_{i<j} 2 H_ij (P_j - P_i) (a_j x a_i), with grad the field's world gradient,
+    H the value's gradient with respect to the slice-frame covariance, P the PSF's variances and a_i
+    the slice's axes; adding d to the rotation vector turns it by omega = J_l(rot) d."""
+    if cfg.renderer == "points":
+        return None
+    h, w = ss.obs.shape[1:]
+    o, ax = slice_frames(ss, sel, rot, trans, cents)
+    psf = stack_psf(ss, cfg)
+    spans = ss.row_spans[sel] if ss.row_spans is not None else None
+    ch = render_pose_channels(
+        fld["means"], fld["log_scales"], fld["quats"], fld["intensities"], o, ax, (h, w), ss.spacing, psf,
+        backend=backend, cutoff=cfg.cutoff, row_spans=spans,
+    )  # fmt: skip
+    if ch is None:
+        return None
+    f64 = torch.float64
+    ax = ax.to(f64)
+    grad = torch.einsum("bchw,bck->bhwk", ch[:, 1:4], ax)  # the field's world gradient at each pixel
+    arm = pixel_points(ss, sel, o.to(f64), ax) - (cents[sel] + trans[sel]).to(f64)[:, None, None, :]
+    omega = torch.linalg.cross(arm, grad, dim=-1)
+    if psf is not None:  # the PSF turning with the slice
+        p2 = [float(p) ** 2 for p in psf]
+        for i, j, c in ((0, 1, 4), (0, 2, 5), (1, 2, 6)):
+            if p2[j] != p2[i]:
+                turn = torch.linalg.cross(ax[:, j], ax[:, i], dim=-1)  # [b,3]
+                omega += 2.0 * (p2[j] - p2[i]) * ch[:, c, :, :, None] * turn[:, None, None, :]
+    turns = torch.einsum("bij,bkj->bki", rotvec_left_jacobian(rot[sel].to(f64)), rot_dirs.to(f64))
+    j_rot = torch.einsum("bhwi,bki->bkhw", omega, turns)
+    return torch.cat([j_rot, grad.permute(0, 3, 1, 2)], 1)
 
 
 def pixel_points(ss: SliceSet, sel: torch.Tensor, o: torch.Tensor, ax: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from ._common import FWHM_TO_SIGMA, mask_to_row_spans, resolve_row_spans, slice_
 
 __all__ = [
     "render_slices",
+    "render_pose_channels",
     "shared_gaussians",
     "slice_design",
     "AutogradDesign",
@@ -203,6 +204,52 @@ def render_slices(
         float(cutoff),
         spans,
         **kw,
+    )
+
+
+def render_pose_channels(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    backend: str = "auto",
+    cutoff: float = 3.0,
+    *,
+    row_spans=None,
+) -> Tensor | None:
+    """What differentiating slices with respect to their rigid poses needs of their pixels, in one
+    pass (arguments as :func:`render_slices`; no autograd). Returns float64 [S,7,H,W]: per pixel,
+
+    * 0: the pixel's value (:func:`render_slices`' image);
+    * 1-3: its gradient with respect to the pixel's position, in the slice frame (u, v, n);
+    * 4-6: the (uv, un, vn) entries of its gradient with respect to the slice-frame covariance
+      C = A Sigma A^T + diag(psf^2) of every term (the PSF turns with the slice).
+
+    A moved slice's pixel sees the field at its moved point through its turned PSF, so these
+    give its derivative along any rigid motion (:func:`mgaussian.recon.slices.slice_pose_jacobian`).
+    None on the gpu backend, which has no kernel for it: take differences of renders there.
+    """
+    name = _for_tensors(backend, means)
+    if name == "gpu":
+        return None
+    spans = resolve_row_spans(row_spans, None, None, origins.shape[0], tuple(shape))
+    return _module(name).render_pose_channels(
+        means,
+        log_scales,
+        quats,
+        intensities,
+        origins,
+        axes,
+        tuple(shape),
+        tuple(spacing),
+        psf_sigma,
+        float(cutoff),
+        spans,
     )
 
 

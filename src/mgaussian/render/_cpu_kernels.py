@@ -587,6 +587,97 @@ def _raster_forward(u0, u1, height, width, nband, s_off, s_idx, p_dat, p_rows, d
                     r *= r2
 
 
+# A render's pose channels: what the Levenberg-Marquardt pose fit needs of a slice's pixels to
+# differentiate them with respect to the slice's rigid pose (recon/slices.py::slice_pose_jacobian),
+# in one pass instead of one render per pose parameter. Per pixel, with v a pair's term
+# alpha exp(-q/2), r the pixel's slice-frame offset from the Gaussian's centre, C its slice-frame
+# covariance (PSF added) and q3 = C^-1 r: the value sum v, the gradient sum -v q3 (3) with respect
+# to the pixel's position in the slice frame, and the off-diagonal entries (uv, un, vn) of the
+# gradient sum v/2 (q3 q3^T - C^-1) with respect to C (the PSF turns with the slice).
+POSE_CHANNELS = 7
+
+
+def raster_pose_channels(
+    ns, height, width, nband, s_off, s_idx, p_dat, p_rows, p_g, mu, sig, org, ax, psf2, du, dv, spans, has_spans
+):  # fmt: skip
+    """The pose channels [ns, height, width, 7] of every slice's pixels (see ``POSE_CHANNELS``):
+    row bands like :func:`raster_forward` (channel 0 is its image, the same bits); ``p_g``: each
+    pair's Gaussian (:func:`pair_gaussians`)."""
+    out = np.zeros((ns, height, width, POSE_CHANNELS))
+    parallel_range(
+        _raster_pose_channels, ns * nband,
+        height, width, nband, s_off, s_idx, p_dat, p_rows, p_g, mu, sig, org, ax, psf2, du, dv, spans, has_spans, out,
+    )  # fmt: skip
+    return out
+
+
+@njit(**_JIT)
+def _raster_pose_channels(
+    u0, u1, height, width, nband, s_off, s_idx, p_dat, p_rows, p_g, mu, sig, org, ax, psf2, du, dv, spans, has_spans,
+    out,
+):  # fmt: skip
+    """Row bands u0 .. u1 - 1 of :func:`raster_pose_channels`. In the plane the pair's C^-1 r is
+    (K (x, y), pnu x + pnv y - d_n / C_nn), x, y the pixel's offset from the pair's 2D centre, K its
+    conic (the in-plane block of C^-1) and (pnu, pnv) = -K C_{uv,n} / C_nn the rest of C^-1's
+    through-plane row."""
+    idv = 1.0 / dv
+    bh = (height + nband - 1) // nband
+    for u in range(u0, u1):
+        s = u // nband
+        r0 = (u % nband) * bh
+        r1 = min(r0 + bh, height)
+        img = out[s]
+        for t in range(s_off[s], s_off[s + 1]):
+            p = s_idx[t]
+            a0 = max(p_rows[p, 0], r0)
+            a1 = min(p_rows[p, 1] + 1, r1)
+            if a1 <= a0:
+                continue
+            mu_ = p_dat[p, 0]
+            mv_ = p_dat[p, 1]
+            k00 = p_dat[p, 2]
+            k01 = p_dat[p, 3]
+            k11 = p_dat[p, 4]
+            alpha = p_dat[p, 5]
+            thr = p_dat[p, 6]
+            d0, d1, d2, c00, c01, c02, c11, c12, c22 = _project(mu, sig, p_g[p], org, ax, psf2, s)
+            ia = c02 / c22
+            ib = c12 / c22
+            pnu = -(k00 * ia + k01 * ib)
+            pnv = -(k01 * ia + k11 * ib)
+            zn = d2 / c22
+            r2 = math.exp(-k11 * dv * dv)
+            kd, ik11 = _ellipse(k00, k01, k11)
+            walk = _walk_none()
+            for a in range(a0, a1):
+                b_lo, b_hi, x = _row_span(a, s, mu_, mv_, k01, k11, kd, ik11, thr, du, idv, width, spans, has_spans)
+                if b_hi <= b_lo:
+                    continue
+                e, r, y, walk = _row_start(walk, a, b_lo, x, mv_, k00, k01, k11, r2, du, dv)
+                e *= alpha
+                qu0 = k00 * x
+                qv0 = k01 * x
+                qn0 = pnu * x - zn
+                row = img[a]
+                b0 = uint64(b_lo)
+                for j in range(uint64(b_hi - b_lo)):
+                    qu = qu0 + k01 * y
+                    qv = qv0 + k11 * y
+                    qn = qn0 + pnv * y
+                    he = 0.5 * e
+                    px = row[b0 + j]
+                    px[0] += e
+                    px[1] -= e * qu
+                    px[2] -= e * qv
+                    px[3] -= e * qn
+                    px[4] += he * (qu * qv - k01)
+                    px[5] += he * (qu * qn - pnu)
+                    px[6] += he * (qv * qn - pnv)
+                    e *= r
+                    r *= r2
+                    y += dv
+
+
 @njit(inline="always", **_JIT)
 def _pair_moments(gimg, a0, a1, s, mu_, mv_, k00, k01, k11, thr, du, dv, idv, width, spans, has_spans, second):
     """The loss gradient image ``gimg`` of slice ``s`` summed against one projected 2D Gaussian's

@@ -323,6 +323,41 @@ def render_slices(
     )
 
 
+@torch.no_grad()
+def render_pose_channels(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    cutoff: float = 3.0,
+    row_spans=None,
+) -> Tensor:
+    """CPU pose channels of slices [S,7,H,W] float64; see :func:`mgaussian.render.render_pose_channels`.
+    The plan of :func:`render_slices`, then one pass over the same pixels (channel 0 is its image,
+    the same bits)."""
+    h, wd = int(shape[0]), int(shape[1])
+    du, dv = float(spacing[0]), float(spacing[1])
+    psf2 = _psf_variances(psf_sigma, origins.shape[0])
+    a_mu, _, _, _, a_sig, a_w, cells = _prepared_gaussians(means, log_scales, quats, intensities)
+    a_org, a_ax = _np64(origins), _np64(axes)
+    ns = a_org.shape[0]
+    plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, (h, wd), (du, dv), cutoff, row_spans, cells=cells)
+    has = row_spans is not None
+    sp = row_spans if has else _dummy_spans()
+    nband = max(1, min(h, -(-4 * numba.get_num_threads() // max(ns, 1))))
+    p_g = K.pair_gaussians(plan.order, plan.goff, plan.gcnt, plan.p_sl.shape[0])
+    ch = K.raster_pose_channels(
+        ns, h, wd, nband, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, p_g, a_mu, a_sig, a_org, a_ax, psf2, du, dv,
+        sp, has,
+    )  # fmt: skip
+    return torch.from_numpy(ch).permute(0, 3, 1, 2).to(means.device)
+
+
 class SliceDesign:
     """The render of a set of slices as an explicit sparse linear map of the intensities, for
     fixed means, scales, rotations, slice frames and PSF: image = A c. Built once (one pass like

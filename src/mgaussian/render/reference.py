@@ -88,6 +88,73 @@ def render_slices(
     return torch.stack(images).reshape(n_slices, h, w)
 
 
+def _pose_channel_block(r_pix, dk, cinv, amp, cut2):
+    """:func:`render_pose_channels`' seven sums over Gaussians for one block of pixels [p,3]."""
+    r = r_pix[:, None, :] - dk[None]  # [p,n,3]
+    q = torch.einsum("nij,pnj->pni", cinv, r)
+    v = amp * torch.exp(-0.5 * (q * r).sum(-1)) * ((q * r).sum(-1) <= cut2)  # [p,n]
+    h = 0.5 * v
+    chans = [
+        v,
+        -v * q[..., 0],
+        -v * q[..., 1],
+        -v * q[..., 2],
+        h * (q[..., 0] * q[..., 1] - cinv[None, :, 0, 1]),
+        h * (q[..., 0] * q[..., 2] - cinv[None, :, 0, 2]),
+        h * (q[..., 1] * q[..., 2] - cinv[None, :, 1, 2]),
+    ]
+    return torch.stack([c.sum(1) for c in chans], 1)  # [p,7]
+
+
+@torch.no_grad()
+def render_pose_channels(
+    means: Tensor,
+    log_scales: Tensor,
+    quats: Tensor,
+    intensities: Tensor,
+    origins: Tensor,
+    axes: Tensor,
+    shape: tuple[int, int],
+    spacing: tuple[float, float],
+    psf_sigma=None,
+    cutoff: float = 3.0,
+    row_spans=None,
+) -> Tensor:
+    """Pose channels [S,7,H,W] (float64); see :func:`mgaussian.render.render_pose_channels`. The
+    twin of the cpu backend's kernel, with :func:`render_slices`' formulas."""
+    f64 = torch.float64
+    means, origins, axes = means.to(f64), origins.to(f64), axes.to(f64)
+    h, w = shape
+    du, dv = float(spacing[0]), float(spacing[1])
+    n_slices = origins.shape[0]
+    dev = means.device
+    sig = covariance(log_scales.to(f64), quats.to(f64))
+    wts = weights(log_scales.to(f64), intensities.to(f64))
+    psf2 = psf_variances(psf_sigma, n_slices, f64, dev)
+    cut2 = float(cutoff) ** 2
+    sel = torch.from_numpy(spans_to_mask(row_spans, n_slices, shape)).to(dev)
+    aa, bb = torch.meshgrid(
+        torch.arange(h, device=dev, dtype=f64) * du, torch.arange(w, device=dev, dtype=f64) * dv, indexing="ij"
+    )
+    grid = torch.stack([aa, bb, torch.zeros_like(aa)], -1).reshape(-1, 3)
+    out = torch.zeros(n_slices, h * w, 7, dtype=f64, device=dev)
+    for s in range(n_slices):
+        a_mat = axes[s]
+        d = (means - origins[s]) @ a_mat.T
+        cmat = a_mat @ sig @ a_mat.T + torch.diag(psf2[s])
+        keep = (d[:, 2] ** 2 <= cut2 * cmat[:, 2, 2]).nonzero().squeeze(1)
+        pix = sel[s].reshape(-1).nonzero().squeeze(1)
+        if keep.numel() == 0 or pix.numel() == 0:
+            continue
+        dk, ck, wk = d[keep], cmat[keep], wts[keep]
+        cinv = torch.linalg.inv(ck)
+        amp = wk / torch.sqrt(torch.linalg.det(ck))
+        step = max(1, _CHUNK // keep.numel())
+        for i in range(0, pix.numel(), step):
+            out[s, pix[i : i + step]] = _pose_channel_block(grid[pix[i : i + step]], dk, cinv, amp, cut2)
+    return out.reshape(n_slices, h, w, 7).permute(0, 3, 1, 2)
+
+
 def cell_coords(x: Tensor, cell_size: float) -> Tensor:
     """Integer cell of each point [..,3] in the uniform grid of ``cell_size`` mm anchored at 0."""
     return torch.floor(x.detach().double() / cell_size).long()

@@ -12,7 +12,7 @@ import torch
 
 from ...render import shared_gaussians
 from ..config import ReconConfig
-from ..slices import render_stack_slices, slice_frames
+from ..slices import render_stack_slices, slice_frames, slice_pose_jacobian
 from .poses import moved_by_mean, pose_means
 
 
@@ -45,10 +45,11 @@ def optimise_poses(
 ):
     """Levenberg-Marquardt on every slice's rigid pose (6 parameters) with the field fixed.
 
-    Slices are independent given the field, so one render with parameter j of every slice
-    perturbed gives column j of every slice's Jacobian (forward differences): 7 renders per
-    iteration build each slice's 6x6 normal matrix J^T W J and gradient J^T W r, and one more
-    checks the step. A step is kept per slice only if it lowers that slice's cost, else its
+    Every slice's Jacobian (6 columns per pixel) builds its 6x6 normal matrix J^T W J and
+    gradient J^T W r, and one render checks the step. The Jacobian is analytic
+    (``cfg.pose_jacobian``: one pass of the renderer's pose channels, :func:`slice_pose_jacobian`)
+    or, on backends without that pass, forward differences: slices are independent given the field,
+    so one render with parameter j of every slice perturbed gives column j of all of them. A step is kept per slice only if it lowers that slice's cost, else its
     damping grows. Unlike Adam (whose steps have the same size in every direction, even where
     the data do not constrain the pose, e.g. a thick slice's tilt), the damped normal equations
     step little along weakly constrained directions. ``prior`` (relative to the mean diagonal)
@@ -80,6 +81,17 @@ def optimise_poses(
         sel = torch.arange(ss.n, device=r.device)
         o, ax = slice_frames(ss, sel, r, t, cents[si])
         return render_stack_slices(fld, ss, sel, o, ax, cfg, backend) * scs[si][:, None, None]
+
+    def jacobian(si, r, t, base, ax_now):
+        """[K,6,h,w] float64: analytic where the backend has the pose channels, else differences."""
+        ss = sets[si]
+        if cfg.pose_jacobian == "analytic":
+            sel = torch.arange(ss.n, device=r.device)
+            dirs = torch.stack([ax_now[:, i] for i in rot_axes], 1) if rot_axes else ax_now[:, :0]
+            J = slice_pose_jacobian(fld, ss, sel, r, t, cents[si], dirs, cfg, backend)
+            if J is not None:
+                return J * scs[si].double()[:, None, None, None]
+        return _jacobian(lambda rr, tt: render(si, rr, tt), r, t, base, ax_now, rot_axes, eps_rot, eps_trans)
 
     # the field is fixed here: its renders (8 an LM iteration, every stack) prepare the Gaussians once
     with shared_gaussians():
@@ -120,7 +132,7 @@ def optimise_poses(
                 ax_now = slice_frames(ss, torch.arange(ss.n, device=r.device), r, t, cents[si])[1]
                 wd = w.double()
                 if J is None or it % jac_every == 0:
-                    J = _jacobian(lambda rr, tt: render(si, rr, tt), r, t, base, ax_now, rot_axes, eps_rot, eps_trans)
+                    J = jacobian(si, r, t, base, ax_now)
                     H0 = torch.einsum("kahw,kbhw,khw->kab", J, J, wd)
                 H = H0.clone()
                 g = torch.einsum("kahw,khw,khw->ka", J, (base - ss.obs).double(), wd)

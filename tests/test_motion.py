@@ -728,7 +728,8 @@ def test_analytic_pose_jacobian_matches_central_differences(backend):
 
     from mgaussian.geometry import rotvec_to_matrix
     from mgaussian.recon.data import SliceSet
-    from mgaussian.recon.slices import render_stack_slices, slice_frames as moved_frames, slice_pose_jacobian
+    from mgaussian.recon.slices import render_stack_slices, slice_pose_jacobian
+    from mgaussian.recon.slices import slice_frames as moved_frames
 
     f64 = torch.float64
     g = torch.Generator().manual_seed(0)

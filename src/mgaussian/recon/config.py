@@ -198,8 +198,9 @@ class ReconConfig:
     edge_prior_k: float = 1.5
     motion_refit_iterations: int = 6  # conjugate-gradient iterations of the intensity re-fit after each pose round
     pose_iterations: int = 3  # Levenberg-Marquardt iterations on the slice poses per round (field fixed)
-    # the LM Jacobian (6 renders) is recomputed every this many iterations of a round and reused in
-    # between (sb25-t3.2-motion seed 2: 3 -> 29.89 dB in 40 s, 1 -> 29.84 dB in 52 s)
+    # the LM Jacobian is recomputed every this many iterations of a round and reused in between
+    # (with 6-render Jacobians, sb25-t3.2-motion seed 2: 3 -> 29.89 dB in 40 s, 1 -> 29.84 dB in 52 s;
+    # analytic, seed 1: 3 -> 30.897 dB in 20.6 s, 1 -> 30.896 dB in 21.6 s)
     pose_jacobian_every: int = 3
     # how the LM Jacobian is had: "analytic" (one pass of the renderer's pose channels,
     # recon/slices.py::slice_pose_jacobian; the cpu and reference backends) or "differences" (one

@@ -64,7 +64,7 @@ def optimise_poses(
     even one worth only 100 pixels, compounds over the rounds of alternation with the field (the
     field follows the pulled poses) and cost sb25-t3.2-motion 0.5 dB.
 
-    ``jac_every``: the Jacobian (6 renders) is recomputed every this many iterations and reused
+    ``jac_every``: the Jacobian is recomputed every this many iterations and reused
     in between (the step and its check still see the current residual), unless a slice of the
     stack moved by more than ``jac_reuse_mm`` or ``jac_reuse_rad`` at the last step.
 

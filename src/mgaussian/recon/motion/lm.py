@@ -48,13 +48,13 @@ def optimise_poses(
     Every slice's Jacobian (6 columns per pixel) builds its 6x6 normal matrix J^T W J and
     gradient J^T W r, and one render checks the step. The Jacobian is analytic
     (``cfg.pose_jacobian``: one pass of the renderer's pose channels, :func:`slice_pose_jacobian`)
-    or, on backends without that pass, forward differences: slices are independent given the field,
-    so one render with parameter j of every slice perturbed gives column j of all of them. A step is kept per slice only if it lowers that slice's cost, else its
-    damping grows. Unlike Adam (whose steps have the same size in every direction, even where
-    the data do not constrain the pose, e.g. a thick slice's tilt), the damped normal equations
-    step little along weakly constrained directions. ``prior`` (relative to the mean diagonal)
-    keeps slices with few pixels near their current pose. Steps are capped at ``max_rot`` rad
-    and ``max_trans`` mm.
+    or, on backends without that pass, forward differences: slices are independent given the
+    field, so one render with parameter j of every slice perturbed gives column j of all of them.
+    A step is kept per slice only if it lowers that slice's cost, else its damping grows. Unlike
+    Adam (whose steps have the same size in every direction, even where the data do not constrain
+    the pose, e.g. a thick slice's tilt), the damped normal equations step little along weakly
+    constrained directions. ``prior`` (relative to the mean diagonal) keeps slices with few pixels
+    near their current pose. Steps are capped at ``max_rot`` rad and ``max_trans`` mm.
 
     ``small_slice`` > 0 holds the slices with less pixel weight than that fraction of the stack's
     median slice near their stack's mean pose (over the stack's slices at the call's start): cost +

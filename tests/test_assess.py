@@ -138,9 +138,11 @@ def test_cli_json_fields(case, capsys):
     assert rc == 0 and text[0].split()[:4] == ["rank", "score", "motion", "agree"] and text[-1].startswith("reference:")
 
 
-def test_reconstruct_reuses_the_assessments_registrations(case, monkeypatch):
-    """The pairs with the reference are registered once: the assessment's poses are the ones the
-    stack registration computes, and a pair registered the other way round gives the inverse."""
+def test_reconstruct_finishes_the_assessments_registrations(case, monkeypatch):
+    """The assessment registers its pairs up to the pyramid's coarse levels; the stack registration
+    finishes the pairs with the reference from there, in the pair's direction, and ends exactly
+    where a registration from scratch ends (the pyramid's levels run in two calls): a pair the
+    other way round gives the inverse of that registration. No pair is registered from scratch."""
     from mgaussian.assess import reference_poses
     from mgaussian.recon.motion import registration
     from mgaussian.recon.motion.poses import matrix_to_rotvec
@@ -152,16 +154,22 @@ def test_reconstruct_reuses_the_assessments_registrations(case, monkeypatch):
     grid = registration.registration_grid(stacks)
     fresh = registration.register_stacks(stacks, reference=1, log=lambda s: None)
     known = reference_poses(poses, 1, grid)
-    assert set(known) == {0, 2}
-    np.testing.assert_allclose(known[2][0], fresh[2], atol=1e-12)  # (1, 2): the same computation
-    # (0, 1) registered stack 1 onto stack 0: its inverse poses stack 0 in stack 1's frame
-    d = known[0][0] @ np.linalg.inv(fresh[0])
-    assert np.degrees(np.linalg.norm(matrix_to_rotvec(d[:3, :3]))) < 0.5 and np.linalg.norm(d[:3, 3]) < 1.0
+    assert set(known) == {0, 2} and known[2][1] is False and known[0][1] is True
     assert reference_poses(poses, 1, registration.registration_grid(stacks[1:])) == {}  # another grid
-    calls = []
-    monkeypatch.setattr(registration, "register_pair", lambda *a, **k: calls.append(a) or (np.eye(4), 1.0))
+    # the coarse pose the assessment scored with is near the full registration's
+    d = poses[(1, 2)][0] @ np.linalg.inv(fresh[2])
+    assert np.degrees(np.linalg.norm(matrix_to_rotvec(d[:3, :3]))) < 1.0 and np.linalg.norm(d[:3, 3]) < 1.0
+    scratch = []
+    real_register = registration._register_pair
+    monkeypatch.setattr(registration, "_register_pair", lambda *a, **k: scratch.append(a) or real_register(*a, **k))
     got = registration.register_stacks(stacks, reference=1, log=lambda s: None, known=known)
-    assert calls == [] and all(np.array_equal(g, known[i][0]) for i, g in enumerate(got) if i != 1)
+    assert scratch == []
+    np.testing.assert_array_equal(got[2], fresh[2])  # (1, 2): the same registration, finished
+    # (0, 1) registered stack 1 onto stack 0: the inverse of that registration poses stack 0
+    back = registration.register_pair(stacks[0], stacks[1], grid)[0]
+    np.testing.assert_array_equal(got[0], np.linalg.inv(back))
+    d = got[0] @ np.linalg.inv(fresh[0])
+    assert np.degrees(np.linalg.norm(matrix_to_rotvec(d[:3, :3]))) < 0.5 and np.linalg.norm(d[:3, 3]) < 1.0
 
 
 def test_settled_pairs_are_skipped_without_changing_scores(case):

@@ -13,10 +13,10 @@ Two measures per stack, combined into one score in [0, 1]:
     The index is a ratio of the stack with itself, so it does not depend on contrast, noise level
     or thickness the way a raw NCC does. ``passes``: the number of sweeps through the stack the
     slice order implies (interleaved 2, sequential 1), for the record.
-(b) **agreement with the other stacks**: each pair of stacks is registered rigidly with
-    :func:`mgaussian.recon.motion.register_stacks` (brain-only images on a common grid,
-    correlation, rotated restarts when the match is poor), and their NCC is read on that grid
-    inside the voxels both masks cover. A stack's agreement is the mean of the better half of its
+(b) **agreement with the other stacks**: each pair of stacks is registered rigidly as
+    :func:`mgaussian.recon.motion.register_stacks` registers them (brain-only images on a common
+    grid, correlation, rotated restarts when the match is poor) up to its pyramid's coarse levels,
+    and their NCC is read on that grid inside the voxels both masks cover. A stack's agreement is the mean of the better half of its
     NCCs with the others (with 3 stacks: its best): a stack of another subject, a flipped one or
     one wrecked by motion agrees with none, while the others still agree with each other.
     Pairwise, so that no single stack (a bad reference) decides for the rest. With two stacks
@@ -69,8 +69,10 @@ MOTION_MOVED = 1.1
 # Agreement (the better half of a stack's NCCs with the others after rigid registration).
 # Measured (docs/clinical.md "assess"): clean simulated stacks 0.92-0.97; the real MIALSRTK runs
 # 0.65-0.72 (real contrast, bias and motion); an axial stack mirrored front to back 0.45-0.53; an
-# axial stack of the 33-week atlas among 25-week ones 0.19-0.24. s_agreement rises linearly from
-# AGREE_NONE (below every good stack, above the mirrored one) to AGREE_FULL.
+# axial stack of the 33-week atlas among 25-week ones 0.19-0.24 (full registrations; registered at
+# the pyramid's coarse levels, as now, the real runs read 0.62-0.69 and H1's nine clinical-style
+# stacks the same to 0.001). s_agreement rises linearly from AGREE_NONE (below every good stack,
+# above the mirrored one) to AGREE_FULL.
 AGREE_NONE = 0.4
 AGREE_FULL = 0.8
 # --stack-exclude auto: below this fraction of the median score. The median is the typical stack
@@ -117,15 +119,18 @@ def motion_index(st: Stack) -> dict:
 
 def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> float:
     """NCC of two stacks after rigid registration (b onto a, on ``grid``: by default the pair's
-    :func:`~mgaussian.recon.motion.registration_grid`), inside the voxels both masks cover.
-    ``poses``: where given, the registration (pose, correlation) is stored in it under "pose"."""
-    from .recon.motion import register_pair
+    :func:`~mgaussian.recon.motion.registration_grid`), inside the voxels both masks cover. The
+    registration stops after its pyramid's coarse levels (:func:`~mgaussian.recon.motion.coarse_pair`:
+    a quarter of its time; the pose within a few tenths of a degree and millimetre of the full
+    registration's, docs/clinical.md "assess"). ``poses``: where given, (pose, correlation at the
+    coarse level, the first start's coarse transform) is stored in it under "pose"."""
+    from .recon.motion import coarse_pair
     from .sampling import resample_volumes
 
     grid = registration_grid([a, b]) if grid is None else grid
-    P, corr = register_pair(a, b, grid)
+    P, corr, first = coarse_pair(a, b, grid)
     if poses is not None:
-        poses["pose"] = (P, corr)
+        poses["pose"] = (P, corr, first)
     spacing = float(grid[1][0, 0])
     shape, aff = registration_grid([a, b], spacing, margin_mm=6.0)  # the NCC's grid
     vals, masks = [], []
@@ -140,20 +145,20 @@ def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> 
 
 
 def reference_poses(poses: dict, reference: int, grid) -> dict:
-    """The assessment's registrations that pose a stack in ``reference``'s frame, as
-    ``register_stacks(known=...)`` takes them ({stack: (pose, correlation)}): a pair registered the
-    other way round (the reference onto the stack) gives its inverse. Only those registered on
-    ``grid``, the grid ``register_stacks`` would use (not where a stack was excluded since)."""
+    """The assessment's coarse registrations of the pairs with ``reference``, as
+    ``register_stacks(known=...)`` finishes them ({stack: (coarse transform, reversed)}; reversed:
+    the reference was registered onto the stack). Only those registered on ``grid``, the grid
+    ``register_stacks`` would use (not where a stack was excluded since)."""
     from .recon.motion import same_grid
 
     out = {}
-    for (i, j), (P, corr, g) in poses.items():
+    for (i, j), (_, _, first, g) in poses.items():
         if not same_grid(g, grid):
             continue
         if i == reference:
-            out[j] = (P, corr)
+            out[j] = (first, False)
         elif j == reference:
-            out[i] = (np.linalg.inv(P), corr)
+            out[i] = (first, True)
     return out
 
 
@@ -174,8 +179,8 @@ def _settled(pair: np.ndarray, i: int) -> bool:
 def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None, all_pairs: bool = True) -> list[dict]:
     """One row per stack (in input order): motion index, agreement, the two sub-scores, the score
     and its rank (1 = best). See the module docstring. ``poses``: where given, each pair's
-    registration is stored in it, {(i, j): (stack j's pose in stack i's frame, correlation,
-    grid)} (``reconstruct`` reuses the reference's: :func:`reference_poses`).
+    registration is stored in it, {(i, j): (stack j's pose in stack i's frame, correlation, the
+    coarse transform, grid)} (``reconstruct`` finishes the reference's: :func:`reference_poses`).
 
     ``all_pairs`` False (``reconstruct``): a pair is not registered when both its stacks are
     already settled (:func:`_settled`), where its NCC could change neither score, only the

@@ -1450,7 +1450,7 @@ def _assess_for_reconstruct(a, cfg, stacks, log):
     kept = [stacks[i] for i in keep]
     log(f"assess: reference stack {kept[ref].name} ({record['reference_from']}; {time.time() - t0:.1f} s)")
     record.update({"reference_stack": kept[ref].path, "excluded": [stacks[i].path for i in drop], "stacks": rows})
-    # the pairs with the reference were registered as reconstruct registers them: not again
+    # the pairs with the reference are finished from the assessment's coarse registrations
     known = reference_poses(pair_poses, keep[ref], registration_grid(kept))
     known = {keep.index(i): v for i, v in known.items() if i in keep}
     return cfg.resolved(reference_stack=ref), kept, record, known

@@ -5,9 +5,17 @@ gradient descent with physical-shift scales, a three-level pyramid (shrink 4-2-1
 
 from __future__ import annotations
 
-__all__ = ["correlation_rigid", "transform_matrix"]
+__all__ = ["correlation_rigid", "transform_matrix", "PYRAMID", "COARSE_LEVELS", "FINE_LEVEL"]
 
 import numpy as np
+
+# the pyramid's levels: (shrink factors, smoothing sigmas in mm). Its first two levels and its last
+# run as two calls give the same transform, bit for bit, as the three in one call (each level starts
+# the optimiser afresh from the last level's transform), so a registration can stop after the coarse
+# levels and be finished later (mgaussian.assess scores stack pairs at the coarse levels)
+PYRAMID = ((4, 2, 1), (2.0, 1.0, 0.0))
+COARSE_LEVELS = ((4, 2), (2.0, 1.0))
+FINE_LEVEL = ((1,), (0.0,))
 
 
 def correlation_rigid(
@@ -20,9 +28,11 @@ def correlation_rigid(
     min_step: float,
     gradient_tolerance: float = 1e-4,
     fixed_mask=None,
+    levels=PYRAMID,
 ) -> float:
     """Register ``moving`` to ``fixed`` (SimpleITK images), refining the rigid transform ``init``
-    in place; returns the final metric value (-correlation: lower is better)."""
+    in place over the pyramid ``levels`` (shrink factors, smoothing sigmas in mm); returns the final
+    metric value (-correlation: lower is better)."""
     import SimpleITK as sitk
 
     reg = sitk.ImageRegistrationMethod()
@@ -38,8 +48,8 @@ def correlation_rigid(
         gradientMagnitudeTolerance=gradient_tolerance,
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
+    reg.SetShrinkFactorsPerLevel(list(levels[0]))
+    reg.SetSmoothingSigmasPerLevel(list(levels[1]))
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(init, inPlace=True)
     reg.Execute(fixed, moving)

@@ -165,8 +165,9 @@ def reconstruct(
     The slices start there instead of at a registered stack pose (with ``cfg.motion`` off they stay
     there): the benchmarks' reconstructions at the true poses.
 
-    ``known_stack_poses``: {stack index: (pose, correlation)} of stacks already registered to the
-    reference stack as the stack registration would (``mgaussian.assess.reference_poses``)."""
+    ``known_stack_poses``: {stack index: (coarse transform, reversed)} of stacks the stack
+    assessment registered with the reference stack at the registration's coarse levels
+    (``mgaussian.assess.reference_poses``): the stack registration finishes them."""
     state = prepare(stacks, cfg, log, resume_state, slice_poses, known_stack_poses)
     if resume_state is not None:
         state.restore(resume_state)

@@ -18,13 +18,14 @@ from .poses import (
     to_centre_convention,
     to_stack_poses,
 )
-from .registration import moved_stack, register_pair, register_stacks, registration_grid, same_grid
+from .registration import coarse_pair, moved_stack, register_pair, register_stacks, registration_grid, same_grid
 from .robust import estimate_noise, fit_slice_scales, loss_weights, robust_weights, update_robust
 from .rounds import extrapolation_gain, pose_rounds, record_poses
 
 __all__ = [
     "register_stacks",
     "register_pair",
+    "coarse_pair",
     "registration_grid",
     "same_grid",
     "moved_stack",

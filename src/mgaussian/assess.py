@@ -56,7 +56,7 @@ import numpy as np
 
 from .io import Stack
 from .metrics import ncc
-from .recon.motion.registration import registration_grid
+from .recon.motion.registration import BrainImages, registration_grid
 
 # The motion index m = d(1)/d(2) of a still stack, and of a stack that clearly moved. Measured
 # (docs/clinical.md "assess"): clean simulated sb25 stacks (3.2 mm, interleaved) 0.40-0.55; real
@@ -117,18 +117,19 @@ def motion_index(st: Stack) -> dict:
     return {**res, "motion_index": m1 / max(m2, 1e-9), "d1": m1, "d2": m2}
 
 
-def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> float:
+def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None, images=None) -> float:
     """NCC of two stacks after rigid registration (b onto a, on ``grid``: by default the pair's
     :func:`~mgaussian.recon.motion.registration_grid`), inside the voxels both masks cover. The
     registration stops after its pyramid's coarse levels (:func:`~mgaussian.recon.motion.coarse_pair`:
     a quarter of its time; the pose within a few tenths of a degree and millimetre of the full
     registration's, docs/clinical.md "assess"). ``poses``: where given, (pose, correlation at the
-    coarse level, the first start's coarse transform) is stored in it under "pose"."""
+    coarse level, the best start's coarse transform) is stored in it under "pose". ``images``: the
+    two brains on ``grid`` (:class:`~mgaussian.recon.motion.registration.BrainImages`), where made."""
     from .recon.motion import coarse_pair
     from .sampling import resample_volumes
 
     grid = registration_grid([a, b]) if grid is None else grid
-    P, corr, first = coarse_pair(a, b, grid)
+    P, corr, first = coarse_pair(a, b, grid, images=images)
     if poses is not None:
         poses["pose"] = (P, corr, first)
     spacing = float(grid[1][0, 0])
@@ -146,19 +147,19 @@ def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None) -> 
 
 def reference_poses(poses: dict, reference: int, grid) -> dict:
     """The assessment's coarse registrations of the pairs with ``reference``, as
-    ``register_stacks(known=...)`` finishes them ({stack: (coarse transform, reversed)}; reversed:
-    the reference was registered onto the stack). Only those registered on ``grid``, the grid
+    ``register_stacks(known=...)`` finishes them ({stack: (coarse transform, reversed, the pair's
+    images)}; reversed: the reference was registered onto the stack). Only those registered on ``grid``, the grid
     ``register_stacks`` would use (not where a stack was excluded since)."""
     from .recon.motion import same_grid
 
     out = {}
-    for (i, j), (_, _, first, g) in poses.items():
+    for (i, j), (_, _, first, g, pair) in poses.items():
         if not same_grid(g, grid):
             continue
         if i == reference:
-            out[j] = (first, False)
+            out[j] = (first, False, pair)
         elif j == reference:
-            out[i] = (first, True)
+            out[i] = (first, True, pair)
     return out
 
 
@@ -180,7 +181,7 @@ def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None, all_
     """One row per stack (in input order): motion index, agreement, the two sub-scores, the score
     and its rank (1 = best). See the module docstring. ``poses``: where given, each pair's
     registration is stored in it, {(i, j): (stack j's pose in stack i's frame, correlation, the
-    coarse transform, grid)} (``reconstruct`` finishes the reference's: :func:`reference_poses`).
+    coarse transform, grid, the two brains' images)} (``reconstruct`` finishes the reference's: :func:`reference_poses`).
 
     ``all_pairs`` False (``reconstruct``): a pair is not registered when both its stacks are
     already settled (:func:`_settled`), where its NCC could change neither score, only the
@@ -202,13 +203,14 @@ def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None, all_
     pair = np.full((n, n), np.nan)
     # every pair on the grid of all stacks, where reconstruct registers the stacks to its reference
     grid = registration_grid(stacks)
+    images = BrainImages(stacks, grid)
     for i, j in itertools.combinations(range(n), 2):
         if not all_pairs and _settled(pair, i) and _settled(pair, j):
             continue
         got = {}
-        pair[i, j] = pair[j, i] = pair_agreement(stacks[i], stacks[j], grid, got)
+        pair[i, j] = pair[j, i] = pair_agreement(stacks[i], stacks[j], grid, got, (images[i], images[j]))
         if poses is not None:
-            poses[(i, j)] = (*got["pose"], grid)
+            poses[(i, j)] = (*got["pose"], grid, (images[i], images[j]))
     for i, r in enumerate(rows):
         others = sorted((float(pair[i, j]) for j in range(n) if j != i and not np.isnan(pair[i, j])), reverse=True)
         # the mean of the better half: a good stack agrees with the other good ones, which are the

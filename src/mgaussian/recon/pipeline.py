@@ -165,7 +165,7 @@ def reconstruct(
     The slices start there instead of at a registered stack pose (with ``cfg.motion`` off they stay
     there): the benchmarks' reconstructions at the true poses.
 
-    ``known_stack_poses``: {stack index: (coarse transform, reversed)} of stacks the stack
+    ``known_stack_poses``: {stack index: (coarse transform, reversed, images)} of stacks the stack
     assessment registered with the reference stack at the registration's coarse levels
     (``mgaussian.assess.reference_poses``): the stack registration finishes them."""
     state = prepare(stacks, cfg, log, resume_state, slice_poses, known_stack_poses)

@@ -10,6 +10,7 @@ __all__ = [
     "register_stacks",
     "register_pair",
     "coarse_pair",
+    "BrainImages",
     "registration_grid",
     "registration_spacing",
     "same_grid",
@@ -112,14 +113,31 @@ def same_grid(a, b) -> bool:
     return tuple(a[0]) == tuple(b[0]) and np.array_equal(a[1], b[1])
 
 
-def _pair_images(fixed_stack: Stack, stack: Stack, grid):
-    """The two brains as SimpleITK images on ``grid``."""
-    shape, aff = grid
-    return tuple(_sitk_image(_brain_on_grid(st, shape, aff), aff) for st in (fixed_stack, stack))
+class BrainImages:
+    """Each stack's brain as a SimpleITK image on one registration grid, resampled once: a stack
+    takes part in several pairs (mni-t4: 0.1-0.3 s a stack)."""
+
+    def __init__(self, stacks: list[Stack], grid):
+        self.stacks, self.grid = stacks, grid
+        self._images: dict[int, object] = {}
+
+    def __getitem__(self, i: int):
+        if i not in self._images:
+            shape, aff = self.grid
+            self._images[i] = _sitk_image(_brain_on_grid(self.stacks[i], shape, aff), aff)
+        return self._images[i]
+
+
+def _pair_images(fixed_stack: Stack, stack: Stack, grid, images=None):
+    """The two brains as SimpleITK images on ``grid`` (``images``: the pair's, made already)."""
+    if images is not None:
+        return images
+    pair = BrainImages([fixed_stack, stack], grid)
+    return pair[0], pair[1]
 
 
 def register_pair(
-    fixed_stack: Stack, stack: Stack, grid, good_correlation: float = 0.85, coarse=None
+    fixed_stack: Stack, stack: Stack, grid, good_correlation: float = 0.85, coarse=None, images=None
 ) -> tuple[np.ndarray, float]:
     """Rigid pose (4x4, ``stack``'s header -> ``fixed_stack``'s frame) and its correlation, both
     brains resampled on ``grid`` (:func:`registration_grid`). Robust to offsets of >= 10 mm and
@@ -128,8 +146,9 @@ def register_pair(
     rotated starts (+-25 degrees about each axis, and two diagonals) are tried and the best kept.
     ``coarse``: the best start's transform after the pyramid's coarse levels, as
     :func:`coarse_pair` left it (which tried the rotated starts, at those levels, where needed):
-    only the last level is run on it, as the whole pyramid from that start would end."""
-    fixed, moving = _pair_images(fixed_stack, stack, grid)
+    only the last level is run on it, as the whole pyramid from that start would end. ``images``:
+    the two brains on ``grid`` (:class:`BrainImages`), where made already."""
+    fixed, moving = _pair_images(fixed_stack, stack, grid, images)
     if coarse is not None:
         import SimpleITK as sitk
 
@@ -146,7 +165,7 @@ def register_pair(
     return np.linalg.inv(M), -best[0]  # moving header -> fixed frame: the stack's pose
 
 
-def coarse_pair(fixed_stack: Stack, stack: Stack, grid, good_correlation: float = 0.85):
+def coarse_pair(fixed_stack: Stack, stack: Stack, grid, good_correlation: float = 0.85, images=None):
     """:func:`register_pair` at the pyramid's coarse levels only (4x and 2x: a quarter of its
     time, the last level on the grid itself being the rest), enough to compare two stacks
     (``mgaussian.assess``). Rotated starts are tried, at the coarse levels, when the first start
@@ -161,7 +180,7 @@ def coarse_pair(fixed_stack: Stack, stack: Stack, grid, good_correlation: float 
     where their first start ends (0.83558 against 0.83547)."""
     import SimpleITK as sitk
 
-    fixed, moving = _pair_images(fixed_stack, stack, grid)
+    fixed, moving = _pair_images(fixed_stack, stack, grid, images)
     first = _start(fixed, moving)
     best = (_refine(fixed, moving, first, COARSE_LEVELS), first)
     if -best[0] < good_correlation:
@@ -183,27 +202,29 @@ def register_stacks(
 ) -> list[np.ndarray]:
     """Rigid pose (4x4, header -> reference frame) of every stack; the reference's is identity.
     Each stack is registered to the reference by :func:`register_pair` on the stacks' common
-    :func:`registration_grid`. ``known``: {stack index: (coarse transform, reversed)} of pairs the
-    stack assessment (``mgaussian.assess``) registered on the same grid at the coarse levels
-    (:func:`coarse_pair`; ``reversed``: the reference registered onto the stack): they are finished
-    from there, in the pair's direction (a reversed pair's pose inverted), as a registration of
-    that pair from scratch would end."""
+    :func:`registration_grid`. ``known``: {stack index: (coarse transform, reversed, the pair's two
+    images)} of pairs the stack assessment (``mgaussian.assess``) registered on the same grid at
+    the coarse levels (:func:`coarse_pair`; ``reversed``: the reference registered onto the stack;
+    the images fixed first): they are finished from there, in the pair's direction (a reversed
+    pair's pose inverted), as a registration of that pair from scratch would end."""
     grid = registration_grid(stacks, spacing)
+    images = BrainImages(stacks, grid)
     poses = []
     for i, st in enumerate(stacks):
         if i == reference:
             poses.append(np.eye(4))
             continue
         if known is not None and i in known:
-            coarse, reverse = known[i]
+            coarse, reverse, pair = known[i]
             if reverse:
-                P, corr = register_pair(st, stacks[reference], grid, good_correlation, coarse=coarse)
+                P, corr = register_pair(st, stacks[reference], grid, good_correlation, coarse, pair)
                 P = np.linalg.inv(P)
             else:
-                P, corr = register_pair(stacks[reference], st, grid, good_correlation, coarse=coarse)
+                P, corr = register_pair(stacks[reference], st, grid, good_correlation, coarse, pair)
             how = "registered from the assessment's start"
         else:
-            P, corr = register_pair(stacks[reference], st, grid, good_correlation)
+            pair = (images[reference], images[i])
+            P, corr = register_pair(stacks[reference], st, grid, good_correlation, images=pair)
             how = "registered"
         ang = math.degrees(np.linalg.norm(matrix_to_rotvec(P[:3, :3])))
         log(

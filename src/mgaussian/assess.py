@@ -16,8 +16,9 @@ Two measures per stack, combined into one score in [0, 1]:
 (b) **agreement with the other stacks**: each pair of stacks is registered rigidly as
     :func:`mgaussian.recon.motion.register_stacks` registers them (brain-only images on a common
     grid, correlation, rotated restarts when the match is poor) up to its pyramid's coarse levels,
-    and their NCC is read on that grid inside the voxels both masks cover. A stack's agreement is the mean of the better half of its
-    NCCs with the others (with 3 stacks: its best): a stack of another subject, a flipped one or
+    and their NCC is read on that grid inside the voxels both masks cover. A stack's agreement is
+    the mean of the better half of its NCCs with the others (with 3 stacks: its best): a stack of
+    another subject, a flipped one or
     one wrecked by motion agrees with none, while the others still agree with each other.
     Pairwise, so that no single stack (a bad reference) decides for the rest. With two stacks
     both get the same agreement: it cannot say which one is wrong.
@@ -148,8 +149,8 @@ def pair_agreement(a: Stack, b: Stack, grid=None, poses: dict | None = None, ima
 def reference_poses(poses: dict, reference: int, grid) -> dict:
     """The assessment's coarse registrations of the pairs with ``reference``, as
     ``register_stacks(known=...)`` finishes them ({stack: (coarse transform, reversed, the pair's
-    images)}; reversed: the reference was registered onto the stack). Only those registered on ``grid``, the grid
-    ``register_stacks`` would use (not where a stack was excluded since)."""
+    images)}; reversed: the reference was registered onto the stack). Only those registered on
+    ``grid``, the grid ``register_stacks`` would use (not where a stack was excluded since)."""
     from .recon.motion import same_grid
 
     out = {}
@@ -181,7 +182,8 @@ def assess_stacks(stacks: list[Stack], log=None, poses: dict | None = None, all_
     """One row per stack (in input order): motion index, agreement, the two sub-scores, the score
     and its rank (1 = best). See the module docstring. ``poses``: where given, each pair's
     registration is stored in it, {(i, j): (stack j's pose in stack i's frame, correlation, the
-    coarse transform, grid, the two brains' images)} (``reconstruct`` finishes the reference's: :func:`reference_poses`).
+    coarse transform, grid, the two brains' images)} (``reconstruct`` finishes the reference's:
+    :func:`reference_poses`).
 
     ``all_pairs`` False (``reconstruct``): a pair is not registered when both its stacks are
     already settled (:func:`_settled`), where its NCC could change neither score, only the

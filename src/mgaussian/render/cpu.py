@@ -61,6 +61,11 @@ class SlicePlan:
     """
 
 
+def _row_bands(h: int, ns: int) -> int:
+    """Row bands per slice for the raster kernels: about four blocks of work per thread."""
+    return max(1, min(h, -(-4 * numba.get_num_threads() // max(ns, 1))))
+
+
 def _extents(spans, n_slices, h, w, du, dv):
     ext = np.empty((n_slices, 8))
     if spans is None:
@@ -224,8 +229,7 @@ class _RenderSlicesCPU(torch.autograd.Function):
         plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, shape, spacing, cutoff, spans, cells=cells)
         has = spans is not None
         sp = spans if has else _dummy_spans()
-        threads = numba.get_num_threads()
-        nband = max(1, min(h, -(-4 * threads // max(ns, 1))))
+        nband = _row_bands(h, ns)
         img = K.raster_forward(ns, h, wd, nband, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, du, dv, sp, has)
         if stats is not None:
             stats["pairs"] = plan.n_pairs
@@ -349,7 +353,7 @@ def render_pose_channels(
     plan = build_plan(a_mu, a_sig, a_w, a_org, a_ax, psf2, (h, wd), (du, dv), cutoff, row_spans, cells=cells)
     has = row_spans is not None
     sp = row_spans if has else _dummy_spans()
-    nband = max(1, min(h, -(-4 * numba.get_num_threads() // max(ns, 1))))
+    nband = _row_bands(h, ns)
     p_g = K.pair_gaussians(plan.order, plan.goff, plan.gcnt, plan.p_sl.shape[0])
     ch = K.raster_pose_channels(
         ns, h, wd, nband, plan.s_off, plan.s_idx, plan.p_dat, plan.p_rows, p_g, a_mu, a_sig, a_org, a_ax, psf2, du, dv,

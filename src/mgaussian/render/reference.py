@@ -18,6 +18,17 @@ from ._common import covariance, psf_variances, spans_to_mask, weights
 _CHUNK = 1 << 20  # elements (pixels x Gaussians) per dense block
 
 
+def _slice_terms(means, sig, wts, origin, a_mat, psf2_s, cut2):
+    """One slice's Gaussians that its plane can see: their slice-frame offsets [n,3], inverse
+    covariances (PSF added) [n,3,3] and amplitudes [n]."""
+    d = (means - origin) @ a_mat.T  # [N,3] slice-frame offsets
+    cmat = a_mat @ sig @ a_mat.T + torch.diag(psf2_s)  # [N,3,3]
+    with torch.no_grad():  # plane cull: r^T C^-1 r >= d_n^2 / C_nn for every pixel
+        keep = (d[:, 2] ** 2 <= cut2 * cmat[:, 2, 2]).nonzero().squeeze(1)
+    ck = cmat[keep]
+    return d[keep], torch.linalg.inv(ck), wts[keep] / torch.sqrt(torch.linalg.det(ck))
+
+
 def _slice_block(r_pix, dk, cinv, amp, cut2):
     """Sum over Gaussians of one block of pixels [p,3] (slice frame)."""
     r = r_pix[:, None, :] - dk[None]  # [p,n,3]
@@ -64,20 +75,13 @@ def render_slices(
     grid = torch.stack([aa, bb, torch.zeros_like(aa)], -1).reshape(-1, 3)  # [H*W,3]
     images = []
     for s in range(n_slices):
-        a_mat = axes[s]
-        d = (means - origins[s]) @ a_mat.T  # [N,3] slice-frame offsets
-        cmat = a_mat @ sig @ a_mat.T + torch.diag(psf2[s])  # [N,3,3]
-        with torch.no_grad():  # plane cull: r^T C^-1 r >= d_n^2 / C_nn for every pixel
-            keep = (d[:, 2] ** 2 <= cut2 * cmat[:, 2, 2]).nonzero().squeeze(1)
+        dk, cinv, amp = _slice_terms(means, sig, wts, origins[s], axes[s], psf2[s], cut2)
         pix = sel[s].reshape(-1).nonzero().squeeze(1)
         img = torch.zeros(h * w, dtype=dtype, device=dev)
-        if keep.numel() == 0 or pix.numel() == 0:
+        if dk.shape[0] == 0 or pix.numel() == 0:
             images.append(img)
             continue
-        dk, ck, wk = d[keep], cmat[keep], wts[keep]
-        cinv = torch.linalg.inv(ck)
-        amp = wk / torch.sqrt(torch.linalg.det(ck))
-        step = max(1, _CHUNK // keep.numel())
+        step = max(1, _CHUNK // dk.shape[0])
         vals = []
         for i in range(0, pix.numel(), step):
             vals.append(_run(_slice_block, grid[pix[i : i + step]], dk, cinv, amp, cut2))
@@ -139,17 +143,11 @@ def render_pose_channels(
     grid = torch.stack([aa, bb, torch.zeros_like(aa)], -1).reshape(-1, 3)
     out = torch.zeros(n_slices, h * w, 7, dtype=f64, device=dev)
     for s in range(n_slices):
-        a_mat = axes[s]
-        d = (means - origins[s]) @ a_mat.T
-        cmat = a_mat @ sig @ a_mat.T + torch.diag(psf2[s])
-        keep = (d[:, 2] ** 2 <= cut2 * cmat[:, 2, 2]).nonzero().squeeze(1)
+        dk, cinv, amp = _slice_terms(means, sig, wts, origins[s], axes[s], psf2[s], cut2)
         pix = sel[s].reshape(-1).nonzero().squeeze(1)
-        if keep.numel() == 0 or pix.numel() == 0:
+        if dk.shape[0] == 0 or pix.numel() == 0:
             continue
-        dk, ck, wk = d[keep], cmat[keep], wts[keep]
-        cinv = torch.linalg.inv(ck)
-        amp = wk / torch.sqrt(torch.linalg.det(ck))
-        step = max(1, _CHUNK // keep.numel())
+        step = max(1, _CHUNK // dk.shape[0])
         for i in range(0, pix.numel(), step):
             out[s, pix[i : i + step]] = _pose_channel_block(grid[pix[i : i + step]], dk, cinv, amp, cut2)
     return out.reshape(n_slices, h, w, 7).permute(0, 3, 1, 2)

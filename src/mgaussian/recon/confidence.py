@@ -94,8 +94,8 @@ def pooled_precision(d: torch.Tensor, pairs: torch.Tensor, k: torch.Tensor, swee
 def position_sd(volume: np.ndarray, affine: np.ndarray, shift_mm: float, smooth_mm: float | None = None) -> np.ndarray:
     """The intensity's spread from where the anatomy lies being known to ``shift_mm`` only: the
     volume's gradient magnitude (per mm), averaged over a neighbourhood (Gaussian of sd
-    ``smooth_mm``, default one voxel: the output resolution's voxel, as a shift moves an edge's whole
-    blurred profile), times the shift."""
+    ``smooth_mm``, default one voxel; a shift moves an edge's whole blurred profile), times the
+    shift."""
     spacing = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
     grads = np.gradient(volume.astype(np.float32), *spacing)
     mag = np.sqrt(sum(g * g for g in grads))
@@ -186,7 +186,7 @@ def confidence_map(
             np.asarray(volume, np.float32) / float(state.scale),
             aff,
             cfg.confidence_position_sd_mm,
-            smooth_mm=cfg.output_resolution,
+            smooth_mm=cfg.confidence_position_smooth_mm,
         )
         sd[inside] = np.sqrt(sd[inside] ** 2 + pos[inside] ** 2)
     ref = float(cfg.confidence_ref)

@@ -268,11 +268,15 @@ class ReconConfig:
     # 1 - confidence with |error| in the mask: 2 % noise 0.62 -> 0.59, clean 0.32 -> 0.31)
     confidence_misfit: bool = False
     # where the anatomy lies is known only so well (the slices' poses, the profile's blur): the
-    # voxel's sd gains this shift (mm) x the volume's local gradient magnitude (confidence.position_sd).
-    # 0.4 mm: the slices' pose error after motion correction (0.2-0.25 mm mean displacement, 0.5 deg:
-    # 0.35 mm at 40 mm from the centre, tests/test_motion.py). Spearman of 1 - confidence with |error|
-    # (clinical-style cases, docs/clinical.md): nine stacks 0.216 -> 0.33, six 0.278 -> 0.37
-    confidence_position_sd_mm: float = 0.4
+    # voxel's sd gains this shift (mm) x the volume's local gradient magnitude, averaged over a
+    # Gaussian of sd confidence_position_smooth_mm (confidence.position_sd). Chosen by Spearman of
+    # 1 - confidence with |error| on eight clinical-style cases from three brains (21, 25 and 33
+    # weeks; benchmarks/TUNING.md session 25): 0.2 mm over 1.5 mm ranks every case as well as or
+    # better than session 13's 0.4 mm over one voxel (mean 0.313 -> 0.324; 21 weeks' three stacks
+    # 0.297 -> 0.320), and it is what the errors where the gradient is large ask for on the 25-week
+    # brain (the errors' rms there is that of a 0.15-0.2 mm shift on top of the data term's sd)
+    confidence_position_sd_mm: float = 0.2
+    confidence_position_smooth_mm: float = 1.5
     # compute
     # the intensity fits (conjugate gradients) store each stack's render as an explicit sparse map
     # on the cpu backend, up to this much memory for all stacks together (about 5 bytes per
@@ -314,6 +318,8 @@ class ReconConfig:
             bad("confidence_position_sd_mm", f"must be a number >= 0 (mm), got {self.confidence_position_sd_mm}")
         if not (isinstance(self.confidence_probes, int) and self.confidence_probes >= 1):
             bad("confidence_probes", f"must be an integer >= 1, got {self.confidence_probes}")
+        if not (self.confidence_position_smooth_mm >= 0 and math.isfinite(self.confidence_position_smooth_mm)):
+            bad("confidence_position_smooth_mm", f"must be a number >= 0 (mm), got {self.confidence_position_smooth_mm}")
         if not (self.confidence_ref > 0 and math.isfinite(self.confidence_ref)):
             bad("confidence_ref", f"must be a number > 0, got {self.confidence_ref}")
         if not (0 <= self.pose_small_slice <= 1):

@@ -269,8 +269,9 @@ def _add_reconstruct(sub):
     g.add_argument(
         "--output-confidence",
         metavar="C.nii.gz",
-        help="also write a confidence map in [0, 1] on the output grid: how well the data determine "
-        "each voxel (the intensities' approximate posterior sd; see docs/clinical.md)",
+        help="also write a confidence map in [0, 1] on the output volume's grid: how well the data determine "
+        "each voxel (the intensities' approximate posterior sd; see docs/clinical.md). With --template "
+        "also C_native.nii.gz on the native volume's grid",
     )
     g.add_argument(
         "--output-report",
@@ -911,7 +912,7 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
     --template)."""
     from .io import save_nifti
 
-    template_info = atlas_view = None
+    template_info = atlas_view = template_grid = None
     if template_outs:  # the native volume is kept beside the one in atlas space (written first)
         from .atlas import to_template_space, write_transform_files
 
@@ -940,6 +941,7 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
             template_outs["tfm"],
         )
         save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
+        template_grid = (vol_t.shape, aff_t)
         atlas_view = {
             "volume": vol_t,
             "affine": aff_t,
@@ -950,15 +952,32 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
     else:
         save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     if a.output_confidence:
-        # on the reconstruction's own grid (with --template: that of the native volume)
-        save_nifti(
-            res.confidence,
-            res.affine,
-            a.output_confidence,
-            inputs=inputs,
-            header_extra=f"mgaussian {__version__} confidence",
-        )
+        _write_confidence(a, res, inputs, template_outs, template_info, template_grid)
     return template_info, atlas_view
+
+
+def _write_confidence(a, res, inputs, template_outs: dict, template_info, template_grid) -> None:
+    """The confidence map on the grid of the volume it describes: the reconstruction's own; with
+    --template, the template's (beside the volume there) and the native one beside the native
+    volume (C_native.nii.gz), so each map overlays its volume in a viewer."""
+    from .io import save_nifti
+
+    extra = f"mgaussian {__version__} confidence"
+    if not template_outs:
+        save_nifti(res.confidence, res.affine, a.output_confidence, inputs=inputs, header_extra=extra)
+        return
+    import numpy as np
+
+    from .sampling import resample_volume
+
+    save_nifti(res.confidence, res.affine, template_outs["confidence_native"], inputs=inputs, header_extra=extra)
+    # carried by the volume's registration (template voxel -> native world), linearly: the map is
+    # smooth (a weighted mean of the Gaussians' sd, a gradient smoothed over 1.5 mm) and its grid
+    # the written one, finer than the resolution
+    shape_t, aff_t = template_grid
+    T = np.asarray(template_info["matrix_template_to_volume"], dtype=np.float64)
+    conf_t = resample_volume(res.confidence, res.affine, shape_t, T @ aff_t)
+    save_nifti(np.clip(conf_t, 0.0, 1.0), aff_t, a.output_confidence, inputs=inputs, header_extra=extra)
 
 
 def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: dict, wall_s: float) -> dict:
@@ -990,6 +1009,8 @@ def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: d
     meta["assessment"] = assessment
     if a.output_confidence:
         meta["output_confidence"] = os.path.abspath(a.output_confidence)
+        if "confidence_native" in template_outs:
+            meta["output_confidence_native"] = os.path.abspath(template_outs["confidence_native"])
         meta["confidence"] = res.confidence_info
     if template_info is not None:
         meta["output_volume_native"] = os.path.abspath(template_outs["native"])
@@ -1333,9 +1354,16 @@ def _template_outputs(a, inputs, *, native: bool) -> dict:
     outs = {"json": stem + ".template.json", "tfm": stem + ".template.tfm"}
     if native:
         outs["native"] = stem + "_native" + a.output_volume[len(stem) :]
+    if getattr(a, "output_confidence", None):  # its native map beside it, as the volume's
+        cstem = _stem(a.output_confidence)
+        outs["confidence_native"] = cstem + "_native" + a.output_confidence[len(cstem) :]
     taken = list(inputs) + [a.template, a.template_mask]
     for k, pth in outs.items():
-        check_output_path(pth, taken, what="--output-volume", nifti=(k == "native"))
+        what = "--output-confidence" if k == "confidence_native" else "--output-volume"
+        check_output_path(pth, taken, what=what, nifti=k in ("native", "confidence_native"))
+    ours = [a.output_volume, *outs.values()]
+    if len({os.path.realpath(p) for p in ours}) < len(ours):
+        raise InputError("--output-confidence", f"its native map {outs['confidence_native']} is another output's path")
     return outs
 
 

@@ -213,6 +213,11 @@ def test_config_values_are_checked():
     for bad in ({"time_budget_s": -1}, {"iterations": [1]}, {"lr_decay": 0}, {"renderer": "rays"}, {"use_psf": 1}):
         with pytest.raises(InputError):
             config_from_dict(bad)
+    for key in ("confidence_position_sd_mm", "confidence_position_smooth_mm"):
+        assert getattr(config_from_dict({key: 0}), key) == 0  # 0: off / unsmoothed
+        for value in (-0.1, float("nan")):
+            with pytest.raises(InputError, match=f"{key}: must be a number >= 0"):
+                config_from_dict({key: value})
 
 
 def test_adam_updates_only_the_parameters_it_is_given(case):

@@ -319,7 +319,9 @@ class ReconConfig:
         if not (isinstance(self.confidence_probes, int) and self.confidence_probes >= 1):
             bad("confidence_probes", f"must be an integer >= 1, got {self.confidence_probes}")
         if not (self.confidence_position_smooth_mm >= 0 and math.isfinite(self.confidence_position_smooth_mm)):
-            bad("confidence_position_smooth_mm", f"must be a number >= 0 (mm), got {self.confidence_position_smooth_mm}")
+            bad(
+                "confidence_position_smooth_mm", f"must be a number >= 0 (mm), got {self.confidence_position_smooth_mm}"
+            )
         if not (self.confidence_ref > 0 and math.isfinite(self.confidence_ref)):
             bad("confidence_ref", f"must be a number > 0, got {self.confidence_ref}")
         if not (0 <= self.pose_small_slice <= 1):

@@ -1362,7 +1362,7 @@ def _template_outputs(a, inputs, *, native: bool) -> dict:
         what = "--output-confidence" if k == "confidence_native" else "--output-volume"
         check_output_path(pth, taken, what=what, nifti=k in ("native", "confidence_native"))
     ours = [a.output_volume, *outs.values()]
-    if len({os.path.realpath(p) for p in ours}) < len(ours):
+    if "confidence_native" in outs and len({os.path.realpath(p) for p in ours}) < len(ours):
         raise InputError("--output-confidence", f"its native map {outs['confidence_native']} is another output's path")
     return outs
 

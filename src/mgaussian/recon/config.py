@@ -273,7 +273,7 @@ class ReconConfig:
     # 1 - confidence with |error| on eight clinical-style cases from three brains (21, 25 and 33
     # weeks; benchmarks/TUNING.md session 25): 0.2 mm over 1.5 mm ranks every case as well as or
     # better than session 13's 0.4 mm over one voxel (mean 0.313 -> 0.324; 21 weeks' three stacks
-    # 0.297 -> 0.320), and it is what the errors where the gradient is large ask for on the 25-week
+    # 0.296 -> 0.320), and it is what the errors where the gradient is large ask for on the 25-week
     # brain (the errors' rms there is that of a 0.15-0.2 mm shift on top of the data term's sd)
     confidence_position_sd_mm: float = 0.2
     confidence_position_smooth_mm: float = 1.5

@@ -182,3 +182,19 @@ def test_confidence_map_lies_on_the_grid_of_the_volume_it_describes(case, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --output-confidence: its native map {vol2} is another output's path"], err
     assert not vol2.exists() and not conf2.exists()
+
+
+def test_affine_template_transform_writes_the_volume_and_its_confidence(case, tmp_path):
+    """--template-transform affine shears the template's grid in the model's frame, where the model
+    cannot be rendered plane by plane: the volume there is the native one interpolated (it was an
+    internal error before session 25), and the confidence map follows it."""
+    out, conf = tmp_path / "a.nii.gz", tmp_path / "c.nii.gz"
+    args = ["--template", case["gt"], "--template-mask", case["mask"], "--template-transform", "affine"]
+    assert _recon(case, out, *args, "--output-confidence", str(conf)) == 0
+    gt, img, c = nib.load(case["gt"]), nib.load(str(out)), nib.load(str(conf))
+    assert img.shape == gt.shape == c.shape and np.allclose(img.affine, gt.affine) and np.allclose(c.affine, gt.affine)
+    meta = json.loads((tmp_path / "a.template.json").read_text())
+    assert meta["transform"] == "affine" and meta["matrix_convention"].endswith("(trilinear)")
+    g, m = gt.get_fdata(), nib.load(case["mask"]).get_fdata() > 0
+    assert score_volume(img.get_fdata(), img.affine, g, gt.affine, m)["ncc"] > 0.9
+    assert (tmp_path / "c_native.nii.gz").exists() and float(np.asarray(c.dataobj)[m].mean()) > 0.3

@@ -494,6 +494,13 @@ def _describe_transform(T: np.ndarray, template: Template) -> dict:
     }
 
 
+def _orthogonal_axes(affine: np.ndarray, tol: float = 1e-6) -> bool:
+    """Whether a grid's voxel axes (the affine's columns) are orthogonal, as a render needs."""
+    cols = np.asarray(affine, np.float64)[:3, :3]
+    gram = cols.T @ cols
+    return float(np.abs(gram - np.diag(np.diag(gram))).max()) <= tol * float(np.abs(gram).max())
+
+
 def to_template_space(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -512,7 +519,9 @@ def to_template_space(
     ``mask``: the template's brain mask (shipped templates bring theirs).
     ``render``: where the volume is a continuous model's (``reconstruct``), a function (shape,
     affine) -> the model on that grid: the volume on the template's grid is then the model rendered
-    there, not the volume interpolated (a second, blurring sampling).
+    there, not the volume interpolated (a second, blurring sampling). Rigid transforms only: through
+    an affine one the template's voxel axes are sheared in the model's frame, and the volume is
+    interpolated (``matrix_convention`` says which).
     Returns (volume on the template grid, the template's affine, info for ``OUT.template.json``)."""
     from .metrics import ncc
     from .sampling import resample_volume
@@ -523,11 +532,14 @@ def to_template_space(
     vol = np.asarray(volume, np.float32)
 
     def placed(tpl, T):
-        if render is not None:
-            out = np.asarray(render(tpl.data.shape, T @ tpl.affine), np.float32)
+        grid = T @ tpl.affine
+        # the model renders on grids whose voxel axes are orthogonal (a rigid transform's); an affine
+        # one shears the template's grid in the model's frame, where the volume is interpolated
+        if render is not None and _orthogonal_axes(grid):
+            out, how = np.asarray(render(tpl.data.shape, grid), np.float32), "the model rendered there"
         else:
-            out = resample_volume(vol, affine, tpl.data.shape, T @ tpl.affine)
-        return out, ncc(out[tpl.mask], tpl.data[tpl.mask])
+            out, how = resample_volume(vol, affine, tpl.data.shape, grid), "trilinear"
+        return out, ncc(out[tpl.mask], tpl.data[tpl.mask]), how
 
     def score_in_box(tpl, T):  # the same NCC, resampling the mask's bounding box only
         idx = np.argwhere(tpl.mask)
@@ -553,7 +565,7 @@ def to_template_space(
     else:
         tpl = templates[0]
         T, det = register_to_template(vol, affine, tpl, transform=transform, metric=metric, log=log)
-    out, score = placed(tpl, T)
+    out, score, how = placed(tpl, T)
     info = {
         "template": tpl.describe(),
         "template_requested": template_path,
@@ -561,8 +573,7 @@ def to_template_space(
         "matrix_template_to_volume": T.tolist(),
         "matrix_volume_to_template": np.linalg.inv(T).tolist(),
         "matrix_convention": "world mm (NIfTI RAS) 4x4: x_volume = M x_template; the output voxel v of the "
-        "template grid takes the volume's value at M @ template_affine @ v ("
-        + ("the model rendered there)" if render is not None else "trilinear)"),
+        "template grid takes the volume's value at M @ template_affine @ v (" + how + ")",
         "ncc_in_template_mask": round(float(score), 5),
         **_describe_transform(T, tpl),
         **det,

@@ -140,6 +140,10 @@ def test_report_shows_the_volume_in_atlas_space(case, tmp_path):
     assert _recon(case, out, *args, report_dir=tmp_path / "report") == 0
     page = (tmp_path / "report" / "index.html").read_text()
     assert "Atlas space" in page and 'src="atlas.png"' in page
+    # each section names the volume it shows: the native one above, the atlas-space one in its own
+    native = tmp_path / "rec_native.nii.gz"
+    assert f"<h2>Reconstruction</h2><p>Volume <code>{native}</code>" in page
+    assert f"<h3>Atlas space</h3><p>The volume <code>{out}</code> is written on the grid of template" in page
     png = tmp_path / "report" / "atlas.png"
     assert png.exists() and png.stat().st_size > 10_000
     ncc = json.loads((tmp_path / "rec.config.json").read_text())["template"]["ncc_in_template_mask"]

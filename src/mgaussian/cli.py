@@ -943,6 +943,8 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
         save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
         template_grid = (vol_t.shape, aff_t)
         atlas_view = {
+            "path": a.output_volume,
+            "native_path": template_outs["native"],
             "volume": vol_t,
             "affine": aff_t,
             "template": template_info["template"],
@@ -1052,13 +1054,14 @@ def _write_run_report(a, res, stacks, report_dir: str, runlog, t0: float, atlas_
             "model": a.output_model,
             "atlas_view": atlas_view,
         }
+        # the report's views are the native volume's (with --template, the atlas-space one has its section)
         idx = write_report(
             report_dir,
             res,
             stacks,
-            a.output_volume,
+            atlas_view["native_path"] if atlas_view else a.output_volume,
             extra=extra,
-            inputs=[a.output_model, _stem(a.output_volume) + ".config.json", a.output_confidence],
+            inputs=[a.output_volume, a.output_model, _stem(a.output_volume) + ".config.json", a.output_confidence],
         )
         if not a.quiet:
             print(f"wrote the report {idx} in {time.time() - t_rep:.1f} s", file=sys.stderr)

@@ -567,7 +567,7 @@ def _run_sections(result, cfg: dict, extra: dict, timings: dict, volume_path, t0
 def _atlas_section(atlas: dict, d: str, real_in) -> str:
     """The atlas-space view (``--template``): the written volume over the template, and the
     registration's record. ``atlas``: volume, affine (the template's grid), template (its
-    ``Template.describe()``), transform, ncc."""
+    ``Template.describe()``), transform, ncc, and optionally path (where that volume was written)."""
     from .atlas import load_templates
 
     info = atlas["template"]
@@ -575,10 +575,11 @@ def _atlas_section(atlas: dict, d: str, real_in) -> str:
     fig = _atlas_figure(atlas["volume"], tpl.data, tpl.mask, atlas["affine"], info["name"])
     _save(fig, os.path.join(d, "atlas.png"), real_in)
     e = html.escape
+    written = f"<code>{e(os.path.abspath(str(atlas['path'])))}</code> " if atlas.get("path") else ""
     return (
-        f"<h3>Atlas space</h3><p>The volume is written on the grid of template <code>{e(str(info['name']))}</code> "
-        f"({e(str(atlas['transform']))} registration, NCC {_fmt(atlas.get('ncc'))} inside the template's mask); "
-        "the native volume is kept beside it.</p>"
+        f"<h3>Atlas space</h3><p>The volume {written}is written on the grid of template "
+        f"<code>{e(str(info['name']))}</code> ({e(str(atlas['transform']))} registration, NCC "
+        f"{_fmt(atlas.get('ncc'))} inside the template's mask); the native volume (above) is kept beside it.</p>"
         '<img src="atlas.png" alt="the reconstruction in atlas space above the template">'
     )
 

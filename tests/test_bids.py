@@ -316,6 +316,9 @@ def test_bad_command_lines(tmp_path, capsys, sim):
     assert "--threads-per-worker" in _err(capsys, [ds, out, "participant", "--", "--threads", "3"], "--threads")
     _err(capsys, [ds, out, "participant", "--", "--output-volume", "x.nii.gz"], "--output-volume")
     _err(capsys, [ds, out, "participant", "--", "--thicknesses", "3", "4"], "--thicknesses")
+    # options whose extra files the derivative would not keep: refused, not lost
+    for extra in (["--template", "fetal-auto"], ["--output-confidence", str(tmp_path / "c.nii.gz")]):
+        assert "is not supported by the App" in _err(capsys, [ds, out, "participant", "--", *extra], extra[0])
     _err(capsys, [ds, out, "group"], "no mgaussian results to summarise")
     assert not out.exists()  # nothing written by a refused command
 

@@ -35,6 +35,14 @@ _OWNED = {
     "threads": "--threads (use --threads-per-worker)",
     "config": "--config (give it to bids itself, before --)",
 }
+# reconstruct options whose extra files the App does not carry into the derivative: refused, where
+# they would be lost with the subject's work folder (--template's native volume and transform) or
+# written by every subject to one path (--output-confidence)
+_NOT_IN_APP = {
+    "template": "the derivative keeps each subject's volume in its own frame; register them with "
+    "mgaussian to-template, or reconstruct the subject alone",
+    "output_confidence": "one path would be written by every subject; reconstruct the subject alone",
+}
 # what does not change what a subject's reconstruction means (left out of its fingerprint)
 _NOT_SETTINGS = {"input_stacks", "output_volume", "quiet", "func", "command", "device", "backend"} | set(_OWNED)
 
@@ -179,6 +187,9 @@ def reconstruct_options(a) -> tuple[list[str], dict]:
     for dest, what in _OWNED.items():
         if getattr(ns, dest, None) not in (None, False):
             raise InputError("--", f"{what.split(' ')[0]} is set by the App: {what}")
+    for dest, why in _NOT_IN_APP.items():
+        if getattr(ns, dest, None) not in (None, False):
+            raise InputError("--", f"--{dest.replace('_', '-')} is not supported by the App: {why}")
     if ns.thicknesses is not None and len(ns.thicknesses) != 1:
         raise InputError("--thicknesses", "give one value for every stack (subjects have different numbers of stacks)")
     if ns.no_report and a.no_report is False:

@@ -128,6 +128,46 @@ def test_checkpoint_for_other_settings_or_inputs_is_refused(case, tmp_path):
         Checkpointer(tmp_path, cfg, fp[:1]).load()
 
 
+def test_settings_of_what_is_made_after_the_fit_may_change_on_resume(case, tmp_path):
+    """The confidence map's settings and the written grid are computed from the finished fit: a
+    checkpoint resumes with them changed, also one saved with them in its settings (before they
+    joined COMPUTE_ONLY_KEYS); a setting of the fit still refuses it."""
+    cfg = config_from_dict(CFG)
+    fp = _fp(case)
+    ck = Checkpointer(tmp_path, cfg, fp)
+    ck.save(_state(0, 1))
+    for changed in (
+        {"confidence": True},
+        {"confidence_position_sd_mm": 0.4, "confidence_position_smooth_mm": 1.0},
+        {"output_oversampling": 1},
+    ):
+        assert Checkpointer(tmp_path, cfg.resolved(**changed), fp).load()["iteration"] == 1
+    # an older checkpoint: every setting stored
+    saved = torch.load(ck.path, weights_only=False)
+    saved["settings"] = cfg.to_dict()
+    torch.save(saved, ck.path)
+    assert Checkpointer(tmp_path, cfg.resolved(confidence=True), fp).load()["iteration"] == 1
+    with pytest.raises(InputError, match="cg_iterations 8 -> 9"):
+        Checkpointer(tmp_path, cfg.resolved(confidence=True, cg_iterations=9), fp).load()
+
+
+def test_resumed_finished_fit_writes_the_confidence_map_of_a_fresh_run(case, tmp_path):
+    """A finished fit resumed with --output-confidence: the same volume and map, bit for bit, as a
+    run that asked for the map from the start."""
+    base = ["reconstruct", "--input-stacks", *case["stacks"], "--stack-masks", *case["masks"]]
+    base += ["--thicknesses", "3.6", "--config", case["cfg"], "--quiet", "--no-report", "--no-motion"]
+    ck = tmp_path / "ck"
+    assert main(base + ["--output-volume", str(tmp_path / "a.nii.gz"), "--checkpoint-dir", str(ck)]) == 0
+    resumed = ["--output-volume", str(tmp_path / "b.nii.gz"), "--output-confidence", str(tmp_path / "cb.nii.gz")]
+    assert main(base + resumed + ["--checkpoint-dir", str(ck), "--resume"]) == 0
+    fresh = ["--output-volume", str(tmp_path / "c.nii.gz"), "--output-confidence", str(tmp_path / "cc.nii.gz")]
+    assert main(base + fresh) == 0
+    for x, y in (("b", "c"), ("cb", "cc")):
+        vx = load_image(str(tmp_path / f"{x}.nii.gz"))[0]
+        vy = load_image(str(tmp_path / f"{y}.nii.gz"))[0]
+        assert np.array_equal(vx, vy), (x, y)
+
+
 def test_cli_checkpoint_option_errors(case, tmp_path, capsys):
     base = [
         "reconstruct",

@@ -8,8 +8,8 @@ summary: level, iteration, step, time). Each ``.pt`` is written to a temporary f
 folder, fsync'ed, then renamed, so a kill at any moment leaves a complete checkpoint behind.
 
 A checkpoint records the settings and a fingerprint of the inputs it was written for; loading
-it for other settings or inputs is refused. Settings that only change how fast the run goes
-(``COMPUTE_ONLY_KEYS``) may differ.
+it for other settings or inputs is refused. Settings that only change how fast the run goes, or
+what is made of the finished fit (``COMPUTE_ONLY_KEYS``), may differ.
 """
 
 from __future__ import annotations
@@ -31,9 +31,22 @@ CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 SUMMARY = "checkpoint.json"
 # settings a resumed run may change: they change the speed, not the result (time_budget_s only
-# decides where fitting stops)
-# settings that do not change the fit (output_oversampling: only the grid the volume is written on)
-COMPUTE_ONLY_KEYS = ("threads", "device", "backend", "time_budget_s", "checkpoint_interval_s", "output_oversampling")
+# decides where fitting stops), or only what is made of the fit once it is done (output_oversampling:
+# the grid the volume is written on; the confidence map's settings: a map computed after the fit)
+COMPUTE_ONLY_KEYS = (
+    "threads",
+    "device",
+    "backend",
+    "time_budget_s",
+    "checkpoint_interval_s",
+    "output_oversampling",
+    "confidence",
+    "confidence_probes",
+    "confidence_ref",
+    "confidence_misfit",
+    "confidence_position_sd_mm",
+    "confidence_position_smooth_mm",
+)
 
 
 def _file_id(p: str | None):
@@ -206,7 +219,9 @@ class Checkpointer:
         raise InputError("--resume", f"no readable checkpoint in {self.dir} ({'; '.join(errors)})")
 
     def _check(self, d: dict) -> None:
-        diffs = _differences(d.get("settings") or {}, self.settings)
+        # the saved settings through the same filter: a checkpoint written before a key joined
+        # COMPUTE_ONLY_KEYS still resumes
+        diffs = _differences(_settings_key(d.get("settings") or {}), self.settings)
         saved_in, now_in = d.get("inputs") or [], self.inputs
         if len(saved_in) != len(now_in):
             diffs.append(f"number of stacks {len(saved_in)} -> {len(now_in)}")

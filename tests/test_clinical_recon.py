@@ -184,8 +184,13 @@ def test_confidence_map_lies_on_the_grid_of_the_volume_it_describes(case, tmp_pa
     vol2, conf2 = tmp_path / "w_native.nii.gz", tmp_path / "w.nii.gz"
     assert _recon(case, vol2, "--template", case["gt"], "--output-confidence", str(conf2)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: --output-confidence: its native map {vol2} is another output's path"], err
+    assert err == [f"error: --output-confidence: {vol2} (written beside it) is also the path of --output-volume"], err
     assert not vol2.exists() and not conf2.exists()
+    # and the volume's native twin may not be another output either: named as an output, not an input
+    clash = tmp_path / "u_native.nii.gz"
+    assert _recon(case, tmp_path / "u.nii.gz", "--template", case["gt"], "--output-confidence", str(clash)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output-volume: {clash} (written beside it) is also the path of --output-confidence"], err
 
 
 def test_affine_template_transform_writes_the_volume_and_its_confidence(case, tmp_path):

@@ -1133,9 +1133,8 @@ def cmd_reconstruct(a) -> int:
         )
     cfg = _reconstruct_config(a).validate("command line")
     _check_checkpoint_dir(a, inputs + [a.output_volume, a.output_model, a.config])
-    template_outs = _template_outputs(
-        a, inputs + [a.output_model, config_json, a.log, a.output_confidence], native=True
-    )
+    others = {"--output-model": a.output_model, "--log": a.log, "--output-confidence": a.output_confidence}
+    template_outs = _template_outputs(a, inputs, native=True, others={**others, "the settings file": config_json})
     stacks = load_stacks(a.input_stacks, a.stack_masks, a.thicknesses, slice_order=a.slice_order)
     ckpt, resume_state = _reconstruct_checkpoint(a, cfg, stacks, inputs)
     if len(stacks) == 1:
@@ -1343,8 +1342,9 @@ def cmd_inspect(a) -> int:
     return 0
 
 
-def _template_outputs(a, inputs, *, native: bool) -> dict:
-    """Output paths of atlas-space output, checked (and the template loaded once) before any work."""
+def _template_outputs(a, inputs, *, native: bool, others: dict | None = None) -> dict:
+    """Output paths of atlas-space output, checked (and the template loaded once) before any work.
+    ``others``: the run's other outputs (what names them -> path), none of which they may be."""
     from .atlas import load_templates
     from .io import check_output_path
 
@@ -1364,9 +1364,12 @@ def _template_outputs(a, inputs, *, native: bool) -> dict:
     for k, pth in outs.items():
         what = "--output-confidence" if k == "confidence_native" else "--output-volume"
         check_output_path(pth, taken, what=what, nifti=k in ("native", "confidence_native"))
-    ours = [a.output_volume, *outs.values()]
-    if "confidence_native" in outs and len({os.path.realpath(p) for p in ours}) < len(ours):
-        raise InputError("--output-confidence", f"its native map {outs['confidence_native']} is another output's path")
+    named = {"--output-volume": a.output_volume, **(others or {})}
+    for k, pth in outs.items():
+        what = "--output-confidence" if k == "confidence_native" else "--output-volume"
+        for name, other in named.items():
+            if other and os.path.realpath(other) == os.path.realpath(pth):
+                raise InputError(what, f"{pth} (written beside it) is also the path of {name}")
     return outs
 
 

@@ -85,3 +85,29 @@ def test_pose_moves_frames_like_rigid_matrix():
         p0 = fr.origins[k] + 2 * fr.spacing[0] * fr.axes[k, 0] + 3 * fr.spacing[1] * fr.axes[k, 1]
         p1 = o[k].numpy() + 2 * fr.spacing[0] * ax[k, 0].numpy() + 3 * fr.spacing[1] * ax[k, 1].numpy()
         assert np.allclose(M[:3, :3] @ p0 + M[:3, 3], p1, atol=1e-9)
+
+
+def test_orthogonal_voxel_axes_tells_shear_from_rotation_and_flips():
+    """The check the renderer and the atlas-space placement share: a rotated, scaled, flipped grid
+    is walkable plane by plane, a sheared one is not (render_volume refuses it)."""
+    from mgaussian.geometry import orthogonal_voxel_axes, rotvec_to_matrix
+    from mgaussian.render import render_volume
+
+    A = np.eye(4)
+    A[:3, :3] = np.asarray(rotvec_to_matrix(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))) @ np.diag(
+        [0.8, 1.2, -3.0]
+    )
+    assert orthogonal_voxel_axes(A)
+    S = A.copy()
+    S[0, 1] += 0.3
+    assert not orthogonal_voxel_axes(S)
+    one = torch.zeros(1, 3, dtype=torch.float64)
+    args = (
+        one,
+        torch.zeros(1, 3, dtype=torch.float64),
+        torch.tensor([[1.0, 0, 0, 0]], dtype=torch.float64),
+        torch.ones(1, dtype=torch.float64),
+    )
+    assert render_volume(*args, A, (4, 4, 2), backend="reference").shape == (4, 4, 2)
+    with pytest.raises(ValueError, match="orthogonal voxel axes"):
+        render_volume(*args, S, (4, 4, 2), backend="reference")

@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .geometry import matrix_to_rotvec, voxel_sizes
+from .geometry import matrix_to_rotvec, orthogonal_voxel_axes, voxel_sizes
 
 _DATA = Path(__file__).parent / "data"
 TEMPLATES: dict[str, dict] = {
@@ -494,13 +494,6 @@ def _describe_transform(T: np.ndarray, template: Template) -> dict:
     }
 
 
-def _orthogonal_axes(affine: np.ndarray, tol: float = 1e-6) -> bool:
-    """Whether a grid's voxel axes (the affine's columns) are orthogonal, as a render needs."""
-    cols = np.asarray(affine, np.float64)[:3, :3]
-    gram = cols.T @ cols
-    return float(np.abs(gram - np.diag(np.diag(gram))).max()) <= tol * float(np.abs(gram).max())
-
-
 def to_template_space(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -535,7 +528,7 @@ def to_template_space(
         grid = T @ tpl.affine
         # the model renders on grids whose voxel axes are orthogonal (a rigid transform's); an affine
         # one shears the template's grid in the model's frame, where the volume is interpolated
-        if render is not None and _orthogonal_axes(grid):
+        if render is not None and orthogonal_voxel_axes(grid):
             out, how = np.asarray(render(tpl.data.shape, grid), np.float32), "the model rendered there"
         else:
             out, how = resample_volume(vol, affine, tpl.data.shape, grid), "trilinear"

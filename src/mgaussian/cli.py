@@ -712,6 +712,12 @@ def _stem(path: str) -> str:
     return path
 
 
+def _native_twin(path: str) -> str:
+    """OUT.nii.gz -> OUT_native.nii.gz: where the native grid's twin of an atlas-space output goes."""
+    stem = _stem(path)
+    return stem + "_native" + path[len(stem) :]
+
+
 _COMMAND_LINE: list[str] = list(sys.argv)  # set by main() to the arguments it parses
 
 
@@ -941,7 +947,7 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
             template_outs["tfm"],
         )
         save_nifti(vol_t, aff_t, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
-        template_grid = (vol_t.shape, aff_t)
+        template_grid = (vol_t.shape, aff_t, template_info["matrix_template_to_volume"])
         atlas_view = {
             "path": a.output_volume,
             "native_path": template_outs["native"],
@@ -954,18 +960,19 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
     else:
         save_nifti(res.volume, res.affine, a.output_volume, inputs=inputs, header_extra=f"mgaussian {__version__}")
     if a.output_confidence:
-        _write_confidence(a, res, inputs, template_outs, template_info, template_grid)
+        _write_confidence(a, res, inputs, template_outs, template_grid)
     return template_info, atlas_view
 
 
-def _write_confidence(a, res, inputs, template_outs: dict, template_info, template_grid) -> None:
+def _write_confidence(a, res, inputs, template_outs: dict, template_grid: tuple | None) -> None:
     """The confidence map on the grid of the volume it describes: the reconstruction's own; with
-    --template, the template's (beside the volume there) and the native one beside the native
-    volume (C_native.nii.gz), so each map overlays its volume in a viewer."""
+    --template (``template_grid``: the template's shape, affine and the registration's template ->
+    volume world map), the template's (beside the volume there) and the native one beside the
+    native volume (C_native.nii.gz), so each map overlays its volume in a viewer."""
     from .io import save_nifti
 
     extra = f"mgaussian {__version__} confidence"
-    if not template_outs:
+    if template_grid is None:
         save_nifti(res.confidence, res.affine, a.output_confidence, inputs=inputs, header_extra=extra)
         return
     import numpy as np
@@ -976,9 +983,8 @@ def _write_confidence(a, res, inputs, template_outs: dict, template_info, templa
     # carried by the volume's registration (template voxel -> native world), linearly: the map is
     # smooth (a weighted mean of the Gaussians' sd, a gradient smoothed over 1.5 mm) and its grid
     # the written one, finer than the resolution
-    shape_t, aff_t = template_grid
-    T = np.asarray(template_info["matrix_template_to_volume"], dtype=np.float64)
-    conf_t = resample_volume(res.confidence, res.affine, shape_t, T @ aff_t)
+    shape_t, aff_t, to_volume = template_grid
+    conf_t = resample_volume(res.confidence, res.affine, shape_t, np.asarray(to_volume, np.float64) @ aff_t)
     save_nifti(np.clip(conf_t, 0.0, 1.0), aff_t, a.output_confidence, inputs=inputs, header_extra=extra)
 
 
@@ -1356,17 +1362,16 @@ def _template_outputs(a, inputs, *, native: bool, others: dict | None = None) ->
     stem = _stem(a.output_volume)
     outs = {"json": stem + ".template.json", "tfm": stem + ".template.tfm"}
     if native:
-        outs["native"] = stem + "_native" + a.output_volume[len(stem) :]
+        outs["native"] = _native_twin(a.output_volume)
     if getattr(a, "output_confidence", None):  # its native map beside it, as the volume's
-        cstem = _stem(a.output_confidence)
-        outs["confidence_native"] = cstem + "_native" + a.output_confidence[len(cstem) :]
+        outs["confidence_native"] = _native_twin(a.output_confidence)
+    whose = {k: "--output-confidence" if k == "confidence_native" else "--output-volume" for k in outs}
     taken = list(inputs) + [a.template, a.template_mask]
     for k, pth in outs.items():
-        what = "--output-confidence" if k == "confidence_native" else "--output-volume"
-        check_output_path(pth, taken, what=what, nifti=k in ("native", "confidence_native"))
+        check_output_path(pth, taken, what=whose[k], nifti=k in ("native", "confidence_native"))
     named = {"--output-volume": a.output_volume, **(others or {})}
     for k, pth in outs.items():
-        what = "--output-confidence" if k == "confidence_native" else "--output-volume"
+        what = whose[k]
         for name, other in named.items():
             if other and os.path.realpath(other) == os.path.realpath(pth):
                 raise InputError(what, f"{pth} (written beside it) is also the path of {name}")

@@ -27,6 +27,7 @@ __all__ = [
     "apply_pose_to_frames",
     "rigid_matrix",
     "voxel_sizes",
+    "orthogonal_voxel_axes",
 ]
 
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ def world_to_voxel(affine: np.ndarray, xyz: np.ndarray) -> np.ndarray:
 def voxel_sizes(affine: np.ndarray) -> np.ndarray:
     """Lengths of the affine's three columns (voxel spacing in mm)."""
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+
+
+def orthogonal_voxel_axes(affine: np.ndarray, tol: float = 1e-6) -> bool:
+    """Whether the affine's voxel axes (its columns) are orthogonal, up to ``tol`` of the largest
+    entry of their Gram matrix: a grid the renderer can walk plane by plane (no shear)."""
+    cols = np.asarray(affine, dtype=np.float64)[:3, :3]
+    gram = cols.T @ cols
+    return float(np.abs(gram - np.diag(np.diag(gram))).max()) <= tol * float(np.abs(gram).max())
 
 
 def _skew(v):

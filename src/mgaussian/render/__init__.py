@@ -346,13 +346,14 @@ def render_volume(
     """
     import numpy as np
 
+    from ..geometry import orthogonal_voxel_axes
+
     aff = torch.as_tensor(np.asarray(affine, dtype=np.float64))
     cols = aff[:3, :3]
     du, dv = float(cols[:, 0].norm()), float(cols[:, 1].norm())
     eu, ev = cols[:, 0] / du, cols[:, 1] / dv
     n = torch.linalg.cross(eu, ev)
-    gram = cols.T @ cols
-    if float((gram - torch.diag(torch.diag(gram))).abs().max()) > 1e-6 * float(gram.abs().max()):
+    if not orthogonal_voxel_axes(aff.numpy()):
         raise ValueError("render_volume needs an affine with orthogonal voxel axes")
     nx, ny, nz = (int(v) for v in shape)
     axes_one = torch.stack([eu, ev, n]).to(means.dtype)

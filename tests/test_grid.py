@@ -10,7 +10,15 @@ from conftest import write_nifti
 from mgaussian.geometry import rigid_matrix, voxel_to_world
 from mgaussian.io import load_stacks
 from mgaussian.recon.config import config_from_dict
-from mgaussian.recon.data import crop_grid, grow_masks, output_grid, region_mask
+from mgaussian.recon.data import (
+    crop_grid,
+    grow_masks,
+    naive_init,
+    output_grid,
+    prepare_slices,
+    region_and_init,
+    region_mask,
+)
 
 
 def _stack(tmp_path, name, mask, affine, data=None):
@@ -101,6 +109,45 @@ def test_output_grid_without_masks_is_the_shared_field_of_view(tmp_path):
     xs = voxel_to_world(gaff, np.array([[0, 0, 0], np.asarray(shape) - 1], float))[:, 0]
     pad = 3.0 / 2 + 1.0  # half a slice and a pixel
     assert xs.min() == pytest.approx(12.0 - pad, abs=1.0) and xs.max() == pytest.approx(29.0 + pad, abs=1.0)
+
+
+def test_region_and_init_in_one_pass_match_their_own(tmp_path):
+    """The region and the initial volume from one resampling pass per stack are the bits that
+    region_mask and naive_init give alone (two oblique stacks of different contrast)."""
+    rng = np.random.default_rng(1)
+    m = np.zeros((30, 30, 8), bool)
+    m[6:24, 5:25, 1:7] = True
+    paths = []
+    for k, rot in enumerate(([0.0, 0.0, 0.0], [0.3, 0.1, -0.2])):
+        aff = rigid_matrix(np.array(rot), np.array([1.0, -2.0, 0.5]), np.zeros(3)) @ np.diag([1.0, 1.0, 3.0, 1.0])
+        paths.append(_stack(tmp_path, f"s{k}", m, aff, rng.random(m.shape).astype(np.float32) * (50 + 30 * k)))
+    st = load_stacks(*zip(*paths), [3.0])
+    sets = prepare_slices(st)
+    shape, gaff = output_grid(st, 1.0)
+    region, init = region_and_init(st, sets, shape, gaff)
+    assert np.array_equal(region, region_mask(st, shape, gaff))
+    assert np.array_equal(init, naive_init(st, sets, shape, gaff)) and init.dtype == np.float32
+    assert region.sum() > 1000 and init[region].min() > 0
+
+
+def test_distance_to_mask_is_kept_for_the_same_mask():
+    """The grid's distance map is the transform's, is given again (read-only) for a mask of the
+    same content and voxel size, and is computed anew for another mask or voxel size."""
+    from scipy import ndimage
+
+    from mgaussian.field import _distance_to_mask
+
+    m = np.zeros((20, 22, 18), bool)
+    m[5:12, 6:15, 4:9] = True
+    vox = np.array([0.8, 0.8, 1.0])
+    d = _distance_to_mask(m, vox)
+    assert np.array_equal(d, ndimage.distance_transform_edt(~m, sampling=vox))
+    assert _distance_to_mask(m.copy(), vox) is d and not d.flags.writeable
+    m2 = m.copy()
+    m2[15, 15, 15] = True
+    d2 = _distance_to_mask(m2, vox)
+    assert d2 is not d and d2[15, 15, 15] == 0 and d[15, 15, 15] > 0
+    assert np.array_equal(_distance_to_mask(m2, np.ones(3)), ndimage.distance_transform_edt(~m2))
 
 
 def test_crop_grid_keeps_the_lattice():

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-__all__ = ["naive_average", "lsq_superresolution", "SliceOperator"]
+__all__ = ["naive_average", "covered_mean", "lsq_superresolution", "SliceOperator"]
 
 import math
 
@@ -31,8 +31,12 @@ def naive_average(stacks, out_shape, out_affine) -> np.ndarray:
         d, c = resample_volumes([data, np.ones(data.shape, np.float32)], aff, out_shape, out_affine)
         acc += d
         cnt += c
-    out = np.where(cnt > 1e-3, acc / np.maximum(cnt, 1e-3), 0.0)
-    return out.astype(np.float32)
+    return covered_mean(acc, cnt)
+
+
+def covered_mean(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """The stacks' mean where they cover (``total`` of values over ``count`` of stacks), else 0."""
+    return np.where(count > 1e-3, total / np.maximum(count, 1e-3), 0.0).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from ..io import Stack
 from ..render import mask_to_row_spans, resolve_backend
 from .config import ReconConfig
-from .data import crop_grid, grow_masks, naive_init, output_grid, prepare_slices, region_mask
+from .data import box_affine, crop_box, grow_masks, output_grid, prepare_slices, region_and_init
 from .frame import REGION_REACH_MM, fov_centre, reliable_slices
 from .motion.poses import pose_means, slice_centres, slice_pose_from_matrix
 from .motion.registration import moved_stack, register_stacks
@@ -89,9 +89,10 @@ def _grid_and_region(placed, sets, cfg: ReconConfig):
     (``REGION_REACH_MM``), the rendered margin (2 voxels) and 2 mm."""
     res = cfg.output_resolution
     shape, aff = output_grid(placed, res, reference=min(cfg.reference_stack, len(placed) - 1))
-    region, shape, aff = crop_grid(region_mask(placed, shape, aff), aff, REGION_REACH_MM + 2.0 + 2 * res)
-    init = naive_init(placed, sets, shape, aff)
-    return shape, aff, region, np.where(region, init, 0.0)
+    region, init = region_and_init(placed, sets, shape, aff)
+    box = crop_box(region, aff, REGION_REACH_MM + 2.0 + 2 * res)
+    region, init = region[box], init[box]
+    return region.shape, box_affine(aff, box), region, np.where(region, init, 0.0)
 
 
 def prepare(

@@ -165,26 +165,32 @@ def test_cli_reconstruct_outputs_and_sample_volume(case, tmp_path, capsys):
     assert sc2["ncc"] > 0.85 and sc1["ncc"] > sc2["ncc"]  # coarser, but in place (a flip or shift scores far lower)
 
 
-def test_noisy_data_take_their_own_cg_iterations():
+def test_noisy_data_and_the_fine_level_take_their_own_cg_iterations():
     """``noisy_cg_iterations`` (an integer, or null for ``cg_iterations``) sets the warm starts'
-    CG iterations where the slices' noise is above ``adam_max_noise``; clean data keep
+    CG iterations where the slices' noise is above ``adam_max_noise``; on clean data the last
+    level grown from a coarser one takes ``fine_cg_iterations`` (null: ``cg_iterations``), the others
     ``cg_iterations``."""
     from types import SimpleNamespace
 
     from mgaussian.errors import InputError
     from mgaussian.recon.levels import fit_iterations
 
-    def on(noise, cfg):
-        return fit_iterations(SimpleNamespace(cfg=cfg, noise_sigma=noise))
+    def on(noise, cfg, last=False, index=1):
+        level = SimpleNamespace(last=last, index=index) if last else None
+        return fit_iterations(SimpleNamespace(cfg=cfg, noise_sigma=noise), level)
 
-    cfg = config_from_dict({"cg_iterations": 30, "noisy_cg_iterations": 18})
-    assert on(0.001, cfg) == 30 and on(0.02, cfg) == 18
+    cfg = config_from_dict({"cg_iterations": 30, "noisy_cg_iterations": 18, "fine_cg_iterations": 24})
+    assert on(0.001, cfg) == 30 and on(0.001, cfg, last=True) == 24
+    assert on(0.001, cfg, last=True, index=0) == 30  # one level only: nothing grown
+    assert on(0.02, cfg) == 18 and on(0.02, cfg, last=True) == 18
     assert on(0.02, config_from_dict({"cg_iterations": 25, "noisy_cg_iterations": None})) == 25
-    for bad in ("many", 2.5, True):
-        with pytest.raises(InputError, match="noisy_cg_iterations"):
-            config_from_dict({"noisy_cg_iterations": bad})
-    with pytest.raises(InputError, match="noisy_cg_iterations"):
-        config_from_dict({"noisy_cg_iterations": -1}).validate()
+    assert on(0.001, config_from_dict({"cg_iterations": 25, "fine_cg_iterations": None}), last=True) == 25
+    for key in ("noisy_cg_iterations", "fine_cg_iterations"):
+        for bad in ("many", 2.5, True):
+            with pytest.raises(InputError, match=key):
+                config_from_dict({key: bad})
+        with pytest.raises(InputError, match=key):
+            config_from_dict({key: -1}).validate()
 
 
 def test_config_errors(case, tmp_path, capsys):

@@ -48,6 +48,7 @@ def test_fixed_schedule_reproduces_the_pinned_psnr(moved_case):
             "iterations": [0, 15],
             "cg_iterations": 20,
             "noisy_cg_iterations": None,  # cg_iterations on this noisy phantom too, as then
+            "fine_cg_iterations": None,  # and at the fine level
             "time_budget_s": None,
             "threads": 2,
             "fine_motion_rounds": 2,

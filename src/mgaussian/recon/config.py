@@ -53,6 +53,14 @@ class ReconConfig:
     # 0.851), each run ~7 % faster. Clean data want more (sb25-t3.2 warm start: 20 / 30 / 45
     # iterations 38.10 / 38.47 / 38.55 dB): benchmarks/TUNING.md session 16
     noisy_cg_iterations: int | None = 18
+    # the last level's warm start on clean data, where it grows from a coarser level (None:
+    # cg_iterations), and its robust re-fit a third of it. The fine fit starts from the coarse one grown and the Adam iterations follow it;
+    # its late iterations fit what the Gaussians cannot represent. Whole runs, defaults otherwise
+    # (benchmarks/TUNING.md session 26), mni-t4 / sb25-t3.2 dB: fine 30 + re-fit 10 (as before)
+    # 34.502 / 38.698; 24 + 10 34.507 / 38.718; 24 + 8 34.518 / 38.703; 20 + 10 34.509 / 38.719;
+    # 20 + 8 34.513 / 38.694; every level at 24 (re-fits 8) 34.520 / 38.627; the coarse level at
+    # 24 alone 34.501. mni-t4 ~5 s faster at 24 + 8
+    fine_cg_iterations: int | None = 24
     # the intensity fits' conjugate gradients preconditioned by the normal matrix's exact diagonal
     # ("jacobi"; "none": plain CG, as before 2026-12-05). The same solution in fewer iterations: the
     # Gaussians' data terms differ widely (the rim's Gaussians, those few slices reach), and plain
@@ -380,10 +388,10 @@ class ReconConfig:
             bad("backend", "auto, reference, cpu or gpu")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "auto, cpu or cuda")
-        if self.noisy_cg_iterations is not None and not (
-            isinstance(self.noisy_cg_iterations, int) and self.noisy_cg_iterations >= 0
-        ):
-            bad("noisy_cg_iterations", f"must be an integer >= 0 or null, got {self.noisy_cg_iterations}")
+        for key in ("noisy_cg_iterations", "fine_cg_iterations"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                bad(key, f"must be an integer >= 0 or null, got {v}")
         if self.cg_preconditioner not in ("jacobi", "none"):
             bad("cg_preconditioner", f"jacobi or none, got {self.cg_preconditioner!r}")
         if self.pose_jacobian not in ("analytic", "differences"):
@@ -440,7 +448,7 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                     raise TypeError
                 v = None if v is None else float(v)
-            elif k == "noisy_cg_iterations":  # an integer, or null: cg_iterations
+            elif k in ("noisy_cg_iterations", "fine_cg_iterations"):  # an integer, or null: cg_iterations
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                     raise TypeError
             elif isinstance(cur, tuple):

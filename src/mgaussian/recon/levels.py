@@ -58,12 +58,16 @@ def smoothness_weight(state: ReconState, spacing: float) -> float:
     return cfg.smoothness_gain * state.noise_sigma**2 * (spacing / finest) ** 3 / finest**2
 
 
-def fit_iterations(state: ReconState) -> int:
+def fit_iterations(state: ReconState, level: Level | None = None) -> int:
     """The intensity fits' CG iterations for a warm start: ``noisy_cg_iterations`` on noisy data
-    (the slices' noise above ``adam_max_noise``, where no Adam follows), else ``cg_iterations``."""
+    (the slices' noise above ``adam_max_noise``, where no Adam follows), else
+    ``fine_cg_iterations`` for the last ``level`` grown from a coarser one and ``cg_iterations``
+    for the others (null keys: ``cg_iterations``)."""
     cfg = state.cfg
     if noisy_slices(state) and cfg.noisy_cg_iterations is not None:
         return cfg.noisy_cg_iterations
+    if level is not None and level.last and level.index > 0 and cfg.fine_cg_iterations is not None:
+        return cfg.fine_cg_iterations
     return cfg.cg_iterations
 
 
@@ -175,7 +179,7 @@ def warm_start(state: ReconState, level: Level) -> None:
     ~0 and Adam follows the warm start)."""
     cfg = state.cfg
     edge_rounds = cfg.edge_prior_rounds if edge_prior_active(state, level.last, level.pairs is not None) else 0
-    n0 = fit_iterations(state) // (edge_rounds + 1)
+    n0 = fit_iterations(state, level) // (edge_rounds + 1)
     refit(state, level, n0, min_iter=10 // (edge_rounds + 1))
     for _ in range(edge_rounds):
         level.edge_w = edge_weights(state.params["intensities"].detach(), level.pairs, cfg.edge_prior_k)
@@ -197,4 +201,4 @@ def robust_refit(state: ReconState, level: Level) -> None:
         state.backend,
         cache=level.dcache,
     )
-    refit(state, level, max(fit_iterations(state) // 3, 1))
+    refit(state, level, max(fit_iterations(state, level) // 3, 1))

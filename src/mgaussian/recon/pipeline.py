@@ -66,9 +66,9 @@ def _correct_motion(state: ReconState, level: Level, profile_deferred: bool) -> 
         f = choose_profile(state)
         if f != state.cfg.through_plane_fwhm_factor:
             state.cfg = state.cfg.resolved(through_plane_fwhm_factor=f)
-            refit(state, level, max(fit_iterations(state) // 3, 1))
+            refit(state, level, max(fit_iterations(state, level) // 3, 1))
     if moved:
-        n_re = max(fit_iterations(state) // 3, 1)
+        n_re = max(fit_iterations(state, level) // 3, 1)
         refit(state, level, n_re, min_iter=n_re)
 
 

@@ -170,6 +170,17 @@ def test_slice_profile_is_chosen_from_the_data(atlas_stacks, tmp_path):
     assert res.config.through_plane_fwhm_factor == 1.0, [s for s in lines if "slice profile" in s]
 
 
+def test_one_orientation_keeps_the_first_profile(atlas_stacks):
+    """Stacks that do not cross cannot tell the slice profile (one stack: the narrower profile
+    fits it better whatever the truth); the first candidate stays, and the log says why."""
+    quick = {"output_resolution": 1.6, "iterations": [0, 0], "cg_iterations": 5, "motion": False}
+    lines = []
+    res = reconstruct(_load(atlas_stacks, k=1), config_from_dict(quick), progress=False, log=lines.append)
+    assert res.config.through_plane_fwhm_factor == 1.0
+    assert any("one orientation" in s and "using 1 x thickness" in s for s in lines), lines
+    assert any(s.startswith("1 stack, ") for s in lines), lines
+
+
 def _slice_pose_errors(res, sim, min_fraction=0.3):
     """Per slice (mean displacement of its mask pixels in mm, rotation error in degrees) between
     the recovered and the simulated pose, for slices whose mask holds at least ``min_fraction`` of

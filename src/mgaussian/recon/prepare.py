@@ -182,7 +182,7 @@ def prepare(
     state.n_pix = int(sum(int(ss.mask.sum()) for ss in sets))
     state.noise_sigma = estimate_noise(prepare_slices(given) if cfg.mask_rim_mm > 0 else sets)
     log(
-        f"{len(sets)} stacks, {sum(ss.n for ss in sets)} slices, {state.n_pix} pixels in masks; output grid "
+        f"{len(sets)} stack{'s' if len(sets) != 1 else ''}, {sum(ss.n for ss in sets)} slices, {state.n_pix} pixels in masks; output grid "
         f"{shape} at {res:g} mm; backend {backend} on {dev.type}"
     )
     return state

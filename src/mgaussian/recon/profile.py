@@ -25,12 +25,29 @@ def bin_for_grid(ss: SliceSet, grid: float, cfg) -> SliceSet:
     )
 
 
+# stacks whose slice normals are this far apart see each other's through-plane profile in plane
+_CROSSING_DEG = 20.0
+
+
+def _crossing_orientations(sets: list[SliceSet]) -> bool:
+    """Whether some two stacks' slices cross (their mean slice normals >= ``_CROSSING_DEG`` apart)."""
+    normals = []
+    for ss in sets:
+        if ss.n:
+            n = ss.axes[:, 2].double().mean(0)
+            normals.append(n / n.norm().clamp_min(1e-12))
+    cos_max = math.cos(math.radians(_CROSSING_DEG))
+    return any(abs(float(a @ b)) <= cos_max for i, a in enumerate(normals) for b in normals[i + 1 :])
+
+
 def choose_profile(state, n_iter: int = 12) -> float:
     """The through-plane PSF width (x thickness) among ``cfg.profile_candidates`` whose
     least-squares fit on a grid of twice the finest pixel leaves the smallest residual (whatever
     the output resolution: on a grid as coarse as the slices' thickness a narrower profile
     always wins). On such a grid the Gaussians cannot follow a wrong profile, so the residual
-    tells the profile: sb25-t3.2 (Gaussian profile) 4.6e-5 at 1.0 vs 6.8e-5 at 0.8; the same with
+    tells the profile, where the stacks cross (one orientation alone is fitted better by the
+    narrower profile whatever the truth: one sb25 stack, Gaussian profile, 2.83e-5 at 1.0 vs
+    2.39e-5 at 0.8; then the first candidate stays): sb25-t3.2 (Gaussian profile) 4.6e-5 at 1.0 vs 6.8e-5 at 0.8; the same with
     a box profile 9.7e-5 vs 4.1e-5 (benchmarks/TUNING.md).
 
     The fit runs on binned slices: the grid of 2 x the finest pixel is served as well by binned
@@ -39,6 +56,12 @@ def choose_profile(state, n_iter: int = 12) -> float:
     is ``cfg.profile_margin`` smaller."""
     cfg = state.cfg
     if len(cfg.profile_candidates) == 1:
+        return float(cfg.profile_candidates[0])
+    if not _crossing_orientations(state.sets):
+        state.log(
+            f"slice profile: every stack's slices lie in one orientation, which cannot tell the profile "
+            f"(a narrower one always fits them better); using {cfg.profile_candidates[0]:g} x thickness"
+        )
         return float(cfg.profile_candidates[0])
     grid = 2.0 * min(min(ss.spacing) for ss in state.sets)
     sets = [bin_for_grid(ss, grid, cfg) for ss in state.sets]

@@ -209,6 +209,14 @@ def test_config_errors(case, tmp_path, capsys):
     )
     assert "--output-resolution" in capsys.readouterr().err
     assert main(["reconstruct", "--input-stacks", *case["stacks"], "--output-volume", case["stacks"][0]]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    for where, why in ((tmp_path / "missing.json", "config file not found"), (tmp_path, "not a regular file")):
+        assert (
+            main(["reconstruct", "--input-stacks", *case["stacks"], "--output-volume", out, "--config", str(where)])
+            == 2
+        )
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {where}") and why in err and "\n" not in err
     assert not os.path.exists(out)
 
 

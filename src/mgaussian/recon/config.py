@@ -487,6 +487,8 @@ def config_from_dict(d: dict, where: str = "--config", base: ReconConfig | None 
 def load_config_file(path: str) -> dict:
     """Read a JSON (or, on Python >= 3.11, TOML) settings file into a dict."""
     if not os.path.isfile(path):
+        if os.path.exists(path):  # a folder, or a pipe (read twice: before the run and by it)
+            raise InputError(path, "config is not a regular file: give a JSON or TOML file")
         raise InputError(path, "config file not found")
     try:
         text = open(path, "rb").read()

@@ -153,6 +153,19 @@ def test_heldout_score_prefers_the_right_volume(small_case, capsys):
     )
     worse = json.loads(capsys.readouterr().out)
     assert worse["ncc"] < good["ncc"] - 0.05
+    assert "warning" not in capsys.readouterr().err
+    # a held-out stack that the reconstruction's settings file lists among its inputs: said so
+    settings = c["dir"] / "bad.config.json"
+    settings.write_text(json.dumps({"inputs": [{"stack": c["stacks"][0]}, {"stack": str(c["stacks"][1])}]}))
+    args = ["evaluate", bp, "--heldout-stack", c["stacks"][1], "--stack-mask", c["masks"][1], "--thickness", "4.5"]
+    assert main([*args, "--json", "--no-align"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"warning: {c['stacks'][1]}: an input of this reconstruction ({settings}): the score is not a held-out one"
+    )
+    settings.write_text(json.dumps({"inputs": [{"stack": c["stacks"][0]}]}))
+    assert main([*args, "--json", "--no-align"]) == 0 and "warning" not in capsys.readouterr().err
 
 
 def _independent_scores(rec, raff, g, gaff, m):

@@ -630,6 +630,25 @@ def cmd_simulate(a) -> int:
     return 0
 
 
+def _settings_listing(recon: str, stack: str) -> str | None:
+    """The reconstruction's settings file (RECON.config.json, written beside it by ``reconstruct``)
+    where it lists ``stack`` among its inputs, else None."""
+    path = _stem(recon) + ".config.json"
+    try:
+        with open(path) as f:
+            inputs = json.load(f).get("inputs") or []
+        return path if any(_same_file(str(i.get("stack", "")), stack) for i in inputs) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def cmd_evaluate(a) -> int:
     from .geometry import slice_frames
     from .io import load_image, load_mask, resolve_thickness
@@ -673,6 +692,11 @@ def cmd_evaluate(a) -> int:
         except ValueError as exc:
             raise InputError(a.heldout_stack, str(exc)) from None
         th, _ = resolve_thickness(a.heldout_stack, a.thickness, fr.slice_spacing)
+        settings = _settings_listing(a.recon, a.heldout_stack)
+        if settings:
+            from .errors import warn
+
+            warn(a.heldout_stack, f"an input of this reconstruction ({settings}): the score is not a held-out one")
         res = heldout_score(recon, raff, st, saff, sm, th, a.profile, align=not a.no_align)
         res.pop("transform", None)
     if a.json:

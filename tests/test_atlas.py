@@ -68,7 +68,23 @@ def test_rigid_brings_a_moved_volume_back(ga25, rotvec_deg, shift):
     rng = float(ga25.data[m].max() - ga25.data[m].min())
     ideal = resample_volume(vol, aff, ga25.data.shape, M @ ga25.affine)
     assert psnr(out[m], ga25.data[m], rng) > psnr(ideal[m], ga25.data[m], rng) - 0.2
-    assert info["ncc_in_template_mask"] > 0.98
+    assert info["ncc_in_template_mask"] > 0.98 and info["ncc_low"] is False
+
+
+def test_a_poor_match_is_reported(ga25, capsys):
+    """A volume that does not correlate with the template after registration (here smooth noise
+    in the brain's shape) is still written, with a one-line warning and ``ncc_low`` in the info."""
+    vol, aff, _ = _moved(ga25, np.eye(4))
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(rng.random(vol.shape), 3).astype(np.float32)
+    blob = np.where(vol > 0.1 * vol.max(), 100 + 4000 * (noise - noise.mean()), 0).astype(np.float32)
+    out, _, info = to_template_space(blob, aff, "fetal-ga25")
+    err = capsys.readouterr().err.strip()
+    assert info["ncc_low"] is True and info["ncc_in_template_mask"] < 0.5 and out.shape == ga25.data.shape
+    assert err.startswith("warning: fetal-ga25: the volume correlates poorly") and "spina bifida" in err
+    assert "\n" not in err and json.dumps(info)
 
 
 def test_affine_recovers_a_size_difference(ga25):

@@ -494,6 +494,13 @@ def _describe_transform(T: np.ndarray, template: Template) -> dict:
     }
 
 
+# below this NCC in the template's mask the result is reported as possibly misaligned: the same
+# anatomy registers at >= 0.97 (docs/clinical.md), a template of another age at 0.6-0.7 after the
+# coarse level; a real normal fetal brain (MIALSRTK sub-01, ~27 weeks) on the shipped spina bifida
+# templates ended at 0.12-0.20, turned wrongly (session 26)
+LOW_NCC = 0.5
+
+
 def to_template_space(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -559,6 +566,16 @@ def to_template_space(
         tpl = templates[0]
         T, det = register_to_template(vol, affine, tpl, transform=transform, metric=metric, log=log)
     out, score, how = placed(tpl, T)
+    low = bool(score < LOW_NCC)
+    if low:
+        from .errors import warn
+
+        warn(
+            tpl.name,
+            f"the volume correlates poorly with the template after registration (NCC {score:.2f} in its mask, "
+            f"below {LOW_NCC:g}): it may not be aligned; check it, or give a template of the same anatomy"
+            + (" (the shipped ones are of spina bifida brains)" if tpl.name in TEMPLATES else ""),
+        )
     info = {
         "template": tpl.describe(),
         "template_requested": template_path,
@@ -568,6 +585,7 @@ def to_template_space(
         "matrix_convention": "world mm (NIfTI RAS) 4x4: x_volume = M x_template; the output voxel v of the "
         "template grid takes the volume's value at M @ template_affine @ v (" + how + ")",
         "ncc_in_template_mask": round(float(score), 5),
+        "ncc_low": low,  # below LOW_NCC: possibly misaligned (warned)
         **_describe_transform(T, tpl),
         **det,
     }

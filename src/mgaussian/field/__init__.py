@@ -146,21 +146,23 @@ def _rows_any(b: np.ndarray) -> np.ndarray:
     return np.logical_or.reduce([b[:, k] for k in range(b.shape[1])])
 
 
-# the last mask's distance map: a run asks for the same region's grid two or three times (the
-# slice profile's fit and the coarse level at one spacing, the fine level at another; mni-t4's 1 mm
-# region: ~0.6 s a transform)
-_LAST_DISTANCE: list = []
+# the last mask's distance map, (key, map): a run asks for the same region's grid two or three
+# times (the slice profile's fit and the coarse level at one spacing, the fine level at another;
+# mni-t4's 1 mm region: ~0.6 s a transform). One tuple, read once: safe between threads.
+_LAST_DISTANCE: tuple | None = None
 
 
 def _distance_to_mask(mask: np.ndarray, vox: np.ndarray) -> np.ndarray:
     """Distance (mm) from every voxel centre to the mask (0 inside), for voxels of size ``vox``;
     the last answer is kept and given again for the same mask and voxel size (read-only)."""
+    global _LAST_DISTANCE
     key = (mask.shape, hashlib.sha1(np.packbits(mask).tobytes()).hexdigest(), tuple(float(v) for v in vox))
-    if _LAST_DISTANCE and _LAST_DISTANCE[0] == key:
-        return _LAST_DISTANCE[1]
+    last = _LAST_DISTANCE
+    if last is not None and last[0] == key:
+        return last[1]
     dist = ndimage.distance_transform_edt(~mask, sampling=vox)
     dist.flags.writeable = False
-    _LAST_DISTANCE[:] = [key, dist]
+    _LAST_DISTANCE = (key, dist)
     return dist
 
 

@@ -497,7 +497,7 @@ def _describe_transform(T: np.ndarray, template: Template) -> dict:
 # below this NCC in the template's mask the result is reported as possibly misaligned: the same
 # anatomy registers at >= 0.97 (docs/clinical.md), a template of another age at 0.6-0.7 after the
 # coarse level; a real normal fetal brain (MIALSRTK sub-01, ~27 weeks) on the shipped spina bifida
-# templates ended at 0.12-0.20, turned wrongly (session 26)
+# templates ended at 0.04-0.20, turned wrongly (session 26)
 LOW_NCC = 0.5
 
 

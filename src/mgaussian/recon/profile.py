@@ -45,10 +45,10 @@ def choose_profile(state, n_iter: int = 12) -> float:
     least-squares fit on a grid of twice the finest pixel leaves the smallest residual (whatever
     the output resolution: on a grid as coarse as the slices' thickness a narrower profile
     always wins). On such a grid the Gaussians cannot follow a wrong profile, so the residual
-    tells the profile, where the stacks cross (one orientation alone is fitted better by the
-    narrower profile whatever the truth: one sb25 stack, Gaussian profile, 2.83e-5 at 1.0 vs
-    2.39e-5 at 0.8; then the first candidate stays): sb25-t3.2 (Gaussian profile) 4.6e-5 at 1.0 vs 6.8e-5 at 0.8; the same with
-    a box profile 9.7e-5 vs 4.1e-5 (benchmarks/TUNING.md).
+    tells the profile: sb25-t3.2 (Gaussian profile) 4.6e-5 at 1.0 vs 6.8e-5 at 0.8; the same with
+    a box profile 9.7e-5 vs 4.1e-5 (benchmarks/TUNING.md). That needs stacks that cross: one
+    orientation alone is fitted better by the narrower profile whatever the truth (one sb25 stack,
+    Gaussian profile: 2.83e-5 at 1.0 vs 2.39e-5 at 0.8), so there the first candidate stays.
 
     The fit runs on binned slices: the grid of 2 x the finest pixel is served as well by binned
     pixels of that size (mni-t4-motion: 49 s -> ~12 s). The residuals are compared above the noise

@@ -496,8 +496,9 @@ def _describe_transform(T: np.ndarray, template: Template) -> dict:
 
 # below this NCC in the template's mask the result is reported as possibly misaligned: the same
 # anatomy registers at >= 0.97 (docs/clinical.md), a template of another age at 0.6-0.7 after the
-# coarse level; a real normal fetal brain (MIALSRTK sub-01, ~27 weeks) on the shipped spina bifida
-# templates ended at 0.04-0.20, turned wrongly (session 26)
+# coarse level; a real neurotypical fetal brain (MIALSRTK sub-01, ~27 weeks) on the shipped spina
+# bifida templates ended at 0.04-0.20, turned by 114-171 degrees, and at 0.12 where it was masked
+# to the brain and turned plausibly (docs/clinical.md, session 26)
 LOW_NCC = 0.5
 
 

@@ -87,6 +87,28 @@ def test_a_poor_match_is_reported(ga25, capsys):
     assert "\n" not in err and json.dumps(info)
 
 
+def test_a_rim_around_the_brain_misleads_unless_registered_on_the_brain(ga25, capsys):
+    """A bright rim of other tissue around the brain (as a reconstruction keeps one) throws the
+    registration to the skull-stripped template off, with a warning; ``register_on`` the volume with
+    the rim set to 0 registers right, and the volume with its rim is what is placed."""
+    from scipy import ndimage
+
+    c = np.argwhere(ga25.mask).mean(0) @ ga25.affine[:3, :3].T + ga25.affine[:3, 3]
+    M = rigid_matrix(np.radians([39.0, -65.0, 105.5]), np.array([-6.0, 4.0, 10.0]), c)
+    vol, aff, _ = _moved(ga25, M)
+    brain = vol > 0.05 * vol.max()
+    rim = ndimage.binary_dilation(brain, iterations=5) & ~brain
+    with_rim = np.where(rim, 3000.0, vol).astype(np.float32)
+    _, _, lost = to_template_space(with_rim, aff, "fetal-ga25")
+    assert lost["ncc_low"] and _point_error_mm(np.asarray(lost["matrix_template_to_volume"]), M, ga25).max() > 5
+    assert "correlates poorly" in capsys.readouterr().err
+    out, _, info = to_template_space(with_rim, aff, "fetal-ga25", register_on=np.where(rim, 0.0, with_rim))
+    assert _point_error_mm(np.asarray(info["matrix_template_to_volume"]), M, ga25).max() < 0.3
+    assert info["ncc_in_template_mask"] > 0.98 and not info["ncc_low"] and "warning" not in capsys.readouterr().err
+    T = np.asarray(info["matrix_template_to_volume"])
+    assert np.array_equal(out, resample_volume(with_rim, aff, ga25.data.shape, T @ ga25.affine))  # rim and all
+
+
 def test_affine_recovers_a_size_difference(ga25):
     c = np.argwhere(ga25.mask).mean(0) @ ga25.affine[:3, :3].T + ga25.affine[:3, 3]
     S = np.eye(4)

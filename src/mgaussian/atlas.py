@@ -512,6 +512,7 @@ def to_template_space(
     metric: str = "correlation",
     log=None,
     render=None,
+    register_on: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Register ``volume`` (world ``affine``) to a template and resample it onto the template's grid.
 
@@ -523,6 +524,8 @@ def to_template_space(
     there, not the volume interpolated (a second, blurring sampling). Rigid transforms only: through
     an affine one the template's voxel axes are sheared in the model's frame, and the volume is
     interpolated (``matrix_convention`` says which).
+    ``register_on``: the image registered in the volume's place (same grid), e.g. the volume with
+    what is not brain faded to 0, as the template is: the volume itself is what is placed.
     Returns (volume on the template grid, the template's affine, info for ``OUT.template.json``)."""
     from .metrics import ncc
     from .sampling import resample_volume
@@ -531,6 +534,9 @@ def to_template_space(
         raise InputError("--template-transform", f"must be one of {', '.join(TRANSFORMS)}, got {transform!r}")
     templates = load_templates(template_path, mask)
     vol = np.asarray(volume, np.float32)
+    reg_vol = vol if register_on is None else np.asarray(register_on, np.float32)
+    if reg_vol.shape != vol.shape:
+        raise ValueError(f"register_on has shape {reg_vol.shape}, the volume {vol.shape}")
 
     def placed(tpl, T):
         grid = T @ tpl.affine
@@ -542,13 +548,13 @@ def to_template_space(
             out, how = resample_volume(vol, affine, tpl.data.shape, grid), "trilinear"
         return out, ncc(out[tpl.mask], tpl.data[tpl.mask]), how
 
-    def score_in_box(tpl, T):  # the same NCC, resampling the mask's bounding box only
+    def score_in_box(tpl, T):  # the same NCC of what is registered, over the mask's bounding box only
         idx = np.argwhere(tpl.mask)
         lo, hi = idx.min(0), idx.max(0) + 1
         box = tpl.affine.copy()
         box[:3, 3] = tpl.affine[:3, :3] @ lo + tpl.affine[:3, 3]
         sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-        out = resample_volume(vol, affine, tuple(int(n) for n in hi - lo), T @ box)
+        out = resample_volume(reg_vol, affine, tuple(int(n) for n in hi - lo), T @ box)
         m = tpl.mask[sl]
         return ncc(out[m], tpl.data[sl][m])
 
@@ -558,15 +564,17 @@ def to_template_space(
         # levels refine what the coarse one found (the last millimetre), and cost the most; the
         # right age stands out already there (NCC 0.99 against <= 0.67 for the others, docs/clinical.md)
         for tpl in templates:
-            T, det = register_to_template(vol, affine, tpl, metric=metric, coarse_only=True, log=log)
+            T, det = register_to_template(reg_vol, affine, tpl, metric=metric, coarse_only=True, log=log)
             results.append((score_in_box(tpl, T), tpl, T))
         chosen = max(results, key=lambda r: r[0])
         tpl = chosen[1]
-        T, det = register_to_template(vol, affine, tpl, transform=transform, metric=metric, init=chosen[2], log=log)
+        T, det = register_to_template(reg_vol, affine, tpl, transform=transform, metric=metric, init=chosen[2], log=log)
     else:
         tpl = templates[0]
-        T, det = register_to_template(vol, affine, tpl, transform=transform, metric=metric, log=log)
+        T, det = register_to_template(reg_vol, affine, tpl, transform=transform, metric=metric, log=log)
     out, score, how = placed(tpl, T)
+    if register_on is not None:  # the NCC of what was registered (what it left out, e.g. a rim, does not count)
+        score = score_in_box(tpl, T)
     low = bool(score < LOW_NCC)
     if low:
         from .errors import warn

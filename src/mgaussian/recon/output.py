@@ -29,6 +29,7 @@ from ..geometry import voxel_sizes
 from .config import ReconConfig
 from .frame import current_region
 from .motion.poses import matrix_to_rotvec, to_centre_convention
+from .motion.registration import moved_stack
 from .nrf import NeuralResidualField
 from .state import ReconState
 
@@ -61,6 +62,9 @@ class ReconResult:
     confidence: np.ndarray | None = None
     confidence_sd: np.ndarray | None = None
     confidence_info: dict | None = None
+    # the stacks with their masks as given, each at its registered pose: where the brain is (the
+    # volume keeps a rim of other tissue around it; atlas registration masks it out)
+    brain_stacks: list = dc_field(default_factory=list)
 
 
 def render_volume(
@@ -251,4 +255,5 @@ def result(state: ReconState) -> ReconResult:
         state.timings,
         state.backend,
         list(state.budget_cuts),
+        brain_stacks=[moved_stack(st, P) for st, P in zip(state.given, state.stack_poses)],
     )

@@ -109,6 +109,40 @@ def test_a_rim_around_the_brain_misleads_unless_registered_on_the_brain(ga25, ca
     assert np.array_equal(out, resample_volume(with_rim, aff, ga25.data.shape, T @ ga25.affine))  # rim and all
 
 
+def test_to_template_registers_inside_a_volume_mask(ga25, tmp_path, capsys):
+    """``to-template --volume-mask M``: the volume with a rim around the brain registers right,
+    faded outside M; the record says so; a mask on another grid is refused in one line."""
+    from scipy import ndimage
+
+    c = np.argwhere(ga25.mask).mean(0) @ ga25.affine[:3, :3].T + ga25.affine[:3, 3]
+    M = rigid_matrix(np.radians([39.0, -65.0, 105.5]), np.array([-6.0, 4.0, 10.0]), c)
+    vol, aff, _ = _moved(ga25, M)
+    brain = vol > 0.05 * vol.max()
+    rim = ndimage.binary_dilation(brain, iterations=5) & ~brain
+    vp = write_nifti(tmp_path / "v.nii.gz", np.where(rim, 3000.0, vol).astype(np.float32), aff)
+    mp = write_nifti(tmp_path / "m.nii.gz", brain.astype(np.uint8), aff)
+    out = str(tmp_path / "t.nii.gz")
+    assert main(["to-template", vp, "--template", "fetal-ga25", "--volume-mask", mp, "--output-volume", out]) == 0
+    info = json.loads((tmp_path / "t.template.json").read_text())
+    assert _point_error_mm(np.asarray(info["matrix_template_to_volume"]), M, ga25).max() < 0.3
+    assert "m.nii.gz" in info["registered_on"] and not info["ncc_low"]
+    capsys.readouterr()
+    small = write_nifti(tmp_path / "small.nii.gz", np.ones((5, 5, 5), np.uint8), aff)
+    bad = [
+        "to-template",
+        vp,
+        "--template",
+        "fetal-ga25",
+        "--volume-mask",
+        small,
+        "--output-volume",
+        str(tmp_path / "u.nii.gz"),
+    ]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {small}: mask grid") and "\n" not in err
+
+
 def test_affine_recovers_a_size_difference(ga25):
     c = np.argwhere(ga25.mask).mean(0) @ ga25.affine[:3, :3].T + ga25.affine[:3, 3]
     S = np.eye(4)

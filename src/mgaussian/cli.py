@@ -489,6 +489,13 @@ def _add_to_template(sub):
         default="correlation",
         help="registration metric: correlation (same contrast) or Mattes mutual information",
     )
+    p.add_argument(
+        "--volume-mask",
+        metavar="M",
+        help="brain mask of VOLUME (its grid): the volume is registered faded to 0 outside it, as the "
+        "template is (a rim of other tissue around the brain misleads the registration); the whole "
+        "volume is written",
+    )
     p.add_argument("--output-volume", required=True, help="the volume on the template's grid (.nii/.nii.gz)")
     p.set_defaults(func=cmd_to_template)
 
@@ -936,31 +943,16 @@ def _config_overrides(a) -> dict:
     return over
 
 
-# the registration image's brain edge: the stacks' majority mask faded over a Gaussian of this sd
-# (mm). Template-space PSNR (bench_clinical.py, the truth as template) H2 / D3: the whole volume
-# 27.20 / 29.80, the mask cut sharp 26.98 / 29.43 (the masks, drawn on thick slices, are blocky),
-# faded over 1.5 mm 27.09 / 29.60; the real MIALSRTK brain on fetal-ga27 turned by 171 degrees
-# with the whole volume, 13 with the mask (session 26)
-BRAIN_EDGE_MM = 1.5
-
-
 def _brain_only(res):
     """The volume faded to 0 where the stacks' masks (as given, at their registered poses; most of
-    the stacks covering a voxel) do not call brain, over ``BRAIN_EDGE_MM``: the volume keeps a rim
+    the stacks covering a voxel) do not call brain (``atlas.brain_faded``): the volume keeps a rim
     of other tissue around the brain, which misled the registration to a skull-stripped template."""
-    import numpy as np
-
+    from .atlas import brain_faded
     from .recon.data import region_mask
 
     if not res.brain_stacks:
         return None
-    from scipy import ndimage
-
-    from .geometry import voxel_sizes
-
-    brain = region_mask(res.brain_stacks, res.volume.shape, res.affine).astype(np.float32)
-    weight = ndimage.gaussian_filter(brain, BRAIN_EDGE_MM / voxel_sizes(res.affine))
-    return (res.volume * weight).astype(np.float32)
+    return brain_faded(res.volume, region_mask(res.brain_stacks, res.volume.shape, res.affine), res.affine)
 
 
 def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | None, dict | None]:
@@ -971,7 +963,7 @@ def _write_volumes(a, res, inputs, template_outs: dict, log) -> tuple[dict | Non
 
     template_info = atlas_view = template_grid = None
     if template_outs:  # the native volume is kept beside the one in atlas space (written first)
-        from .atlas import to_template_space, write_transform_files
+        from .atlas import BRAIN_EDGE_MM, to_template_space, write_transform_files
 
         save_nifti(
             res.volume, res.affine, template_outs["native"], inputs=inputs, header_extra=f"mgaussian {__version__}"
@@ -1438,13 +1430,19 @@ def _template_outputs(a, inputs, *, native: bool, others: dict | None = None) ->
 def cmd_to_template(a) -> int:
     import time
 
-    from .atlas import to_template_space, write_transform_files
-    from .io import check_output_path, load_image, save_nifti
+    from .atlas import BRAIN_EDGE_MM, brain_faded, to_template_space, write_transform_files
+    from .io import check_output_path, load_image, load_mask, save_nifti
 
-    inputs = [a.volume]
+    inputs = [a.volume] + ([a.volume_mask] if a.volume_mask else [])
     check_output_path(a.output_volume, inputs + [a.template, a.template_mask])
     outs = _template_outputs(a, inputs, native=False)
     vol, aff, _ = load_image(a.volume, what="volume")
+    brain = None
+    if a.volume_mask:
+        m = load_mask(a.volume_mask, vol.shape, aff, os.path.basename(a.volume))
+        if not m.any():
+            raise InputError(a.volume_mask, "the mask is empty")
+        brain = brain_faded(vol, m, aff)
     t0 = time.time()
     out, taff, info = to_template_space(
         vol,
@@ -1454,7 +1452,10 @@ def cmd_to_template(a) -> int:
         a.template_mask,
         metric=a.metric,
         log=lambda s: print(s, file=sys.stderr, flush=True),
+        register_on=brain,
     )
+    if brain is not None:
+        info["registered_on"] = f"the volume inside {a.volume_mask}, faded to 0 outside over {BRAIN_EDGE_MM:g} mm"
     info = {
         "mgaussian_version": __version__,
         "command": _COMMAND_LINE,

@@ -150,8 +150,8 @@ def correct_stack_bias(state: ReconState) -> list[dict]:
 @torch.no_grad()
 def remove_shared_field(state: ReconState) -> tuple[float, float] | None:
     """The field the stacks share, from the fitted model's volume (rendered on the output
-    resolution's grid over the region): N4 with one fitting level (a very smooth field) on the
-    volume shrunk 2 x in plane, divided out of each Gaussian's intensity at its centre (the model and
+    resolution's grid over the region): N4 with ``cfg.shared_field_levels`` fitting levels (a smooth
+    field) on the volume shrunk 2 x in plane, divided out of each Gaussian's intensity at its centre (the model and
     the volumes rendered from it stay one). Only where the stacks' relative fields reached
     ``cfg.shared_field_min_spread``; returns the field's range over the region, or None where it was
     not applied."""
@@ -165,7 +165,7 @@ def remove_shared_field(state: ReconState) -> tuple[float, float] | None:
         return None
     state.region = current_region(state)
     volume = model_volume(state, state.shape, state.aff, state.region)
-    _, field = n4_correct(volume, state.aff, state.region, shrink=2, levels=1)
+    _, field = n4_correct(volume, state.aff, state.region, shrink=2, levels=state.cfg.shared_field_levels)
     fld = state.fld
     at = volume_at_points(field, state.aff, fld.means.detach().cpu().double().numpy())
     fld.intensities = fld.intensities / torch.as_tensor(at, dtype=fld.intensities.dtype, device=fld.intensities.device)

@@ -162,13 +162,20 @@ class ReconConfig:
     # 15 % field each: 27.42 -> 28.45 dB; no field: 29.19 -> 29.12, sb25-t3.2 38.351 -> 38.344,
     # sb25-t3.2-motion 30.667 -> 30.682)
     stack_bias: bool = True
-    # the field the stacks share, divided out of the fitted model by N4 with one fitting level (a very
-    # smooth field) where any stack's field relative to the others reached this (log) spread: the coil's
-    # field is there and the stacks most likely share part of it (recon/bias.py). Four stacks with 15 %
-    # fields: 25.77 -> 26.39 dB aligned; the same stacks without fields (relative fields <= 2.1 %, so
-    # not applied) would lose 0.001 dB to it (docs/clinical.md)
+    # the field the stacks share, divided out of the fitted model by N4 (a smooth field) where any
+    # stack's field relative to the others reached this (log) spread: the coil's field is there and
+    # the stacks most likely share part of it (recon/bias.py). Four stacks with 15 % fields: 25.77 ->
+    # 26.39 dB aligned (docs/clinical.md, session 13)
     shared_field: bool = True
     shared_field_min_spread: float = 0.05
+    # N4's fitting levels for that field (each doubles its B-spline mesh: 1 level, one span per axis;
+    # 2, two). Session 27 (benchmarks/TUNING.md), clinical-style cases with fields, aligned PSNR 1 ->
+    # 2 levels: four 4 mm stacks on the 21 / 25 / 33-week brains 26.45 -> 26.85, 27.03 -> 27.13,
+    # 26.94 -> 27.04; nine stacks 31.52 -> 31.59; six stacks with 15 % fields 30.47 -> 30.60; a
+    # field-free volume forced through it -0.09 dB at 2 levels, 0.00 at 1 (not run there by default:
+    # the spread above); 3 levels -0.26 dB on the 33-week case. Real leave-one-out NCC (the field is
+    # applied there) 0.693 / 0.862 / 0.854 -> 0.693 / 0.856 / 0.859
+    shared_field_levels: int = 2
     # motion correction and robustness (issue 5)
     register_stacks: bool = True  # rigid stack-to-stack registration (SimpleITK) before fitting
     reference_stack: int = 0  # the stack the others are registered to (its lattice is the output's)
@@ -322,6 +329,8 @@ class ReconConfig:
             bad("pose_extrapolation", f"must be a number >= 0, got {self.pose_extrapolation}")
         if not (self.shared_field_min_spread >= 0 and math.isfinite(self.shared_field_min_spread)):
             bad("shared_field_min_spread", f"must be a number >= 0 (a log ratio), got {self.shared_field_min_spread}")
+        if not (isinstance(self.shared_field_levels, int) and 1 <= self.shared_field_levels <= 4):
+            bad("shared_field_levels", f"must be an integer from 1 to 4, got {self.shared_field_levels}")
         if not (self.confidence_position_sd_mm >= 0 and math.isfinite(self.confidence_position_sd_mm)):
             bad("confidence_position_sd_mm", f"must be a number >= 0 (mm), got {self.confidence_position_sd_mm}")
         if not (isinstance(self.confidence_probes, int) and self.confidence_probes >= 1):

@@ -87,8 +87,10 @@ def _on_gt(res, case, vol):
 def test_confidence_falls_where_slices_are_removed(noisy):
     """A band of 3 slices (of 12) taken out of the axial stack (mask zeroed: weight 0): the mean confidence
     where they were falls, by more than elsewhere in the brain, and the sd there rises."""
-    # the prior's weight fixed (it follows the pixel count otherwise, and would change everywhere)
-    cfg = config_from_dict(dict(FAST, motion=False, cg_smoothness=0.34))
+    # the prior's weight fixed (it follows the pixel count otherwise, and would change everywhere);
+    # the phantom has no field, but with 3 slices cut the stacks' relative fields pass the shared
+    # field's gate (0.05) in one run and not the other, and N4's field would differ between them
+    cfg = config_from_dict(dict(FAST, motion=False, cg_smoothness=0.34, shared_field=False))
     full = reconstruct(load_stacks(noisy["stacks"], noisy["masks"], [3.6]), cfg, progress=False, log=lambda s: None)
     st = load_stacks(noisy["stacks"], noisy["masks"], [3.6])
     k0 = st[0].n_slices // 2 - 1
@@ -116,7 +118,7 @@ def test_confidence_falls_where_slices_are_removed(noisy):
     assert band.sum() > 200 and rest.sum() > 200, (band.sum(), rest.sum())
     drop_band = cf[band].mean() - cc[band].mean()
     drop_rest = cf[rest].mean() - cc[rest].mean()
-    # measured: 0.0068 in the band, -0.0035 elsewhere (the other two stacks still cover the band; the
+    # measured: 0.0067 in the band, -0.0037 elsewhere (0.0068 / -0.0035 with the shared field of one N4 level) (the other two stacks still cover the band; the
     # position term follows the volume's gradient, and the volume from fewer slices is a little
     # smoother everywhere); with session 20's position term (0.4 mm over one voxel) 0.0068 and
     # -0.0099; with the volume written on the resolution's own grid (output_oversampling 1, before
@@ -124,7 +126,7 @@ def test_confidence_falls_where_slices_are_removed(noisy):
     assert drop_band > 0.005 and drop_band - drop_rest > 0.007, (drop_band, drop_rest)
     # the sd, voxel by voxel (its mean is the rim's, where a few voxels have a large sd)
     up_band, up_rest = np.median(sc[band] / sf[band]), np.median(sc[rest] / sf[rest])
-    # measured: x 1.041 in the band, x 1.019 elsewhere (the prior pools the neighbours' data)
+    # measured: x 1.042 in the band, x 1.008 elsewhere (the prior pools the neighbours' data)
     assert up_band > 1.02 and up_band - 1 > 1.5 * abs(up_rest - 1), (up_band, up_rest)
 
 

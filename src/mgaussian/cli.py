@@ -1062,6 +1062,8 @@ def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: d
         "wall_s": wall_s,
         # empty: the fixed schedule ended the fit (same inputs and settings -> the same volume)
         "time_budget_cut": res.budget_cuts,
+        # on noisy data: the last level's prior factor chosen by held-out slices (null: the rule's weight)
+        "prior_choice": res.prior_choice,
     }
     meta["assessment"] = assessment
     if a.output_confidence:

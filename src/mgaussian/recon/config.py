@@ -81,6 +81,10 @@ class ReconConfig:
     # benchmarks/TUNING.md, session 13
     cg_smoothness: float | None = None
     smoothness_gain: float = 450.0
+    # on noisy data the last level's weight is the rule's times a factor (powers of sqrt 2, 0.35-2.8)
+    # chosen by how well its fit predicts every prior_holdout-th slice of each stack held out
+    # (recon/prior_choice.py; 0: the rule's weight). Session 27 (benchmarks/TUNING.md): see there
+    prior_holdout: int = 5
     # Adam refinement only where the slices' estimated noise sigma is below this (fraction of the
     # 99th percentile): on noisy data it fits the noise (sb25, 2 % noise: 31.5 dB after the warm
     # start, 25.0 dB after Adam; clean data gain +0.4 dB); above it each level ends after the warm start
@@ -327,6 +331,11 @@ class ReconConfig:
             bad("edge_prior_k", f"must be > 0, got {self.edge_prior_k}")
         if not (isinstance(self.pose_extrapolation, (int, float)) and self.pose_extrapolation >= 0):
             bad("pose_extrapolation", f"must be a number >= 0, got {self.pose_extrapolation}")
+        if not (isinstance(self.prior_holdout, int) and (self.prior_holdout == 0 or self.prior_holdout >= 2)):
+            bad(
+                "prior_holdout",
+                f"must be 0 (off) or an integer >= 2 (every n-th slice held out), got {self.prior_holdout}",
+            )
         if not (self.shared_field_min_spread >= 0 and math.isfinite(self.shared_field_min_spread)):
             bad("shared_field_min_spread", f"must be a number >= 0 (a log ratio), got {self.shared_field_min_spread}")
         if not (isinstance(self.shared_field_levels, int) and 1 <= self.shared_field_levels <= 4):

@@ -50,12 +50,15 @@ def _deadline(state: ReconState, last: bool, adam_follows: bool) -> float | None
 def smoothness_weight(state: ReconState, spacing: float) -> float:
     """The lattice prior's weight at a level of Gaussians ``spacing`` mm apart (``cfg.cg_smoothness``,
     or from the slices' noise, see the config). A coarser level's weight is larger by the ratio of
-    the Gaussians' volumes: each of its Gaussians stands for (s_level / s)^3 fine ones."""
+    the Gaussians' volumes: each of its Gaussians stands for (s_level / s)^3 fine ones. Once the
+    last level's factor has been chosen by held-out slices (recon/prior_choice.py) it multiplies
+    the weight: only the last level asks for it after that."""
     cfg = state.cfg
     if cfg.cg_smoothness is not None:
         return float(cfg.cg_smoothness)
     finest = cfg.output_resolution * cfg.spacing_factors[-1]
-    return cfg.smoothness_gain * state.noise_sigma**2 * (spacing / finest) ** 3 / finest**2
+    factor = 1.0 if state.prior_choice is None else state.prior_choice["factor"]
+    return factor * cfg.smoothness_gain * state.noise_sigma**2 * (spacing / finest) ** 3 / finest**2
 
 
 def fit_iterations(state: ReconState, level: Level | None = None) -> int:

@@ -62,6 +62,8 @@ class ReconResult:
     confidence: np.ndarray | None = None
     confidence_sd: np.ndarray | None = None
     confidence_info: dict | None = None
+    # on noisy data, the last level's prior factor chosen by held-out slices (recon/prior_choice.py)
+    prior_choice: dict | None = None
     # the stacks with their masks as given, each at its registered pose: where the brain is (the
     # volume keeps a rim of other tissue around it; atlas registration masks it out)
     brain_stacks: list = dc_field(default_factory=list)
@@ -256,4 +258,5 @@ def result(state: ReconState) -> ReconResult:
         state.backend,
         list(state.budget_cuts),
         brain_stacks=[moved_stack(st, P) for st, P in zip(state.given, state.stack_poses)],
+        prior_choice=state.prior_choice,
     )

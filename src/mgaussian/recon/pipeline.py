@@ -22,6 +22,7 @@ from .levels import begin_level, fit_iterations, level_schedule, refit, robust_r
 from .motion.rounds import pose_rounds
 from .output import ReconResult, result
 from .prepare import prepare
+from .prior_choice import choose_prior_factor, prior_choice_active
 from .profile import choose_profile
 from .progress import Progress
 from .refine import refine
@@ -96,6 +97,20 @@ def _remove_shared_field(state: ReconState) -> None:
     state.add_time("shared_field_s", t0)
 
 
+def _choose_prior(state: ReconState, level: Level) -> None:
+    """The last level's prior weight on noisy data, chosen by held-out slices (recon/prior_choice.py)."""
+    t0 = time.time()
+    factor = choose_prior_factor(state, level)
+    tried = ", ".join(
+        f"x{f}: {e / min(state.prior_choice['errors'].values()):.4f}" for f, e in state.prior_choice["errors"].items()
+    )
+    state.log(
+        f"  prior weight x{factor:.3f} ({level.smooth:.3g}), chosen by every {state.cfg.prior_holdout}th slice held out "
+        f"(their error relative to the best: {tried})"
+    )
+    state.add_time("prior_choice_s", t0)
+
+
 def _start_level(
     state: ReconState,
     index: int,
@@ -111,6 +126,9 @@ def _start_level(
     t0 = time.time()
     level = begin_level(state, index, count, factor, iterations, resumed)
     warm = not (resumed and resume_state["cg_done"])  # [checkpoint] a resumed level skips its warm start
+    if warm and prior_choice_active(state, level):
+        _choose_prior(state, level)
+        t0 = time.time()
     if warm:
         warm_start(state, level)
     state.add_time(f"level{index + 1}_warm_start_s", t0)

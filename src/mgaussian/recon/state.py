@@ -87,6 +87,7 @@ class ReconState:
     total_steps: int = 0
     budget_cuts: list[str] = field(default_factory=list)  # where the time budget cut the fit short
     stack_fields: dict | None = None  # each stack's intensity field divided out (recon/bias.py)
+    prior_choice: dict | None = None  # the last level's prior factor chosen by held-out slices (recon/prior_choice.py)
 
     def note_budget(self, where: str) -> None:
         """Record (and log, once per place) that the time budget cut ``where`` short: the result then
@@ -129,6 +130,7 @@ class ReconState:
             "anchor": [np.asarray(a).tolist() for a in self.anchor],
             "anchor_pivot": None if self.anchor_pivot is None else np.asarray(self.anchor_pivot).tolist(),
             "stack_fields": self.stack_fields,  # recon/bias.py: divided out of the slices again on resume
+            "prior_choice": self.prior_choice,  # recon/prior_choice.py: the last level's weight
         }
         return {
             "level": level,
@@ -194,6 +196,7 @@ class ReconState:
                 self.anchor = tuple(np.asarray(a, dtype=np.float64) for a in motion["anchor"])
             if motion.get("anchor_pivot") is not None:
                 self.anchor_pivot = np.asarray(motion["anchor_pivot"], dtype=np.float64)
+            self.prior_choice = motion.get("prior_choice")
             if motion.get("stack_fields") is not None and self.stack_fields is None:
                 from .bias import apply_stack_fields
 

@@ -23,14 +23,17 @@ from mgaussian.recon.pipeline import reconstruct
 # prior runs 2 reweighting rounds at k 1.5 instead of 1 at k 2 (-0.021 dB on this phantom; +0.1 to
 # +0.3 dB on clinical-style cases, benchmarks/TUNING.md session 15); then the intensity fits' CG
 # is preconditioned by the normal matrix's diagonal (cg_preconditioner "jacobi": +0.279 dB here,
-# +0.1 to +0.3 dB on every benchmark case, benchmarks/TUNING.md session 16)
-PINNED_PSNR = 24.697093274420094
+# +0.1 to +0.3 dB on every benchmark case, benchmarks/TUNING.md session 16); then (session 27) on
+# noisy data the last level's prior weight is chosen by held-out slices (recon/prior_choice.py:
+# x 0.5 here, +0.054 dB; the shared field's two N4 levels do not apply, no field here)
+PINNED_PSNR = 24.747269696537003
 # The same run gives the same bits on one machine (tests/test_determinism.py), not across CPU models:
-# 24.697093 on session 17's machine, 24.699159 on an AMD EPYC (AVX-512) on 2026-12-05 with the same
-# package versions (forcing PyTorch, Numba, OpenBLAS and MKL to AVX2 code did not move it). The
-# documented changes above moved it by 0.004 to 0.28 dB, except two (-0.003 and -0.0002 dB), so a
-# 0.003 dB tolerance still catches changes of that kind.
-PINNED_TOLERANCE_DB = 0.003
+# before session 27, 24.697093 on session 17's machine, 24.699159 on an AMD EPYC (AVX-512) on
+# 2026-12-05 and 24.693045 on an Intel Xeon on 2026-12-06 with the same package versions (forcing
+# PyTorch, Numba, OpenBLAS and MKL to AVX2 code did not move it): a spread of 0.006 dB. The
+# documented changes above moved it by 0.004 to 0.28 dB, except two (-0.003 and -0.0002 dB); the
+# tolerance covers the machines' spread and still catches changes of the kinds above 0.008 dB.
+PINNED_TOLERANCE_DB = 0.008
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,15 @@ on clean data and when turned off."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from test_recon import _phantom
 
+from mgaussian.cli import main
 from mgaussian.errors import InputError
-from mgaussian.io import load_stacks
+from mgaussian.io import load_image, load_stacks
 from mgaussian.recon.config import config_from_dict
 from mgaussian.recon.pipeline import reconstruct
 from mgaussian.recon.prior_choice import FACTORS
@@ -80,3 +83,26 @@ def test_prior_holdout_is_validated():
         with pytest.raises(InputError, match="prior_holdout"):
             config_from_dict({"prior_holdout": bad})
     assert config_from_dict({"prior_holdout": 0}).prior_holdout == 0
+
+
+def test_a_resumed_finished_fit_keeps_the_chosen_weight(noisy, tmp_path):
+    """The factor is in the checkpoint: a finished noisy fit resumed to write the confidence map (which
+    uses the prior's weight) gives the map, the volume and the record of a run that asked for the map
+    from the start."""
+    cfgp = tmp_path / "cfg.json"
+    # a rule 8x too strong, so that the factor is not 1 (the map of a run that lost it would differ)
+    cfgp.write_text(json.dumps(dict(FAST, checkpoint_interval_s=0.0, smoothness_gain=450.0 * 8)))
+    base = ["reconstruct", "--input-stacks", *noisy["stacks"], "--stack-masks", *noisy["masks"]]
+    base += ["--thicknesses", "3.6", "--config", str(cfgp), "--quiet", "--no-report"]
+    ck = str(tmp_path / "ck")
+    assert main(base + ["--output-volume", str(tmp_path / "a.nii.gz"), "--checkpoint-dir", ck]) == 0
+    resumed = ["--output-volume", str(tmp_path / "b.nii.gz"), "--output-confidence", str(tmp_path / "cb.nii.gz")]
+    assert main(base + resumed + ["--checkpoint-dir", ck, "--resume"]) == 0
+    fresh = ["--output-volume", str(tmp_path / "c.nii.gz"), "--output-confidence", str(tmp_path / "cc.nii.gz")]
+    assert main(base + fresh) == 0
+    for x, y in (("b", "c"), ("cb", "cc")):
+        assert np.array_equal(
+            load_image(str(tmp_path / f"{x}.nii.gz"))[0], load_image(str(tmp_path / f"{y}.nii.gz"))[0]
+        )
+    chosen = [json.loads((tmp_path / f"{x}.config.json").read_text())["prior_choice"] for x in "abc"]
+    assert chosen[0]["factor"] < 1 and chosen[0] == chosen[1] == chosen[2]

@@ -101,12 +101,11 @@ def _choose_prior(state: ReconState, level: Level) -> None:
     """The last level's prior weight on noisy data, chosen by held-out slices (recon/prior_choice.py)."""
     t0 = time.time()
     factor = choose_prior_factor(state, level)
-    tried = ", ".join(
-        f"x{f}: {e / min(state.prior_choice['errors'].values()):.4f}" for f, e in state.prior_choice["errors"].items()
-    )
+    errors = state.prior_choice["errors"]
+    tried = ", ".join(f"x{f} {e / min(errors.values()):.4f}" for f, e in sorted(errors.items(), reverse=True))
     state.log(
-        f"  prior weight x{factor:.3f} ({level.smooth:.3g}), chosen by every {state.cfg.prior_holdout}th slice held out "
-        f"(their error relative to the best: {tried})"
+        f"  prior weight x{factor:.3f} ({level.smooth:.3g}) from every {state.cfg.prior_holdout}th slice held out: "
+        f"their error {tried} (relative to the lowest; a step down is kept where it beats the slices' scatter)"
     )
     state.add_time("prior_choice_s", t0)
 

@@ -81,9 +81,11 @@ class ReconConfig:
     # benchmarks/TUNING.md, session 13
     cg_smoothness: float | None = None
     smoothness_gain: float = 450.0
-    # on noisy data the last level's weight is the rule's times a factor (powers of sqrt 2, 0.35-2.8)
+    # on noisy data the last level's weight is the rule's times a factor (1, 1/sqrt 2, ... 0.35)
     # chosen by how well its fit predicts every prior_holdout-th slice of each stack held out
-    # (recon/prior_choice.py; 0: the rule's weight). Session 27 (benchmarks/TUNING.md): see there
+    # (recon/prior_choice.py; 0: the rule's weight). Session 27 (benchmarks/TUNING.md), aligned PSNR:
+    # four noisy 4 mm stacks on the 21 / 33-week brains 26.85 -> 27.03 (x0.71), 27.04 -> 27.28 (x0.5);
+    # the 2 % cases kept x1 but one (+0.03 dB); each factor tried costs a warm start of the last level
     prior_holdout: int = 5
     # Adam refinement only where the slices' estimated noise sigma is below this (fraction of the
     # 99th percentile): on noisy data it fits the noise (sb25, 2 % noise: 31.5 dB after the warm

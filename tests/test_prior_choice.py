@@ -106,3 +106,8 @@ def test_a_resumed_finished_fit_keeps_the_chosen_weight(noisy, tmp_path):
         )
     chosen = [json.loads((tmp_path / f"{x}.config.json").read_text())["prior_choice"] for x in "abc"]
     assert chosen[0]["factor"] < 1 and chosen[0] == chosen[1] == chosen[2]
+    # the report says which weight was used and why
+    report = base[: base.index("--no-report")] + ["--output-volume", str(tmp_path / "d.nii.gz")]
+    assert main(report) == 0
+    html = (tmp_path / "d_report" / "index.html").read_text()
+    assert f"prior weight: x{chosen[0]['factor']:.3f} the rule's" in html and "every 5th slice held out" in html

@@ -539,6 +539,14 @@ def _run_sections(result, cfg: dict, extra: dict, timings: dict, volume_path, t0
         )
     else:
         stop = "<p>The fixed schedule ended the fit: the same inputs and settings give the same volume.</p>"
+    pc = getattr(result, "prior_choice", None)
+    if pc:
+        tried = ", ".join(f"x{f}: {err:.4g}" for f, err in sorted(pc["errors"].items(), reverse=True))
+        stop += (
+            f"<p>The last level's prior weight: x{pc['factor']:.3f} the rule's, chosen by every "
+            f"{pc['holdout_every']}th slice held out (their mean squared error per factor tried: {e(tried)}; "
+            "a step down is kept where it beats the slices' scatter).</p>"
+        )
     parts.append(
         "<h2>Runtime (s)</h2>" + _table(rt, ["step", "seconds"]) + stop + f"<p>Backend {e(str(result.backend))}.</p>"
     )

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_recon import _phantom
+from test_recon import simulate_phantom
 
 from mgaussian.cli import main
 from mgaussian.errors import InputError
@@ -19,7 +19,6 @@ from mgaussian.io import load_image, load_stacks
 from mgaussian.metrics import score_volume
 from mgaussian.recon.checkpoint import CHECKPOINT, PREVIOUS, Checkpointer, inputs_fingerprint
 from mgaussian.recon.config import config_from_dict
-from mgaussian.simulate import simulate_stacks
 
 # every iteration is checkpointed; no time budget, so an interrupted run does the same work
 CFG = {"iterations": [3, 30], "cg_iterations": 8, "time_budget_s": None, "checkpoint_interval_s": 0.0}
@@ -28,18 +27,7 @@ CFG = {"iterations": [3, 30], "cg_iterations": 8, "time_budget_s": None, "checkp
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    g, aff, m = _phantom()
-    simulate_stacks(
-        g,
-        aff,
-        m,
-        str(d / "sim"),
-        orientations=["axial", "coronal", "sagittal@8,0,-6"],
-        thickness=3.6,
-        pixel=1.2,
-        seed=0,
-        log=lambda s: None,
-    )
+    g, aff, m, stacks, masks = simulate_phantom(d, seed=0)
     cfgp = d / "cfg.json"
     cfgp.write_text(json.dumps(CFG))
     return {
@@ -48,8 +36,8 @@ def case(tmp_path_factory):
         "aff": aff,
         "mask": m,
         "cfg": str(cfgp),
-        "stacks": [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)],
-        "masks": [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)],
+        "stacks": stacks,
+        "masks": masks,
     }
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import ndimage
 from scipy.stats import spearmanr
-from test_recon import _phantom
+from test_recon import simulate_phantom
 from test_render_helpers import random_gaussians, random_poses, rel_err
 
 import mgaussian.render as R
@@ -22,7 +22,6 @@ from mgaussian.recon.confidence import probed_diagonal
 from mgaussian.recon.config import config_from_dict
 from mgaussian.recon.pipeline import reconstruct
 from mgaussian.sampling import resample_volume
-from mgaussian.simulate import simulate_stacks
 
 SHAPE, SPACING = (22, 27), (0.8, 0.7)
 # noisy data: no Adam after the warm start (adam_max_noise), so a reconstruction takes seconds
@@ -62,21 +61,7 @@ def test_design_diagonal_is_exact_and_the_probes_agree():
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
     d = tmp_path_factory.mktemp("conf")
-    g, aff, m = _phantom()
-    simulate_stacks(
-        g,
-        aff,
-        m,
-        str(d / "sim"),
-        orientations=["axial", "coronal", "sagittal@8,0,-6"],
-        thickness=3.6,
-        pixel=1.2,
-        seed=0,
-        noise=0.02,
-        log=lambda s: None,
-    )
-    stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]
-    masks = [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]
+    g, aff, m, stacks, masks = simulate_phantom(d, seed=0, noise=0.02)
     return {"dir": d, "gt": g, "aff": aff, "mask": m, "stacks": stacks, "masks": masks}
 
 

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from test_recon import _phantom
+from test_recon import _phantom, simulate_phantom
 
 from mgaussian.cli import main
 from mgaussian.errors import InputError
@@ -24,22 +24,7 @@ FAST = {"iterations": [0, 0], "cg_iterations": 20, "motion": False}
 
 @pytest.fixture(scope="module")
 def noisy(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prior")
-    g, aff, m = _phantom()
-    simulate_stacks(
-        g,
-        aff,
-        m,
-        str(d / "sim"),
-        orientations=["axial", "coronal", "sagittal@8,0,-6"],
-        thickness=3.6,
-        pixel=1.2,
-        seed=1,
-        noise=0.04,
-        log=lambda s: None,
-    )
-    stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]
-    masks = [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]
+    g, aff, m, stacks, masks = simulate_phantom(tmp_path_factory.mktemp("prior"), seed=1, noise=0.04)
     return {"gt": g, "aff": aff, "mask": m, "stacks": stacks, "masks": masks}
 
 
@@ -51,9 +36,9 @@ def _run(case, **cfg):
 def test_a_rule_eight_times_too_strong_or_weak_is_corrected(noisy):
     """With the rule's weight x 8 the choice steps down from it (to the smallest factor, three steps
     of sqrt 2), with it / 8 it stays; the factor kept predicted the held-out slices clearly better
-    than the rule's weight (the steps stop where the gain is within the slices' scatter). (Whether it helps against the ground
-    truth is measured on the clinical-style cases: benchmarks/TUNING.md session 27; this phantom's
-    error against its truth is not monotone in the weight.)"""
+    than the rule's weight (the steps stop where the gain is within the slices' scatter). (Whether
+    it helps against the ground truth is measured on the clinical-style cases, benchmarks/TUNING.md
+    session 27: this phantom's error against its truth is not monotone in the weight.)"""
     strong = _run(noisy, smoothness_gain=450.0 * 8).prior_choice
     assert strong is not None and strong["holdout_every"] == 5 and strong["factor"] == min(FACTORS)
     errors = strong["errors"]  # keyed by the factor to 3 decimals

@@ -3,10 +3,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from test_recon import _phantom
+from test_recon import simulate_phantom
 
 from mgaussian.cli import main
-from mgaussian.simulate import simulate_stacks
 
 QUICK = {"iterations": [0, 3], "cg_iterations": 10}
 
@@ -15,20 +14,7 @@ QUICK = {"iterations": [0, 3], "cg_iterations": 10}
 def fitted(tmp_path_factory):
     """The small simulated case of test_recon, reconstructed quickly with --output-model."""
     d = tmp_path_factory.mktemp("sample_slices")
-    g, aff, m = _phantom()
-    simulate_stacks(
-        g,
-        aff,
-        m,
-        str(d / "sim"),
-        orientations=["axial", "coronal", "sagittal@8,0,-6"],
-        thickness=3.6,
-        pixel=1.2,
-        seed=0,
-        log=lambda s: None,
-    )
-    stacks = [str(d / "sim" / f"stack_{i:02d}.nii.gz") for i in range(3)]
-    masks = [str(d / "sim" / f"mask_{i:02d}.nii.gz") for i in range(3)]
+    g, aff, m, stacks, masks = simulate_phantom(d, seed=0)
     cfgp = d / "cfg.json"
     cfgp.write_text(json.dumps(QUICK))
     model = d / "rec.pt"

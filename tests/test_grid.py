@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from conftest import write_nifti
 
+from mgaussian.baselines import naive_average
 from mgaussian.geometry import rigid_matrix, voxel_to_world
 from mgaussian.io import load_stacks
 from mgaussian.recon.config import config_from_dict
 from mgaussian.recon.data import (
     crop_grid,
     grow_masks,
-    naive_init,
     output_grid,
     prepare_slices,
     region_and_init,
@@ -113,7 +113,8 @@ def test_output_grid_without_masks_is_the_shared_field_of_view(tmp_path):
 
 def test_region_and_init_in_one_pass_match_their_own(tmp_path):
     """The region and the initial volume from one resampling pass per stack are the bits that
-    region_mask and naive_init give alone (two oblique stacks of different contrast)."""
+    region_mask and the naive average of the scaled stacks give alone (two oblique stacks of different
+    contrast)."""
     rng = np.random.default_rng(1)
     m = np.zeros((30, 30, 8), bool)
     m[6:24, 5:25, 1:7] = True
@@ -126,7 +127,8 @@ def test_region_and_init_in_one_pass_match_their_own(tmp_path):
     shape, gaff = output_grid(st, 1.0)
     region, init = region_and_init(st, sets, shape, gaff)
     assert np.array_equal(region, region_mask(st, shape, gaff))
-    assert np.array_equal(init, naive_init(st, sets, shape, gaff)) and init.dtype == np.float32
+    naive = naive_average([(s.data / ss.scale, s.affine) for s, ss in zip(st, sets)], shape, gaff)
+    assert np.array_equal(init, naive) and init.dtype == np.float32
     assert region.sum() > 1000 and init[region].min() > 0
 
 

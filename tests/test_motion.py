@@ -564,8 +564,8 @@ def _intensity_fit_problem(atlas_stacks):
     for ss in sets:
         ss.row_spans = torch.as_tensor(mask_to_row_spans(ss.mask.numpy(), ss.n, tuple(ss.obs.shape[1:])))
     shape, aff = D.output_grid(st, 2.4, reference=0)
-    region = D.region_mask(st, shape, aff)
-    fld = init_field_on_grid(region, aff, 2.4, init_intensity=D.naive_init(st, sets, shape, aff), scale_factor=0.7)
+    region, init = D.region_and_init(st, sets, shape, aff)
+    fld = init_field_on_grid(region, aff, 2.4, init_intensity=init, scale_factor=0.7)
     g = torch.Generator().manual_seed(0)
     rots = [0.01 * torch.randn(ss.n, 3, generator=g) for ss in sets]
     trans = [0.5 * torch.randn(ss.n, 3, generator=g) for ss in sets]

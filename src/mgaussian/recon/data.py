@@ -13,7 +13,6 @@ __all__ = [
     "region_mask",
     "region_and_init",
     "region_from_slices",
-    "naive_init",
 ]
 
 import math
@@ -318,8 +317,9 @@ def region_mask(stacks: list[Stack], shape, affine) -> np.ndarray:
 
 
 def region_and_init(stacks: list[Stack], slicesets: list["SliceSet"], shape, affine) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`region_mask` and :func:`naive_init` (the same values) from one resampling pass per
-    stack: they share its coverage, and a pass is ~1 s on mni-t4's 1 mm grid."""
+    """:func:`region_mask` and the naive average of the stacks, each divided by its slices'
+    scale (the first level's intensities), from one resampling pass per stack: they share its
+    coverage, and a pass is ~1 s on mni-t4's 1 mm grid."""
     acc = np.zeros(shape, np.float32)
     cov = np.zeros(shape, np.float32)
     total = np.zeros(shape, np.float64)
@@ -427,10 +427,3 @@ def _stack_votes_numpy(X, pos, order, o, ax, msk, du, dv, reach, near_mm, acc, c
     near = best <= near_mm
     acc += np.where(near, val, 0.0)
     cov += near
-
-
-def naive_init(stacks: list[Stack], slicesets: list[SliceSet], shape, affine) -> np.ndarray:
-    """Average of the normalised stacks resampled onto the output grid (initial intensities)."""
-    from ..baselines import naive_average
-
-    return naive_average([(st.data / ss.scale, st.affine) for st, ss in zip(stacks, slicesets)], shape, affine)

@@ -167,6 +167,31 @@ def test_fetal_auto_picks_the_age(tmp_path):
     assert info["chosen"] == "fetal-ga21" and info["template"]["name"] == "fetal-ga21"
     ranked = sorted(info["candidates_ncc"].values(), reverse=True)
     assert len(ranked) == 5 and ranked[0] > 0.95 and ranked[1] < 0.8
+    assert max(info["candidates_metric"], key=info["candidates_metric"].get) == "fetal-ga21"
+
+
+def test_fetal_auto_goes_by_the_outline_where_no_template_has_the_anatomy():
+    """A brain whose inside matches none of the templates (a neurotypical brain on the spina bifida
+    ones; here the 27-week brain's outline filled with a random texture): the NCC inside each mask
+    is noise (it would pick the 25-week one), the coarse registration's correlation over the grown
+    mask still sees the size and outline and picks the 27-week one (docs/clinical.md, session 28)."""
+    from dataclasses import replace
+
+    from scipy import ndimage
+
+    ga27 = load_templates("fetal-ga27")[0]
+    texture = ndimage.gaussian_filter(np.random.default_rng(0).standard_normal(ga27.data.shape), 3)
+    inside = ndimage.gaussian_filter(ga27.mask.astype(np.float32), 1.0)
+    s99 = np.percentile(ga27.data[ga27.mask], 99)
+    other = replace(ga27, data=(inside * 0.6 * s99 * (1 + 0.3 * texture / texture.std())).astype(np.float32))
+    c = np.argwhere(ga27.mask).mean(0) @ ga27.affine[:3, :3].T + ga27.affine[:3, 3]
+    vol, aff, _ = _moved(other, rigid_matrix(np.radians([0.0, 20.0, 40.0]), (4.0, -2.0, 3.0), c), spacing=1.4, n=110)
+    _, _, info = to_template_space(vol, aff, "fetal-auto")
+    assert info["chosen"] == "fetal-ga27"
+    metric = info["candidates_metric"]
+    assert metric["fetal-ga27"] > 0.6 > max(v for k, v in metric.items() if k != "fetal-ga27")
+    # what the choice used to go by does not single it out
+    assert max(info["candidates_ncc"], key=info["candidates_ncc"].get) != "fetal-ga27"
 
 
 def test_itk_transform_file_maps_like_the_json(tmp_path):

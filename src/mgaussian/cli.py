@@ -1082,6 +1082,7 @@ def _run_record(a, res, stacks, cfg, assessment, template_info, template_outs: d
                 "ncc_in_template_mask",
                 "rotation_deg",
                 "chosen",
+                "candidates_metric",
                 "candidates_ncc",
             )
             if k in template_info

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from test_recon import _phantom, simulate_phantom
+from test_recon import simulate_phantom
 
 from mgaussian.cli import main
 from mgaussian.errors import InputError
@@ -16,7 +16,6 @@ from mgaussian.io import load_image, load_stacks
 from mgaussian.recon.config import config_from_dict
 from mgaussian.recon.pipeline import reconstruct
 from mgaussian.recon.prior_choice import FACTORS
-from mgaussian.simulate import simulate_stacks
 
 # noisy data: no Adam after the warm start, a reconstruction takes seconds
 FAST = {"iterations": [0, 0], "cg_iterations": 20, "motion": False}
@@ -54,13 +53,8 @@ def test_the_choice_is_reproducible_and_off_on_clean_data(noisy, tmp_path):
     a, b = _run(noisy), _run(noisy)
     assert a.prior_choice == b.prior_choice and a.prior_choice["factor"] in FACTORS
     assert np.array_equal(a.volume, b.volume)
-    g, aff, m = _phantom()
-    simulate_stacks(
-        g, aff, m, str(tmp_path), orientations=["axial", "coronal"], thickness=3.6, pixel=1.2, log=lambda s: None
-    )
-    clean = {"stacks": [str(tmp_path / f"stack_{i:02d}.nii.gz") for i in range(2)]}
-    clean["masks"] = [s.replace("stack_", "mask_") for s in clean["stacks"]]
-    assert _run(clean).prior_choice is None
+    _, _, _, stacks, masks = simulate_phantom(tmp_path)
+    assert _run({"stacks": stacks, "masks": masks}).prior_choice is None
 
 
 def test_prior_holdout_is_validated():

@@ -4,17 +4,25 @@ A coil's sensitivity differs from stack to stack and varies across a slice; the 
 intensity scales absorb a field's mean over each slice, not its variation across it. Once the
 coarse level has put the slices where they were acquired, its model is the stacks' consensus: the
 ratio of a stack's pixels to the model's prediction of them is that stack's field over the
-consensus's (a field common to every stack stays in the volume, as with any reconstruction). It is
+consensus (a field common to every stack stays in the volume, as with any reconstruction). It is
 fitted as exp of a quadratic of the pixels' scanner positions (the coil is fixed in the scanner,
-not in the moving anatomy), robustly, and divided out of the stack's slices before the fine level.
-Unlike N4 on each stack (``--bias-correction``), which finds a field in a field-free stack, a stack
-that agrees with the others gets a field of ~1 (measured in ``docs/clinical.md``).
+not in the moving anatomy), robustly, and divided out of the stack's slices. Unlike N4 on each
+stack (``--bias-correction``), which finds a field in a field-free stack, a stack that agrees with
+the others gets a field of ~1 (measured in ``docs/clinical.md``).
+
+A field across a slice pulls its pose, and the poses decide the fields: the fields are estimated
+again after each of the coarse level's pose rounds (``cfg.stack_bias_rounds``) and once after the
+level, each time from the slices as acquired, so that the estimates settle rather than add up the
+coarse model's own blur. What one quadratic of the anatomy's position explains in every stack's
+ratio stays in the volume: it is the anatomy's as much as a field, and taken in the scanner frame
+instead it would differ between stacks that moved (benchmarks/TUNING.md, session 29).
 
 The field the stacks share cannot be told from the anatomy by the stacks alone. Where they show
 coil fields relative to each other (``spread``: beyond ``cfg.shared_field_min_spread``), they most
-likely share one too, and after the fit a very smooth field (N4 with one fitting level on the
-volume) is divided out of the Gaussians' intensities (``remove_shared_field``); where the stacks
-agree it is left alone, since N4 finds a field in a field-free volume too.
+likely share one too, and after the fit a smooth field (N4 with ``cfg.shared_field_levels``
+fitting levels on the volume) is divided out of the Gaussians' intensities
+(``remove_shared_field``); where the stacks agree it is left alone, since N4 finds a field in a
+field-free volume too.
 """
 
 from __future__ import annotations
@@ -68,6 +76,58 @@ def _fit_log_field(terms: torch.Tensor, logr: torch.Tensor, w: torch.Tensor) -> 
     return coef
 
 
+def _log_field(fields: dict, pos: torch.Tensor, coef) -> torch.Tensor:
+    """The log of a stack's field (``coef``, of ``fields``' frame) at scanner positions [...,3]."""
+    centre = torch.tensor(fields["centre"], dtype=torch.float64, device=pos.device)
+    c = torch.tensor(coef, dtype=torch.float64, device=pos.device)
+    flat = pos.reshape(-1, 3)
+    return (_quadratic_terms(flat, centre, fields["radius"]) @ c).reshape(pos.shape[:-1])
+
+
+def _stack_anatomy_maps(state: ReconState) -> list[tuple]:
+    """Each stack's mean slice pose (``motion.pose_means`` of its slices): where it puts a scanner
+    position in the anatomy (None for a stack without slices)."""
+    from .motion.poses import pose_means
+
+    return [pose_means([r], [t], [c]) if r.shape[0] else None for r, t, c in zip(state.rots, state.trans, state.cents)]
+
+
+def _anatomy_common_part(state: ReconState, pos, coefs, centre, radius) -> list:
+    """The part of the stacks' fields that one quadratic of the anatomy's position explains (each
+    stack's positions ``pos`` moved by its mean pose), as a quadratic of each stack's own scanner
+    positions (a quadratic composed with a rigid map is one): per stack 10 numbers, or None.
+
+    Such a part is the anatomy's as much as a field: divided out of every stack it would leave the
+    stacks consistent but move intensity out of the volume, so it stays in the volume (the shared
+    field step deals with it). Taken in the scanner frame instead (the stacks' mean quadratic) it
+    is not one anatomy for stacks that moved, and the stacks no longer agree after the division
+    (benchmarks/TUNING.md, session 29)."""
+    from .motion.poses import moved_by_mean
+
+    maps = _stack_anatomy_maps(state)
+    use = [i for i, c in enumerate(coefs) if c is not None and maps[i] is not None]
+    if len(use) < 2:
+        return [None] * len(coefs)
+    anat = {}
+    rows, rhs = [], []
+    for j, i in enumerate(use):
+        p = pos[i][:: max(1, len(pos[i]) // 20000)]  # 20 000 positions per stack fix 10 numbers
+        a = torch.as_tensor(moved_by_mean(p.cpu().numpy(), *maps[i]), dtype=torch.float64, device=p.device)
+        anat[i] = (p, _quadratic_terms(a, centre, radius))
+        level = torch.zeros(len(p), len(use), dtype=torch.float64, device=p.device)
+        level[:, j] = 1.0  # each stack's overall level is its own
+        rows.append(torch.cat([level, anat[i][1][:, 1:]], 1))
+        rhs.append(_quadratic_terms(p, centre, radius) @ coefs[i])
+    sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(rhs)[:, None]).solution[:, 0]
+    q = torch.cat([sol.new_zeros(1), sol[len(use) :]])
+    out = [None] * len(coefs)
+    for i in use:
+        p, ta = anat[i]
+        t = _quadratic_terms(p, centre, radius)
+        out[i] = torch.linalg.lstsq(t, (ta @ q)[:, None]).solution[:, 0]
+    return out
+
+
 @torch.no_grad()
 def estimate_stack_fields(state: ReconState) -> dict | None:
     """Each stack's field relative to the others, as quadratics in one scanner frame:
@@ -76,34 +136,45 @@ def estimate_stack_fields(state: ReconState) -> dict | None:
     of any stack, as |log|), which ``remove_shared_field`` reads; the dict, spread included, is what
     a checkpoint keeps.
 
-    Each stack's log ratio to the model is fitted by a quadratic; the mean of the stacks'
-    quadratics is what they share, the coarse model's own blur of the anatomy as much as a field,
-    and stays: only each stack's difference from it is divided out."""
+    Each stack's slices as acquired (the field already divided out, ``state.stack_fields``, put
+    back: every estimate is a whole one, not a correction of the last, so that repeated estimates
+    settle instead of adding up the model's own bias) are compared with the model's prediction, and
+    the log ratio is fitted by a quadratic. What one quadratic of the anatomy's position explains in
+    all of them stays (``_anatomy_common_part``)."""
     preds = predict_all(state.params, state.sets, state.rots, state.trans, state.cents, state.cfg, state.backend)
     wts = loss_weights(state.sets, state.pws, state.sws)
+    before = state.stack_fields
     fits = []
-    for ss, pred, wt in zip(state.sets, preds, wts):
+    for si, (ss, pred, wt) in enumerate(zip(state.sets, preds, wts)):
         pred, obs = pred.double(), ss.obs.double()
         sig = wt > 0
         # numpy's percentile: torch.quantile refuses more than 2^24 values (a stack of 512 x 512 x 64 unmasked)
         floor = _MIN_SIGNAL * float(np.percentile(pred[sig].cpu().numpy(), 99)) if bool(sig.any()) else 0.0
         use = sig & (pred > floor) & (obs > floor * 0.25)
         pos = torch.cat([_slice_positions(ss, k)[use[k]] for k in range(ss.n)])  # in use's order
-        fits.append((pos, torch.log(obs[use] / pred[use]), wt[use].double()))
+        logr = torch.log(obs[use] / pred[use])
+        if before is not None and before["coefs"][si] is not None:
+            logr = logr + _log_field(before, pos, before["coefs"][si])
+        fits.append((pos, logr, wt[use].double()))
     if sum(len(f[1]) >= _MIN_PIXELS for f in fits) < 2:
         return None
-    every = torch.cat([p for p, logr, _ in fits if len(logr) >= _MIN_PIXELS])
-    centre = every.mean(0)
-    radius = float((every - centre).norm(dim=1).max()) or 1.0
+    if before is not None:  # the same frame as the fields divided out
+        centre = torch.tensor(before["centre"], dtype=torch.float64, device=fits[0][0].device)
+        radius = float(before["radius"])
+    else:
+        every = torch.cat([p for p, logr, _ in fits if len(logr) >= _MIN_PIXELS])
+        centre = every.mean(0)
+        radius = float((every - centre).norm(dim=1).max()) or 1.0
     terms = [_quadratic_terms(p, centre, radius) if len(logr) >= _MIN_PIXELS else None for p, logr, _ in fits]
     coefs = [None if t is None else _fit_log_field(t, logr, w) for t, (_, logr, w) in zip(terms, fits)]
-    shared = torch.stack([c for c in coefs if c is not None]).mean(0)
+    common = _anatomy_common_part(state, [p for p, _, _ in fits], coefs, centre, radius)
     out = []
-    for t, coef in zip(terms, coefs):
+    for t, coef, shared in zip(terms, coefs, common):
         if coef is None:
             out.append(None)
             continue
-        coef = coef - shared
+        if shared is not None:
+            coef = coef - shared
         coef[0] = 0.0  # the stack's overall level stays with its normalisation and slice scales
         coef[0] = -math.log(float(torch.exp(t @ coef).mean()))  # mean 1 over the fitted pixels
         out.append(coef.tolist())
@@ -111,35 +182,41 @@ def estimate_stack_fields(state: ReconState) -> dict | None:
 
 
 @torch.no_grad()
-def apply_stack_fields(state: ReconState, fields: dict) -> list[dict]:
-    """Divide each stack's slices (``state.sets[i].obs``, in place) by its field; returns per stack
-    the field's range over its slices' masks."""
-    dev = state.sets[0].obs.device
-    centre = torch.tensor(fields["centre"], dtype=torch.float64, device=dev)
+def apply_stack_fields(state: ReconState, fields: dict, before: dict | None = None) -> list[dict]:
+    """Divide each stack's slices (``state.sets[i].obs``, in place) by its field, where ``before``
+    (the fields divided out so far) has been put back; returns per stack the field's range over
+    its slices' masks."""
     report = []
-    for ss, coef in zip(state.sets, fields["coefs"]):
-        if coef is None:
+    for si, (ss, coef) in enumerate(zip(state.sets, fields["coefs"])):
+        old = None if before is None else before["coefs"][si]
+        if coef is None and old is None:
             report.append({"stack": ss.name, "field_range": [1.0, 1.0]})
             continue
-        c = torch.tensor(coef, dtype=torch.float64, device=dev)
-        field = torch.empty(ss.obs.shape, dtype=torch.float64, device=dev)
+        log_new = torch.zeros(ss.obs.shape, dtype=torch.float64, device=ss.obs.device)
+        change = torch.empty_like(log_new)
         for k in range(ss.n):
-            pos = _slice_positions(ss, k).reshape(-1, 3)
-            field[k] = torch.exp(_quadratic_terms(pos, centre, fields["radius"]) @ c).reshape(field.shape[1:])
-        ss.obs = (ss.obs.double() / field).to(ss.obs.dtype)
-        f_in = field[ss.mask] if bool(ss.mask.any()) else field.flatten()
+            pos = _slice_positions(ss, k)
+            if coef is not None:
+                log_new[k] = _log_field(fields, pos, coef)
+            change[k] = log_new[k] - (_log_field(before, pos, old) if old is not None else 0.0)
+        ss.obs = (ss.obs.double() * torch.exp(-change)).to(ss.obs.dtype)
+        f_in = torch.exp(log_new[ss.mask] if bool(ss.mask.any()) else log_new.flatten())
         report.append({"stack": ss.name, "field_range": [round(float(f_in.min()), 4), round(float(f_in.max()), 4)]})
     return report
 
 
 def correct_stack_bias(state: ReconState) -> list[dict]:
-    """Estimate each stack's field relative to the others, divide it out, keep it on the state (a
-    checkpoint's resume applies it again) and reset the slice scales the field was in."""
+    """Estimate each stack's field relative to the others and divide it out in place of the one
+    divided out before (if any); keep it on the state (a checkpoint's resume applies it again) and
+    reset the slice scales the field was in. Run after each of the coarse level's pose rounds
+    (``cfg.stack_bias_rounds``: the poses are fitted to slices whose fields no longer disagree)
+    and once after the coarse level."""
     fields = estimate_stack_fields(state)
     if fields is None:
         return []
+    before = state.stack_fields
+    report = apply_stack_fields(state, fields, before)
     state.stack_fields = fields
-    report = apply_stack_fields(state, fields)
     # the largest relative field of any stack, as a log: the evidence that the coil's field is there
     fields["spread"] = max(max(abs(math.log(lo)), abs(math.log(hi))) for lo, hi in (r["field_range"] for r in report))
     for sc in state.scs:

@@ -168,6 +168,14 @@ class ReconConfig:
     # 15 % field each: 27.42 -> 28.45 dB; no field: 29.19 -> 29.12, sb25-t3.2 38.351 -> 38.344,
     # sb25-t3.2-motion 30.667 -> 30.682)
     stack_bias: bool = True
+    # the fields estimated again after each of the coarse level's pose rounds (each estimate from
+    # the slices as acquired, so that they settle): a field across a slice pulls its pose, and the
+    # poses decide the fields. Session 29 (benchmarks/TUNING.md), aligned PSNR off -> on (the
+    # anatomy-frame gauge in both): four 4 mm stacks with 15 % fields on the 21 / 25 / 33-week
+    # brains 27.07 / 27.13 / 27.29 -> 27.08 / 27.31 / 27.42, other seeds of the 25-week one 26.78 /
+    # 26.97 / 26.62 (before the session 26.62 / 26.30 / 26.33); nine stacks with 20 % fields 31.65
+    # -> 31.99; field-free D3 29.66 -> 29.65, clin6 31.82 -> 31.80
+    stack_bias_rounds: bool = True
     # the field the stacks share, divided out of the fitted model by N4 (a smooth field) where any
     # stack's field relative to the others reached this (log) spread: the coil's field is there and
     # the stacks most likely share part of it (recon/bias.py). Four stacks with 15 % fields: 25.77 ->

@@ -100,6 +100,16 @@ def _level_field(state: ReconState, index: int, spacing: float, resumed: bool) -
     state.fld = grow_field(state.fld, spacing, state.region, state.aff, dilate_mm=cfg.dilate_mm).to(state.dev)
 
 
+def rebin_level(state: ReconState, level: Level) -> None:
+    """The level's binned slices again from ``state.sets`` (after their intensities changed: a
+    stack's field divided out) and their loss weights; a level on the slices themselves has nothing
+    to redo."""
+    if level.lsets is state.sets:
+        return
+    level.lsets = [bin_for_grid(ss, level.spacing, state.cfg) for ss in state.sets]
+    level.lwts = loss_weights(level.lsets, state.pws, state.sws)
+
+
 def begin_level(state: ReconState, index: int, count: int, factor: float, iterations: int, resumed: bool) -> Level:
     """Set up level ``index``: its field and leaf parameters, its prior and its slices."""
     cfg = state.cfg

@@ -18,7 +18,7 @@ from ..io import Stack
 from .config import ReconConfig
 from .frame import choose_frame
 from .heap import reuse_freed_memory
-from .levels import begin_level, fit_iterations, level_schedule, refit, robust_refit, warm_start
+from .levels import begin_level, fit_iterations, level_schedule, rebin_level, refit, robust_refit, warm_start
 from .motion.rounds import pose_rounds
 from .output import ReconResult, result
 from .prepare import prepare
@@ -60,7 +60,7 @@ def _correct_motion(state: ReconState, level: Level, profile_deferred: bool) -> 
     """The pose rounds of a level, then (coarse level) the frame and the deferred profile, and the
     field re-fitted under the level's own prior (even past the deadline: the rounds left it under a
     weak one)."""
-    moved = pose_rounds(state, level)
+    moved = pose_rounds(state, level, after_poses=_fields_follow(state, level))
     if level.index == 0 and state.motion and moved and state.multi:
         choose_frame(state)
     if level.index == 0 and profile_deferred:
@@ -73,14 +73,39 @@ def _correct_motion(state: ReconState, level: Level, profile_deferred: bool) -> 
         refit(state, level, n_re, min_iter=n_re)
 
 
+def _fields_wanted(state: ReconState, level: Level) -> bool:
+    """Whether the stacks' fields are estimated at this level: the coarse one, before a finer one."""
+    return level.index == 0 and not level.last and state.cfg.stack_bias and state.multi
+
+
+def _fields_follow(state: ReconState, level: Level):
+    """The coarse level's pose rounds' companion (``cfg.stack_bias_rounds``): the stacks' fields
+    estimated again at each round's poses and divided out, so that the next round's poses are
+    fitted to stacks that agree (a field across a slice pulls its pose), or None."""
+    if not (_fields_wanted(state, level) and state.cfg.stack_bias_rounds):
+        return None
+    from .bias import correct_stack_bias
+
+    def follow() -> None:
+        t0 = time.time()
+        if correct_stack_bias(state):
+            rebin_level(state, level)
+        state.add_time("stack_bias_s", t0)
+
+    return follow
+
+
 def _correct_bias(state: ReconState) -> None:
-    """Each stack's field relative to the coarse model, divided out before the fine level."""
+    """Each stack's field relative to the coarse model, divided out before the fine level (in
+    place of the one the pose rounds left)."""
     from .bias import correct_stack_bias
 
     t0 = time.time()
     for r in correct_stack_bias(state):
         lo, hi = r["field_range"]
         state.log(f"  stack {r['stack']}: intensity field {lo:.3f}-{hi:.3f} relative to the others, divided out")
+    if state.stack_fields is not None:
+        state.stack_fields["settled"] = True  # [checkpoint] a resume past here does not estimate it again
     state.add_time("stack_bias_s", t0)
 
 
@@ -156,7 +181,7 @@ def _fit_levels(
         with reuse_freed_memory():
             refine(state, level, resume_state if level.resumed else None, checkpointer, history_every)
         state.add_time(f"level{index + 1}_refine_s", t0)
-        if index == 0 and len(schedule) > 1 and state.cfg.stack_bias and state.multi and state.stack_fields is None:
+        if _fields_wanted(state, level) and not (state.stack_fields or {}).get("settled"):
             _correct_bias(state)
 
 

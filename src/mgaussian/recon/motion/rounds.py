@@ -77,8 +77,10 @@ def _no_motion_found(state, level) -> None:
     state.log("  no slice motion found: one rigid pose per stack from here on")
 
 
-def pose_rounds(state, level) -> bool:
-    """Run the level's pose rounds; returns whether any ran (the slices moved)."""
+def pose_rounds(state, level, after_poses=None) -> bool:
+    """Run the level's pose rounds; returns whether any ran (the slices moved). ``after_poses``
+    (no arguments) runs after each round's pose steps, before its weights and intensity re-fit:
+    what else follows the poses (the pipeline's stack fields)."""
     from ..levels import refit  # here: levels imports frame, which imports this package
 
     cfg = state.cfg
@@ -128,6 +130,8 @@ def pose_rounds(state, level) -> bool:
             + (f" (carried on x {1 + gain:.2f})" if gain > 0 else "")
             + f" ({state.elapsed():.0f} s)"
         )
+        if after_poses is not None:
+            after_poses()
         level.lwts, _ = update_robust(
             state.params,
             level.lsets,

@@ -530,6 +530,17 @@ def brain_faded(
 LOW_NCC = 0.5
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A template tried by ``fetal-auto`` at the coarse registration level: the transform it found,
+    the registration's own metric there (the choice: lowest) and the NCC inside the template's mask."""
+
+    template: Template
+    coarse_transform: np.ndarray
+    metric: float
+    ncc: float
+
+
 def to_template_space(
     volume: np.ndarray,
     affine: np.ndarray,
@@ -599,10 +610,12 @@ def to_template_space(
         # plausibly (13 deg; session 28)
         for tpl in templates:
             T, det = register_to_template(reg_vol, affine, tpl, metric=metric, coarse_only=True, log=log)
-            results.append((score_in_box(tpl, T), tpl, T, det["metric_value"]))
-        chosen = min(results, key=lambda r: r[3])
-        tpl = chosen[1]
-        T, det = register_to_template(reg_vol, affine, tpl, transform=transform, metric=metric, init=chosen[2], log=log)
+            results.append(_Candidate(tpl, T, det["metric_value"], score_in_box(tpl, T)))
+        chosen = min(results, key=lambda r: r.metric)
+        tpl = chosen.template
+        T, det = register_to_template(
+            reg_vol, affine, tpl, transform=transform, metric=metric, init=chosen.coarse_transform, log=log
+        )
     else:
         tpl = templates[0]
         T, det = register_to_template(reg_vol, affine, tpl, transform=transform, metric=metric, log=log)
@@ -634,8 +647,8 @@ def to_template_space(
     }
     if results:
         info["chosen"] = tpl.name
-        info["candidates_metric"] = {r[1].name: round(_shown(r[3]), 5) for r in results}
-        info["candidates_ncc"] = {r[1].name: round(float(r[0]), 5) for r in results}
+        info["candidates_metric"] = {r.template.name: round(_shown(r.metric), 5) for r in results}
+        info["candidates_ncc"] = {r.template.name: round(float(r.ncc), 5) for r in results}
         info["candidates_note"] = (
             f"after the coarse (4 x shrunk) rigid level: the registration's {metric} (the template with the "
             "highest is chosen) and the NCC inside each template's mask"
@@ -643,7 +656,7 @@ def to_template_space(
         if log:
             log(
                 f"template {AUTO}: chose {tpl.name} ({metric} at the coarse level: "
-                + ", ".join(f"{r[1].name} {_shown(r[3]):.4f}" for r in results)
+                + ", ".join(f"{r.template.name} {_shown(r.metric):.4f}" for r in results)
                 + ")"
             )
     return out, tpl.affine.copy(), info

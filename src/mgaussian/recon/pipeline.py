@@ -88,7 +88,7 @@ def _fields_follow(state: ReconState, level: Level):
 
     def follow() -> None:
         t0 = time.time()
-        if correct_stack_bias(state):
+        if correct_stack_bias(state, level.lsets):
             rebin_level(state, level)
         state.add_time("stack_bias_s", t0)
 

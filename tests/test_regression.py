@@ -25,8 +25,11 @@ from mgaussian.recon.pipeline import reconstruct
 # is preconditioned by the normal matrix's diagonal (cg_preconditioner "jacobi": +0.279 dB here,
 # +0.1 to +0.3 dB on every benchmark case, benchmarks/TUNING.md session 16); then (session 27) on
 # noisy data the last level's prior weight is chosen by held-out slices (recon/prior_choice.py:
-# x 0.5 here, +0.054 dB; the shared field's two N4 levels do not apply, no field here)
-PINNED_PSNR = 24.747269696537003
+# x 0.5 here, +0.054 dB; the shared field's two N4 levels do not apply, no field here); then
+# (session 29) the stacks' fields are estimated after each coarse pose round and the part one
+# anatomy-frame quadratic explains stays (-0.009 dB on this field-free phantom; +0.2 to +0.7 dB on
+# the clinical-style cases with fields, benchmarks/TUNING.md session 29)
+PINNED_PSNR = 24.738212445354453
 # The same run gives the same bits on one machine (tests/test_determinism.py), not across CPU models:
 # before session 27, 24.697093 on session 17's machine, 24.699159 on an AMD EPYC (AVX-512) on
 # 2026-12-05 and 24.693045 on an Intel Xeon on 2026-12-06 with the same package versions (forcing

@@ -90,7 +90,7 @@ def _fields_follow(state: ReconState, level: Level):
         t0 = time.time()
         if correct_stack_bias(state, level.lsets):
             rebin_level(state, level)
-        state.add_time("stack_bias_s", t0)
+        state.add_time("stack_bias_s", t0)  # also inside the level's motion time: timings overlap
 
     return follow
 

@@ -76,14 +76,6 @@ def _fit_log_field(terms: torch.Tensor, logr: torch.Tensor, w: torch.Tensor) -> 
     return coef
 
 
-def _log_field(fields: dict, pos: torch.Tensor, coef) -> torch.Tensor:
-    """The log of a stack's field (``coef``, of ``fields``' frame) at scanner positions [...,3]."""
-    centre = torch.tensor(fields["centre"], dtype=torch.float64, device=pos.device)
-    c = torch.tensor(coef, dtype=torch.float64, device=pos.device)
-    flat = pos.reshape(-1, 3)
-    return (_quadratic_terms(flat, centre, fields["radius"]) @ c).reshape(pos.shape[:-1])
-
-
 def _stack_anatomy_maps(state: ReconState) -> list[tuple]:
     """Each stack's mean slice pose (``motion.pose_means`` of its slices): where it puts a scanner
     position in the anatomy (None for a stack without slices)."""
@@ -113,17 +105,17 @@ def _anatomy_common_part(state: ReconState, pos, coefs, centre, radius) -> list:
     for j, i in enumerate(use):
         p = pos[i][:: max(1, len(pos[i]) // 20000)]  # 20 000 positions per stack fix 10 numbers
         a = torch.as_tensor(moved_by_mean(p.cpu().numpy(), *maps[i]), dtype=torch.float64, device=p.device)
-        anat[i] = (p, _quadratic_terms(a, centre, radius))
+        t, ta = _quadratic_terms(p, centre, radius), _quadratic_terms(a, centre, radius)
+        anat[i] = (t, ta)
         level = torch.zeros(len(p), len(use), dtype=torch.float64, device=p.device)
         level[:, j] = 1.0  # each stack's overall level is its own
-        rows.append(torch.cat([level, anat[i][1][:, 1:]], 1))
-        rhs.append(_quadratic_terms(p, centre, radius) @ coefs[i])
+        rows.append(torch.cat([level, ta[:, 1:]], 1))
+        rhs.append(t @ coefs[i])
     sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(rhs)[:, None]).solution[:, 0]
     q = torch.cat([sol.new_zeros(1), sol[len(use) :]])
     out = [None] * len(coefs)
     for i in use:
-        p, ta = anat[i]
-        t = _quadratic_terms(p, centre, radius)
+        t, ta = anat[i]
         out[i] = torch.linalg.lstsq(t, (ta @ q)[:, None]).solution[:, 0]
     return out
 
@@ -149,17 +141,14 @@ def estimate_stack_fields(state: ReconState, sets=None) -> dict | None:
     wts = loss_weights(sets, state.pws, state.sws)
     before = state.stack_fields
     fits = []
-    for si, (ss, pred, wt) in enumerate(zip(sets, preds, wts)):
+    for ss, pred, wt in zip(sets, preds, wts):
         pred, obs = pred.double(), ss.obs.double()
         sig = wt > 0
         # numpy's percentile: torch.quantile refuses more than 2^24 values (a stack of 512 x 512 x 64 unmasked)
         floor = _MIN_SIGNAL * float(np.percentile(pred[sig].cpu().numpy(), 99)) if bool(sig.any()) else 0.0
         use = sig & (pred > floor) & (obs > floor * 0.25)
         pos = torch.cat([_slice_positions(ss, k)[use[k]] for k in range(ss.n)])  # in use's order
-        logr = torch.log(obs[use] / pred[use])
-        if before is not None and before["coefs"][si] is not None:
-            logr = logr + _log_field(before, pos, before["coefs"][si])
-        fits.append((pos, logr, wt[use].double()))
+        fits.append((pos, torch.log(obs[use] / pred[use]), wt[use].double()))
     if sum(len(f[1]) >= _MIN_PIXELS for f in fits) < 2:
         return None
     if before is not None:  # the same frame as the fields divided out
@@ -170,6 +159,11 @@ def estimate_stack_fields(state: ReconState, sets=None) -> dict | None:
         centre = every.mean(0)
         radius = float((every - centre).norm(dim=1).max()) or 1.0
     terms = [_quadratic_terms(p, centre, radius) if len(logr) >= _MIN_PIXELS else None for p, logr, _ in fits]
+    if before is not None:  # the slices as acquired: the field divided out so far put back
+        fits = [
+            (p, logr if t is None or old is None else logr + t @ torch.tensor(old, dtype=t.dtype, device=t.device), w)
+            for (p, logr, w), t, old in zip(fits, terms, before["coefs"])
+        ]
     coefs = [None if t is None else _fit_log_field(t, logr, w) for t, (_, logr, w) in zip(terms, fits)]
     common = _anatomy_common_part(state, [p for p, _, _ in fits], coefs, centre, radius)
     out = []
@@ -188,21 +182,25 @@ def estimate_stack_fields(state: ReconState, sets=None) -> dict | None:
 @torch.no_grad()
 def apply_stack_fields(state: ReconState, fields: dict, before: dict | None = None) -> list[dict]:
     """Divide each stack's slices (``state.sets[i].obs``, in place) by its field, where ``before``
-    (the fields divided out so far) has been put back; returns per stack the field's range over
+    (the fields divided out so far, in the same frame: ``estimate_stack_fields`` keeps it) has been
+    put back; returns per stack the field's range over
     its slices' masks."""
+    dev = state.sets[0].obs.device
+    centre = torch.tensor(fields["centre"], dtype=torch.float64, device=dev)
     report = []
     for si, (ss, coef) in enumerate(zip(state.sets, fields["coefs"])):
         old = None if before is None else before["coefs"][si]
         if coef is None and old is None:
             report.append({"stack": ss.name, "field_range": [1.0, 1.0]})
             continue
-        log_new = torch.zeros(ss.obs.shape, dtype=torch.float64, device=ss.obs.device)
+        c_new = torch.tensor(coef if coef is not None else [0.0] * 10, dtype=torch.float64, device=dev)
+        c_old = torch.tensor(old if old is not None else [0.0] * 10, dtype=torch.float64, device=dev)
+        log_new = torch.empty(ss.obs.shape, dtype=torch.float64, device=dev)
         change = torch.empty_like(log_new)
-        for k in range(ss.n):
-            pos = _slice_positions(ss, k)
-            if coef is not None:
-                log_new[k] = _log_field(fields, pos, coef)
-            change[k] = log_new[k] - (_log_field(before, pos, old) if old is not None else 0.0)
+        for k in range(ss.n):  # one slice's terms at a time: a stack's [K*h*w,10] would be GBs
+            t = _quadratic_terms(_slice_positions(ss, k).reshape(-1, 3), centre, fields["radius"])
+            log_new[k] = (t @ c_new).reshape(log_new.shape[1:])
+            change[k] = (t @ (c_new - c_old)).reshape(log_new.shape[1:])
         ss.obs = (ss.obs.double() * torch.exp(-change)).to(ss.obs.dtype)
         f_in = torch.exp(log_new[ss.mask] if bool(ss.mask.any()) else log_new.flatten())
         report.append({"stack": ss.name, "field_range": [round(float(f_in.min()), 4), round(float(f_in.max()), 4)]})

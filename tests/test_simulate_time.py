@@ -208,6 +208,54 @@ def test_bias_field_multiplies_each_stack_by_its_own_smooth_field(tmp_path):
     assert biased["settings"]["bias_field"] == 0.2 and "bias_field" not in plain["stacks"][0]
 
 
+def test_session_field_is_one_field_of_the_scanner(tmp_path):
+    """--bias-shared 1: every stack carries the same field of the scanner (one coil for the session),
+    so two stacks' ratios to the field-free ones agree wherever both reach the same scanner position;
+    --bias-shared 0 draws as before; a share beyond 1 is a one-line error."""
+    gt, aff = _gt()
+    kw = dict(thickness=2.0, pixel=3.0, seed=6, log=lambda s: None)
+    own = simulate_stacks(gt, aff, gt > 20, str(tmp_path / "own"), bias_field=0.2, **kw)
+    zero = simulate_stacks(gt, aff, gt > 20, str(tmp_path / "zero"), bias_field=0.2, bias_shared=0.0, **kw)
+    one = simulate_stacks(gt, aff, gt > 20, str(tmp_path / "one"), bias_field=0.2, bias_shared=1.0, **kw)
+    half = simulate_stacks(gt, aff, gt > 20, str(tmp_path / "half"), bias_field=0.2, bias_shared=0.5, **kw)
+    for a, b in zip(own["stacks"], zero["stacks"]):
+        assert a["bias_field"] == b["bias_field"]
+    coef = [(tuple(np.round(t["bias_field"]["linear"], 9)), t["bias_field"]["range_in_mask"]) for t in one["stacks"]]
+    assert len({c[0] for c in coef}) == 1  # one polynomial for all
+    for t_own, t_one, t_half in zip(own["stacks"], one["stacks"], half["stacks"]):
+        mix = 0.5 * np.asarray(t_own["bias_field"]["quadratic"]) + 0.5 * np.asarray(t_one["bias_field"]["quadratic"])
+        assert np.allclose(t_half["bias_field"]["quadratic"], mix)
+    # the same scanner field: the stacks' voxel ratios follow one polynomial of the scanner position
+    simulate_stacks(gt, aff, gt > 20, str(tmp_path / "plain"), **kw)
+    assert one["settings"]["bias_shared"] == 1.0
+    logs = []
+    for i in range(3):
+        a = load_stacks([str(tmp_path / "plain" / f"stack_{i:02d}.nii.gz")])[0]
+        b = load_stacks([str(tmp_path / "one" / f"stack_{i:02d}.nii.gz")])[0]
+        m = a.data > 1.0
+        ijk = np.argwhere(m).astype(float)
+        pos = ijk @ a.affine[:3, :3].T + a.affine[:3, 3]
+        logs.append((pos, np.log(b.data[m] / a.data[m])))
+    bf, c, r = (
+        one["stacks"][0]["bias_field"],
+        np.asarray(one["centre_mm"]),
+        one["stacks"][0]["bias_field"]["position_units_mm"],
+    )
+    for pos, lr in logs:
+        u = (pos - c) / r
+        p = u @ np.asarray(bf["linear"]) + 0.5 * np.einsum("ni,ij,nj->n", u, np.asarray(bf["quadratic"]), u)
+        assert np.abs(lr - p).max() < 2e-3  # float32 stacks
+
+
+def test_session_field_share_out_of_range(tmp_path, capsys):
+    gt, aff = _gt()
+    g = write_nifti(tmp_path / "gt.nii.gz", gt, aff)
+    rc = main(["simulate", g, "--output-dir", str(tmp_path / "x"), "--bias-field", "0.1", "--bias-shared", "1.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --bias-shared: is a part of the field, 0 to 1; got 1.5"]
+    assert not (tmp_path / "x").exists()
+
+
 def test_stack_fields_are_found_and_divided_out(tmp_path):
     """Stacks simulated with their own 20 % fields: the reconstruction finds and divides out a field
     per stack (relative to the others) of more than 10 % across its mask; ``stack_bias`` off, none."""

@@ -135,6 +135,14 @@ def _add_simulate(sub):
         help="multiply each stack by its own smooth random field reaching 1 + B inside its mask "
         "(a coil's bias; 0.15 = up to 15 %%)",
     )
+    t.add_argument(
+        "--bias-shared",
+        metavar="S",
+        type=_num("--bias-shared", nonneg=True),
+        default=0.0,
+        help="the part of each stack's field (log) that is one field of the scanner for the whole "
+        "session: 0 = each stack its own (default), 1 = every stack the same",
+    )
     p.set_defaults(func=cmd_simulate)
 
 
@@ -594,6 +602,8 @@ def cmd_simulate(a) -> int:
         raise InputError("--thickness", f"implausible slice thickness {a.thickness:g} mm (> {MAX_THICKNESS_MM:g} mm)")
     if a.pixel is not None and a.pixel < 0.05:
         raise InputError("--pixel", f"{a.pixel:g} mm is absurdly fine (>= 0.05 mm)")
+    if a.bias_shared > 1:
+        raise InputError("--bias-shared", f"is a part of the field, 0 to 1; got {a.bias_shared:g}")
     for o in a.orientations:
         _, perm, ang = parse_orientation(o)
         pix = a.pixel or float(min(np.sqrt((aff[:3, :3] ** 2).sum(0))))
@@ -629,6 +639,7 @@ def cmd_simulate(a) -> int:
         motion_jumps=a.motion_jumps,
         stack_motion=a.stack_motion,
         bias_field=a.bias_field,
+        bias_shared=a.bias_shared,
         inputs=[a.ground_truth, a.mask],
         gt_path=os.path.abspath(a.ground_truth),
         mask_path=os.path.abspath(a.mask) if a.mask else None,

@@ -31,6 +31,9 @@ with t_k = rank / last rank in [0, 1]:
 A bias field (``bias_field`` = B > 0): each stack multiplied by its own smooth field exp(p), p a
 random quadratic of the scanner position, reaching 1 + B (or 1 / (1 + B)) inside the stack's
 mask (the coils' sensitivity differs between stacks; it is fixed in the scanner, not the anatomy).
+With ``bias_shared`` = s in [0, 1], a part of every stack's field is one field of the scanner for
+the whole session (the same coil under the same mother): p = s * p_session + (1 - s) * p_stack, the
+session's field scaled once over the ground truth's mask; s = 1 gives every stack the same field.
 
 The new parts draw from their own random stream, so with them off a seed gives the same stacks as
 before they existed. Each stack gets a BIDS sidecar ``stack_XX.json`` with ``SliceThickness`` and
@@ -237,22 +240,45 @@ def _write_sidecar(output_dir: str, si: int, thickness: float, spacing: float, r
     return jp
 
 
-def _bias_field(aff: np.ndarray, shape, centre: np.ndarray, radius: float, inside: np.ndarray, amp: float, rng):
+def _field_polynomial(rng) -> tuple[np.ndarray, np.ndarray]:
+    """A random quadratic polynomial's (linear, symmetric quadratic) coefficients."""
+    lin, quad = rng.normal(size=3), rng.normal(size=(3, 3))
+    return lin, 0.5 * (quad + quad.T)
+
+
+def _eval_polynomial(points: np.ndarray, centre: np.ndarray, radius: float, lin, quad) -> np.ndarray:
+    """The polynomial at scanner ``points`` [..., 3] (mm), relative to ``centre`` in units of ``radius``."""
+    u = (points - centre) / radius
+    return u @ lin + 0.5 * np.einsum("...i,ij,...j->...", u, quad, u)
+
+
+def _session_field(rng, brain: np.ndarray, centre: np.ndarray, radius: float, amp: float):
+    """One field of the scanner for the whole session: a random quadratic's coefficients, scaled so
+    that it reaches log(1 + ``amp``) in size over the ground truth's ``brain`` points (mm)."""
+    lin, quad = _field_polynomial(rng)
+    top = float(np.abs(_eval_polynomial(brain, centre, radius, lin, quad)).max()) if len(brain) else 0.0
+    scale = math.log1p(amp) / top if top > 0 else 0.0
+    return scale * lin, scale * quad
+
+
+def _bias_field(aff, shape, centre, radius, inside, amp, rng, session=None, shared=0.0):
     """A smooth multiplicative field over a stack's voxels, fixed in the scanner (the coil's
     sensitivity; the anatomy's motion does not move it): exp(p), p a random quadratic polynomial of
     the position relative to ``centre`` (in units of ``radius``), scaled so that |p| reaches
-    log(1 + ``amp``) over the voxels ``inside``. Returns (field, its coefficients)."""
+    log(1 + ``amp``) over the voxels ``inside``; with ``session`` (the session's scaled coefficients)
+    p = ``shared`` x the session's + (1 - ``shared``) x the stack's own. Returns (field, its coefficients)."""
     ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
-    u = (ijk @ aff[:3, :3].T + aff[:3, 3] - centre) / radius
-    lin, quad = rng.normal(size=3), rng.normal(size=(3, 3))
-    quad = 0.5 * (quad + quad.T)
-    p = u @ lin + 0.5 * np.einsum("...i,ij,...j->...", u, quad, u)
+    pts = ijk @ aff[:3, :3].T + aff[:3, 3]
+    lin, quad = _field_polynomial(rng)
+    p = _eval_polynomial(pts, centre, radius, lin, quad)
     top = float(np.abs(p[inside]).max()) if inside.any() else 0.0
     scale = math.log1p(amp) / top if top > 0 else 0.0
-    return np.exp(scale * p).astype(np.float32), {
-        "linear": (scale * lin).tolist(),
-        "quadratic": (scale * quad).tolist(),
-    }
+    p, lin, quad = scale * p, scale * lin, scale * quad
+    if session is not None and shared > 0:
+        p = shared * _eval_polynomial(pts, centre, radius, *session) + (1 - shared) * p
+        lin = shared * session[0] + (1 - shared) * lin
+        quad = shared * session[1] + (1 - shared) * quad
+    return np.exp(p).astype(np.float32), {"linear": lin.tolist(), "quadratic": quad.tolist()}
 
 
 def simulate_stacks(
@@ -276,6 +302,7 @@ def simulate_stacks(
     motion_jumps: int = 0,
     stack_motion=(0.0, 0.0),
     bias_field: float = 0.0,
+    bias_shared: float = 0.0,
     inputs=(),
     gt_path: str | None = None,
     mask_path: str | None = None,
@@ -289,6 +316,8 @@ def simulate_stacks(
     # the motion over time draws from its own stream: with it off, a seed gives the same stacks
     rng_time = np.random.default_rng([int(seed), 19])
     rng_bias = np.random.default_rng([int(seed), 23])
+    if not 0.0 <= bias_shared <= 1.0:
+        raise ValueError(f"bias_shared must be in [0, 1], got {bias_shared}")
     over_time = any(motion_drift) or motion_jumps > 0 or any(stack_motion)
     if pixel is None:
         pixel = float(min(voxel_sizes(gt_affine)))
@@ -302,6 +331,10 @@ def simulate_stacks(
     radius = (
         float(np.linalg.norm(idx @ gt_affine[:3, :3].T + gt_affine[:3, 3] - centre, axis=1).max()) if len(idx) else 1.0
     )
+    session_field = None
+    if bias_field > 0 and bias_shared > 0:  # its own stream: the stacks' own fields draw as before
+        brain = idx @ gt_affine[:3, :3].T + gt_affine[:3, 3]
+        session_field = _session_field(np.random.default_rng([int(seed), 29]), brain, centre, radius, bias_field)
     os.makedirs(output_dir, exist_ok=True)
     truth = {
         "ground_truth": gt_path,
@@ -324,6 +357,7 @@ def simulate_stacks(
             "motion_jumps": int(motion_jumps),
             "stack_motion": [float(v) for v in stack_motion],
             "bias_field": float(bias_field),
+            "bias_shared": float(bias_shared),
             "motion_model": (
                 "stack motion o drift(t) o jumps(t) o per-slice (per-slice only without jumps; "
                 "t = acquisition rank / last rank)"
@@ -365,7 +399,9 @@ def simulate_stacks(
         msk = sample_slices(maskf, gt_affine, o, ax, fr.shape, fr.spacing, thickness, profile, supersample=1) > 0.5
         img = np.clip(img, 0, None)
         if bias_field > 0:  # the coil's sensitivity multiplies the signal; the noise comes after
-            field, coeffs = _bias_field(aff, shape, centre, radius, msk, bias_field, rng_bias)
+            field, coeffs = _bias_field(
+                aff, shape, centre, radius, msk, bias_field, rng_bias, session_field, bias_shared
+            )
             img = img * field
             extra = {
                 **extra,

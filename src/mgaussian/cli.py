@@ -243,7 +243,8 @@ def _add_reconstruct(sub):
         "--no-shared-field",
         action="store_true",
         help="keep the field the stacks share in the volume (default: where the stacks' fields differ by "
-        "more than 5 %%, a very smooth field fitted by N4 on the volume is divided out; docs/clinical.md)",
+        "more than 5 %%, or N4's field on the volume spans more than 9 %%, that very smooth field is "
+        "divided out; docs/clinical.md)",
     )
     g.add_argument(
         "--thicknesses",

@@ -17,11 +17,12 @@ coarse model's own blur. What one quadratic of the anatomy's position explains i
 ratio stays in the volume: it is the anatomy's as much as a field, and taken in the scanner frame
 instead it would differ between stacks that moved (benchmarks/TUNING.md, session 29).
 
-The field the stacks share cannot be told from the anatomy by the stacks alone. Where they show
-coil fields relative to each other (``spread``: beyond ``cfg.shared_field_min_spread``), they most
-likely share one too, and after the fit a smooth field (N4 with ``cfg.shared_field_levels``
-fitting levels on the volume) is divided out of the Gaussians' intensities
-(``remove_shared_field``); where the stacks agree it is left alone, since N4 finds a field in a
+The field the stacks share cannot be told from the anatomy by the stacks alone. After the fit a
+smooth field (N4 with ``cfg.shared_field_levels`` fitting levels on the volume) is divided out of
+the Gaussians' intensities (``remove_shared_field``) where the stacks show coil fields relative to
+each other (``spread``: beyond ``cfg.shared_field_min_spread``; they most likely share one too) or
+where N4's field itself spans more than ``cfg.shared_field_min_range`` (one coil's field shared
+whole leaves the stacks agreeing). Otherwise it is left alone: N4 finds a small field in a
 field-free volume too.
 """
 
@@ -227,26 +228,33 @@ def correct_stack_bias(state: ReconState, sets=None) -> list[dict]:
 
 
 @torch.no_grad()
-def remove_shared_field(state: ReconState) -> tuple[float, float] | None:
+def remove_shared_field(state: ReconState) -> dict | None:
     """The field the stacks share, from the fitted model's volume (rendered on the output
     resolution's grid over the region): N4 with ``cfg.shared_field_levels`` fitting levels (a smooth
-    field) on the volume shrunk 2 x in plane, divided out of each Gaussian's intensity at its centre (the model and
-    the volumes rendered from it stay one). Only where the stacks' relative fields reached
-    ``cfg.shared_field_min_spread``; returns the field's range over the region, or None where it was
-    not applied."""
+    field) on the volume shrunk 2 x in plane, divided out of each Gaussian's intensity at its centre
+    (the model and the volumes rendered from it stay one) where the stacks' relative fields reached
+    ``cfg.shared_field_min_spread`` or the field spans more than ``cfg.shared_field_min_range``.
+    Returns {"range": the field's over the region, "applied": bool}, or None where the stacks'
+    fields were not estimated."""
     from ..field import volume_at_points
     from ..masking import n4_correct
     from .frame import current_region
     from .output import model_volume
 
     fields = state.stack_fields
-    if not state.cfg.shared_field or fields is None or fields.get("spread", 0.0) <= state.cfg.shared_field_min_spread:
+    if not state.cfg.shared_field or fields is None:
         return None
     state.region = current_region(state)
     volume = model_volume(state, state.shape, state.aff, state.region)
     _, field = n4_correct(volume, state.aff, state.region, shrink=2, levels=state.cfg.shared_field_levels)
-    fld = state.fld
-    at = volume_at_points(field, state.aff, fld.means.detach().cpu().double().numpy())
-    fld.intensities = fld.intensities / torch.as_tensor(at, dtype=fld.intensities.dtype, device=fld.intensities.device)
     inside = field[state.region]
-    return float(inside.min()), float(inside.max())
+    lo, hi = float(inside.min()), float(inside.max())
+    shown = fields.get("spread", 0.0) > state.cfg.shared_field_min_spread
+    applied = shown or math.log(hi / lo) > state.cfg.shared_field_min_range
+    if applied:
+        fld = state.fld
+        at = volume_at_points(field, state.aff, fld.means.detach().cpu().double().numpy())
+        fld.intensities = fld.intensities / torch.as_tensor(
+            at, dtype=fld.intensities.dtype, device=fld.intensities.device
+        )
+    return {"range": (lo, hi), "applied": applied}

@@ -182,6 +182,15 @@ class ReconConfig:
     # 26.39 dB aligned (docs/clinical.md, session 13)
     shared_field: bool = True
     shared_field_min_spread: float = 0.05
+    # ... or where N4's own field spans more than this (log of its max / min over the region): a
+    # field every stack shares whole (one coil for the session) leaves the stacks agreeing, so the
+    # spread above misses it. Session 30 (benchmarks/TUNING.md), the span N4 finds: field-free fetal
+    # volumes 0.003-0.030 (D3, clin6, sb25-t3.2, sb25-t3.2-motion, four 4 mm stacks on the 21- and
+    # 33-week brains), the adult T1 mni-t4 / mni-t4-motion 0.052 / 0.049, one 15 % field for all
+    # stacks 0.127-0.226; aligned PSNR with it, three stacks with drift (D3) 27.38 -> 29.37 dB, four
+    # 4 mm stacks (H2, seed 15) 25.93 -> 26.66. A small phantom of smooth blobs reads 0.21
+    # (tests/test_regression.py): N4 takes smooth anatomy for a field
+    shared_field_min_range: float = 0.09
     # N4's fitting levels for that field (each doubles its B-spline mesh: 1 level, one span per axis;
     # 2, two). Session 27 (benchmarks/TUNING.md), clinical-style cases with fields, aligned PSNR 1 ->
     # 2 levels: four 4 mm stacks on the 21 / 25 / 33-week brains 26.45 -> 26.85, 27.03 -> 27.13,
@@ -348,6 +357,8 @@ class ReconConfig:
             )
         if not (self.shared_field_min_spread >= 0 and math.isfinite(self.shared_field_min_spread)):
             bad("shared_field_min_spread", f"must be a number >= 0 (a log ratio), got {self.shared_field_min_spread}")
+        if not (self.shared_field_min_range >= 0 and math.isfinite(self.shared_field_min_range)):
+            bad("shared_field_min_range", f"must be a number >= 0 (a log ratio), got {self.shared_field_min_range}")
         if not (isinstance(self.shared_field_levels, int) and 1 <= self.shared_field_levels <= 4):
             bad("shared_field_levels", f"must be an integer from 1 to 4, got {self.shared_field_levels}")
         if not (self.confidence_position_sd_mm >= 0 and math.isfinite(self.confidence_position_sd_mm)):

@@ -115,10 +115,12 @@ def _remove_shared_field(state: ReconState) -> None:
     from .bias import remove_shared_field
 
     t0 = time.time()
-    rng = remove_shared_field(state)
-    if rng is None:
+    found = remove_shared_field(state)
+    if found is None:
         return
-    state.log(f"  the field the stacks share (N4 on the volume): {rng[0]:.3f}-{rng[1]:.3f}, divided out")
+    (lo, hi), applied = found["range"], found["applied"]
+    what = "divided out" if applied else "left: as small as N4 finds in a field-free volume"
+    state.log(f"  the field the stacks share (N4 on the volume): {lo:.3f}-{hi:.3f}, {what}")
     state.add_time("shared_field_s", t0)
 
 

@@ -252,12 +252,17 @@ def _eval_polynomial(points: np.ndarray, centre: np.ndarray, radius: float, lin,
     return u @ lin + 0.5 * np.einsum("...i,ij,...j->...", u, quad, u)
 
 
+def _scale_to(values: np.ndarray, amp: float) -> float:
+    """The factor that makes the largest of |``values``| log(1 + ``amp``) (0 for none or all zero)."""
+    top = float(np.abs(values).max()) if values.size else 0.0
+    return math.log1p(amp) / top if top > 0 else 0.0
+
+
 def _session_field(rng, brain: np.ndarray, centre: np.ndarray, radius: float, amp: float):
     """One field of the scanner for the whole session: a random quadratic's coefficients, scaled so
     that it reaches log(1 + ``amp``) in size over the ground truth's ``brain`` points (mm)."""
     lin, quad = _field_polynomial(rng)
-    top = float(np.abs(_eval_polynomial(brain, centre, radius, lin, quad)).max()) if len(brain) else 0.0
-    scale = math.log1p(amp) / top if top > 0 else 0.0
+    scale = _scale_to(_eval_polynomial(brain, centre, radius, lin, quad), amp)
     return scale * lin, scale * quad
 
 
@@ -271,13 +276,12 @@ def _bias_field(aff, shape, centre, radius, inside, amp, rng, session=None, shar
     pts = ijk @ aff[:3, :3].T + aff[:3, 3]
     lin, quad = _field_polynomial(rng)
     p = _eval_polynomial(pts, centre, radius, lin, quad)
-    top = float(np.abs(p[inside]).max()) if inside.any() else 0.0
-    scale = math.log1p(amp) / top if top > 0 else 0.0
+    scale = _scale_to(p[inside], amp)
     p, lin, quad = scale * p, scale * lin, scale * quad
     if session is not None and shared > 0:
-        p = shared * _eval_polynomial(pts, centre, radius, *session) + (1 - shared) * p
         lin = shared * session[0] + (1 - shared) * lin
         quad = shared * session[1] + (1 - shared) * quad
+        p = _eval_polynomial(pts, centre, radius, lin, quad)
     return np.exp(p).astype(np.float32), {"linear": lin.tolist(), "quadratic": quad.tolist()}
 
 

@@ -81,6 +81,23 @@ class ReconConfig:
     # benchmarks/TUNING.md, session 13
     cg_smoothness: float | None = None
     smoothness_gain: float = 450.0
+    # the prior's form. "curvature" (default): lambda x curvature_scale x (1 mm / s)^2 / 2 x |L c|^2,
+    # L the lattice graph Laplacian of the coefficients (edge-weighted where the prior is
+    # edge-preserving), s the finest spacing (L grows as s^2); "gradient": lambda / 2 x sum (c_i -
+    # c_j)^2 over neighbours (the default before 2026-12-06). The pose rounds' weak prior keeps the
+    # gradient form (levels.refit). The gradient prior's penalty grows as the squared frequency: the
+    # weight that holds the noise back in the finest detail also flattens the brain's 2-5 mm
+    # structure (a mild unsharp mask on its volumes gained 0.3-0.9 dB on every clinical-style case);
+    # the curvature's grows as the fourth power. Session 31 (benchmarks/TUNING.md), aligned PSNR,
+    # gradient -> curvature: four 4 mm stacks (1.2 mm) seeds 12 / 13 / 14 / 15 27.32 / 26.80 / 26.97 /
+    # 26.72 -> 27.69 / 27.10 / 27.11 / 26.87; three / six / nine stacks 29.69 / 31.85 / 31.50 ->
+    # 30.01 / 32.19 / 31.87; sb25-t3.2-motion seeds 1-3 30.90 / 31.49 / 30.97 -> 31.07 / 31.75 /
+    # 31.17. curvature_scale (the weight relative to lambda at s = 1 mm): sb25-t3.2-motion (s 0.8)
+    # at 0.16 / 0.32 / 0.64 / 0.7 of it 30.65 / 31.34 / 31.79 / 31.79 dB (seed 2); the 4 mm stacks
+    # (s 1.2) at 0.36 / 0.72 / 1.44 26.98 / 27.05 / 26.80 (seed 13); both with the pose rounds'
+    # prior in the curvature form too
+    smoothness_prior: str = "curvature"
+    curvature_scale: float = 0.7
     # on noisy data the last level's weight is the rule's times a factor (1, 1/sqrt 2, ... 0.35)
     # chosen by how well its fit predicts every prior_holdout-th slice of each stack held out
     # (recon/prior_choice.py; 0: the rule's weight). Session 27 (benchmarks/TUNING.md), aligned PSNR:
@@ -447,6 +464,10 @@ class ReconConfig:
             bad("cg_smoothness", "must be >= 0 or null (automatic)")
         if not (self.smoothness_gain >= 0):
             bad("smoothness_gain", "must be >= 0")
+        if self.smoothness_prior not in ("curvature", "gradient"):
+            bad("smoothness_prior", f"curvature or gradient, got {self.smoothness_prior!r}")
+        if not (self.curvature_scale > 0 and math.isfinite(self.curvature_scale)):
+            bad("curvature_scale", f"must be a number > 0, got {self.curvature_scale}")
         if self.reference_stack < 0:
             bad("reference_stack", "must be >= 0")
         for k in ("motion_rounds", "pose_iterations", "fine_pose_iterations", "fine_motion_rounds"):

@@ -1,5 +1,6 @@
 """The linear part of the fit: the Gaussians' intensities for fixed shapes and slice poses, by
-conjugate gradients on the weighted normal equations, under a lattice smoothness prior.
+conjugate gradients on the weighted normal equations, under a lattice smoothness prior (on the
+coefficients' curvature by default, or on their neighbour differences).
 
 Each level starts from this least-squares fit (the warm start) and the pose rounds re-fit with
 it, so Adam (when it runs at all) starts near the data term's minimum.
@@ -12,6 +13,9 @@ __all__ = [
     "laplacian_apply",
     "laplacian_apply_torch",
     "lattice_degree",
+    "curvature_weight",
+    "prior_apply",
+    "prior_diagonal",
     "normal_diagonal",
     "cg_intensities",
     "predict_with_designs",
@@ -101,16 +105,45 @@ def lattice_degree(
     return deg
 
 
-def normal_diagonal(designs, weights, ridge: float, smooth: float = 0.0, pairs=None, pair_w=None):
-    """diag(A^T W A + ridge + smooth L) [N], the intensity fits' normal matrix, exactly: each design's
-    ``diag_normal`` (the explicit maps of the cpu backend) plus the lattice prior's degrees. None
-    when a design has no explicit diagonal (:class:`mgaussian.render.AutogradDesign`: a probed one
-    is too noisy here, the off-diagonal terms of neighbouring Gaussians outweigh the diagonal)."""
+def curvature_weight(cfg: ReconConfig) -> float | None:
+    """The curvature prior's weight relative to the level's lambda, or None for the gradient prior
+    (``cfg.smoothness_prior``). lambda is the gradient prior's (~ sigma^2 / s^2: neighbour
+    differences of smooth anatomy grow with the spacing s); the lattice Laplacian grows with s^2,
+    so its weight carries one more (1 mm / s)^2, s the finest level's spacing as in lambda."""
+    if cfg.smoothness_prior != "curvature":
+        return None
+    finest = (cfg.output_resolution or 1.0) * cfg.spacing_factors[-1]
+    return cfg.curvature_scale / finest**2
+
+
+def prior_apply(v: torch.Tensor, pairs: torch.Tensor, pair_w=None, curvature: float | None = None) -> torch.Tensor:
+    """The gradient of the smoothness prior per unit of its weight: L v for the gradient prior
+    1/2 sum w_ij (v_i - v_j)^2, or curvature x L (L v) for the curvature prior curvature/2 |L v|^2
+    (L the lattice graph Laplacian, edge-weighted by ``pair_w``)."""
+    lv = laplacian_apply(v, pairs, pair_w)
+    return lv if curvature is None else curvature * laplacian_apply(lv, pairs, pair_w)
+
+
+def prior_diagonal(pairs: torch.Tensor, n: int, pair_w=None, curvature: float | None = None, dtype=torch.float64):
+    """The diagonal of :func:`prior_apply`'s operator: the degrees (L's diagonal), or curvature x
+    (L^2)_ii = curvature x (deg_i^2 + sum_j w_ij^2)."""
+    deg = lattice_degree(pairs, n, pair_w, dtype)
+    if curvature is None:
+        return deg
+    w2 = None if pair_w is None else pair_w * pair_w
+    return curvature * (deg * deg + lattice_degree(pairs, n, w2, dtype))
+
+
+def normal_diagonal(designs, weights, ridge: float, smooth: float = 0.0, pairs=None, pair_w=None, curvature=None):
+    """diag(A^T W A + ridge + smooth P), the intensity fits' normal matrix, exactly: each design's
+    ``diag_normal`` (the explicit maps of the cpu backend) plus the prior P's (:func:`prior_diagonal`).
+    None when a design has no explicit diagonal (:class:`mgaussian.render.AutogradDesign`: a probed
+    one is too noisy here, the off-diagonal terms of neighbouring Gaussians outweigh the diagonal)."""
     if not all(hasattr(d, "diag_normal") for d in designs):
         return None
     dg = sum(d.diag_normal(w) for d, w in zip(designs, weights)) + ridge
     if smooth > 0 and pairs is not None:
-        dg = dg + smooth * lattice_degree(pairs, dg.shape[0], pair_w, dg.dtype)
+        dg = dg + smooth * prior_diagonal(pairs, dg.shape[0], pair_w, curvature, dg.dtype)
     return dg
 
 
@@ -179,6 +212,7 @@ def cg_intensities(
     min_iter: int = 0,
     pair_w: torch.Tensor | None = None,
     cache: dict | None = None,
+    prior_form: str | None = None,
 ) -> int:
     """Least-squares intensities for fixed Gaussian shapes and slice poses: conjugate gradients
     on the weighted normal equations (A^T W A + ridge) c = A^T W y over all masked pixels; A c
@@ -196,7 +230,8 @@ def cg_intensities(
     ``cfg.cg_preconditioner`` "jacobi": preconditioned CG with the exact diagonal of the normal
     matrix (:func:`normal_diagonal`, one pass over the maps) where the designs hold it, plain CG
     otherwise. The solution is the same; it is reached in fewer iterations (see the config).
-    Returns the number of iterations run."""
+    ``prior_form``: the lattice prior's form for this fit, "gradient" or "curvature" (None:
+    ``cfg.smoothness_prior``; :func:`prior_apply`). Returns the number of iterations run."""
     c = params["intensities"]
     sw2, ys = [], []
     with torch.no_grad():
@@ -206,17 +241,18 @@ def cg_intensities(
             sw2.append(wts[si] * sc * sc)  # A^T W A with the slice scales inside A
             ys.append(ss.obs / sc.clamp_min(1e-12))  # the scaled residual's target, unscaled
     use_prior = smooth > 0 and pairs is not None
+    curvature = curvature_weight(cfg if prior_form is None else cfg.resolved(smoothness_prior=prior_form))
 
     def normal_apply(v):
         g = sum(d.normal(v, w) for d, w in zip(designs, sw2)) + ridge * v
         if use_prior:
-            g = g + smooth * laplacian_apply(v, pairs, pair_w)
+            g = g + smooth * prior_apply(v, pairs, pair_w, curvature)
         return g
 
     inv_diag = None
     if cfg.cg_preconditioner == "jacobi" and n_iter > 0:
         with torch.no_grad():
-            dg = normal_diagonal(designs, sw2, ridge, smooth, pairs, pair_w)
+            dg = normal_diagonal(designs, sw2, ridge, smooth, pairs, pair_w, curvature)
         inv_diag = None if dg is None else 1.0 / dg.clamp_min(ridge)
 
     def precondition(r):
@@ -226,7 +262,7 @@ def cg_intensities(
     g = sum(d.rmatvec((d.matvec(x) - y) * w) for d, y, w in zip(designs, ys, sw2))
     r = -(g + ridge * x)
     if use_prior:
-        r = r - smooth * laplacian_apply(x, pairs, pair_w)
+        r = r - smooth * prior_apply(x, pairs, pair_w, curvature)
     z = precondition(r)
     p = z.clone()
     rz = (r * z).sum()

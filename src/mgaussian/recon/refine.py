@@ -13,6 +13,7 @@ import torch
 from ..field import GaussianField, anisotropy_penalty
 from ..render import shared_gaussians
 from .frame import hold_frame
+from .intensity import curvature_weight, laplacian_apply_torch
 from .losses import masked_smooth_l1, masked_ssim
 from .motion.robust import loss_weights
 from .motion.rounds import record_poses
@@ -128,8 +129,15 @@ def _adam_iteration(
     penalty = None
     # the warm start's prior, per pixel like the data term (on intensities Adam updates)
     if level.pairs is not None and params["intensities"].requires_grad:
-        dc = params["intensities"][level.pairs[:, 0]] - params["intensities"][level.pairs[:, 1]]
-        penalty = 0.5 * level.smooth * (dc * dc).sum() / max(state.n_pix, 1)
+        c = params["intensities"]
+        curvature = curvature_weight(cfg)
+        if curvature is None:
+            dc = c[level.pairs[:, 0]] - c[level.pairs[:, 1]]
+            prior = (dc * dc).sum()
+        else:
+            lc = laplacian_apply_torch(c, level.pairs)
+            prior = curvature * (lc * lc).sum()
+        penalty = 0.5 * level.smooth * prior / max(state.n_pix, 1)
     if cfg.use_anisotropy and cfg.anisotropy_weight > 0 and params["log_scales"].requires_grad:
         aniso = cfg.anisotropy_weight * anisotropy_penalty(params["log_scales"], cfg.anisotropy_max_ratio)
         penalty = aniso if penalty is None else penalty + aniso

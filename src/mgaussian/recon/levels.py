@@ -20,8 +20,8 @@ import torch
 from ..field import grow_field, init_field_on_grid
 from .frame import current_region
 from .intensity import cg_intensities, lattice_pairs
-from .motion.robust import loss_weights, update_robust
-from .profile import bin_for_grid
+from .motion.robust import update_robust
+from .profile import binned_sets
 from .state import Level, ReconState, noisy_slices
 
 
@@ -106,8 +106,7 @@ def rebin_level(state: ReconState, level: Level) -> None:
     to redo."""
     if level.lsets is state.sets:
         return
-    level.lsets = [bin_for_grid(ss, level.spacing, state.cfg) for ss in state.sets]
-    level.lwts = loss_weights(level.lsets, state.pws, state.sws)
+    level.lsets, level.lwts = binned_sets(state, level.spacing)
 
 
 def begin_level(state: ReconState, index: int, count: int, factor: float, iterations: int, resumed: bool) -> Level:
@@ -125,15 +124,14 @@ def begin_level(state: ReconState, index: int, count: int, factor: float, iterat
     adam_follows = not noisy_slices(state) and iterations > 0
     # the coarse level's warm start and pose rounds see the slices binned to its grid (f x f
     # pixels -> one, f = the grid spacing / pixel, at most coarse_binning): f^2 fewer pixels to render
-    lsets = state.sets
+    lsets, lwts = state.sets, state.wts
     if index == 0 and not last and cfg.coarse_binning > 1:
-        lsets = [bin_for_grid(ss, spacing, cfg) for ss in state.sets]
+        lsets, lwts = binned_sets(state, spacing)
         if any(b.binning > 1 for b in lsets):
             state.log(
                 f"  warm start and pose rounds on binned slices ({', '.join(str(b.binning) for b in lsets)} "
                 f"px): {int(sum(int(b.mask.sum()) for b in lsets))} pixels"
             )
-    lwts = loss_weights(lsets, state.pws, state.sws) if lsets is not state.sets else state.wts
     return Level(
         index=index,
         count=count,

@@ -4,7 +4,7 @@ slices), chosen by the residual of a least-squares fit on a coarse grid."""
 
 from __future__ import annotations
 
-__all__ = ["bin_for_grid", "choose_profile"]
+__all__ = ["bin_for_grid", "binned_sets", "choose_profile"]
 
 import math
 
@@ -23,6 +23,13 @@ def bin_for_grid(ss: SliceSet, grid: float, cfg) -> SliceSet:
     return bin_slices(
         ss, max(1, min(cfg.coarse_binning, int(math.floor(grid / max(ss.spacing) + 1e-3)))), cfg.inplane_fwhm_factor
     )
+
+
+def binned_sets(state, grid: float) -> tuple[list[SliceSet], list]:
+    """Every stack's slices binned for a field at ``grid`` mm (``bin_for_grid``) and their loss
+    weights (the state's pixel and slice weights carried to the bins)."""
+    sets = [bin_for_grid(ss, grid, state.cfg) for ss in state.sets]
+    return sets, loss_weights(sets, state.pws, state.sws)
 
 
 # stacks whose slice normals are this far apart see each other's through-plane profile in plane
@@ -64,8 +71,7 @@ def choose_profile(state, n_iter: int = 12) -> float:
         )
         return float(cfg.profile_candidates[0])
     grid = 2.0 * min(min(ss.spacing) for ss in state.sets)
-    sets = [bin_for_grid(ss, grid, cfg) for ss in state.sets]
-    wts = loss_weights(sets, state.pws, state.sws)
+    sets, wts = binned_sets(state, grid)
     fld = init_field_on_grid(
         state.region0,
         state.aff,

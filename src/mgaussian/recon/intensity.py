@@ -105,12 +105,12 @@ def lattice_degree(
     return deg
 
 
-def curvature_weight(cfg: ReconConfig) -> float | None:
+def curvature_weight(cfg: ReconConfig, form: str | None = None) -> float | None:
     """The curvature prior's weight relative to the level's lambda, or None for the gradient prior
-    (``cfg.smoothness_prior``). lambda is the gradient prior's (~ sigma^2 / s^2: neighbour
+    (``form``, default ``cfg.smoothness_prior``). lambda is the gradient prior's (~ sigma^2 / s^2: neighbour
     differences of smooth anatomy grow with the spacing s); the lattice Laplacian grows with s^2,
     so its weight carries one more (1 mm / s)^2, s the finest level's spacing as in lambda."""
-    if cfg.smoothness_prior != "curvature":
+    if (form or cfg.smoothness_prior) != "curvature":
         return None
     finest = (cfg.output_resolution or 1.0) * cfg.spacing_factors[-1]
     return cfg.curvature_scale / finest**2
@@ -241,7 +241,7 @@ def cg_intensities(
             sw2.append(wts[si] * sc * sc)  # A^T W A with the slice scales inside A
             ys.append(ss.obs / sc.clamp_min(1e-12))  # the scaled residual's target, unscaled
     use_prior = smooth > 0 and pairs is not None
-    curvature = curvature_weight(cfg if prior_form is None else cfg.resolved(smoothness_prior=prior_form))
+    curvature = curvature_weight(cfg, prior_form)
 
     def normal_apply(v):
         g = sum(d.normal(v, w) for d, w in zip(designs, sw2)) + ridge * v

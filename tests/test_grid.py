@@ -72,6 +72,9 @@ def test_masked_stacks_get_no_rim(tmp_path):
         grown[name] = int(grow_masks(st, 2.0)[0].mask.sum()) - int(m.sum())
     assert grown["masked"] == grown["noisy"] == grown["partial volume"] == 0
     assert grown["tissue"] > 0.2 * m.sum()
+    # min_signal 0 (ReconConfig.mask_rim_min_signal): every mask gets its rim, the masked one too
+    st = load_stacks(*[[p] for p in _stack(tmp_path, "masked", m, aff, inside.astype(np.float32))], [3.0])
+    assert int(grow_masks(st, 2.0, 0.0)[0].mask.sum()) - int(m.sum()) == grown["tissue"]
 
 
 def test_output_grid_covers_every_stack_mask(tmp_path):

@@ -149,6 +149,14 @@ class ReconConfig:
     # around it, fitted to its pixels. A brain mask ends where the signal does not, and a region cut
     # at the masks' edge predicted a held-out real stack's edge as 0 (benchmarks/MOTION.md session 10)
     mask_rim_mm: float = 2.0
+    # a stack gets the rim only where the band 1.5-2.5 x mask_rim_mm outside its mask holds a median
+    # of at least this fraction of the median inside (data.grow_masks; real fetal runs 0.72-0.92,
+    # masked simulations 0.00-0.04); 0 grows every mask. Session 33 (benchmarks/TUNING.md) forced
+    # it on masked simulations: a one-pixel rim (mask_rim_mm 1.0 at 1.2 mm pixels) gained 0.1-0.6 dB
+    # on the four-stack clinical-style cases (H2 seeds 12 / 15 27.69 / 26.87 -> 27.91 / 27.36, on
+    # the 23-week brain 26.72 -> 27.35; six stacks 32.19 -> 32.34), but the confidence map ranked the
+    # smaller errors 0.01-0.04 worse (H2 seed 15 0.325 -> 0.294), so it stays at 0.2
+    mask_rim_min_signal: float = 0.2
     # physics
     use_psf: bool = True  # exact analytic slice PSF (False: the seed's point evaluation)
     inplane_fwhm_factor: float = 1.2
@@ -396,6 +404,8 @@ class ReconConfig:
             bad("pose_time_scale_mm", f"must be > 0 mm, got {self.pose_time_scale_mm}")
         if not (self.mask_rim_mm >= 0 and math.isfinite(self.mask_rim_mm)):
             bad("mask_rim_mm", f"must be a number >= 0 (mm), got {self.mask_rim_mm}")
+        if not (self.mask_rim_min_signal >= 0 and math.isfinite(self.mask_rim_min_signal)):
+            bad("mask_rim_min_signal", f"must be a number >= 0 (a fraction), got {self.mask_rim_min_signal}")
         if not (self.design_memory_gb >= 0 and math.isfinite(self.design_memory_gb)):
             bad("design_memory_gb", f"must be a number >= 0, got {self.design_memory_gb}")
         if not (isinstance(self.pose_jacobian_every, int) and self.pose_jacobian_every >= 1):

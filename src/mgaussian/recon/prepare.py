@@ -127,7 +127,7 @@ def prepare(
     # scale and the noise are read inside the masks as given (the noise estimate read the edge of
     # a masked simulation inside the rim as noise: clean sb25 sigma 0.0010 -> 0.0016 with 2 mm)
     given = stacks
-    stacks = grow_masks(stacks, cfg.mask_rim_mm)
+    stacks = grow_masks(stacks, cfg.mask_rim_mm, cfg.mask_rim_min_signal)
     placed = [moved_stack(st, P) for st, P in zip(stacks, stack_poses)]
     sets = prepare_slices(stacks, scale_masks=[st.mask for st in given])
     shape, aff, region, init = _grid_and_region(placed, sets, cfg)

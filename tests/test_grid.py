@@ -64,17 +64,17 @@ def test_masked_stacks_get_no_rim(tmp_path):
         "partial volume": inside + 60.0 * edge,
         "tissue": inside + 60.0 * ~m,
     }
-    grown = {}
-    for name, data in cases.items():
-        st = load_stacks(
+    stacks = {
+        name: load_stacks(
             *[[p] for p in _stack(tmp_path, name.replace(" ", "_"), m, aff, data.astype(np.float32))], [3.0]
         )
-        grown[name] = int(grow_masks(st, 2.0)[0].mask.sum()) - int(m.sum())
+        for name, data in cases.items()
+    }
+    grown = {name: int(grow_masks(st, 2.0)[0].mask.sum()) - int(m.sum()) for name, st in stacks.items()}
     assert grown["masked"] == grown["noisy"] == grown["partial volume"] == 0
     assert grown["tissue"] > 0.2 * m.sum()
     # min_signal 0 (ReconConfig.mask_rim_min_signal): every mask gets its rim, the masked one too
-    st = load_stacks(*[[p] for p in _stack(tmp_path, "masked", m, aff, inside.astype(np.float32))], [3.0])
-    assert int(grow_masks(st, 2.0, 0.0)[0].mask.sum()) - int(m.sum()) == grown["tissue"]
+    assert int(grow_masks(stacks["masked"], 2.0, 0.0)[0].mask.sum()) - int(m.sum()) == grown["tissue"]
 
 
 def test_output_grid_covers_every_stack_mask(tmp_path):
